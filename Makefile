@@ -1,0 +1,36 @@
+# Every target bootstraps .venv itself from requirements.lock (exact pins) on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv test demo bench ui image clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check uv==0.9.30
+	$(UV) pip install --python $(PY) -r requirements.lock
+	$(UV) pip install --python $(PY) --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/sam3pipe run --local
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+ui: $(STAMP)
+	$(VENV)/bin/sam3pipe ui
+
+image:
+	bash docker/build.sh
+
+clean:
+	rm -rf $(VENV) .sam3pipe .pytest_cache

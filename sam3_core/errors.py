@@ -1,0 +1,23 @@
+"""Errors a user can act on. The CLI prints them as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class Sam3PipeError(Exception):
+    """Base of every error caused by input, configuration or the environment, not by a bug."""
+
+
+class InputError(Sam3PipeError):
+    """Bad input: names the file (or URI) and the field so the user knows what to fix."""
+
+    def __init__(self, source: str, field: str, message: str) -> None:
+        self.source, self.field, self.message = str(source), field, message
+        super().__init__(f"{self.source}: {field}: {message}")
+
+
+class StorageError(Sam3PipeError):
+    """An object-store operation failed or was refused (bad key, missing object, checksum)."""
+
+
+class ConfigError(Sam3PipeError):
+    """A Hydra override or config value is invalid."""

@@ -1,0 +1,5 @@
+"""Shared fixtures live in tests/fixtures/, one module per real service the tests start."""
+
+pytest_plugins = [
+    "tests.fixtures.s3",
+]
