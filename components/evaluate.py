@@ -1,0 +1,60 @@
+"""Pipeline step 4: score predictions and publish metrics.json, a per-category table and a PR plot.
+
+`python -m components.evaluate --gt GT.json --predictions PRED.json --output out/metrics.json`
+(or the same as Hydra overrides `gt=... predictions=... output=...`) prints
+{"metrics_uri": ..., "metrics": {name: value}} as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+from sam3_core.config import load_config
+from sam3_core.evaluate.report import EvaluateConfig, publish_report, run_evaluation
+
+logger = logging.getLogger(__name__)
+
+# Flag -> config key; flags are a convenience over the equivalent Hydra overrides.
+FLAGS = {"--gt": "gt", "--predictions": "predictions", "--output": "output", "--frames-gt": "frames_gt"}
+
+
+def hydra_quote(value: str) -> str:
+    """Quote a value so any path (spaces, '=', ',', quotes) survives Hydra's override grammar.
+
+    Inside quotes Hydra unescapes only backslashes that precede a quote or end the string.
+    """
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    return f"'{escaped}'"
+
+
+def flags_to_overrides(argv: list[str]) -> list[str]:
+    """`--gt X` style flags become `gt='X'` overrides; everything else passes through as overrides."""
+    parser = argparse.ArgumentParser(prog="evaluate", add_help=False, allow_abbrev=False)
+    for flag in FLAGS:
+        parser.add_argument(flag)
+    known, rest = parser.parse_known_args(argv)
+    flagged = [f"{key}={hydra_quote(value)}" for flag, key in FLAGS.items() if (value := getattr(known, key)) is not None]
+    return rest + flagged
+
+
+def execute(overrides: list[str]) -> dict[str, Any]:
+    """Compose the config, evaluate, publish; return the metrics URI and the metrics."""
+    cfg = load_config("evaluate", EvaluateConfig, flags_to_overrides(overrides))
+    report = run_evaluation(cfg)
+    return {"metrics_uri": publish_report(report, cfg.output), "metrics": report.metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    outputs = execute(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(outputs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

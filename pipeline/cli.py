@@ -1,0 +1,123 @@
+"""`sam3pipe`: run one step, compile or submit the Kubeflow pipeline, run it locally, open MLflow.
+
+    sam3pipe component <data-prep|train|predict|evaluate> [hydra overrides]
+    sam3pipe compile --output pipeline.yaml [--set image=...]
+    sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [name=value ...]
+    sam3pipe run --local [name=value ...]
+    sam3pipe ui
+
+Pipeline parameters are `name=value` pairs (lists as JSON); compile-time settings (image,
+secret names, GPU placement, timeouts) are `--set key=value` (see pipeline/settings.py).
+Errors the user can fix print one line `error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from pipeline.dispatch import COMPONENT_MODULES, component_module
+from sam3_core.errors import Sam3PipeError
+
+logger = logging.getLogger("sam3pipe")
+LOCAL_PIPELINE_ROOT = Path(".sam3pipe/kfp-local")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sam3pipe", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    component = commands.add_parser("component", help="run one pipeline step here, as its pod would")
+    component.add_argument("step", choices=sorted(COMPONENT_MODULES))
+    component.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides / flags of the step")
+
+    def with_settings(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a compile-time setting"
+        )
+
+    compile_ = commands.add_parser("compile", help="compile the pipeline to a KFP YAML package")
+    compile_.add_argument("--output", type=Path, default=Path("pipeline.yaml"))
+    with_settings(compile_)
+
+    submit = commands.add_parser("submit", help="start a run on a Kubeflow Pipelines server")
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    submit.add_argument("--experiment", default=None, help="KFP experiment name")
+    submit.add_argument("--namespace", default=None, help="Kubeflow profile namespace (multi-user installs)")
+    submit.add_argument("--run-name", default=None)
+    submit.add_argument("--service-account", default=None, help="service account the run's pods use")
+    submit.add_argument("--existing-token", default=None, help="bearer token (default: env KFP_EXISTING_TOKEN)")
+    submit.add_argument("parameters", nargs="*", metavar="name=value")
+    with_settings(submit)
+
+    run = commands.add_parser("run", help="run the whole pipeline on this machine")
+    run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
+    run.add_argument("--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs")
+    run.add_argument("parameters", nargs="*", metavar="name=value")
+    with_settings(run)
+
+    commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
+    return parser
+
+
+def _ui() -> NoReturn:
+    from sam3_core import tracking
+
+    command = tracking.ui_command()
+    logger.info("starting: %s", " ".join(command))
+    os.execvp(command[0], command)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # kfp and the components are imported per command: a step run never loads kfp, and
+    # compile/submit never load torch
+    if args.command == "component":
+        return component_module(args.step).main(args.overrides)
+    if args.command == "ui":
+        _ui()
+
+    from pipeline.settings import load_settings
+
+    settings = load_settings(args.settings)
+    if args.command == "compile":
+        from pipeline.compile import compile_pipeline
+
+        print(json.dumps({"pipeline": str(compile_pipeline(settings, args.output))}))
+    elif args.command == "submit":
+        from pipeline.submit import submit
+
+        result = submit(
+            settings, args.host, args.parameters, args.experiment, args.namespace, args.run_name,
+            args.service_account, args.existing_token,
+        )  # fmt: skip
+        print(json.dumps(result))
+    else:
+        from pipeline.local import metrics_table, run_local
+        from sam3_core import tracking
+
+        metrics = run_local(settings, args.parameters, args.pipeline_root)
+        print(metrics_table(metrics))
+        print(f"\nCompare runs in the MLflow UI: make ui   (runs: {' '.join(tracking.ui_command())})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # argparse already printed the usage error (status 2) or the help (0)
+        return int(exc.code or 0)
+    try:
+        return _run(args)
+    except Sam3PipeError as exc:
+        logger.error("error: %s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

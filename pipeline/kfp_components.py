@@ -1,0 +1,121 @@
+"""The pipeline's KFP components: lightweight Python components running the project's image.
+
+Each function body only imports the project (already installed in the image, so nothing is
+pip-installed at run time) and forwards to `pipeline.steps`. KFP copies these function bodies
+into the compiled pipeline, so they must stay self-contained: imports inside the body.
+The image is a compile-time setting, hence `build_components(settings)`. (No postponed
+annotations here: KFP reads these functions' annotations as types.)
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
+
+from pipeline.settings import PipelineSettings
+
+
+def data_prep(
+    source: str,
+    annotations: str,
+    frames_root: str,
+    store: str,
+    overrides: list,
+    dataset: Output[Dataset],
+) -> NamedTuple("DataPrepOutputs", [("dataset_uri", str), ("dataset_id", str)]):  # noqa: F821
+    """Validate the source data and publish a content-addressed dataset to the store."""
+    from pipeline import steps
+
+    return steps.prepare_data(source, annotations, frames_root, store, overrides, dataset)
+
+
+def plan_training(training_mode: str, gpus: int, nodes: int) -> NamedTuple("TrainingPlan", [("pod_gpus", int)]):  # noqa: F821
+    """Check the training knobs up front; the GPUs the train pod requests (none when it only launches a job)."""
+    from pipeline import steps
+
+    return (steps.plan_training(training_mode, gpus, nodes),)
+
+
+def train(
+    dataset_uri: str,
+    model_preset: str,
+    checkpoint: str,
+    max_steps: int,
+    lr: float,
+    batch_size: int,
+    frames_per_clip: int,
+    freeze_prefixes: list,
+    store: str,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
+    pipeline_run_id: str,
+    mlflow_experiment: str,
+    overrides: list,
+    launch: dict,
+    model: Output[Model],
+) -> NamedTuple("TrainOutputs", [("run_uri", str), ("best_checkpoint_uri", str), ("last_checkpoint_uri", str)]):  # noqa: F821
+    """Fine-tune SAM3 with torchrun in this pod, or as a multi-node PyTorchJob."""
+    from pipeline import steps
+
+    return steps.train(
+        dataset_uri, model_preset, checkpoint, max_steps, lr, batch_size, frames_per_clip, freeze_prefixes,
+        store, training_mode, gpus, nodes, pipeline_run_id, mlflow_experiment, overrides, launch, model,
+    )  # fmt: skip
+
+
+def predict(
+    dataset_uri: str,
+    checkpoint_uri: str,
+    run_uri: str,
+    gpus: int,
+    pipeline_run_id: str,
+    mlflow_experiment: str,
+    overrides: list,
+    predictions: Output[Artifact],
+) -> NamedTuple("PredictOutputs", [("predictions_uri", str)]):  # noqa: F821
+    """Dump COCO frame predictions and YTVIS masklets for the validation videos."""
+    from pipeline import steps
+
+    return (steps.predict(dataset_uri, checkpoint_uri, run_uri, gpus, pipeline_run_id, mlflow_experiment, overrides, predictions),)
+
+
+def evaluate(
+    dataset_uri: str,
+    predictions_uri: str,
+    run_uri: str,
+    pipeline_run_id: str,
+    mlflow_experiment: str,
+    overrides: list,
+    metrics: Output[Metrics],
+) -> NamedTuple("EvaluateOutputs", [("metrics_uri", str), ("metric_values", dict)]):  # noqa: F821
+    """Score the predictions (COCO frame metrics and video mAP) and log them as KFP metrics."""
+    from pipeline import steps
+
+    return steps.evaluate(dataset_uri, predictions_uri, run_uri, pipeline_run_id, mlflow_experiment, overrides, metrics)
+
+
+@dataclass(frozen=True)
+class Components:
+    data_prep: PythonComponent
+    plan_training: PythonComponent
+    train: PythonComponent
+    predict: PythonComponent
+    evaluate: PythonComponent
+
+
+def build_components(settings: PipelineSettings) -> Components:
+    """The components on the configured image, with no run-time pip install (not even of kfp)."""
+
+    def make(func):  # type: ignore[no-untyped-def]
+        return dsl.component(func, base_image=settings.image, packages_to_install=[], install_kfp_package=False)
+
+    return Components(
+        data_prep=make(data_prep),
+        plan_training=make(plan_training),
+        train=make(train),
+        predict=make(predict),
+        evaluate=make(evaluate),
+    )

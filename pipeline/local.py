@@ -1,0 +1,59 @@
+"""Run the whole pipeline on this machine with kfp.local, in the current Python environment.
+
+Each step runs as a subprocess of this interpreter (SubprocessRunner(use_venv=False)), exactly the
+component code that runs in the cluster's pods. kfp.local reads only the pipeline spec: the
+kfp-kubernetes settings (secrets, GPUs, node placement, timeouts) apply on a cluster and are
+ignored here, and steps see this shell's environment (SAM3PIPE_STORE, MLFLOW_TRACKING_URI, AWS_*).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kfp import local as kfp_local
+
+from pipeline.arguments import parse_arguments
+from pipeline.pipeline import build_pipeline
+from pipeline.settings import PipelineSettings
+from sam3_core.errors import Sam3PipeError
+
+logger = logging.getLogger(__name__)
+
+
+class LocalRunError(Sam3PipeError):
+    """A step of the local run failed; its own log lines above say why."""
+
+
+def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path) -> dict[str, float]:
+    """Run every step here with `pairs` as pipeline parameters; return the evaluation metrics."""
+    pipeline = build_pipeline(settings)
+    arguments = parse_arguments(pipeline, pairs)
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    kfp_local.init(
+        runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
+    )
+    with warnings.catch_warnings():
+        # kfp.local warns that the project image "may not be a Python image"; locally no image is used
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        try:
+            task = pipeline(**arguments)
+        except RuntimeError as exc:
+            if "finished with status" not in str(exc):
+                raise
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours its messages
+            raise LocalRunError(f"local run: {plain}; the failing step's log is above") from exc
+    return dict(task.output)
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """The metrics as an aligned two-column text table, sorted by name."""
+    if not metrics:
+        return "(no metrics)"
+    width = max(len(name) for name in metrics)
+    rows = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    rows += [f"{name:<{width}}  {float(value):.4f}" for name, value in sorted(metrics.items())]
+    return "\n".join(rows)

@@ -1,0 +1,120 @@
+"""Compile-time settings of the Kubeflow pipeline: what the cluster looks like, not what to train.
+
+Run-time knobs (dataset, model, steps, GPUs, training mode) are pipeline parameters chosen per run.
+These settings are fixed when the pipeline is compiled because KFP bakes them into the pipeline
+spec: the image, Kubernetes secret and ConfigMap *names*, GPU node placement, timeouts, retries
+and resource requests. Override them with dotted `key=value` pairs, e.g.
+`sam3pipe compile --set image=registry.example.com/sam3pipe:0.1.0 --set train.retries=0`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sam3_core.errors import ConfigError
+
+
+@dataclass
+class ObjectStoreSettings:
+    """Where the steps find the object store. Defaults wire Kubeflow Pipelines' own artifact store."""
+
+    # Secret holding the S3 credentials; its keys become AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    secret: str = "mlpipeline-minio-artifact"
+    access_key_field: str = "accesskey"
+    secret_key_field: str = "secretkey"
+    # ConfigMap holding the non-secret settings (endpoint, region, store root), one env var per key
+    config_map: str = "sam3pipe-env"
+    config_map_keys: list[str] = field(
+        default_factory=lambda: ["AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "SAM3PIPE_STORE"]
+    )
+
+
+@dataclass
+class TrackingSettings:
+    """Secret holding the MLflow tracking URI (it may embed credentials, so it is never a literal)."""
+
+    secret: str = "sam3pipe-mlflow"
+    uri_field: str = "MLFLOW_TRACKING_URI"
+
+
+@dataclass
+class Toleration:
+    key: str = ""
+    operator: str = "Exists"
+    value: str = ""
+    effect: str = ""
+
+
+@dataclass
+class GpuSettings:
+    """Placement of the GPU steps (training, prediction) and the PyTorchJob replicas."""
+
+    accelerator_type: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[Toleration] = field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+    )
+    # /dev/shm as a memory-backed emptyDir: DataLoader workers and NCCL need more than the 64 MiB default
+    shm_size: str = "16Gi"
+
+
+@dataclass
+class StepSettings:
+    """One step's pod: CPU request (no CPU limit, to avoid throttling), memory request = limit."""
+
+    cpu: str = "2"
+    memory: str = "8Gi"
+    timeout_s: int = 3600
+    retries: int = 2
+
+
+@dataclass
+class PyTorchJobSettings:
+    """How the train step launches and watches a multi-node PyTorchJob (training_mode=pytorchjob)."""
+
+    # "" = the namespace the launcher pod runs in
+    namespace: str = ""
+    service_account: str = "sam3pipe-trainer"
+    cpu: str = "8"
+    memory: str = "64Gi"
+    poll_interval_s: float = 15.0
+    timeout_s: int = 3 * 24 * 3600
+    # pod restarts the operator may do before it marks the job Failed
+    backoff_limit: int = 2
+    # keep a failed job (and its pods' logs) for debugging instead of deleting it
+    keep_failed: bool = False
+
+
+@dataclass
+class PipelineSettings:
+    name: str = "sam3-video-finetune"
+    description: str = "Fine-tune SAM3 on video clips: data prep -> training -> prediction -> evaluation"
+    # the project's image (docker/build.sh); every step runs the same code from it
+    image: str = "localhost/sam3pipe-cuda:0.1.0"
+    object_store: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    gpu: GpuSettings = field(default_factory=GpuSettings)
+    data_prep: StepSettings = field(default_factory=lambda: StepSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600))
+    # a few-second parameter check before training; nothing to retry
+    plan_training: StepSettings = field(
+        default_factory=lambda: StepSettings(cpu="100m", memory="256Mi", timeout_s=600, retries=0)
+    )
+    train: StepSettings = field(
+        default_factory=lambda: StepSettings(cpu="8", memory="64Gi", timeout_s=3 * 24 * 3600, retries=1)
+    )
+    predict: StepSettings = field(default_factory=lambda: StepSettings(cpu="8", memory="32Gi", timeout_s=12 * 3600))
+    evaluate: StepSettings = field(default_factory=lambda: StepSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600))
+    pytorchjob: PyTorchJobSettings = field(default_factory=PyTorchJobSettings)
+
+
+def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> PipelineSettings:
+    """Defaults merged with dotted `key=value` overrides, type-checked against the dataclasses."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineSettings), OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except (OmegaConfBaseException, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"pipeline settings: {first_line} (overrides: {list(overrides)})") from exc

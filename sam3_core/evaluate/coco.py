@@ -1,0 +1,341 @@
+"""Frame-level COCO bbox / segm evaluation, with the pycocotools traps handled.
+
+Matching and accumulation are delegated to a backend (pycocotools or faster-coco-eval, which
+produce the same precision/recall arrays); everything around it is ours:
+
+- An empty predictions list is evaluated as "no detections" (pycocotools' ``loadRes`` raises on
+  ``[]``): AP/AR are 0 where the ground truth has objects and -1 where it has none, exactly what
+  COCO reports for an image set without detections.
+- Ground truth without ``iscrowd`` gets 0; without ``area`` gets the mask area (or the box area
+  when there is no mask), so the area ranges work.
+- The 12 stats keep their COCO names but are computed for the configured ``max_dets`` triple:
+  ``AR1, AR10, AR100`` are recall at ``max_dets[0], [1], [2]`` and every AP uses ``max_dets[2]``
+  (pycocotools' own ``summarize`` hard-codes 100 for ``AP`` and returns -1 without it).
+- Categories without ground truth have precision -1 and are left out of every mean, as in COCO.
+- For ``segm`` the predicted area comes from the mask: a ``bbox`` carried by a segm result is
+  dropped first, otherwise both backends would use the box area for the area ranges.
+
+``summarize`` and ``EvalArrays`` work on COCO-layout arrays and are shared with video mAP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from sam3_core.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["pycocotools", "faster_coco_eval"]
+IouType = Literal["bbox", "segm"]
+BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
+IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
+STAT_NAMES: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)
+AREA_LABELS: tuple[str, ...] = ("all", "small", "medium", "large")
+# Object areas in pixels for COCO's small / medium / large; the first range is "all".
+FRAME_AREA_RANGES: tuple[tuple[float, float], ...] = (
+    (0.0, 1e5**2), (0.0, 32.0**2), (32.0**2, 96.0**2), (96.0**2, 1e5**2),
+)
+_PREDICTION_FIELD = {"bbox": "bbox", "segm": "segmentation"}
+
+
+@dataclass(frozen=True)
+class EvalArrays:
+    """Accumulated COCO-layout results: precision [T,R,K,A,M] and recall [T,K,A,M], -1 = no GT."""
+
+    precision: np.ndarray
+    recall: np.ndarray
+    iou_thrs: np.ndarray
+    rec_thrs: np.ndarray
+    category_ids: tuple[int, ...]
+    max_dets: tuple[int, int, int]
+
+    def iou_index(self, iou: float) -> int:
+        """Index of a threshold; compared with a tolerance because linspace is not exact."""
+        hits = np.flatnonzero(np.isclose(self.iou_thrs, iou))
+        if len(hits) != 1:
+            raise ValueError(f"IoU threshold {iou} is not one of {self.iou_thrs.tolist()}")
+        return int(hits[0])
+
+    def per_category(self) -> dict[int, dict[str, float]]:
+        """AP, AP50, AP75 per category (area "all", largest max_dets); -1 where it has no GT."""
+        table: dict[int, dict[str, float]] = {}
+        for k, cat_id in enumerate(self.category_ids):
+            sliced = self.precision[:, :, k, 0, -1]
+            table[cat_id] = {
+                "AP": _mean_valid(sliced),
+                "AP50": _mean_valid(sliced[self.iou_index(0.5)]),
+                "AP75": _mean_valid(sliced[self.iou_index(0.75)]),
+            }
+        return table
+
+    def pr_curve(self, iou: float) -> np.ndarray:
+        """Precision at each recall threshold, averaged over categories that have GT (NaN if none)."""
+        curves = self.precision[self.iou_index(iou), :, :, 0, -1]
+        valid = curves > -1
+        counts = valid.sum(axis=1)
+        sums = np.where(valid, curves, 0.0).sum(axis=1)
+        return np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One scored IoU type: ``name`` is its metric prefix (bbox, segm, video_bbox, video_mask)."""
+
+    name: str
+    metrics: dict[str, float]
+    arrays: EvalArrays
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def summarize(arrays: EvalArrays) -> dict[str, float]:
+    """The 12 COCO stats, correct for any increasing max_dets triple (see module docstring)."""
+    p, r = arrays.precision, arrays.recall
+    all_a, small, medium, large = range(len(AREA_LABELS))
+    i50, i75 = arrays.iou_index(0.5), arrays.iou_index(0.75)
+    values = (
+        _mean_valid(p[:, :, :, all_a, 2]),
+        _mean_valid(p[i50, :, :, all_a, 2]),
+        _mean_valid(p[i75, :, :, all_a, 2]),
+        _mean_valid(p[:, :, :, small, 2]),
+        _mean_valid(p[:, :, :, medium, 2]),
+        _mean_valid(p[:, :, :, large, 2]),
+        _mean_valid(r[:, :, all_a, 0]),
+        _mean_valid(r[:, :, all_a, 1]),
+        _mean_valid(r[:, :, all_a, 2]),
+        _mean_valid(r[:, :, small, 2]),
+        _mean_valid(r[:, :, medium, 2]),
+        _mean_valid(r[:, :, large, 2]),
+    )
+    return dict(zip(STAT_NAMES, values))
+
+
+def check_max_dets(max_dets: Sequence[int]) -> tuple[int, int, int]:
+    """Three strictly increasing positive ints, the shape every summary relies on."""
+    dets = tuple(int(d) for d in max_dets)
+    if len(dets) != 3 or dets[0] < 1 or not dets[0] < dets[1] < dets[2]:
+        raise ConfigError(f"evaluate: max_dets must be three increasing positive integers, e.g. [1, 10, 100]; got {list(max_dets)}")
+    return dets  # type: ignore[return-value]
+
+
+def _require(container: dict[str, Any], key: str, source: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in container:
+        raise InputError(source, f"{where}.{key}", "missing")
+    value = container[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InputError(source, f"{where}.{key}", f"expected {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {numbers.Real: "a number", numbers.Integral: "an integer", list: "a list", dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_box(value: Any, source: str, field: str) -> None:
+    """A box is [x, y, w, h] with finite numbers and non-negative size."""
+    if not isinstance(value, list) or len(value) != 4 or not all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+    ):
+        raise InputError(source, field, f"expected [x, y, width, height] numbers, got {value!r:.80}")
+    if not np.all(np.isfinite(value)) or value[2] < 0 or value[3] < 0:
+        raise InputError(source, field, f"box must be finite with width, height >= 0, got {value!r:.80}")
+
+
+def compress_rle(rle: Any, source: str, field: str) -> dict[str, Any]:
+    """Validate an RLE and return it compressed (uncompressed integer counts are converted)."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise InputError(source, field, "expected an RLE object {size: [h, w], counts}")
+    size = rle["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s >= 0 for s in size)):
+        raise InputError(source, f"{field}.size", f"expected [height, width] integers, got {size!r:.80}")
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        compressed = mask_utils.frPyObjects({"size": size, "counts": counts}, size[0], size[1])
+        return {"size": size, "counts": compressed["counts"].decode("ascii")}
+    if isinstance(counts, (str, bytes)):
+        return {"size": size, "counts": counts}
+    raise InputError(source, f"{field}.counts", "expected a string or a list of integers")
+
+
+def _segment_area(segmentation: Any, height: int, width: int) -> float:
+    """Pixel area of an RLE or polygon list, for GT annotations that lack ``area``."""
+    if isinstance(segmentation, list):
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+        return float(mask_utils.area(mask_utils.merge(rles)))
+    rle = segmentation
+    if isinstance(rle.get("counts"), list):
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    return float(mask_utils.area(rle))
+
+
+def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
+    """Validated copy of a COCO GT with ``iscrowd`` and ``area`` filled where missing."""
+    if not isinstance(gt, dict):
+        raise InputError(source, "(root)", "expected a COCO object with images, annotations, categories")
+    images = _require(gt, "images", source, "(root)", list)
+    annotations = _require(gt, "annotations", source, "(root)", list)
+    categories = _require(gt, "categories", source, "(root)", list)
+    sizes: dict[int, tuple[int, int]] = {}
+    for i, image in enumerate(images):
+        image_id = _require(image, "id", source, f"images[{i}]", int)
+        sizes[image_id] = (int(image.get("height", 0)), int(image.get("width", 0)))
+    cat_ids = {_require(c, "id", source, f"categories[{i}]", int) for i, c in enumerate(categories)}
+    filled = []
+    for i, ann in enumerate(annotations):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise InputError(source, where, "expected an object")
+        _require(ann, "id", source, where, int)
+        if _require(ann, "image_id", source, where, int) not in sizes:
+            raise InputError(source, f"{where}.image_id", f"unknown image id {ann['image_id']}")
+        if _require(ann, "category_id", source, where, int) not in cat_ids:
+            raise InputError(source, f"{where}.category_id", f"unknown category id {ann['category_id']}")
+        ann = dict(ann)
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            if ann.get("segmentation"):
+                height, width = sizes[ann["image_id"]]
+                ann["area"] = _segment_area(ann["segmentation"], height, width)
+            elif "bbox" in ann:
+                check_box(ann["bbox"], source, f"{where}.bbox")
+                ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
+            else:
+                raise InputError(source, where, "needs area, segmentation or bbox")
+        filled.append(ann)
+    return {**gt, "annotations": filled}
+
+
+def check_frame_predictions(
+    predictions: Any, gt: dict[str, Any], iou_type: str, source: str
+) -> list[dict[str, Any]]:
+    """Validated COCO results for one IoU type, reduced to the fields that type is scored on."""
+    if not isinstance(predictions, list):
+        raise InputError(source, "(root)", f"expected a list of COCO results, got {type(predictions).__name__}")
+    image_ids = {image["id"] for image in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    field = _PREDICTION_FIELD[iou_type]
+    results = []
+    for i, pred in enumerate(predictions):
+        where = f"[{i}]"
+        if not isinstance(pred, dict):
+            raise InputError(source, where, "expected an object")
+        if _require(pred, "image_id", source, where, int) not in image_ids:
+            raise InputError(source, f"{where}.image_id", f"unknown image id {pred['image_id']}: not in the ground truth")
+        if _require(pred, "category_id", source, where, int) not in cat_ids:
+            raise InputError(source, f"{where}.category_id", f"category {pred['category_id']} is not in the ground truth")
+        score = _require(pred, "score", source, where, numbers.Real)
+        if field not in pred:
+            raise InputError(source, f"{where}.{field}", f"missing; needed for {iou_type} evaluation (set iou_types to skip it)")
+        result = {"image_id": pred["image_id"], "category_id": pred["category_id"], "score": float(score)}
+        if iou_type == "bbox":
+            check_box(pred["bbox"], source, f"{where}.bbox")
+            result["bbox"] = pred["bbox"]
+        else:
+            result["segmentation"] = compress_rle(pred["segmentation"], source, f"{where}.segmentation")
+        results.append(result)
+    return results
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Any:
+    """pycocotools prints progress to stdout, which must stay free for the CLI's JSON line."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+    if buffer.getvalue().strip():
+        logger.debug("pycocotools: %s", buffer.getvalue().strip())
+
+
+def _run_pycocotools(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, max_dets: tuple[int, int, int]) -> Any:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with _quiet_stdout():
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = _empty_results(COCO, gt) if not results else coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        _set_params(evaluator.params, max_dets)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
+
+
+def _run_faster_coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, max_dets: tuple[int, int, int]) -> Any:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    coco_gt = COCO(gt)
+    coco_dt = _empty_results(COCO, gt) if not results else coco_gt.loadRes(results)
+    evaluator = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=logger.debug)
+    _set_params(evaluator.params, max_dets)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    return evaluator
+
+
+def _empty_results(coco_class: type, gt: dict[str, Any]) -> Any:
+    """A results object with no detections (what loadRes cannot build from [])."""
+    empty = coco_class()
+    empty.dataset = {"images": list(gt["images"]), "categories": copy.deepcopy(gt["categories"]), "annotations": []}
+    empty.createIndex()
+    return empty
+
+
+def _set_params(params: Any, max_dets: tuple[int, int, int]) -> None:
+    params.maxDets = list(max_dets)
+    params.areaRng = [list(r) for r in FRAME_AREA_RANGES]
+    params.areaRngLbl = list(AREA_LABELS)
+
+
+_BACKEND_RUNNERS = {"pycocotools": _run_pycocotools, "faster_coco_eval": _run_faster_coco_eval}
+
+
+def evaluate_frames(
+    gt: dict[str, Any],
+    predictions: Any,
+    iou_type: str,
+    *,
+    backend: str,
+    max_dets: Sequence[int],
+    predictions_source: str,
+) -> Evaluation:
+    """COCO evaluation of one IoU type; ``gt`` must come from ``prepare_frame_gt``."""
+    if iou_type not in IOU_TYPES:
+        raise ConfigError(f"evaluate: iou_types entries must be one of {list(IOU_TYPES)}; got {iou_type!r}")
+    if backend not in _BACKEND_RUNNERS:
+        raise ConfigError(f"evaluate: backend must be one of {list(BACKENDS)}; got {backend!r}")
+    dets = check_max_dets(max_dets)
+    results = check_frame_predictions(predictions, gt, iou_type, predictions_source)
+    logger.info("COCO %s evaluation of %d results with %s", iou_type, len(results), backend)
+    # Both backends set keys on the GT annotation dicts (ignore flags, RLEs): give them copies.
+    own_gt = {**gt, "images": [dict(i) for i in gt["images"]], "annotations": [dict(a) for a in gt["annotations"]]}
+    evaluator = _BACKEND_RUNNERS[backend](own_gt, results, iou_type, dets)
+    arrays = EvalArrays(
+        precision=np.asarray(evaluator.eval["precision"], dtype=float),
+        recall=np.asarray(evaluator.eval["recall"], dtype=float),
+        iou_thrs=np.asarray(evaluator.params.iouThrs, dtype=float),
+        rec_thrs=np.asarray(evaluator.params.recThrs, dtype=float),
+        category_ids=tuple(int(c) for c in evaluator.params.catIds),
+        max_dets=dets,
+    )
+    metrics = {f"{iou_type}_{name}": value for name, value in summarize(arrays).items()}
+    return Evaluation(name=iou_type, metrics=metrics, arrays=arrays)

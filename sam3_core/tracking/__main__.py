@@ -1,0 +1,31 @@
+"""`python -m sam3_core.tracking replay <uri>`: send values recorded while the server was away."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sam3_core.errors import Sam3PipeError
+from sam3_core.tracking.unsent import replay_unsent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sam3_core.tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    replay = commands.add_parser("replay", help="send an mlflow_unsent.jsonl record to MLFLOW_TRACKING_URI")
+    replay.add_argument("uri", help="path or URI of the record (printed in the warning that created it)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sent = replay_unsent(args.uri)
+    except Sam3PipeError as exc:
+        logging.getLogger("sam3pipe").error("error: %s", exc)
+        return 2
+    print(json.dumps({"replayed_metrics": sent}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

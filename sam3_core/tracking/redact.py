@@ -1,0 +1,114 @@
+"""Keep credentials out of MLflow: params, tags and text artifacts pass through here first.
+
+A tracking server is read by everyone on the team, and whatever reaches it stays there, so
+masking errs on the side of hiding: a value is masked when its key names a credential, or
+when the value itself looks like one wherever it sits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+MASK = "***"
+
+_SECRET_WORDS = frozenset(
+    "secret secrets password passwd pwd passphrase token credential credentials authorization apikey cookie".split()
+)
+# Adjacent words that together name a credential (`access_key`, `keyId`, `api-key`).
+_SECRET_PAIRS = frozenset(
+    {
+        ("access", "key"),
+        ("key", "id"),
+        ("api", "key"),
+        ("private", "key"),
+        ("secret", "key"),
+        ("session", "key"),
+        ("signing", "key"),
+        ("auth", "header"),
+    }
+)
+# Hex digests under these words are lineage (checksums, commits, ids), not secrets.
+_DIGEST_WORDS = frozenset({"sha", "sha1", "sha256", "digest", "checksum", "hash", "commit", "id", "version"})
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # user:password@ in any URL keeps the user and hides the password.
+    (re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@"), rf"\g<head>:{MASK}@"),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S), MASK),
+    # JSON Web Tokens: base64url header and payload both start with '{"'.
+    (re.compile(r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), MASK),
+    # AWS access key ids (long-lived AKIA, temporary ASIA, and the other documented prefixes).
+    (re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA)[A-Z0-9]{16}(?![A-Z0-9])"), MASK),
+    # Well-known token prefixes: GitHub, GitLab, Hugging Face, OpenAI-style, Slack.
+    (re.compile(r"\b(?:gh[pousr]_|github_pat_|glpat-|hf_|sk-|xox[abpr]-)[A-Za-z0-9_-]{16,}"), MASK),
+    (re.compile(r"(?i)\b(?P<scheme>bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), rf"\g<scheme> {MASK}"),
+)
+# Opaque high-entropy strings: AWS secret keys (40 chars, may hold / and +) and long tokens.
+_OPAQUE = re.compile(r"(?<![A-Za-z0-9+/=_-])(?:[A-Za-z0-9+/]{40}|[A-Za-z0-9_-]{32,})(?![A-Za-z0-9+/=_-])")
+_HEX = re.compile(r"^[0-9a-fA-F]{32,}$")
+_MIN_ENTROPY_BITS = 4.0
+
+
+def _words(key: str) -> list[str]:
+    return [word.lower() for word in _WORD.findall(key)]
+
+
+def is_secret_key(key: str) -> bool:
+    """True when a (dotted) key names a credential: `aws.secret_access_key`, `hub.apiKey`, `auth.token`."""
+    words = _words(key)
+    return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
+def _entropy(text: str) -> float:
+    counts = Counter(text)
+    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+
+
+def _looks_random(token: str) -> bool:
+    """Mixed case and digits with high per-character entropy: a key, not a word or a path."""
+    classes = (any(c.islower() for c in token), any(c.isupper() for c in token), any(c.isdigit() for c in token))
+    return all(classes) and _entropy(token) >= _MIN_ENTROPY_BITS
+
+
+def redact_text(text: str) -> str:
+    """Mask everything in free text that looks like a credential."""
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return _OPAQUE.sub(lambda m: MASK if _looks_random(m.group(0)) else m.group(0), text)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """One leaf of a config or a tag: masked whole when its key or its shape says credential."""
+    if is_secret_key(key) and value not in (None, ""):
+        return MASK
+    if not isinstance(value, str):
+        return value
+    if _HEX.match(value) and not _DIGEST_WORDS.intersection(_words(key)):
+        return MASK
+    return redact_text(value)
+
+
+def redact_tree(obj: Any, key: str = "") -> Any:
+    """A nested config / JSON document with every secret leaf masked (keys give the context)."""
+    if isinstance(obj, Mapping):
+        return {k: redact_tree(v, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact_tree(v, key) for v in obj]
+    return redact_value(key, obj)
+
+
+def truncate(value: str, limit: int = MAX_PARAM_VAL_LENGTH) -> str:
+    """MLflow refuses longer values; keep the head and say that it was cut."""
+    marker = "...[truncated]"
+    return value if len(value) <= limit else value[: limit - len(marker)] + marker
+
+
+def redact_params(flat: Mapping[str, Any]) -> dict[str, str]:
+    """Flattened config -> MLflow params: masked, stringified, cut to MLflow's length limit."""
+    return {key: truncate(str(redact_tree(value, key))) for key, value in flat.items()}

@@ -1,0 +1,79 @@
+"""The Model Registry holds references to checkpoints, never the bytes.
+
+Each pipeline run registers one version whose source is the checkpoint's URI in the
+object store, tagged with the pipeline run id, and points an alias (`candidate`) at it.
+`resolve_model_uri` turns `models:/<name>@<alias>` or `models:/<name>/<version>` back
+into that URI, so predict accepts a registry name wherever it accepts a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from sam3_core.errors import InputError, Sam3PipeError
+from sam3_core.tracking.redact import redact_text
+from sam3_core.tracking.runs import TAG_PIPELINE_RUN_ID, TAG_SUPERSEDED_BY
+from sam3_core.tracking.sender import is_transient
+from sam3_core.tracking.settings import tracking_uri
+
+logger = logging.getLogger(__name__)
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name, description="SAM3 video fine-tunes; versions point at checkpoints")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def register_checkpoint(
+    client: MlflowClient, name: str, alias: str, checkpoint_uri: str, run_id: str, pipeline_run_id: str
+) -> ModelVersion:
+    """The version of `name` for this pipeline run, sourced at `checkpoint_uri`, with `alias` on it.
+
+    A rerun that registers the same checkpoint reuses its version; one that registers a new
+    checkpoint gets a new version and the earlier one is tagged `sam3pipe.superseded_by`.
+    """
+    _ensure_registered_model(client, name)
+    earlier = client.search_model_versions(f"name = '{name}' and tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}'")
+    version = next((v for v in earlier if v.source == checkpoint_uri), None)
+    if version is None:
+        version = client.create_model_version(
+            name, checkpoint_uri, run_id=run_id, tags={TAG_PIPELINE_RUN_ID: pipeline_run_id}, await_creation_for=0
+        )
+        for old in earlier:
+            client.set_model_version_tag(name, old.version, TAG_SUPERSEDED_BY, version.version)
+    client.set_registered_model_alias(name, alias, version.version)
+    logger.info("registered %s version %s (alias %s) -> %s", name, version.version, alias, checkpoint_uri)
+    return version
+
+
+def resolve_model_uri(uri: str, client: MlflowClient | None = None) -> str:
+    """`models:/<name>@<alias>` or `models:/<name>/<version>` -> the checkpoint URI; other URIs unchanged."""
+    if not uri.startswith("models:/"):
+        return uri
+    match = _MODELS_URI.match(uri)
+    if match is None:
+        raise InputError(uri, "model.uri", "write models:/<name>@<alias> or models:/<name>/<version>")
+    client = client or MlflowClient(tracking_uri())
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        where = redact_text(tracking_uri())
+        if is_transient(exc):
+            raise Sam3PipeError(f"{uri}: the model registry at {where} is unreachable; retry or check MLFLOW_TRACKING_URI") from exc
+        raise InputError(
+            uri, "model.uri", f"not in the model registry at {where} ({exc.message}); register it by running train "
+            "with tracking enabled, or pass a checkpoint URI"
+        ) from exc
+    logger.info("resolved %s to %s (version %s)", uri, found.source, found.version)
+    return found.source

@@ -1,0 +1,129 @@
+"""Parent and component runs, found again by tags rather than remembered.
+
+A pipeline run owns one parent run (tag `sam3pipe.component=pipeline`); every component
+opens a nested run under it. Both are looked up by `sam3pipe.pipeline_run_id`, so a
+component rerun locally or by KFP lands under the same parent.
+
+Rerun rule: a component run that did not finish (crash, KFP retry, resumed training) and
+has the same resolved config (tag `sam3pipe.config_sha256`) is resumed, so its curves go
+on. Any other rerun gets a fresh nested run, and the earlier runs of that component under
+the parent are tagged `sam3pipe.superseded_by` and soft-deleted (`mlflow runs restore
+--run-id ...` brings one back): the parent always shows one run per component.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+logger = logging.getLogger(__name__)
+
+TAG_PIPELINE_RUN_ID = "sam3pipe.pipeline_run_id"
+TAG_COMPONENT = "sam3pipe.component"
+TAG_CONFIG_SHA256 = "sam3pipe.config_sha256"
+TAG_SUPERSEDED_BY = "sam3pipe.superseded_by"
+PIPELINE = "pipeline"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What identifies a component run; stored with unsent metrics so they find their run later."""
+
+    experiment_name: str
+    pipeline_run_id: str
+    pipeline_run_name: str
+    component: str
+    config_sha256: str
+    # Lineage shared by the parent and the component run: git commit, image, sam3 version, dataset.
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def parent_name(self) -> str:
+        return self.pipeline_run_name or f"pipeline-{self.pipeline_run_id}"
+
+
+@dataclass(frozen=True)
+class OpenRuns:
+    """Ids of the runs a component logs to."""
+
+    experiment_id: str
+    parent_run_id: str
+    run_id: str
+    resumed: bool
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Id of the named experiment, created (or restored from the bin) when needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        logger.warning("MLflow experiment %r was deleted; restoring it to log into it", name)
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _search(client: MlflowClient, exp_id: str, tags: dict[str, str], newest_first: bool) -> list[Run]:
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    order = "DESC" if newest_first else "ASC"
+    return client.search_runs([exp_id], query, order_by=[f"attributes.start_time {order}"])
+
+
+def _parent_run_id(client: MlflowClient, exp_id: str, spec: RunSpec) -> str:
+    """The pipeline run's parent; when two components race to create it, the oldest wins."""
+    wanted = {TAG_PIPELINE_RUN_ID: spec.pipeline_run_id, TAG_COMPONENT: PIPELINE}
+    found = _search(client, exp_id, wanted, newest_first=False)
+    if not found:
+        created = client.create_run(exp_id, tags={**spec.tags, **wanted}, run_name=spec.parent_name)
+        found = _search(client, exp_id, wanted, newest_first=False)
+        if found[0].info.run_id != created.info.run_id:
+            client.delete_run(created.info.run_id)
+    parent = found[0]
+    if parent.info.status != RunStatus.to_string(RunStatus.RUNNING):
+        client.update_run(parent.info.run_id, status="RUNNING")
+    return parent.info.run_id
+
+
+def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None = None) -> OpenRuns:
+    """Find or create the parent, then resume or replace the component run (see module doc)."""
+    exp_id = experiment_id(client, spec.experiment_name, artifact_location)
+    parent_id = _parent_run_id(client, exp_id, spec)
+    earlier = _search(
+        client, exp_id, {MLFLOW_PARENT_RUN_ID: parent_id, TAG_COMPONENT: spec.component}, newest_first=True
+    )
+    if earlier:
+        latest = earlier[0]
+        unfinished = latest.info.status != RunStatus.to_string(RunStatus.FINISHED)
+        if unfinished and latest.data.tags.get(TAG_CONFIG_SHA256) == spec.config_sha256:
+            client.update_run(latest.info.run_id, status="RUNNING")
+            logger.info("resuming MLflow run %s of %s", latest.info.run_id, spec.component)
+            return OpenRuns(exp_id, parent_id, latest.info.run_id, resumed=True)
+    tags = {
+        **spec.tags,
+        TAG_PIPELINE_RUN_ID: spec.pipeline_run_id,
+        TAG_COMPONENT: spec.component,
+        TAG_CONFIG_SHA256: spec.config_sha256,
+        MLFLOW_PARENT_RUN_ID: parent_id,
+    }
+    run = client.create_run(exp_id, tags=tags, run_name=f"{spec.parent_name}/{spec.component}")
+    for old in earlier:
+        client.set_tag(old.info.run_id, TAG_SUPERSEDED_BY, run.info.run_id)
+        client.delete_run(old.info.run_id)
+        logger.info("MLflow run %s of %s superseded by %s", old.info.run_id, spec.component, run.info.run_id)
+    return OpenRuns(exp_id, parent_id, run.info.run_id, resumed=False)
+
+
+def close_runs(client: MlflowClient, runs: OpenRuns, status: str) -> None:
+    """End the component run; the parent shows the state of the last component that ran."""
+    client.set_terminated(runs.run_id, status)
+    client.set_terminated(runs.parent_run_id, status)

@@ -1,0 +1,101 @@
+"""The local record of values that never reached the tracking server, and its replay.
+
+The record is JSON Lines next to the component's outputs (in the object store, so it
+survives the pod): sections, each a `run` line (the run id, or how to find the run when
+the server was down from the start) followed by its metric / param / tag lines.
+`python -m sam3_core.tracking replay <uri>` sends it once the server is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from sam3_core import storage
+from sam3_core.errors import InputError, Sam3PipeError
+from sam3_core.tracking.redact import redact_text
+from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
+from sam3_core.tracking.sender import Pending, is_transient
+from sam3_core.tracking.settings import is_local_store, local_artifact_root, tracking_uri
+
+logger = logging.getLogger(__name__)
+
+UNSENT_FILE = "mlflow_unsent.jsonl"
+
+
+def _lines(spec: RunSpec, run_id: str | None, status: str, pending: Pending) -> list[dict[str, Any]]:
+    lines: list[dict[str, Any]] = [{"kind": "run", "run_id": run_id, "status": status, "spec": asdict(spec)}]
+    lines += [
+        {"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
+        for m in pending.metrics
+    ]
+    lines += [{"kind": "param", "key": p.key, "value": p.value} for p in pending.params]
+    lines += [{"kind": "tag", "key": t.key, "value": t.value} for t in pending.tags]
+    return lines
+
+
+def record_unsent(uri: str, spec: RunSpec, run_id: str | None, status: str, pending: Pending) -> None:
+    """Append a section to the record at `uri` (a run may be recorded more than once)."""
+    text = "".join(json.dumps(line) + "\n" for line in _lines(spec, run_id, status, pending))
+    earlier = storage.read_text(uri) if storage.exists(uri) else ""
+    storage.write_text(uri, earlier + text)
+
+
+def _sections(uri: str, text: str) -> list[tuple[dict[str, Any], Pending]]:
+    sections: list[tuple[dict[str, Any], Pending]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        try:
+            line = json.loads(raw)
+            kind = line["kind"]
+            if kind == "run":
+                sections.append((line, Pending()))
+            elif not sections:
+                raise KeyError("run")
+            elif kind == "metric":
+                metric = Metric(line["key"], float(line["value"]), int(line["timestamp"]), int(line["step"]))
+                sections[-1][1].metrics.append(metric)
+            elif kind in ("param", "tag"):
+                target = sections[-1][1].params if kind == "param" else sections[-1][1].tags
+                target.append((Param if kind == "param" else RunTag)(line["key"], str(line["value"])))
+            else:
+                raise KeyError(kind)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(uri, f"line {number}", f"not a tracking record line ({exc}); was it edited?") from None
+    return sections
+
+
+def _open(client: MlflowClient, header: dict[str, Any]) -> OpenRuns | None:
+    """Runs of a section recorded while offline are opened now, exactly as the component would have."""
+    if header["run_id"]:
+        return None
+    artifact_location = local_artifact_root() if is_local_store(tracking_uri()) else None
+    return open_runs(client, RunSpec(**header["spec"]), artifact_location)
+
+
+def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
+    """Send every recorded value to its run; remove the record when all arrived. Returns the metric count."""
+    sections = _sections(uri, storage.read_text(uri))
+    client = client or MlflowClient(tracking_uri())
+    sent = 0
+    try:
+        for header, pending in sections:
+            opened = _open(client, header)
+            run_id = opened.run_id if opened else header["run_id"]
+            client.log_batch(run_id, metrics=pending.metrics, params=pending.params, tags=pending.tags)
+            if opened:
+                close_runs(client, opened, header["status"])
+            elif client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, header["status"])
+            sent += len(pending.metrics)
+    except MlflowException as exc:
+        hint = "retry when it is reachable" if is_transient(exc) else "it refused them"
+        raise Sam3PipeError(f"{uri}: replay to {redact_text(tracking_uri())} stopped: {exc}; {hint}") from exc
+    storage.delete(uri)
+    logger.info("replayed %d metrics from %s; record removed", sent, uri)
+    return sent

@@ -1,0 +1,57 @@
+"""The train component's config: model, data, optimiser, loss, loop, output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sam3_core.data.clips import ClipConfig
+from sam3_core.model.config import ModelConfig
+from sam3_core.train.loss import LossConfig
+from sam3_core.train.optim import OptimConfig
+
+
+@dataclass
+class DataConfig:
+    # URI of a dataset published by data_prep (`<store>/datasets/<id>`)
+    uri: str = "???"
+    cache_dir: str | None = None
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    # clips per process per micro-batch
+    batch_size: int = 2
+    num_workers: int = 0
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 200
+    grad_accum_steps: int = 1
+    seed: int = 0
+    # "auto": bf16 autocast on GPU, full precision on CPU (bf16 gives no speed-up there)
+    amp: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 100
+    # also keep checkpoints/step_XXXXXXX.pt at every checkpoint (else only last.pt / best.pt)
+    keep_step_checkpoints: bool = True
+    # validation loss every N steps on val clips (0: never); best.pt follows it, else train loss
+    val_every: int = 0
+    val_max_clips: int = 16
+    resume: bool = True
+    dist_timeout_s: int = 1800
+
+
+@dataclass
+class OutputConfig:
+    store: str = ".sam3pipe/store"
+    # run folder name under <store>/runs/; empty: derived from the config, so rerunning the
+    # same command resumes the same run
+    run_name: str = ""
+
+
+@dataclass
+class TrainJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

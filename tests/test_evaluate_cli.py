@@ -1,0 +1,234 @@
+"""The evaluate component end to end: files on disk (and on S3), real processes, the CLI contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from components.evaluate import execute, flags_to_overrides
+from sam3_core import storage
+from sam3_core.errors import ConfigError, InputError
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (60, 80)  # height, width
+# One video of two frames; frame t is COCO image t + 1. Category 2 has no object.
+BOXES = {1: [[10, 10, 30, 20], [12, 10, 30, 20]], 2: [[50, 30, 20, 20], None]}
+CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "emu"}]
+
+
+def rle(box: list[int] | None) -> dict | None:
+    if box is None:
+        return None
+    mask = np.zeros(SIZE, dtype=np.uint8, order="F")
+    x, y, w, h = box
+    mask[y : y + h, x : x + w] = 1
+    encoded = mask_utils.encode(mask)
+    return {"size": list(SIZE), "counts": encoded["counts"].decode("ascii")}
+
+
+def frames_gt() -> dict:
+    annotations: list[dict] = []
+    for boxes in BOXES.values():
+        for t, box in enumerate(boxes):
+            if box is not None:
+                annotations.append({"id": len(annotations) + 1, "image_id": t + 1, "category_id": 1, "bbox": box,
+                                    "segmentation": rle(box), "area": float(box[2] * box[3]), "iscrowd": 0})
+    return {"images": [{"id": t + 1, "height": SIZE[0], "width": SIZE[1]} for t in range(2)],
+            "annotations": annotations, "categories": CATEGORIES}
+
+
+def video_gt() -> dict:
+    return {
+        "videos": [{"id": 1, "height": SIZE[0], "width": SIZE[1], "length": 2, "file_names": ["v/0.jpg", "v/1.jpg"]}],
+        "annotations": [
+            {"id": track, "video_id": 1, "category_id": 1, "iscrowd": 0, "bboxes": boxes,
+             "segmentations": [rle(b) for b in boxes], "areas": [None if b is None else b[2] * b[3] for b in boxes]}
+            for track, boxes in BOXES.items()
+        ],
+        "categories": CATEGORIES,
+    }
+
+
+def perfect_frame_predictions() -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "segmentation": a["segmentation"],
+             "score": 0.9} for a in frames_gt()["annotations"]]
+
+
+def perfect_video_predictions() -> list[dict]:
+    return [{"video_id": 1, "category_id": 1, "score": 0.9, "bboxes": a["bboxes"], "segmentations": a["segmentations"]}
+            for a in video_gt()["annotations"]]
+
+
+def write(path: Path, obj: object) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def predictions_folder(root: Path) -> str:
+    """The predict step's output: three files in one folder."""
+    write(root / "coco_predictions_bbox.json", perfect_frame_predictions())
+    write(root / "coco_predictions_segm.json", perfect_frame_predictions())
+    write(root / "video_predictions.json", perfect_video_predictions())
+    return str(root)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "components.evaluate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+FRAME_METRICS = {f"{t}_{s}" for t in ("bbox", "segm") for s in
+                 ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")}
+VIDEO_METRICS = {f"video_{k}_mAP_{i}" for k in ("bbox", "mask") for i in ("50_95", "50", "75")}
+
+
+def test_cli_prints_one_json_line_and_publishes_metrics_table_and_plot(tmp_path):
+    gt = write(tmp_path / "gt.json", frames_gt())
+    predictions = write(tmp_path / "pred.json", perfect_frame_predictions())
+    output = tmp_path / "eval" / "metrics.json"
+
+    done = run_cli("--gt", gt, "--predictions", predictions, "--output", str(output), cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1
+    printed = json.loads(lines[0])
+    assert printed["metrics_uri"] == str(output)
+    assert printed["metrics"] == json.loads(output.read_text())
+    assert set(printed["metrics"]) == FRAME_METRICS
+    assert printed["metrics"]["segm_AP"] == pytest.approx(1.0)
+    assert sorted(p.name for p in output.parent.iterdir()) == [
+        "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png"]
+    assert (output.parent / "pr_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_malformed_predictions_exit_non_zero_name_the_field_and_write_nothing(tmp_path):
+    gt = write(tmp_path / "gt.json", frames_gt())
+    bad = [{k: v for k, v in p.items() if k != "score"} for p in perfect_frame_predictions()]
+    predictions = write(tmp_path / "pred.json", bad)
+    output = tmp_path / "eval" / "metrics.json"
+
+    done = run_cli("--gt", gt, "--predictions", predictions, "--output", str(output), cwd=tmp_path)
+
+    assert done.returncode != 0
+    assert f"{predictions}: [0].score: missing" in done.stderr.strip().splitlines()[-1]
+    assert not output.parent.exists()
+
+
+def test_hydra_overrides_give_the_same_result_as_flags(tmp_path):
+    gt = write(tmp_path / "gt.json", frames_gt())
+    predictions = write(tmp_path / "pred.json", perfect_frame_predictions())
+
+    by_flags = execute(["--gt", gt, "--predictions", predictions, "--output", str(tmp_path / "a" / "metrics.json")])
+    by_overrides = execute([f"gt={gt}", f"predictions={predictions}", f"output={tmp_path / 'b' / 'metrics.json'}"])
+
+    assert by_flags["metrics"] == by_overrides["metrics"]
+
+
+def test_flag_values_with_spaces_commas_and_quotes_reach_the_config_intact():
+    path = "/data/my run,v2/it's=ok\\x.json"
+
+    overrides = flags_to_overrides(["--gt", path, "backend=pycocotools"])
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(overrides)}
+    assert parsed == {"gt": path, "backend": "pycocotools"}
+
+
+def test_video_gt_with_predictions_folder_and_frames_gt_scores_videos_and_frames(tmp_path):
+    folder = predictions_folder(tmp_path / "predictions")
+
+    outputs = execute([
+        "--gt", write(tmp_path / "val.json", video_gt()), "--predictions", folder,
+        "--frames-gt", write(tmp_path / "val_frames_coco.json", frames_gt()),
+        "--output", str(tmp_path / "eval" / "metrics.json"),
+    ])
+
+    assert set(outputs["metrics"]) == FRAME_METRICS | VIDEO_METRICS
+    assert outputs["metrics"]["video_mask_mAP_50_95"] == pytest.approx(1.0)
+    assert outputs["metrics"]["bbox_AP"] == pytest.approx(1.0)
+
+
+def test_video_gt_with_predictions_folder_and_no_frames_gt_scores_videos_only(tmp_path):
+    folder = predictions_folder(tmp_path / "predictions")
+
+    outputs = execute(["--gt", write(tmp_path / "val.json", video_gt()), "--predictions", folder,
+                       "--output", str(tmp_path / "eval" / "metrics.json")])
+
+    assert set(outputs["metrics"]) == VIDEO_METRICS
+
+
+def test_coco_gt_with_predictions_folder_reads_bbox_and_segm_files(tmp_path):
+    folder = predictions_folder(tmp_path / "predictions")
+    write(tmp_path / "predictions" / "coco_predictions_segm.json", [])
+
+    metrics = execute(["--gt", write(tmp_path / "gt.json", frames_gt()), "--predictions", folder,
+                       "--output", str(tmp_path / "eval" / "metrics.json")])["metrics"]
+
+    assert metrics["bbox_AP"] == pytest.approx(1.0)
+    assert metrics["segm_AP"] == 0.0
+
+
+def test_per_category_table_lists_every_gt_category_with_blank_cells_where_no_gt(tmp_path):
+    execute(["--gt", write(tmp_path / "gt.json", frames_gt()),
+             "--predictions", write(tmp_path / "pred.json", perfect_frame_predictions()),
+             "--output", str(tmp_path / "eval" / "metrics.json")])
+
+    with open(tmp_path / "eval" / "per_category.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["category_id"], r["name"]) for r in rows] == [("1", "cat"), ("2", "dog"), ("3", "emu")]
+    assert float(rows[0]["segm AP"]) == pytest.approx(1.0)
+    assert rows[1]["bbox AP"] == ""
+    assert "| 2 | dog | n/a |" in (tmp_path / "eval" / "per_category.md").read_text()
+
+
+def test_requested_kind_that_contradicts_the_gt_file_is_input_error(tmp_path):
+    gt = write(tmp_path / "val.json", video_gt())
+
+    with pytest.raises(InputError, match="kind=coco was requested but this is a video GT file"):
+        execute(["--gt", gt, "--predictions", write(tmp_path / "p.json", []), "--output", str(tmp_path / "m.json"),
+                 "kind=coco"])
+
+
+def test_gt_that_is_neither_video_nor_coco_is_input_error(tmp_path):
+    gt = write(tmp_path / "gt.json", {"annotations": []})
+
+    with pytest.raises(InputError, match=r"gt\.json: \(root\): neither 'videos'"):
+        execute(["--gt", gt, "--predictions", write(tmp_path / "p.json", []), "--output", str(tmp_path / "m.json")])
+
+
+def test_missing_required_input_is_config_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="predictions is required"):
+        execute(["--gt", write(tmp_path / "gt.json", frames_gt()), "--output", str(tmp_path / "m.json")])
+
+
+def test_unknown_backend_is_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        execute(["--gt", write(tmp_path / "gt.json", frames_gt()), "--predictions", write(tmp_path / "p.json", []),
+                 "--output", str(tmp_path / "m.json"), "backend=detectron"])
+
+
+def test_reads_inputs_from_s3_and_publishes_there(s3_bucket, tmp_path):
+    storage.write_json(f"{s3_bucket}/data/val.json", video_gt())
+    for name, obj in (("video_predictions.json", perfect_video_predictions()),
+                      ("coco_predictions_bbox.json", []), ("coco_predictions_segm.json", [])):
+        storage.write_json(f"{s3_bucket}/run/predictions/{name}", obj)
+
+    outputs = execute([f"gt={s3_bucket}/data/val.json", f"predictions={s3_bucket}/run/predictions",
+                       f"output={s3_bucket}/run/eval/metrics.json"])
+
+    assert outputs["metrics_uri"] == f"{s3_bucket}/run/eval/metrics.json"
+    assert storage.read_json(outputs["metrics_uri"]) == outputs["metrics"]
+    assert storage.list_files(f"{s3_bucket}/run/eval") == [
+        "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png"]

@@ -1,0 +1,167 @@
+"""The compiled Kubeflow pipeline: tasks, parameters, caching, GPUs, secrets, and what it must not hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kfp import components
+
+from pipeline.compile import compile_pipeline
+from pipeline.settings import load_settings
+from pipeline.steps import plan_training
+from sam3_core.errors import InputError
+
+PLANTED_SECRET = "planted-secret-value-9f8e7d"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    monkeypatch = pytest.MonkeyPatch()
+    # secrets present in the compiling shell must not leak into the package
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://user:{PLANTED_SECRET}@mlflow.example.com")
+    try:
+        settings = load_settings(["image=registry.example.com/sam3pipe:1.2.3", "gpu.node_selector.pool=a100"])
+        return compile_pipeline(settings, tmp_path_factory.mktemp("compiled") / "pipeline.yaml")
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def spec(compiled: Path) -> dict[str, Any]:
+    return next(yaml.safe_load_all(compiled.read_text()))
+
+
+@pytest.fixture(scope="module")
+def platform(compiled: Path) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all(compiled.read_text()))
+    assert len(docs) == 2, "expected the pipeline spec and the Kubernetes platform spec"
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def tasks(spec: dict[str, Any]) -> dict[str, Any]:
+    return spec["root"]["dag"]["tasks"]
+
+
+def container(spec: dict[str, Any], task: str) -> dict[str, Any]:
+    executor = spec["components"][f"comp-{task}"]["executorLabel"]
+    return spec["deploymentSpec"]["executors"][executor]["container"]
+
+
+def test_package_loads_back_with_kfp(compiled: Path) -> None:
+    loaded = components.load_component_from_file(str(compiled))
+
+    assert loaded.name == "sam3-video-finetune"
+    assert {"source", "max_steps", "training_mode", "gpus"} <= set(loaded.component_spec.inputs)
+
+
+def test_dag_is_data_prep_train_predict_evaluate(spec) -> None:
+    dag = tasks(spec)
+
+    assert set(dag) == {"data-prep", "plan-training", "train", "predict", "evaluate"}
+    assert set(dag["train"]["dependentTasks"]) == {"data-prep", "plan-training"}
+    assert "train" in dag["predict"]["dependentTasks"]
+    assert "predict" in dag["evaluate"]["dependentTasks"]
+
+
+def test_pipeline_parameters_default_to_the_demo(spec) -> None:
+    params = spec["root"]["inputDefinitions"]["parameters"]
+
+    assert params["source"]["defaultValue"] == "synthetic"
+    assert params["model_preset"]["defaultValue"] == "tiny"
+    assert params["training_mode"]["defaultValue"] == "pod"
+    assert params["gpus"]["parameterType"] == "NUMBER_INTEGER"
+    assert {"lr", "batch_size", "frames_per_clip", "freeze_prefixes", "store", "mlflow_experiment", "nodes"} <= set(params)
+
+
+def test_only_data_prep_is_cached(spec) -> None:
+    caching = {name: task["cachingOptions"].get("enableCache", False) for name, task in tasks(spec).items()}
+
+    assert caching == {"data-prep": True, "plan-training": False, "train": False, "predict": False, "evaluate": False}
+
+
+def test_train_gpus_come_from_the_plan_and_predict_gpus_from_a_parameter(spec) -> None:
+    train_gpus = container(spec, "train")["resources"]["accelerator"]
+    predict_gpus = container(spec, "predict")["resources"]["accelerator"]
+
+    assert train_gpus["resourceType"] == predict_gpus["resourceType"] == "nvidia.com/gpu"
+    assert tasks(spec)["train"]["inputs"]["parameters"]["pipelinechannel--plan-training-pod_gpus"]["taskOutputParameter"] == {
+        "outputParameterKey": "pod_gpus",
+        "producerTask": "plan-training",
+    }
+    assert "predict_gpus" in predict_gpus["resourceCount"]
+    assert "accelerator" not in container(spec, "data-prep").get("resources", {})
+
+
+def test_gpu_steps_get_node_placement_and_shared_memory(platform) -> None:
+    for step in ("exec-train", "exec-predict"):
+        assert platform[step]["nodeSelector"]["labels"] == {"pool": "a100"}
+        assert platform[step]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert platform[step]["emptyDirMounts"] == [
+            {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
+        ]
+    assert "nodeSelector" not in platform["exec-evaluate"]
+
+
+def test_every_step_gets_object_store_credentials_from_the_kfp_secret(platform) -> None:
+    for step in ("exec-data-prep", "exec-train", "exec-predict", "exec-evaluate"):
+        secrets = {s["secretName"]: s for s in platform[step]["secretAsEnv"]}
+        keys = {m["secretKey"]: m["envVar"] for m in secrets["mlpipeline-minio-artifact"]["keyToEnv"]}
+        assert keys == {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+        assert platform[step]["configMapAsEnv"][0]["configMapName"] == "sam3pipe-env"
+
+
+def test_mlflow_uri_comes_from_a_secret_for_the_tracked_steps(platform) -> None:
+    tracked = {
+        step for step, config in platform.items() if any(s["secretName"] == "sam3pipe-mlflow" for s in config.get("secretAsEnv", []))
+    }
+
+    assert tracked == {"exec-train", "exec-predict", "exec-evaluate"}
+
+
+def test_package_holds_no_secret_value(compiled: Path) -> None:
+    text = compiled.read_text()
+
+    assert PLANTED_SECRET not in text
+    assert "AKIA" not in text
+
+
+def test_steps_run_the_configured_image_and_install_nothing(spec) -> None:
+    for task in tasks(spec):
+        step = container(spec, task)
+        assert step["image"] == "registry.example.com/sam3pipe:1.2.3"
+        assert "pip install" not in " ".join(step["command"] + step.get("args", []))
+
+
+def test_timeouts_and_retries_follow_the_settings(spec, platform) -> None:
+    settings = load_settings()
+
+    assert platform["exec-train"]["activeDeadlineSeconds"] == str(settings.train.timeout_s)
+    assert tasks(spec)["train"]["retryPolicy"]["maxRetryCount"] == settings.train.retries
+    assert tasks(spec)["data-prep"]["retryPolicy"]["maxRetryCount"] == settings.data_prep.retries
+    assert "retryPolicy" not in tasks(spec)["plan-training"]
+
+
+def test_pytorchjob_launch_settings_reference_secrets_by_name(spec) -> None:
+    launch = tasks(spec)["train"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
+
+    assert launch["image"] == "registry.example.com/sam3pipe:1.2.3"
+    refs = {e["name"]: e["valueFrom"] for e in launch["env"]}
+    assert refs["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "mlpipeline-minio-artifact", "key": "secretkey"}}
+
+
+@pytest.mark.parametrize(("mode", "gpus", "pod_gpus"), [("pod", 4, 4), ("pytorchjob", 4, 0)])
+def test_the_train_pod_requests_gpus_only_when_it_trains_itself(mode: str, gpus: int, pod_gpus: int) -> None:
+    assert plan_training(mode, gpus, 1) == pod_gpus
+
+
+@pytest.mark.parametrize(
+    ("mode", "gpus", "nodes", "field"),
+    [("slurm", 1, 1, "training_mode"), ("pod", -1, 1, "gpus"), ("pod", 1, 2, "nodes"), ("pytorchjob", 1, 0, "nodes")],
+)
+def test_bad_training_parameters_are_refused_before_training(mode: str, gpus: int, nodes: int, field: str) -> None:
+    with pytest.raises(InputError, match=f"pipeline parameters: {field}:"):
+        plan_training(mode, gpus, nodes)

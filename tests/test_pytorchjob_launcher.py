@@ -1,0 +1,164 @@
+"""The PyTorchJob launcher: the manifests it generates and how it drives a job to its end.
+
+Jobs are checked against the Training Operator v1.9.0 CRD schema (strict about unknown fields);
+the launcher talks HTTP to the fake API server of tests/fixtures/fake_k8s.py and hands outputs
+back through a real (moto) S3 bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from pipeline import pytorchjob
+from pipeline.pytorchjob import LaunchSettings, PyTorchJobError
+from pipeline.settings import load_settings
+from sam3_core import storage
+from sam3_core.errors import ConfigError
+
+
+@pytest.fixture
+def launch() -> LaunchSettings:
+    settings = load_settings(["image=registry.example.com/sam3pipe:1.2.3", "gpu.node_selector.pool=a100"])
+    return dataclasses.replace(
+        LaunchSettings.from_settings(settings), namespace="team-a", poll_interval_s=0.01, timeout_s=30
+    )
+
+
+def rank0_writes(outputs: dict[str, Any]) -> Any:
+    """Play the job's rank 0: write `outputs` where the job's command says to."""
+
+    def write(job: dict[str, Any]) -> None:
+        args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+        storage.write_json(args[args.index("--outputs") + 1], outputs)
+
+    return write
+
+
+def container(job: dict[str, Any], replica: str = "Master") -> dict[str, Any]:
+    return job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]["containers"][0]
+
+
+def test_template_is_a_valid_pytorchjob(pytorchjob_schema) -> None:
+    assert pytorchjob_schema.errors(pytorchjob.load_template()) == []
+
+
+def test_strict_schema_rejects_a_misspelt_field(pytorchjob_schema) -> None:
+    job = pytorchjob.load_template()
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["replica"] = 1
+    assert any("replica" in error for error in pytorchjob_schema.errors(job))
+
+
+def test_multi_node_job_has_master_workers_and_gpus(pytorchjob_schema, launch) -> None:
+    job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 3, 4, launch, {"SAM3PIPE_PIPELINE_RUN_ID": "run1"})
+
+    assert pytorchjob_schema.errors(job) == []
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    assert job["spec"]["nprocPerNode"] == "4"
+    for replica in ("Master", "Worker"):
+        assert container(job, replica)["image"] == "registry.example.com/sam3pipe:1.2.3"
+        assert container(job, replica)["resources"]["limits"]["nvidia.com/gpu"] == 4
+        assert replicas[replica]["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
+
+
+def test_single_node_cpu_job_has_no_workers_and_no_gpu_limit(pytorchjob_schema, launch) -> None:
+    job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 1, 0, launch, {})
+
+    assert pytorchjob_schema.errors(job) == []
+    assert "Worker" not in job["spec"]["pytorchReplicaSpecs"]
+    assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
+    assert job["spec"]["nprocPerNode"] == "1"
+
+
+def test_job_env_references_secrets_and_never_holds_their_values(launch, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-secret-value")
+    job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 1, launch, {"MLFLOW_EXPERIMENT_NAME": "e"})
+
+    env = {item["name"]: item for item in container(job)["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "sam3pipe-mlflow"
+    assert env["MLFLOW_EXPERIMENT_NAME"]["value"] == "e"
+    assert "planted-secret-value" not in json.dumps(job)
+
+
+def test_job_name_is_stable_and_dns_safe() -> None:
+    name = pytorchjob.job_name("5F3A_9c1e-Run/ID" * 5)
+
+    assert name == pytorchjob.job_name("5F3A_9c1e-Run/ID" * 5)
+    assert len(name) <= 48 and name.startswith("sam3pipe-")
+    assert all(c.isdigit() or c == "-" or "a" <= c <= "z" for c in name) and not name.endswith("-")
+
+
+def test_successful_job_returns_rank0_outputs_and_is_deleted(fake_k8s, launch, s3_bucket) -> None:
+    outputs = {"run_uri": f"{s3_bucket}/runs/r1", "best_checkpoint_uri": "b", "last_checkpoint_uri": "l"}
+    fake_k8s.on_success = rank0_writes(outputs)
+
+    result = pytorchjob.launch_training(["model=tiny"], launch, "run-1", 2, 8, s3_bucket, {}, api=fake_k8s.api())
+
+    assert result == outputs
+    (created,) = fake_k8s.created
+    assert container(created)["args"][-1] == "model=tiny"
+    assert fake_k8s.deleted == [("team-a", created["metadata"]["name"])]
+
+
+def test_failed_job_fails_the_launcher_and_is_deleted(fake_k8s, launch, s3_bucket) -> None:
+    fake_k8s.script = ["Created", "Running", "Failed"]
+
+    with pytest.raises(PyTorchJobError, match="failed; its pods' logs: kubectl logs -n team-a"):
+        pytorchjob.launch_training([], launch, "run-2", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert len(fake_k8s.deleted) == 1 and fake_k8s.jobs == {}
+
+
+def test_failed_job_is_kept_when_asked_for_debugging(fake_k8s, launch, s3_bucket) -> None:
+    fake_k8s.script = ["Created", "Failed"]
+
+    with pytest.raises(PyTorchJobError):
+        pytorchjob.launch_training([], dataclasses.replace(launch, keep_failed=True), "run-3", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert fake_k8s.deleted == [] and len(fake_k8s.jobs) == 1
+
+
+def test_retried_launcher_adopts_the_existing_job(fake_k8s, launch, s3_bucket) -> None:
+    name = pytorchjob.job_name("run-4")
+    fake_k8s.add_job(pytorchjob.build_job(name, "team-a", ["-m", "x"], 1, 1, launch, {}))
+    fake_k8s.on_success = lambda job: storage.write_json(
+        storage.join(s3_bucket, "pipeline-runs", name, "train-outputs.json"), {"run_uri": "r"}
+    )
+
+    result = pytorchjob.launch_training([], launch, "run-4", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert result == {"run_uri": "r"}
+    assert fake_k8s.created == [] and fake_k8s.deleted == [("team-a", name)]
+
+
+def test_job_that_never_finishes_times_out_and_is_deleted(fake_k8s, launch, s3_bucket) -> None:
+    fake_k8s.script = ["Created", "Running"]
+
+    with pytest.raises(PyTorchJobError, match="not finished after"):
+        pytorchjob.launch_training([], dataclasses.replace(launch, timeout_s=0), "run-5", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert len(fake_k8s.deleted) == 1
+
+
+def test_refused_create_explains_the_missing_rbac(fake_k8s, launch, s3_bucket) -> None:
+    fake_k8s.refuse_create = 403
+
+    with pytest.raises(PyTorchJobError, match="lacks RBAC for pytorchjobs"):
+        pytorchjob.launch_training([], launch, "run-6", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+
+def test_succeeded_job_without_outputs_is_an_error(fake_k8s, launch, s3_bucket) -> None:
+    with pytest.raises(PyTorchJobError, match="wrote no outputs"):
+        pytorchjob.launch_training([], launch, "run-7", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+
+def test_local_store_is_refused_before_creating_a_job(fake_k8s, launch, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="shared"):
+        pytorchjob.launch_training([], launch, "run-8", 1, 1, str(tmp_path), {}, api=fake_k8s.api())
+
+    assert fake_k8s.created == []

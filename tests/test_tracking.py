@@ -1,0 +1,453 @@
+"""MLflow tracking: runs, params, metrics, artifacts, registry and outages, against a real server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import string
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from sam3_core import storage
+from sam3_core.errors import ConfigError, InputError
+from sam3_core.tracking import (
+    TAG_COMPONENT,
+    TAG_PIPELINE_RUN_ID,
+    TrackingConfig,
+    component_run,
+    draw_masks,
+    replay_unsent,
+    resolve_model_uri,
+    train_step_metrics,
+    ui_command,
+)
+from sam3_core.tracking.redact import MASK, redact_params, redact_value
+from sam3_core.tracking.unsent import UNSENT_FILE
+from tests.fixtures.mlflow import MlflowServer
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+
+
+@dataclass
+class Hub:
+    token: str = ""
+    source: str = ""
+
+
+@dataclass
+class DemoConfig:
+    """Stands in for a component's config: nested sections plus the embedded `tracking:`."""
+
+    optim: Optim = field(default_factory=Optim)
+    hub: Hub = field(default_factory=Hub)
+    notes: str = ""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def fast_tracking(**overrides: object) -> TrackingConfig:
+    """Short intervals so the tests do not wait on the defaults meant for long trainings."""
+    values: dict[str, object] = {
+        "pipeline_run_id": uuid.uuid4().hex,
+        "flush_interval_s": 0.1,
+        "retry_initial_s": 0.1,
+        "retry_max_s": 0.5,
+        "connect_timeout_s": 5.0,
+        "final_flush_timeout_s": 30.0,
+        "system_metrics": False,
+    }
+    values.update(overrides)
+    return TrackingConfig(**values)  # type: ignore[arg-type]
+
+
+def random_token(alphabet: str, length: int) -> str:
+    return "".join(random.SystemRandom().choice(alphabet) for _ in range(length))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def experiment_id() -> str:
+    return MlflowClient().get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"]).experiment_id
+
+
+# ---------------------------------------------------------------------------- redaction
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["aws.secret_access_key", "store.AWS_ACCESS_KEY_ID", "hub.apiKey", "auth.token", "db.password", "http.authorization"],
+)
+def test_a_key_that_names_a_credential_masks_its_value(key: str) -> None:
+    assert redact_value(key, "plain-looking-value") == MASK
+
+
+@pytest.mark.parametrize("key", ["model.num_tokens", "model.tokenizer_path", "data.key_frames", "train.keep_last"])
+def test_keys_that_merely_contain_credential_letters_are_kept(key: str) -> None:
+    assert redact_value(key, "value") == "value"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "AKIA" + random_token(string.ascii_uppercase + string.digits, 16),
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IifQ.c2lnbmF0dXJlLWJ5dGVz",
+        random_token(string.ascii_letters + string.digits + "/+", 38) + "Aa",
+        "hf_" + random_token(string.ascii_letters + string.digits, 34),
+        random_token("0123456789abcdef", 64),
+    ],
+    ids=["aws-key-id", "jwt", "aws-secret-shape", "hf-token", "hex-secret"],
+)
+def test_a_value_that_looks_like_a_credential_is_masked_under_any_key(value: str) -> None:
+    assert value not in str(redact_value("notes", value))
+
+
+def test_a_url_keeps_its_user_and_host_but_not_its_password() -> None:
+    assert redact_value("data.source", "https://alice:hunter2@data.example.com/v.tar") == (
+        f"https://alice:{MASK}@data.example.com/v.tar"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("dataset_id", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"),
+        ("git_commit", "a8d03d3b6721c89b64bb0643f0f930db477350d5"),
+        ("output.dir", "/work/.sam3pipe/store/runs/20250101T120000Z/checkpoints/best.pt"),
+        ("model.uri", "s3://bucket/runs/0f9a7c2e4d5b4a1e9c8f7a6b5c4d3e2f/checkpoints/last.pt"),
+        ("model.name", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("pipeline", "3f2a9c1e-8b7d-4c6e-9a5f-1d2e3c4b5a69"),
+    ],
+)
+def test_lineage_values_are_not_mistaken_for_credentials(key: str, value: str) -> None:
+    assert redact_value(key, value) == value
+
+
+def test_long_param_values_are_cut_to_the_mlflow_limit() -> None:
+    params = redact_params({"data.videos": ["video_%05d" % i for i in range(2000)]})
+    assert len(params["data.videos"]) == 6000
+    assert params["data.videos"].endswith("[truncated]")
+
+
+# ---------------------------------------------------------------------------- helpers without a server
+
+
+def test_train_step_metrics_use_the_shared_names_and_throughput() -> None:
+    metrics = train_step_metrics(2.5, {"loss_mask": 1.0, "loss_dice": 1.5}, 3e-4, clips=8, frames=64, seconds=2.0)
+    assert metrics == {
+        "train/loss": 2.5,
+        "train/lr": 3e-4,
+        "train/loss_mask": 1.0,
+        "train/loss_dice": 1.5,
+        "train/clips_per_s": 4.0,
+        "train/frames_per_s": 32.0,
+    }
+
+
+def test_draw_masks_tints_masked_pixels_and_leaves_the_rest() -> None:
+    image = Image.new("RGB", (32, 24), (0, 0, 0))
+    mask = np.zeros((24, 32), dtype=bool)
+    mask[12:, 16:] = True
+    drawn = np.asarray(draw_masks(image, [mask], alpha=0.5))
+    assert drawn[0, 0].tolist() == [0, 0, 0]
+    assert drawn[20, 28].tolist() != [0, 0, 0]
+    assert np.asarray(image).max() == 0
+
+
+def test_draw_masks_refuses_a_mask_of_another_size() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        draw_masks(Image.new("RGB", (8, 8)), [np.ones((4, 4), dtype=bool)])
+
+
+def test_ui_command_serves_the_local_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ui_command(port=5123)
+    assert argv[1:4] == ["-m", "mlflow", "server"]
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / '.sam3pipe' / 'mlflow.db'}"
+    assert argv[argv.index("--port") + 1] == "5123"
+    assert (tmp_path / ".sam3pipe").is_dir()
+
+
+def test_ui_command_refuses_when_a_tracking_server_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.com")
+    with pytest.raises(ConfigError, match="open it in a browser"):
+        ui_command()
+
+
+def test_a_plain_checkpoint_uri_passes_resolve_unchanged() -> None:
+    assert resolve_model_uri("s3://bucket/runs/r1/checkpoints/best.pt") == "s3://bucket/runs/r1/checkpoints/best.pt"
+
+
+def test_a_non_zero_rank_tracks_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with component_run(fast_tracking(), "train", DemoConfig(), output_uri=str(tmp_path)) as run:
+        run.log_metrics({"train/loss": 1.0}, step=0)
+        run.log_checkpoint("best", str(tmp_path / "missing.pt"), step=0)
+    assert not run.active and run.run_id is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_store_is_a_local_sqlite_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with component_run(fast_tracking(), "data_prep", DemoConfig()) as run:
+        run.log_metrics({"data/videos": 3}, step=0)
+    client = MlflowClient(f"sqlite:///{tmp_path / '.sam3pipe' / 'mlflow.db'}")
+    assert client.get_run(run.run_id).data.metrics == {"data/videos": 3.0}
+    assert client.get_run(run.run_id).info.artifact_uri.startswith((tmp_path / ".sam3pipe" / "mlartifacts").as_uri())
+
+
+# ---------------------------------------------------------------------------- runs against the server
+
+
+def test_components_of_one_pipeline_run_nest_under_one_parent(mlflow_tracking: MlflowServer) -> None:
+    tracking = fast_tracking()
+    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as train:
+        pass
+    with component_run(tracking, "evaluate", DemoConfig(tracking=tracking)) as evaluate:
+        pass
+    parents = MlflowClient().search_runs(
+        [experiment_id()],
+        f"tags.`{TAG_PIPELINE_RUN_ID}` = '{tracking.pipeline_run_id}' and tags.`{TAG_COMPONENT}` = 'pipeline'",
+    )
+    assert [p.info.run_id for p in parents] == [train.parent_run_id]
+    assert evaluate.parent_run_id == train.parent_run_id
+    assert MlflowClient().get_run(evaluate.run_id).data.tags["mlflow.parentRunId"] == train.parent_run_id
+
+
+def test_component_runs_carry_lineage_tags(mlflow_tracking: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAM3PIPE_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("SAM3PIPE_IMAGE", "ghcr.io/example/sam3pipe:1.2.3")
+    with component_run(fast_tracking(), "train", DemoConfig(), dataset_id="ds-1a2b3c") as run:
+        pass
+    tags = MlflowClient().get_run(run.run_id).data.tags
+    assert tags["sam3pipe.git_commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert tags["sam3pipe.image"] == "ghcr.io/example/sam3pipe:1.2.3"
+    assert tags["sam3pipe.dataset_id"] == "ds-1a2b3c"
+    assert tags["sam3pipe.sam3_version"] == "0.1.4"
+    assert tags[TAG_COMPONENT] == "train"
+
+
+def test_rerunning_a_finished_component_replaces_its_run_in_the_same_parent(mlflow_tracking: MlflowServer) -> None:
+    tracking = fast_tracking()
+    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as first:
+        pass
+    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as second:
+        pass
+    client = MlflowClient()
+    assert second.parent_run_id == first.parent_run_id and second.run_id != first.run_id
+    live = client.search_runs([experiment_id()], f"tags.`{TAG_COMPONENT}` = 'train'")
+    assert [r.info.run_id for r in live] == [second.run_id]
+    replaced = client.get_run(first.run_id)
+    assert replaced.info.lifecycle_stage == "deleted"
+    assert replaced.data.tags["sam3pipe.superseded_by"] == second.run_id
+
+
+def test_rerunning_a_failed_component_with_the_same_config_resumes_its_run(mlflow_tracking: MlflowServer) -> None:
+    tracking = fast_tracking()
+    with pytest.raises(RuntimeError), component_run(tracking, "train", DemoConfig(tracking=tracking)) as crashed:
+        crashed.log_metrics({"train/loss": 2.0}, step=0)
+        raise RuntimeError("node lost")
+    assert MlflowClient().get_run(crashed.run_id).info.status == "FAILED"
+    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as resumed:
+        resumed.log_metrics({"train/loss": 1.0}, step=1)
+    assert resumed.run_id == crashed.run_id
+    history = MlflowClient().get_metric_history(resumed.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (1, 1.0)]
+    assert MlflowClient().get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def test_params_are_the_flattened_config_with_dotted_keys(mlflow_tracking: MlflowServer) -> None:
+    tracking = fast_tracking()
+    config = DemoConfig(optim=Optim(lr=3e-4), notes="x" * 7000, tracking=tracking)
+    with component_run(tracking, "train", config) as run:
+        pass
+    params = MlflowClient().get_run(run.run_id).data.params
+    assert params["optim.lr"] == "0.0003"
+    assert params["optim.weight_decay"] == "0.05"
+    assert params["tracking.pipeline_run_id"] == tracking.pipeline_run_id
+    assert len(params["notes"]) == 6000
+
+
+def test_metrics_are_recorded_with_their_global_steps(mlflow_tracking: MlflowServer) -> None:
+    with component_run(fast_tracking(), "train", DemoConfig()) as run:
+        for step in range(0, 50, 10):
+            run.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 1e-4}, step=step)
+        run.log_eval({"bbox_AP": 0.25, "video_mask_mAP_50_95": 0.125}, step=40)
+    client = MlflowClient()
+    loss = client.get_metric_history(run.run_id, "train/loss")
+    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [
+        (step, 1.0 / (step + 1)) for step in range(0, 50, 10)
+    ]
+    metrics = client.get_run(run.run_id).data.metrics
+    assert metrics["eval/bbox_AP"] == 0.25 and metrics["eval/video_mask_mAP_50_95"] == 0.125
+
+
+def test_system_metrics_are_sampled_while_the_component_runs(mlflow_tracking: MlflowServer) -> None:
+    pytest.importorskip("psutil", reason="system metrics need psutil")
+    with component_run(fast_tracking(system_metrics=True, system_metrics_interval_s=0.2), "train") as run:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(key.startswith("system/") for key in MlflowClient().get_run(run.run_id).data.metrics):
+                break
+            time.sleep(0.5)
+    assert "system/cpu_utilization_percentage" in MlflowClient().get_run(run.run_id).data.metrics
+
+
+def test_planted_credentials_never_reach_params_tags_or_artifacts(
+    mlflow_tracking: MlflowServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    aws_secret = random_token(string.ascii_letters + string.digits, 38) + "/+"
+    hf_token = "hf_" + random_token(string.ascii_letters + string.digits, 34)
+    password = "pw-" + random_token(string.ascii_letters + string.digits, 12)
+    key_id = "AKIA" + random_token(string.ascii_uppercase + string.digits, 16)
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2IifQ." + random_token(string.ascii_letters, 24)
+    planted = [aws_secret, hf_token, password, key_id, jwt]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
+    monkeypatch.setenv("HF_TOKEN", hf_token)
+    monkeypatch.setenv("SAM3PIPE_IMAGE", f"registry.example.com/sam3pipe:1.0@{jwt}")
+    tracking = fast_tracking()
+    config = DemoConfig(
+        hub=Hub(token=os.environ["HF_TOKEN"], source=f"https://bob:{password}@data.example.com/videos.tar"),
+        notes=f"synced with key {key_id} / {os.environ['AWS_SECRET_ACCESS_KEY']}",
+        tracking=tracking,
+    )
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(f'{{"source": "https://bob:{password}@data.example.com/videos.tar", "files": []}}')
+    with component_run(tracking, "data_prep", config, dataset_id="ds-1") as run:
+        run.log_summary("data prep", {"source": config.hub.source, "notes": config.notes})
+        run.log_json({"token": hf_token, "auth": f"Bearer {jwt}"}, "debug/request.json")
+        run.log_file(str(manifest))
+    client = MlflowClient()
+    for run_id in (run.run_id, run.parent_run_id):
+        data = client.get_run(run_id).data
+        logged = " ".join([*data.params.values(), *data.tags.values()])
+        assert not [secret for secret in planted if secret in logged]
+    downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run.run_id, dst_path=str(tmp_path / "artifacts")))
+    files = {path.relative_to(downloaded).as_posix(): path.read_text() for path in downloaded.rglob("*") if path.is_file()}
+    assert {"config.yaml", "summary.txt", "debug/request.json", "manifest.json"} <= set(files)
+    assert "bob" in files["config.yaml"] and MASK in files["config.yaml"]
+    assert not [(name, s) for name, text in files.items() for s in planted if s in text]
+
+
+def test_checkpoints_are_referenced_not_uploaded(mlflow_tracking: MlflowServer, s3_bucket: str) -> None:
+    checkpoint = storage.join(s3_bucket, "runs", "r1", "checkpoints", "best.pt")
+    storage.write_bytes(checkpoint, b"weights" * 100)
+    with component_run(fast_tracking(), "train", DemoConfig()) as run:
+        run.log_checkpoint("best", checkpoint, step=120)
+    client = MlflowClient()
+    reference = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/checkpoints/best.json")
+    assert reference == {
+        "name": "best",
+        "uri": checkpoint,
+        "step": 120,
+        "size_bytes": 700,
+        "sha256": storage.sha256_bytes(b"weights" * 100),
+    }
+    assert client.get_run(run.run_id).data.tags["sam3pipe.checkpoint.best"] == checkpoint
+    assert [a.path for a in client.list_artifacts(run.run_id, "checkpoints")] == ["checkpoints/best.json"]
+
+
+def test_the_final_model_is_registered_with_its_alias_and_resolves_to_the_checkpoint(
+    mlflow_tracking: MlflowServer, s3_bucket: str
+) -> None:
+    name = f"sam3-test-{uuid.uuid4().hex[:8]}"
+    tracking = fast_tracking(registered_model_name=name)
+    checkpoint = storage.join(s3_bucket, "runs", "r2", "checkpoints", "best.pt")
+    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as run:
+        version = run.register_model(checkpoint)
+    assert version is not None
+    registered = MlflowClient().get_model_version(name, version)
+    assert registered.run_id == run.run_id and registered.tags[TAG_PIPELINE_RUN_ID] == tracking.pipeline_run_id
+    assert resolve_model_uri(f"models:/{name}@candidate") == checkpoint
+    assert resolve_model_uri(f"models:/{name}/{version}") == checkpoint
+
+
+def test_an_unknown_model_alias_is_an_input_error(mlflow_tracking: MlflowServer) -> None:
+    with pytest.raises(InputError, match="not in the model registry"):
+        resolve_model_uri(f"models:/no-such-model-{uuid.uuid4().hex[:8]}@candidate")
+
+
+def test_runs_with_different_lr_line_up_side_by_side(mlflow_tracking: MlflowServer) -> None:
+    for lr, ap in ((1e-4, 0.31), (3e-4, 0.35)):
+        tracking = fast_tracking()
+        with component_run(tracking, "evaluate", DemoConfig(optim=Optim(lr=lr), tracking=tracking)) as run:
+            run.log_eval({"bbox_AP": ap, "segm_AP": ap / 2, "video_mask_mAP_50_95": ap / 3})
+    table = mlflow.search_runs(
+        experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]], filter_string=f"tags.`{TAG_COMPONENT}` = 'evaluate'"
+    )
+    assert sorted(table["params.optim.lr"]) == ["0.0001", "0.0003"]
+    metric_columns = sorted(c for c in table.columns if c.startswith("metrics."))
+    assert metric_columns == ["metrics.eval/bbox_AP", "metrics.eval/segm_AP", "metrics.eval/video_mask_mAP_50_95"]
+    assert not table[metric_columns].isna().any().any()
+
+
+# ---------------------------------------------------------------------------- outages
+
+
+def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(mlflow_tracking: MlflowServer) -> None:
+    with component_run(fast_tracking(final_flush_timeout_s=120.0), "train", DemoConfig()) as run:
+        for step in range(5):
+            run.log_metrics({"train/loss": float(step)}, step=step)
+        mlflow_tracking.stop()
+        for step in range(5, 10):
+            run.log_metrics({"train/loss": float(step)}, step=step)
+        mlflow_tracking.start()
+    history = MlflowClient().get_metric_history(run.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(10))
+
+
+def test_metrics_the_server_never_got_are_recorded_then_replayed(
+    mlflow_tracking: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    output = str(tmp_path / "run-output")
+    with component_run(fast_tracking(final_flush_timeout_s=1.0), "train", DemoConfig(), output_uri=output) as run:
+        run.log_metrics({"train/loss": 0.0}, step=0)
+        mlflow_tracking.stop()
+        with caplog.at_level(logging.WARNING):
+            run.log_metrics({"train/loss": 1.0}, step=1)
+            run.finish()
+    record = storage.join(output, UNSENT_FILE)
+    assert record in caplog.text and storage.exists(record)
+    mlflow_tracking.start()
+    assert replay_unsent(record) >= 1
+    history = MlflowClient().get_metric_history(run.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 1.0)]
+    assert not storage.exists(record)
+
+
+def test_a_server_unreachable_at_start_leaves_a_record_that_creates_the_runs_on_replay(
+    mlflow_tracking: MlflowServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    tracking = fast_tracking(connect_timeout_s=0.5)
+    with component_run(tracking, "train", DemoConfig(tracking=tracking), output_uri=str(tmp_path)) as run:
+        run.log_metrics({"train/loss": 0.5}, step=7)
+    assert run.active and run.run_id is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_tracking.url)
+    replay_unsent(str(tmp_path / UNSENT_FILE))
+    (replayed,) = MlflowClient().search_runs(
+        [experiment_id()], f"tags.`{TAG_PIPELINE_RUN_ID}` = '{tracking.pipeline_run_id}' and tags.`{TAG_COMPONENT}` = 'train'"
+    )
+    assert replayed.data.metrics == {"train/loss": 0.5}
+    assert replayed.data.params["optim.lr"] == "0.0001"
+    assert replayed.info.status == "FINISHED"
