@@ -79,8 +79,9 @@ def frame_data(bench: EvaluateBench) -> tuple[dict[str, Any], list[dict[str, Any
             box = _random_box(rng, h, w)
             results.append({"image_id": image_id, "category_id": int(rng.integers(1, bench.categories + 1)),
                             "bbox": box, "segmentation": _rle(box, h, w), "score": float(rng.random())})
+    categories = [{"id": c, "name": f"c{c}"} for c in range(1, bench.categories + 1)]
     gt = {"images": [{"id": i, "height": h, "width": w} for i in range(1, bench.images + 1)],
-          "annotations": annotations, "categories": [{"id": c, "name": f"c{c}"} for c in range(1, bench.categories + 1)]}
+          "annotations": annotations, "categories": categories}
     return gt, results
 
 
@@ -93,7 +94,8 @@ def video_data(bench: EvaluateBench) -> tuple[dict[str, Any], list[dict[str, Any
     def track(box: list[float]) -> list[list[float] | None]:
         step = rng.normal(0, 2, size=2)
         return [None if t and rng.random() < 0.1 else
-                [min(max(box[0] + t * step[0], 0), w - box[2]), min(max(box[1] + t * step[1], 0), h - box[3]), box[2], box[3]]
+                [min(max(box[0] + t * step[0], 0), w - box[2]), min(max(box[1] + t * step[1], 0), h - box[3]),
+                 box[2], box[3]]
                 for t in range(n)]
 
     def prediction(video_id: int, category: int, boxes: list[list[float] | None]) -> dict[str, Any]:
@@ -106,11 +108,14 @@ def video_data(bench: EvaluateBench) -> tuple[dict[str, Any], list[dict[str, Any
             found = []
             for _ in range(rng.poisson(bench.tracks_per_prompt)):
                 boxes = track(_random_box(rng, h, w))
-                annotations.append({"id": len(annotations) + 1, "video_id": video_id, "category_id": category,
-                                    "iscrowd": 0, "bboxes": boxes, "segmentations": [None if b is None else _rle(b, h, w) for b in boxes],
-                                    "areas": [None if b is None else b[2] * b[3] for b in boxes]})
+                annotations.append({
+                    "id": len(annotations) + 1, "video_id": video_id, "category_id": category, "iscrowd": 0,
+                    "bboxes": boxes, "segmentations": [None if b is None else _rle(b, h, w) for b in boxes],
+                    "areas": [None if b is None else b[2] * b[3] for b in boxes],
+                })
                 if rng.random() < 0.8:
-                    found.append(prediction(video_id, category, [None if b is None else _jitter(rng, b, h, w) for b in boxes]))
+                    guess = [None if b is None else _jitter(rng, b, h, w) for b in boxes]
+                    found.append(prediction(video_id, category, guess))
             false = [prediction(video_id, category, track(_random_box(rng, h, w)))
                      for _ in range(max(bench.predictions_per_prompt - len(found), 0))]
             predictions += found + false

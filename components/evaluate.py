@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Any
 
+from components.runner import run_cli
 from sam3_core.config import load_config
 from sam3_core.evaluate.report import EvaluateConfig, publish_report, run_evaluation
 
@@ -38,7 +39,8 @@ def flags_to_overrides(argv: list[str]) -> list[str]:
     for flag in FLAGS:
         parser.add_argument(flag)
     known, rest = parser.parse_known_args(argv)
-    flagged = [f"{key}={hydra_quote(value)}" for flag, key in FLAGS.items() if (value := getattr(known, key)) is not None]
+    values = {key: getattr(known, key) for key in FLAGS.values()}
+    flagged = [f"{key}={hydra_quote(value)}" for key, value in values.items() if value is not None]
     return rest + flagged
 
 
@@ -50,10 +52,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    outputs = execute(sys.argv[1:] if argv is None else argv)
-    print(json.dumps(outputs))
-    return 0
+    return run_cli(execute, argv)
 
 
 if __name__ == "__main__":

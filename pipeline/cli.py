@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipeline.dispatch import COMPONENT_MODULES, component_module
-from sam3_core.errors import Sam3PipeError
+from sam3_core.errors import ConfigError, Sam3PipeError
 
 logger = logging.getLogger("sam3pipe")
 LOCAL_PIPELINE_ROOT = Path(".sam3pipe/kfp-local")
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--run-name", default=None)
     submit.add_argument("--service-account", default=None, help="service account the run's pods use")
     submit.add_argument("--existing-token", default=None, help="bearer token (default: env KFP_EXISTING_TOKEN)")
+    submit.add_argument("--no-cache", action="store_true", help="rerun every step, even a cached data prep")
     submit.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(submit)
 
@@ -61,14 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
 
-    commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
+    ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
+    ui.add_argument("--port", type=int, default=5000)
     return parser
 
 
-def _ui() -> NoReturn:
+def _ui(port: int) -> NoReturn:
     from sam3_core import tracking
 
-    command = tracking.ui_command()
+    command = tracking.ui_command(port)
     logger.info("starting: %s", " ".join(command))
     os.execvp(command[0], command)
 
@@ -79,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "component":
         return component_module(args.step).main(args.overrides)
     if args.command == "ui":
-        _ui()
+        _ui(args.port)
 
     from pipeline.settings import load_settings
 
@@ -93,17 +95,26 @@ def _run(args: argparse.Namespace) -> int:
 
         result = submit(
             settings, args.host, args.parameters, args.experiment, args.namespace, args.run_name,
-            args.service_account, args.existing_token,
+            args.service_account, args.existing_token, enable_caching=False if args.no_cache else None,
         )  # fmt: skip
         print(json.dumps(result))
     else:
         from pipeline.local import metrics_table, run_local
-        from sam3_core import tracking
 
         metrics = run_local(settings, args.parameters, args.pipeline_root)
         print(metrics_table(metrics))
-        print(f"\nCompare runs in the MLflow UI: make ui   (runs: {' '.join(tracking.ui_command())})")
+        print(f"\n{_mlflow_hint()}")
     return 0
+
+
+def _mlflow_hint() -> str:
+    """How to open the runs just logged: `make ui` on the local store, else the server's URI."""
+    from sam3_core import tracking
+
+    try:
+        return f"Compare runs in the MLflow UI: make ui   (runs: {' '.join(tracking.ui_command())})"
+    except ConfigError:
+        return f"Compare runs in the MLflow UI at {tracking.redact_text(tracking.tracking_uri())}"
 
 
 def main(argv: list[str] | None = None) -> int:

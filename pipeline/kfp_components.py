@@ -7,8 +7,9 @@ The image is a compile-time setting, hence `build_components(settings)`. (No pos
 annotations here: KFP reads these functions' annotations as types.)
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Metrics, Model, Output
@@ -24,14 +25,14 @@ def data_prep(
     store: str,
     overrides: list,
     dataset: Output[Dataset],
-) -> NamedTuple("DataPrepOutputs", [("dataset_uri", str), ("dataset_id", str)]):  # noqa: F821
+) -> NamedTuple("DataPrepOutputs", [("dataset_uri", str), ("dataset_id", str)]):
     """Validate the source data and publish a content-addressed dataset to the store."""
     from pipeline import steps
 
     return steps.prepare_data(source, annotations, frames_root, store, overrides, dataset)
 
 
-def plan_training(training_mode: str, gpus: int, nodes: int) -> NamedTuple("TrainingPlan", [("pod_gpus", int)]):  # noqa: F821
+def plan_training(training_mode: str, gpus: int, nodes: int) -> NamedTuple("TrainingPlan", [("pod_gpus", int)]):
     """Check the training knobs up front; the GPUs the train pod requests (none when it only launches a job)."""
     from pipeline import steps
 
@@ -56,7 +57,7 @@ def train(
     overrides: list,
     launch: dict,
     model: Output[Model],
-) -> NamedTuple("TrainOutputs", [("run_uri", str), ("best_checkpoint_uri", str), ("last_checkpoint_uri", str)]):  # noqa: F821
+) -> NamedTuple("TrainOutputs", [("run_uri", str), ("best_checkpoint_uri", str), ("last_checkpoint_uri", str)]):
     """Fine-tune SAM3 with torchrun in this pod, or as a multi-node PyTorchJob."""
     from pipeline import steps
 
@@ -68,6 +69,7 @@ def train(
 
 def predict(
     dataset_uri: str,
+    model_preset: str,
     checkpoint_uri: str,
     run_uri: str,
     gpus: int,
@@ -75,11 +77,15 @@ def predict(
     mlflow_experiment: str,
     overrides: list,
     predictions: Output[Artifact],
-) -> NamedTuple("PredictOutputs", [("predictions_uri", str)]):  # noqa: F821
+) -> NamedTuple("PredictOutputs", [("predictions_uri", str)]):
     """Dump COCO frame predictions and YTVIS masklets for the validation videos."""
     from pipeline import steps
 
-    return (steps.predict(dataset_uri, checkpoint_uri, run_uri, gpus, pipeline_run_id, mlflow_experiment, overrides, predictions),)
+    uri = steps.predict(
+        dataset_uri, model_preset, checkpoint_uri, run_uri, gpus, pipeline_run_id, mlflow_experiment, overrides,
+        predictions,
+    )  # fmt: skip
+    return (uri,)
 
 
 def evaluate(
@@ -90,7 +96,7 @@ def evaluate(
     mlflow_experiment: str,
     overrides: list,
     metrics: Output[Metrics],
-) -> NamedTuple("EvaluateOutputs", [("metrics_uri", str), ("metric_values", dict)]):  # noqa: F821
+) -> NamedTuple("EvaluateOutputs", [("metrics_uri", str), ("metric_values", dict)]):
     """Score the predictions (COCO frame metrics and video mAP) and log them as KFP metrics."""
     from pipeline import steps
 
@@ -109,7 +115,7 @@ class Components:
 def build_components(settings: PipelineSettings) -> Components:
     """The components on the configured image, with no run-time pip install (not even of kfp)."""
 
-    def make(func):  # type: ignore[no-untyped-def]
+    def make(func: Callable[..., Any]) -> PythonComponent:
         return dsl.component(func, base_image=settings.image, packages_to_install=[], install_kfp_package=False)
 
     return Components(

@@ -3,9 +3,10 @@
 Pipeline parameters are the per-run knobs; their defaults are the `make demo` run (synthetic
 videos, tiny model, a few CPU steps). Cluster placement comes from `PipelineSettings`.
 
-Decisions (see also README "Kubeflow"):
+Decisions:
 - Caching: only data prep is cached. Its output is content-addressed (same inputs -> same
-  dataset id and bytes), so reusing it is always correct. Train, predict and evaluate are never
+  dataset id and bytes), so reusing it is correct as long as the store keeps the dataset (after
+  wiping the store, submit with `--no-cache`). Train, predict and evaluate are never
   cached: they take the pipeline run id (their MLflow runs nest under the pipeline's parent
   run), so every pipeline run is a fresh, comparable experiment.
 - Retries: every step is safe to retry. Data prep publishes atomically to a content-addressed
@@ -109,6 +110,30 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         predict_overrides: list = [],  # noqa: B006
         evaluate_overrides: list = [],  # noqa: B006
     ) -> dict:
+        """Fine-tune SAM3 on video clips and evaluate it; returns the evaluation metrics.
+
+        Args:
+            source: "synthetic" (generated videos) or "ytvis" (annotations + frames_root).
+            annotations: URI of the YouTube-VIS / SA-Co VEval annotation JSON (source=ytvis).
+            frames_root: URI the annotation's file_names are relative to (source=ytvis).
+            model_preset: "tiny" (CPU-sized) or "full" (the official SAM3 architecture).
+            checkpoint: URI of weights to start from (ours or the official SAM3 checkpoint); "" = random init.
+            max_steps: Optimiser steps.
+            lr: Peak learning rate.
+            batch_size: Clips per process per step.
+            frames_per_clip: Frames of each training clip.
+            freeze_prefixes: Parameter-name prefixes to freeze, e.g. ["backbone.vision_backbone"].
+            store: Object-store root for datasets and runs; "" = SAM3PIPE_STORE of the pods.
+            mlflow_experiment: MLflow experiment of the runs.
+            training_mode: "pod" (torchrun over one pod's GPUs) or "pytorchjob" (multi-node PyTorchJob).
+            gpus: GPUs of the training pod, or per node with training_mode=pytorchjob.
+            nodes: Pods of the PyTorchJob (training_mode=pytorchjob).
+            predict_gpus: GPUs of the prediction pod.
+            data_prep_overrides: Extra Hydra overrides of data prep, e.g. ["synthetic.num_videos=8"].
+            train_overrides: Extra Hydra overrides of training.
+            predict_overrides: Extra Hydra overrides of prediction.
+            evaluate_overrides: Extra Hydra overrides of evaluation.
+        """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         prep = ops.data_prep(
@@ -144,6 +169,7 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
 
         predicted = ops.predict(
             dataset_uri=prep.outputs["dataset_uri"],
+            model_preset=model_preset,
             checkpoint_uri=trained.outputs["best_checkpoint_uri"],
             run_uri=trained.outputs["run_uri"],
             gpus=predict_gpus,

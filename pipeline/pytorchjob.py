@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,20 +46,21 @@ class LaunchSettings:
     """Everything the launcher needs at run time, fixed when the pipeline is compiled."""
 
     image: str
-    namespace: str = ""
-    service_account: str = "sam3pipe-trainer"
-    accelerator_type: str = "nvidia.com/gpu"
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, str]] = field(default_factory=list)
-    shm_size: str = "16Gi"
-    cpu: str = "8"
-    memory: str = "64Gi"
+    # "" = the namespace the launcher pod runs in
+    namespace: str
+    service_account: str
+    accelerator_type: str
+    node_selector: dict[str, str]
+    tolerations: list[dict[str, str]]
+    shm_size: str
+    cpu: str
+    memory: str
     # Kubernetes EnvVar objects referencing the object-store and MLflow secrets by name
-    env: list[dict[str, Any]] = field(default_factory=list)
-    poll_interval_s: float = 15.0
-    timeout_s: int = 3 * 24 * 3600
-    backoff_limit: int = 2
-    keep_failed: bool = False
+    env: list[dict[str, Any]]
+    poll_interval_s: float
+    timeout_s: int
+    backoff_limit: int
+    keep_failed: bool
 
     def __post_init__(self) -> None:
         # KFP hands dict constants over as protobuf Structs, where every number is a double;
@@ -172,7 +173,7 @@ def job_conditions(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def final_state(job: dict[str, Any]) -> str | None:
-    """"Succeeded" or "Failed" once the operator has decided, else None."""
+    """The job's final condition (Succeeded or Failed) once the operator has decided, else None."""
     for condition in reversed(job_conditions(job)):
         if condition.get("type") in FINAL_STATES and condition.get("status") == "True":
             return condition["type"]

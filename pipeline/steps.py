@@ -137,13 +137,13 @@ def train(
         f"output.run_name={hydra_value(run_name(pipeline_run_id), 'pipeline_run_id')}",
     ]
     if checkpoint:
-        overrides.append(f"model.checkpoint={hydra_value(checkpoint, 'checkpoint')}")
+        overrides.append(f"model.uri={hydra_value(checkpoint, 'checkpoint')}")
     overrides.extend(extra)
     env = set_tracking_env(pipeline_run_id, mlflow_experiment)
     if training_mode == "pod":
         outputs = distributed.run_in_pod("train", overrides, gpus)
     else:
-        from pipeline import pytorchjob
+        from pipeline import pytorchjob  # the kubernetes client is needed in this mode only
 
         env["SAM3PIPE_IMAGE"] = launch["image"]
         settings = pytorchjob.LaunchSettings(**launch)
@@ -154,6 +154,7 @@ def train(
 
 def predict(
     dataset_uri: str,
+    model_preset: str,
     checkpoint_uri: str,
     run_uri: str,
     gpus: int,
@@ -162,11 +163,14 @@ def predict(
     extra: list[str],
     predictions: PointerArtifact,
 ) -> str:
+    """Predict the validation split with the trained checkpoint, into the training run's folder."""
     set_tracking_env(pipeline_run_id, mlflow_experiment)
     overrides = [
         f"data.uri={hydra_value(dataset_uri, 'dataset_uri')}",
-        f"model.checkpoint={hydra_value(checkpoint_uri, 'checkpoint_uri')}",
-        f"output={hydra_value(storage.join(run_uri, 'predictions'), 'run_uri')}",
+        # the architecture the checkpoint was trained with
+        f"model={model_preset}",
+        f"model.uri={hydra_value(checkpoint_uri, 'checkpoint_uri')}",
+        f"output.uri={hydra_value(storage.join(run_uri, 'predictions'), 'run_uri')}",
     ]
     outputs = distributed.run_in_pod("predict", [*overrides, *extra], gpus)
     publish_pointer(predictions, {"uri": outputs["predictions_uri"]})
@@ -182,6 +186,7 @@ def evaluate(
     extra: list[str],
     metrics: MetricsArtifact,
 ) -> tuple[str, dict[str, float]]:
+    """Score the predictions against the dataset's validation ground truth (video and frame level)."""
     set_tracking_env(pipeline_run_id, mlflow_experiment)
     overrides = [
         f"gt={hydra_value(storage.join(dataset_uri, 'val.json'), 'dataset_uri')}",

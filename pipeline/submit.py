@@ -10,8 +10,10 @@ Authentication, in order (the usual Kubeflow ways):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +61,27 @@ def submit(
     run_name: str | None = None,
     service_account: str | None = None,
     existing_token: str | None = None,
+    enable_caching: bool | None = None,
 ) -> dict[str, str]:
-    """Compile the pipeline for `settings`, start a run with `pairs` as parameters; return its id and URL."""
+    """Compile the pipeline for `settings`, start a run with `pairs` as parameters; return its id and URL.
+
+    `enable_caching=False` reruns every step; None keeps the compiled choice (only data prep cached).
+    """
     pipeline = build_pipeline(settings)
     arguments = parse_arguments(pipeline, pairs)
     try:
-        client = kfp.Client(host=host, namespace=namespace, **auth_kwargs(existing_token))
-        result = client.create_run_from_pipeline_func(
-            pipeline,
-            arguments=arguments,
-            run_name=run_name,
-            experiment_name=experiment,
-            namespace=namespace,
-            service_account=service_account,
-        )
+        # kfp.Client prints links on stdout; keep stdout for the CLI's one JSON line
+        with contextlib.redirect_stdout(sys.stderr):
+            client = kfp.Client(host=host, namespace=namespace, **auth_kwargs(existing_token))
+            result = client.create_run_from_pipeline_func(
+                pipeline,
+                arguments=arguments,
+                run_name=run_name,
+                experiment_name=experiment,
+                namespace=namespace,
+                service_account=service_account,
+                enable_caching=enable_caching,
+            )
     except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SubmitError(f"Kubeflow Pipelines at {host}: {first_line}; check --host, the token and the namespace") from exc

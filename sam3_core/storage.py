@@ -258,6 +258,10 @@ def _errors(uri: str, action: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------- local helpers
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def _atomic_local(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step."""
@@ -267,6 +271,8 @@ def _atomic_local(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600; published files get the usual umask-based mode
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -39,7 +39,8 @@ def coco_gt(boxes: dict[int, list[tuple[int, list[int]]]], categories: tuple[int
 
 
 def result(image_id: int, category_id: int, box: list[int], score: float = 0.9) -> dict:
-    return {"image_id": image_id, "category_id": category_id, "bbox": box, "segmentation": box_mask(box), "score": score}
+    return {"image_id": image_id, "category_id": category_id, "bbox": box, "segmentation": box_mask(box),
+            "score": score}
 
 
 def run(gt: dict, predictions: list, iou_type: str, backend: str = "pycocotools", max_dets=(1, 10, 100)):
@@ -196,11 +197,13 @@ def random_case(seed: int) -> tuple[dict, list]:
             objects[image_id].append((category, box))
             if rng.random() < 0.8:
                 jitter = [int(v) for v in rng.integers(-4, 5, size=4)]
-                guess = [max(box[0] + jitter[0], 0), max(box[1] + jitter[1], 0), max(w + jitter[2], 1), max(h + jitter[3], 1)]
+                guess = [max(box[0] + jitter[0], 0), max(box[1] + jitter[1], 0),
+                         max(w + jitter[2], 1), max(h + jitter[3], 1)]
                 guess[2], guess[3] = min(guess[2], SIZE[1] - guess[0]), min(guess[3], SIZE[0] - guess[1])
                 predictions.append(result(image_id, category, guess, float(rng.random())))
         for _ in range(rng.integers(0, 3)):
-            box = [int(rng.integers(0, 100)), int(rng.integers(0, 80)), int(rng.integers(5, 40)), int(rng.integers(5, 40))]
+            box = [int(rng.integers(0, 100)), int(rng.integers(0, 80)),
+                   int(rng.integers(5, 40)), int(rng.integers(5, 40))]
             predictions.append(result(image_id, int(rng.integers(1, 4)), box, float(rng.random())))
     return coco_gt(objects, categories=(1, 2, 3, 4)), predictions
 

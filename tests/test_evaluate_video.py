@@ -138,7 +138,8 @@ def test_category_without_gt_is_left_out_of_the_mean():
         (lambda p: p.__setitem__(0, {**p[0], "category_id": 5}), "[0].category_id"),
         (lambda p: p[0].pop("score"), "[0].score"),
         (lambda p: p[0]["bboxes"].pop(), "[0].bboxes"),
-        (lambda p: p[0]["segmentations"].__setitem__(0, box_mask([0, 0, 4, 4], size=(10, 10))), "[0].segmentations[0].size"),
+        (lambda p: p[0]["segmentations"].__setitem__(0, box_mask([0, 0, 4, 4], size=(10, 10))),
+         "[0].segmentations[0].size"),
     ],
     ids=["unknown-video", "unknown-category", "no-score", "wrong-frame-count", "wrong-mask-size"],
 )
@@ -177,7 +178,8 @@ def synthetic_case(seed: int, n_videos: int = 4, n_categories: int = 3, n_frames
                 for _ in range(rng.integers(0, 3)):
                     dx, dy, sx, sy = rng.normal(0, 2), rng.normal(0, 2), rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1)
                     guess = [None if b is None or rng.random() < 0.1 else
-                             [min(max(b[0] + dx, 0), size[1] - 2), min(max(b[1] + dy, 0), size[0] - 2), b[2] * sx, b[3] * sy]
+                             [min(max(b[0] + dx, 0), size[1] - 2), min(max(b[1] + dy, 0), size[0] - 2),
+                              b[2] * sx, b[3] * sy]
                              for b in boxes]
                     predictions.append({"video_id": video_id, "category_id": category_id, "score": float(rng.random()),
                                         "bboxes": guess, "segmentations": [box_mask(b, size) for b in guess]})

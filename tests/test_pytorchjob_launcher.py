@@ -1,4 +1,5 @@
-"""The PyTorchJob launcher: the manifests it generates and how it drives a job to its end.
+"""The PyTorchJob launcher: the manifests it generates, how it drives a job to its end, and how the
+job's rank 0 hands the step's outputs back.
 
 Jobs are checked against the Training Operator v1.9.0 CRD schema (strict about unknown fields);
 the launcher talks HTTP to the fake API server of tests/fixtures/fake_k8s.py and hands outputs
@@ -9,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline import pytorchjob
+from pipeline.distributed import rank_command
 from pipeline.pytorchjob import LaunchSettings, PyTorchJobError
 from pipeline.settings import load_settings
 from sam3_core import storage
@@ -162,3 +168,18 @@ def test_local_store_is_refused_before_creating_a_job(fake_k8s, launch, tmp_path
         pytorchjob.launch_training([], launch, "run-8", 1, 1, str(tmp_path), {}, api=fake_k8s.api())
 
     assert fake_k8s.created == []
+
+
+@pytest.mark.parametrize(("rank", "writes"), [("0", True), ("1", False)])
+def test_only_rank_0_hands_the_step_outputs_back(tmp_path, rank: str, writes: bool) -> None:
+    outputs = tmp_path / "outputs.json"
+    command = rank_command(
+        "data-prep", ["synthetic.num_videos=2", "synthetic.frames_per_video=2", f"store={tmp_path / 'store'}"], str(outputs)
+    )
+
+    result = subprocess.run([sys.executable, *command], env={**os.environ, "RANK": rank}, capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert outputs.exists() is writes
+    if writes:
+        assert Path(json.loads(outputs.read_text())["dataset_uri"], "manifest.json").is_file()

@@ -92,7 +92,14 @@ def experiment_id() -> str:
 
 @pytest.mark.parametrize(
     "key",
-    ["aws.secret_access_key", "store.AWS_ACCESS_KEY_ID", "hub.apiKey", "auth.token", "db.password", "http.authorization"],
+    [
+        "aws.secret_access_key",
+        "store.AWS_ACCESS_KEY_ID",
+        "hub.apiKey",
+        "auth.token",
+        "db.password",
+        "http.authorization",
+    ],
 )
 def test_a_key_that_names_a_credential_masks_its_value(key: str) -> None:
     assert redact_value(key, "plain-looking-value") == MASK
@@ -140,7 +147,7 @@ def test_lineage_values_are_not_mistaken_for_credentials(key: str, value: str) -
 
 
 def test_long_param_values_are_cut_to_the_mlflow_limit() -> None:
-    params = redact_params({"data.videos": ["video_%05d" % i for i in range(2000)]})
+    params = redact_params({"data.videos": [f"video_{i:05d}" for i in range(2000)]})
     assert len(params["data.videos"]) == 6000
     assert params["data.videos"].endswith("[truncated]")
 
@@ -245,6 +252,7 @@ def test_component_runs_carry_lineage_tags(mlflow_tracking: MlflowServer, monkey
     assert tags["sam3pipe.dataset_id"] == "ds-1a2b3c"
     assert tags["sam3pipe.sam3_version"] == "0.1.4"
     assert tags[TAG_COMPONENT] == "train"
+    assert MlflowClient().get_run(run.parent_run_id).data.tags["sam3pipe.dataset_id"] == "ds-1a2b3c"
 
 
 def test_rerunning_a_finished_component_replaces_its_run_in_the_same_parent(mlflow_tracking: MlflowServer) -> None:
@@ -343,10 +351,38 @@ def test_planted_credentials_never_reach_params_tags_or_artifacts(
         logged = " ".join([*data.params.values(), *data.tags.values()])
         assert not [secret for secret in planted if secret in logged]
     downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run.run_id, dst_path=str(tmp_path / "artifacts")))
-    files = {path.relative_to(downloaded).as_posix(): path.read_text() for path in downloaded.rglob("*") if path.is_file()}
+    files = {
+        path.relative_to(downloaded).as_posix(): path.read_text() for path in downloaded.rglob("*") if path.is_file()
+    }
     assert {"config.yaml", "summary.txt", "debug/request.json", "manifest.json"} <= set(files)
     assert "bob" in files["config.yaml"] and MASK in files["config.yaml"]
     assert not [(name, s) for name, text in files.items() for s in planted if s in text]
+
+
+def test_evaluation_artifacts_are_logged_for_the_ui(mlflow_tracking: MlflowServer, tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    metrics_json = tmp_path / "metrics.json"
+    metrics_json.write_text('{"bbox_AP": 0.5}')
+    frame = Image.new("RGB", (16, 16))
+    figure, axes = plt.subplots()
+    axes.plot([0.0, 1.0], [1.0, 0.0])
+    with component_run(fast_tracking(), "evaluate", DemoConfig()) as run:
+        run.log_file(str(metrics_json))
+        run.log_table([{"category": "cat", "AP": 0.5}, {"category": "dog", "AP": 0.25}], "per_category.json")
+        run.log_figure(figure, "pr_curve.png")
+        run.log_image(draw_masks(frame, [np.eye(16, dtype=bool)], ["cat 0.9"]), "frames/video1_0003.png")
+        run.log_summary("evaluation", {"bbox_AP": 0.5})
+    plt.close(figure)
+    client = MlflowClient()
+    paths = {a.path for folder in (None, "frames") for a in client.list_artifacts(run.run_id, folder)}
+    assert {"config.yaml", "metrics.json", "per_category.json", "pr_curve.png", "summary.txt"} <= paths
+    assert "frames/video1_0003.png" in paths
+    table = mlflow.load_table("per_category.json", run_ids=[run.run_id])
+    assert table.to_dict("records") == [{"category": "cat", "AP": 0.5}, {"category": "dog", "AP": 0.25}]
 
 
 def test_checkpoints_are_referenced_not_uploaded(mlflow_tracking: MlflowServer, s3_bucket: str) -> None:
@@ -417,21 +453,25 @@ def test_metrics_logged_while_the_server_is_down_arrive_after_it_restarts(mlflow
 
 
 def test_metrics_the_server_never_got_are_recorded_then_replayed(
-    mlflow_tracking: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mlflow_tracking: MlflowServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
     output = str(tmp_path / "run-output")
     with component_run(fast_tracking(final_flush_timeout_s=1.0), "train", DemoConfig(), output_uri=output) as run:
         run.log_metrics({"train/loss": 0.0}, step=0)
-        mlflow_tracking.stop()
-        with caplog.at_level(logging.WARNING):
-            run.log_metrics({"train/loss": 1.0}, step=1)
-            run.finish()
+        mlflow_tracking.pause()
+        try:
+            with caplog.at_level(logging.WARNING):
+                run.log_metrics({"train/loss": 1.0}, step=1)
+                run.finish()
+        finally:
+            mlflow_tracking.resume()
     record = storage.join(output, UNSENT_FILE)
     assert record in caplog.text and storage.exists(record)
-    mlflow_tracking.start()
     assert replay_unsent(record) >= 1
     history = MlflowClient().get_metric_history(run.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (1, 1.0)]
+    assert MlflowClient().get_run(run.run_id).info.status == "FINISHED"
     assert not storage.exists(record)
 
 
@@ -446,7 +486,8 @@ def test_a_server_unreachable_at_start_leaves_a_record_that_creates_the_runs_on_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_tracking.url)
     replay_unsent(str(tmp_path / UNSENT_FILE))
     (replayed,) = MlflowClient().search_runs(
-        [experiment_id()], f"tags.`{TAG_PIPELINE_RUN_ID}` = '{tracking.pipeline_run_id}' and tags.`{TAG_COMPONENT}` = 'train'"
+        [experiment_id()],
+        f"tags.`{TAG_PIPELINE_RUN_ID}` = '{tracking.pipeline_run_id}' and tags.`{TAG_COMPONENT}` = 'train'",
     )
     assert replayed.data.metrics == {"train/loss": 0.5}
     assert replayed.data.params["optim.lr"] == "0.0001"

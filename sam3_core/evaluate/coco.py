@@ -27,17 +27,17 @@ import logging
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from sam3_core.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["pycocotools", "faster_coco_eval"]
-IouType = Literal["bbox", "segm"]
 BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 STAT_NAMES: tuple[str, ...] = (
@@ -128,18 +128,24 @@ def summarize(arrays: EvalArrays) -> dict[str, float]:
 
 def check_max_dets(max_dets: Sequence[int]) -> tuple[int, int, int]:
     """Three strictly increasing positive ints, the shape every summary relies on."""
-    dets = tuple(int(d) for d in max_dets)
+    dets = [int(d) for d in max_dets]
     if len(dets) != 3 or dets[0] < 1 or not dets[0] < dets[1] < dets[2]:
-        raise ConfigError(f"evaluate: max_dets must be three increasing positive integers, e.g. [1, 10, 100]; got {list(max_dets)}")
-    return dets  # type: ignore[return-value]
+        raise ConfigError(
+            f"evaluate: max_dets must be three increasing positive integers, e.g. [1, 10, 100]; got {list(max_dets)}"
+        )
+    return dets[0], dets[1], dets[2]
 
 
-def _require(container: dict[str, Any], key: str, source: str, where: str, kind: type | tuple[type, ...]) -> Any:
+def _require(container: Any, key: str, source: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    """``container[key]`` of the given type; ``where`` is the container's path ("" for the root)."""
+    if not isinstance(container, dict):
+        raise InputError(source, where or "(root)", f"expected an object, got {type(container).__name__}")
+    field = f"{where}.{key}" if where else key
     if key not in container:
-        raise InputError(source, f"{where}.{key}", "missing")
+        raise InputError(source, field, "missing")
     value = container[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise InputError(source, f"{where}.{key}", f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        raise InputError(source, field, f"expected {_kind_name(kind)}, got {type(value).__name__}")
     return value
 
 
@@ -188,11 +194,9 @@ def _segment_area(segmentation: Any, height: int, width: int) -> float:
 
 def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
     """Validated copy of a COCO GT with ``iscrowd`` and ``area`` filled where missing."""
-    if not isinstance(gt, dict):
-        raise InputError(source, "(root)", "expected a COCO object with images, annotations, categories")
-    images = _require(gt, "images", source, "(root)", list)
-    annotations = _require(gt, "annotations", source, "(root)", list)
-    categories = _require(gt, "categories", source, "(root)", list)
+    images = _require(gt, "images", source, "", list)
+    annotations = _require(gt, "annotations", source, "", list)
+    categories = _require(gt, "categories", source, "", list)
     sizes: dict[int, tuple[int, int]] = {}
     for i, image in enumerate(images):
         image_id = _require(image, "id", source, f"images[{i}]", int)
@@ -201,8 +205,6 @@ def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
     filled = []
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise InputError(source, where, "expected an object")
         _require(ann, "id", source, where, int)
         if _require(ann, "image_id", source, where, int) not in sizes:
             raise InputError(source, f"{where}.image_id", f"unknown image id {ann['image_id']}")
@@ -235,15 +237,13 @@ def check_frame_predictions(
     results = []
     for i, pred in enumerate(predictions):
         where = f"[{i}]"
-        if not isinstance(pred, dict):
-            raise InputError(source, where, "expected an object")
         if _require(pred, "image_id", source, where, int) not in image_ids:
-            raise InputError(source, f"{where}.image_id", f"unknown image id {pred['image_id']}: not in the ground truth")
+            raise InputError(source, f"{where}.image_id", f"image {pred['image_id']} is not in the ground truth")
         if _require(pred, "category_id", source, where, int) not in cat_ids:
-            raise InputError(source, f"{where}.category_id", f"category {pred['category_id']} is not in the ground truth")
+            raise InputError(source, f"{where}.category_id", f"category {pred['category_id']} is not in the GT")
         score = _require(pred, "score", source, where, numbers.Real)
         if field not in pred:
-            raise InputError(source, f"{where}.{field}", f"missing; needed for {iou_type} evaluation (set iou_types to skip it)")
+            raise InputError(source, f"{where}.{field}", f"missing; {iou_type} needs it (or leave it out of iou_types)")
         result = {"image_id": pred["image_id"], "category_id": pred["category_id"], "score": float(score)}
         if iou_type == "bbox":
             check_box(pred["bbox"], source, f"{where}.bbox")
@@ -264,10 +264,7 @@ def _quiet_stdout() -> Any:
         logger.debug("pycocotools: %s", buffer.getvalue().strip())
 
 
-def _run_pycocotools(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, max_dets: tuple[int, int, int]) -> Any:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
+def _run_pycocotools(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, max_dets: list[int]) -> Any:
     with _quiet_stdout():
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -280,11 +277,13 @@ def _run_pycocotools(gt: dict[str, Any], results: list[dict[str, Any]], iou_type
     return evaluator
 
 
-def _run_faster_coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, max_dets: tuple[int, int, int]) -> Any:
-    from faster_coco_eval import COCO, COCOeval_faster
+def _run_faster_coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str, max_dets: list[int]) -> Any:
+    # imported on use: it takes a third of a second and only this backend needs it
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
 
-    coco_gt = COCO(gt)
-    coco_dt = _empty_results(COCO, gt) if not results else coco_gt.loadRes(results)
+    coco_gt = FasterCOCO(gt)
+    coco_dt = _empty_results(FasterCOCO, gt) if not results else coco_gt.loadRes(results)
     evaluator = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=logger.debug)
     _set_params(evaluator.params, max_dets)
     evaluator.evaluate()
@@ -300,7 +299,7 @@ def _empty_results(coco_class: type, gt: dict[str, Any]) -> Any:
     return empty
 
 
-def _set_params(params: Any, max_dets: tuple[int, int, int]) -> None:
+def _set_params(params: Any, max_dets: list[int]) -> None:
     params.maxDets = list(max_dets)
     params.areaRng = [list(r) for r in FRAME_AREA_RANGES]
     params.areaRngLbl = list(AREA_LABELS)
@@ -328,7 +327,7 @@ def evaluate_frames(
     logger.info("COCO %s evaluation of %d results with %s", iou_type, len(results), backend)
     # Both backends set keys on the GT annotation dicts (ignore flags, RLEs): give them copies.
     own_gt = {**gt, "images": [dict(i) for i in gt["images"]], "annotations": [dict(a) for a in gt["annotations"]]}
-    evaluator = _BACKEND_RUNNERS[backend](own_gt, results, iou_type, dets)
+    evaluator = _BACKEND_RUNNERS[backend](own_gt, results, iou_type, list(dets))
     arrays = EvalArrays(
         precision=np.asarray(evaluator.eval["precision"], dtype=float),
         recall=np.asarray(evaluator.eval["recall"], dtype=float),

@@ -32,6 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from sam3_core import storage
+from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.errors import ConfigError, InputError
 from sam3_core.evaluate.coco import BACKENDS, IOU_TYPES, Evaluation, check_max_dets, evaluate_frames, prepare_frame_gt
 from sam3_core.evaluate.video import evaluate_videos
@@ -40,11 +41,6 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "video", "coco")
 # Names the predict step gives its outputs inside its predictions folder (see DESIGN.md).
-PREDICTION_FILES = {
-    "bbox": "coco_predictions_bbox.json",
-    "segm": "coco_predictions_segm.json",
-    "video": "video_predictions.json",
-}
 TABLE_CSV = "per_category.csv"
 TABLE_MD = "per_category.md"
 PR_PLOT = "pr_curves.png"
@@ -94,17 +90,20 @@ def check_config(cfg: EvaluateConfig) -> None:
     if cfg.kind not in KINDS:
         raise ConfigError(f"evaluate: kind must be one of {list(KINDS)}; got {cfg.kind!r}")
     if not cfg.iou_types or any(t not in IOU_TYPES for t in cfg.iou_types):
-        raise ConfigError(f"evaluate: iou_types must be a non-empty subset of {list(IOU_TYPES)}; got {list(cfg.iou_types)}")
+        raise ConfigError(
+            f"evaluate: iou_types must be a non-empty subset of {list(IOU_TYPES)}; got {list(cfg.iou_types)}"
+        )
     check_max_dets(cfg.max_dets)
     if not posixpath.basename(cfg.output):
-        raise ConfigError(f"evaluate: output must name the metrics file (e.g. <folder>/metrics.json), got {cfg.output!r}")
+        raise ConfigError(f"evaluate: output must name the metrics file (<folder>/metrics.json); got {cfg.output!r}")
     if posixpath.basename(cfg.output) in (TABLE_CSV, TABLE_MD, PR_PLOT):
         raise ConfigError(f"evaluate: output {cfg.output!r} would collide with the table/plot written beside it")
 
 
 def detect_kind(gt: Any, source: str, requested: str) -> str:
     """"video" for a YTVIS file (``videos``), "coco" for a COCO file (``images``)."""
-    found = "video" if isinstance(gt, dict) and "videos" in gt else "coco" if isinstance(gt, dict) and "images" in gt else None
+    keys = gt if isinstance(gt, dict) else {}
+    found = "video" if "videos" in keys else "coco" if "images" in keys else None
     if found is None:
         raise InputError(source, "(root)", "neither 'videos' (YTVIS video GT) nor 'images' (COCO frame GT) found")
     if requested != "auto" and requested != found:
@@ -119,9 +118,9 @@ def _category_names(*gts: dict[str, Any]) -> dict[int, str]:
     return names
 
 
-def _frame_evaluations(cfg: EvaluateConfig, gt_uri: str, files: dict[str, str]) -> tuple[list[Evaluation], dict[str, Any]]:
-    gt = prepare_frame_gt(storage.read_json(gt_uri), gt_uri)
-    evaluations = [
+def _frame_evaluations(cfg: EvaluateConfig, raw_gt: Any, gt_uri: str, files: dict[str, str]) -> list[Evaluation]:
+    gt = prepare_frame_gt(raw_gt, gt_uri)
+    return [
         evaluate_frames(
             gt,
             storage.read_json(files[iou_type]),
@@ -132,7 +131,6 @@ def _frame_evaluations(cfg: EvaluateConfig, gt_uri: str, files: dict[str, str]) 
         )
         for iou_type in cfg.iou_types
     ]
-    return evaluations, gt
 
 
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
@@ -147,10 +145,11 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
         else {key: storage.join(cfg.predictions, name) for key, name in PREDICTION_FILES.items()}
     )
     if cfg.frames_gt and (kind != "video" or is_file):
-        raise ConfigError("evaluate: frames_gt is only used with a video gt and a predictions folder (the predict step's output)")
+        raise ConfigError(
+            "evaluate: frames_gt is only used with a video gt and a predictions folder (the predict step's output)"
+        )
     if kind == "coco":
-        evaluations, _ = _frame_evaluations(cfg, cfg.gt, files)
-        return EvaluationReport(evaluations, _category_names(gt))
+        return EvaluationReport(_frame_evaluations(cfg, gt, cfg.gt, files), _category_names(gt))
     evaluations = evaluate_videos(
         gt,
         storage.read_json(files["video"]),
@@ -163,7 +162,8 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
         if not is_file:
             logger.info("no frames_gt given: frame-level COCO metrics skipped")
         return EvaluationReport(evaluations, _category_names(gt))
-    frame_evaluations, frames_gt = _frame_evaluations(cfg, cfg.frames_gt, files)
+    frames_gt = storage.read_json(cfg.frames_gt)
+    frame_evaluations = _frame_evaluations(cfg, frames_gt, cfg.frames_gt, files)
     return EvaluationReport(frame_evaluations + evaluations, _category_names(gt, frames_gt))
 
 

@@ -24,6 +24,7 @@ matched (pycocotools tests the id's truthiness); malformed input is an InputErro
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 from collections import defaultdict
@@ -53,7 +54,6 @@ VIDEO_AREA_RANGES = np.array([[0.0, 1e5**2], [0.0, 128.0**2], [128.0**2, 256.0**
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 METRIC_PREFIX = {"bbox": "video_bbox", "segm": "video_mask"}
-_FIELD = {"bbox": "bboxes", "segm": "segmentations"}
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Track:
 @dataclass(frozen=True)
 class _Video:
     length: int
-    size: list[int]  # [height, width], what every mask of the video must have
+    size: list[int]  # [height, width], what every mask of the video has
 
 
 def _videos(gt: dict[str, Any], source: str) -> dict[int, _Video]:
@@ -86,7 +86,10 @@ def _videos(gt: dict[str, Any], source: str) -> dict[int, _Video]:
         length = len(names) if isinstance(names, list) else video.get("length")
         if not isinstance(length, int) or length < 1:
             raise InputError(source, where, "needs file_names (or length) with at least one frame")
-        out[video["id"]] = _Video(length, [int(video.get("height", 0)), int(video.get("width", 0))])
+        for key in ("height", "width"):
+            if not isinstance(video.get(key), int) or video[key] < 1:
+                raise InputError(source, f"{where}.{key}", "missing or not a positive integer (masks must match it)")
+        out[video["id"]] = _Video(length, [video["height"], video["width"]])
     return out
 
 
@@ -103,30 +106,28 @@ def _boxes(values: list[Any], source: str, field: str) -> np.ndarray:
     """[frames, 4] float boxes, null frames as zeros; validated in one numpy pass."""
     filled = [box if box is not None else (0.0, 0.0, 0.0, 0.0) for box in values]
     try:
-        boxes = np.array(filled)
-    except ValueError:
-        boxes = np.array(filled, dtype=object)
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or boxes.dtype.kind not in "iuf":
-        bad = next(t for t, box in enumerate(filled) if np.asarray(box, dtype=object).shape != (4,)
-                   or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box))
-        check_box(values[bad], source, f"{field}[{bad}]")
-    boxes = boxes.astype(float)
-    bad_rows = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
-    if bad_rows.any():
-        bad = int(np.flatnonzero(bad_rows)[0])
-        check_box(values[bad], source, f"{field}[{bad}]")
+        boxes = np.array(filled, dtype=float)
+        valid = boxes.shape == (len(values), 4) and np.isfinite(boxes).all() and (boxes[:, 2:] >= 0).all()
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        # check_box is stricter than numpy's conversion, so it names the first bad box
+        for t, box in enumerate(values):
+            if box is not None:
+                check_box(box, source, f"{field}[{t}]")
+        raise InputError(source, field, "expected one [x, y, width, height] or null per frame")
     return boxes
 
 
 def _masks(values: list[Any], video: _Video, source: str, field: str) -> list[dict[str, Any] | None]:
     masks: list[dict[str, Any] | None] = []
     for t, rle in enumerate(values):
-        if rle is None:
-            masks.append(None)
+        if rle is None or (type(rle) is dict and type(rle.get("counts")) is str and rle.get("size") == video.size):
+            masks.append(rle)  # the common case, already compressed and the right size
             continue
         rle = compress_rle(rle, source, f"{field}[{t}]")
-        if video.size[0] and video.size[1] and list(rle["size"]) != video.size:
-            raise InputError(source, f"{field}[{t}].size", f"{rle['size']} differs from the video's [height, width] {video.size}")
+        if list(rle["size"]) != video.size:
+            raise InputError(source, f"{field}[{t}].size", f"{rle['size']} is not the video's [h, w] {video.size}")
         masks.append(rle)
     return masks
 
@@ -222,6 +223,12 @@ def box_track_iou(dts: Sequence[Track], gts: Sequence[Track]) -> np.ndarray:
     return _ratio(inter, area_d + area_g - inter)
 
 
+@functools.lru_cache(maxsize=16)
+def _empty_rle(height: int, width: int) -> dict[str, Any]:
+    """The all-background mask, standing in for a null frame so every frame is one full C call."""
+    return mask_utils.frPyObjects({"size": [height, width], "counts": [height * width]}, height, width)
+
+
 def mask_track_iou(dts: Sequence[Track], gts: Sequence[Track]) -> np.ndarray:
     """[D, G] track IoU of RLE masks summed over frames, one C call per frame.
 
@@ -230,18 +237,19 @@ def mask_track_iou(dts: Sequence[Track], gts: Sequence[Track]) -> np.ndarray:
     """
     area_d = np.stack([_mask_areas(t.masks) for t in dts])  # [D, T]
     area_g = np.stack([_mask_areas(t.masks) for t in gts])  # [G, T]
-    inter = np.zeros((len(dts), len(gts)))
-    for frame in range(area_d.shape[1]):
-        d_idx = [i for i, t in enumerate(dts) if t.masks[frame] is not None]
-        g_idx = [j for j, t in enumerate(gts) if t.masks[frame] is not None]
-        if not d_idx or not g_idx:
-            continue
-        iou = np.asarray(
-            mask_utils.iou([dts[i].masks[frame] for i in d_idx], [gts[j].masks[frame] for j in g_idx], [0] * len(g_idx)),
-            dtype=float,
-        ).reshape(len(d_idx), len(g_idx))
-        both = area_d[d_idx, frame][:, None] + area_g[g_idx, frame][None, :]
-        inter[np.ix_(d_idx, g_idx)] += np.rint(iou * both / (1.0 + iou))
+    size = next((m["size"] for t in (*dts, *gts) for m in t.masks if m is not None), None)
+    if size is None:  # no mask in any frame: nothing intersects
+        return _ratio(np.zeros((len(dts), len(gts))), area_d.sum(1)[:, None] + area_g.sum(1)[None, :])
+    empty = _empty_rle(*size)  # every mask of a video has its size (checked on reading)
+    frames_d = [[m if m is not None else empty for m in frame] for frame in zip(*(t.masks for t in dts))]
+    frames_g = [[m if m is not None else empty for m in frame] for frame in zip(*(t.masks for t in gts))]
+    no_crowd = [0] * len(gts)
+    iou = np.stack([
+        np.asarray(mask_utils.iou(d, g, no_crowd), dtype=float).reshape(len(dts), len(gts))
+        for d, g in zip(frames_d, frames_g)
+    ])  # [T, D, G]
+    both = area_d.T[:, :, None] + area_g.T[:, None, :]
+    inter = np.rint(iou * both / (1.0 + iou)).sum(0)
     union = area_d.sum(1)[:, None] + area_g.sum(1)[None, :] - inter
     return _ratio(inter, union)
 
@@ -277,7 +285,9 @@ def match_group(dts: Sequence[Track], gts: Sequence[Track], ious: np.ndarray) ->
     matched = np.zeros((n_areas, n_thrs, n_dt), dtype=bool)
     ignored = np.zeros((n_areas, n_thrs, n_dt), dtype=bool)
     area_idx, thr_idx = np.meshgrid(np.arange(n_areas), np.arange(n_thrs), indexing="ij")
-    for d in range(n_dt if n_gt else 0):
+    # a prediction below the lowest threshold against every GT cannot match: skip it
+    candidates = np.flatnonzero(ious.max(axis=1) >= thresholds.min()) if n_gt else []
+    for d in candidates:
         iou = np.broadcast_to(ious[d], (n_areas, n_thrs, n_gt))
         free = (iou >= thresholds) & ~(taken & ~crowd)
         regular = _last_best(free & ~gt_ignored[:, None], iou)
@@ -344,7 +354,8 @@ def evaluate_videos(
         raise InputError(gt_source, "(root)", "expected a YTVIS object with videos, annotations, categories")
     videos = _videos(gt, gt_source)
     categories = gt.get("categories")
-    if not isinstance(categories, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in categories):
+    if not isinstance(categories, list) or not all(isinstance(c, dict) and isinstance(c.get("id"), int)
+                                                   for c in categories):
         raise InputError(gt_source, "categories", "missing, or an entry without an integer id")
     category_ids = sorted({c["id"] for c in categories})
     gt_groups = _group_gt(gt, videos, set(category_ids), iou_types, gt_source)

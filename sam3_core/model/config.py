@@ -39,8 +39,8 @@ class ModelConfig:
     num_queries: int = 16
     dropout: float = 0.0
     enable_segmentation: bool = True
-    # weights: a checkpoint URI (our training checkpoint or the official `detector.*` layout)
-    checkpoint: str | None = None
+    # weights to start from: a checkpoint URI (ours or the official `detector.*` layout)
+    uri: str | None = None
     # parameter-name prefixes to freeze, e.g. ["backbone.vision_backbone", "backbone.language_backbone"]
     freeze: list[str] = field(default_factory=list)
     init_seed: int = 0

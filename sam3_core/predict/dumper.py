@@ -26,17 +26,13 @@ from typing import Any
 import torch.distributed as dist
 
 from sam3_core import storage
+from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.errors import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm")
 ROUTES = ("collective", "filesystem", "store")
-PREDICTION_FILES = {
-    "bbox": "coco_predictions_bbox.json",
-    "segm": "coco_predictions_segm.json",
-    "video": "video_predictions.json",
-}
 DECIMALS = 5
 
 Part = dict[str, list[dict]]

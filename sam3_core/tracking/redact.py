@@ -7,6 +7,7 @@ when the value itself looks like one wherever it sits.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -18,7 +19,20 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 MASK = "***"
 
 _SECRET_WORDS = frozenset(
-    "secret secrets password passwd pwd passphrase token credential credentials authorization apikey cookie".split()
+    {
+        "secret",
+        "secrets",
+        "password",
+        "passwd",
+        "pwd",
+        "passphrase",
+        "token",
+        "credential",
+        "credentials",
+        "authorization",
+        "apikey",
+        "cookie",
+    }
 )
 # Adjacent words that together name a credential (`access_key`, `keyId`, `api-key`).
 _SECRET_PAIRS = frozenset(
@@ -62,7 +76,7 @@ def _words(key: str) -> list[str]:
 def is_secret_key(key: str) -> bool:
     """True when a (dotted) key names a credential: `aws.secret_access_key`, `hub.apiKey`, `auth.token`."""
     words = _words(key)
-    return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+    return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
 
 
 def _entropy(text: str) -> float:
@@ -85,7 +99,7 @@ def redact_text(text: str) -> str:
 
 def redact_value(key: str, value: Any) -> Any:
     """One leaf of a config or a tag: masked whole when its key or its shape says credential."""
-    if is_secret_key(key) and value not in (None, ""):
+    if is_secret_key(key) and value not in (None, "") and not isinstance(value, bool):
         return MASK
     if not isinstance(value, str):
         return value

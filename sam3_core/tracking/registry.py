@@ -70,10 +70,14 @@ def resolve_model_uri(uri: str, client: MlflowClient | None = None) -> str:
     except MlflowException as exc:
         where = redact_text(tracking_uri())
         if is_transient(exc):
-            raise Sam3PipeError(f"{uri}: the model registry at {where} is unreachable; retry or check MLFLOW_TRACKING_URI") from exc
+            raise Sam3PipeError(
+                f"{uri}: the model registry at {where} is unreachable; retry or check MLFLOW_TRACKING_URI"
+            ) from exc
         raise InputError(
-            uri, "model.uri", f"not in the model registry at {where} ({exc.message}); register it by running train "
-            "with tracking enabled, or pass a checkpoint URI"
+            uri,
+            "model.uri",
+            f"not in the model registry at {where} ({exc.message}); register it by running train "
+            "with tracking enabled, or pass a checkpoint URI",
         ) from exc
     logger.info("resolved %s to %s (version %s)", uri, found.source, found.version)
     return found.source

@@ -117,12 +117,12 @@ class Sender:
                 wait = min(wait, max(0.0, self._deadline - time.monotonic()))
             self._wake.wait(wait)
             self._wake.clear()
-            closing = self._deadline is not None
+            deadline = self._deadline
             # The thread must outlive any error: an escaped exception would silently stop tracking.
             try:
                 self._send_all()
             except Exception as exc:
-                if closing and time.monotonic() >= self._deadline:
+                if deadline is not None and time.monotonic() >= deadline:
                     return
                 self._note_failure(exc, backoff)
                 wait, backoff = backoff, min(backoff * 2, self._cfg.retry_max_s)
@@ -130,7 +130,7 @@ class Sender:
             if self._failing:
                 logger.warning("MLflow tracking server reachable again; buffered metrics of run %s sent", self._run_id)
                 self._failing = False
-            if closing:
+            if deadline is not None:
                 return
             wait, backoff = self._cfg.flush_interval_s, self._cfg.retry_initial_s
 
@@ -145,7 +145,12 @@ class Sender:
             except Exception as exc:
                 if is_transient(exc):
                     raise
-                logger.error("MLflow refused %d values of run %s (%s); they go to the local record", len(batch), self._run_id, exc)
+                logger.error(
+                    "MLflow refused %d values of run %s (%s); they go to the local record",
+                    len(batch),
+                    self._run_id,
+                    exc,
+                )
                 self._rejected.extend(batch)
             with self._lock:
                 self._pending.drop_head(batch)
@@ -156,7 +161,10 @@ class Sender:
                 queued = len(self._pending)
             logger.warning(
                 "MLflow tracking server unreachable (%s); keeping %d values of run %s and retrying every <= %.0fs",
-                str(exc).splitlines()[0][:200], queued, self._run_id, self._cfg.retry_max_s,
+                str(exc).splitlines()[0][:200],
+                queued,
+                self._run_id,
+                self._cfg.retry_max_s,
             )
             self._failing = True
         logger.debug("next send attempt for run %s in %.1fs", self._run_id, retry_in)

@@ -18,7 +18,9 @@ from sam3_core.errors import ConfigError
 HOME = Path(".sam3pipe")
 DEFAULT_EXPERIMENT = "sam3pipe"
 _DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# Both end up quoted inside MLflow search filters, so quotes and backticks are kept out.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@-]*$")
+_SAFE_NAME = re.compile(r"^[\w .-]+$")
 
 
 def _env(name: str, default: str = "") -> str:
@@ -58,6 +60,10 @@ class TrackingConfig:
         if not _SAFE_ID.match(self.pipeline_run_id):
             raise ConfigError(
                 f"tracking.pipeline_run_id={self.pipeline_run_id!r}: use letters, digits and . _ : @ - only"
+            )
+        if not _SAFE_NAME.match(self.registered_model_name):
+            raise ConfigError(
+                f"tracking.registered_model_name={self.registered_model_name!r}: use letters, digits, space and . _ -"
             )
         for name in ("flush_interval_s", "retry_initial_s", "retry_max_s", "request_timeout_s"):
             if getattr(self, name) <= 0:

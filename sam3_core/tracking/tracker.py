@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
 import yaml
@@ -56,6 +56,9 @@ from sam3_core.tracking.settings import (
 )
 from sam3_core.tracking.unsent import UNSENT_FILE, record_unsent
 
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -75,7 +78,12 @@ def git_commit() -> str:
         return os.environ["SAM3PIPE_GIT_COMMIT"]
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -89,14 +97,12 @@ def sam3_version() -> str:
         return "not installed"
 
 
-def lineage_tags(dataset_id: str = "") -> dict[str, str]:
-    """Tags that say what produced a run: code, image, model library, data."""
+def lineage_tags() -> dict[str, str]:
+    """Tags that say what code produced a run: commit, image, model library."""
     commit = git_commit()
     tags = {TAG_GIT_COMMIT: commit, MLFLOW_GIT_COMMIT: commit, TAG_SAM3_VERSION: sam3_version()}
     if os.environ.get("SAM3PIPE_IMAGE"):
         tags[TAG_IMAGE] = os.environ["SAM3PIPE_IMAGE"]
-    if dataset_id:
-        tags[TAG_DATASET_ID] = dataset_id
     return {key: truncate(str(redact_value(key, value))) for key, value in tags.items()}
 
 
@@ -131,7 +137,7 @@ class Tracker:
         client: MlflowClient | None = None,
         runs: OpenRuns | None = None,
         unsent_uri: str = "",
-        monitor: Any = None,
+        monitor: SystemMetricsMonitor | None = None,
     ) -> None:
         self._cfg, self._spec, self._client, self._runs = cfg, spec, client, runs
         self._unsent_uri, self._monitor = unsent_uri, monitor
@@ -140,12 +146,16 @@ class Tracker:
             self._buffer = Sender(client, runs.run_id, cfg)
         elif spec is not None:
             self._buffer = OfflineBuffer()
+        self._active = self._buffer is not None
         self._warned_offline = False
+        # After a call failed for good, the next ones try once: a down server must not add a
+        # full retry window per artifact.
+        self._server_down = False
 
     @property
     def active(self) -> bool:
         """False when tracking is off: disabled, or not rank 0."""
-        return self._buffer is not None
+        return self._active
 
     @property
     def run_id(self) -> str | None:
@@ -183,31 +193,46 @@ class Tracker:
             masked = {key: truncate(str(redact_value(key, value))) for key, value in tags.items()}
             self._buffer.add(tags=[RunTag(key, value) for key, value in masked.items()])
 
+    def set_dataset_id(self, dataset_id: str) -> None:
+        """Tag this run and its pipeline's parent with the dataset (data prep knows it only at the end)."""
+        value = str(redact_value(TAG_DATASET_ID, dataset_id))
+        self.set_tags({TAG_DATASET_ID: value})
+        parent = self.parent_run_id
+        if parent is not None:
+            self._call("tagging the parent run", lambda c, r: c.set_tag(parent, TAG_DATASET_ID, value))
+
     # ------------------------------------------------------------------ artifacts (sent now)
 
-    def _send(self, what: str, fn: Callable[[MlflowClient, str], Any]) -> Any:
+    def _call(self, what: str, fn: Callable[[MlflowClient, str], Any]) -> Any:
         """Run one artifact / registry call; a failure is a warning, never the component's end."""
         if self._buffer is None:
             return None
         if self._runs is None or self._client is None:
             if not self._warned_offline:
-                logger.warning("tracking is offline: %s and later artifacts are not sent (outputs are in the store)", what)
+                logger.warning(
+                    "tracking is offline: %s and later artifacts are not sent (outputs are in the store)", what
+                )
                 self._warned_offline = True
             return None
         client, run_id = self._client, self._runs.run_id
         try:
-            return _retrying(lambda: fn(client, run_id), self._cfg, self._cfg.connect_timeout_s)
+            result = _retrying(
+                lambda: fn(client, run_id), self._cfg, 0 if self._server_down else self._cfg.connect_timeout_s
+            )
         except TRACKING_ERRORS as exc:
+            self._server_down = is_transient(exc)
             logger.warning("MLflow: %s failed (%s); the component goes on without it", what, exc)
             return None
+        self._server_down = False
+        return result
 
     def log_text(self, text: str, artifact_file: str) -> None:
         masked = redact_text(text)
-        self._send(f"logging {artifact_file}", lambda c, r: c.log_text(r, masked, artifact_file))
+        self._call(f"logging {artifact_file}", lambda c, r: c.log_text(r, masked, artifact_file))
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         masked = redact_tree(obj)
-        self._send(f"logging {artifact_file}", lambda c, r: c.log_dict(r, masked, artifact_file))
+        self._call(f"logging {artifact_file}", lambda c, r: c.log_dict(r, masked, artifact_file))
 
     def log_config(self, config: Any) -> None:
         """The resolved config as `config.yaml`, credentials masked."""
@@ -224,15 +249,15 @@ class Tracker:
         masked = redact_tree([dict(row) for row in rows])
         columns = list(dict.fromkeys(key for row in masked for key in row))
         data = {column: [row.get(column) for row in masked] for column in columns}
-        self._send(f"logging {artifact_file}", lambda c, r: c.log_table(r, data=data, artifact_file=artifact_file))
+        self._call(f"logging {artifact_file}", lambda c, r: c.log_table(r, data=data, artifact_file=artifact_file))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """A matplotlib figure (the PR plot) as an image artifact."""
-        self._send(f"logging {artifact_file}", lambda c, r: c.log_figure(r, figure, artifact_file))
+        self._call(f"logging {artifact_file}", lambda c, r: c.log_figure(r, figure, artifact_file))
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """A PIL image or array, e.g. a frame from `draw_masks`."""
-        self._send(f"logging {artifact_file}", lambda c, r: c.log_image(r, image, artifact_file=artifact_file))
+        self._call(f"logging {artifact_file}", lambda c, r: c.log_image(r, image, artifact_file=artifact_file))
 
     def log_file(self, uri: str, artifact_path: str | None = None) -> None:
         """A file from the store (dataset manifest, metrics.json); text is checked for credentials."""
@@ -246,7 +271,7 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="sam3pipe-artifact-") as tmp:
             local = Path(tmp) / posixpath.basename(uri.rstrip("/"))
             local.write_bytes(data)
-            self._send(f"logging {uri}", lambda c, r: c.log_artifact(r, str(local), artifact_path))
+            self._call(f"logging {uri}", lambda c, r: c.log_artifact(r, str(local), artifact_path))
 
     # ------------------------------------------------------------------ checkpoints and registry
 
@@ -274,7 +299,7 @@ class Tracker:
         if self._spec is None:
             return None
         cfg, pipeline_run_id = self._cfg, self._spec.pipeline_run_id
-        version = self._send(
+        version = self._call(
             f"registering {checkpoint_uri} as {cfg.registered_model_name}",
             lambda c, r: register_checkpoint(
                 c, cfg.registered_model_name, cfg.model_alias, checkpoint_uri, r, pipeline_run_id
@@ -313,7 +338,10 @@ class Tracker:
             logger.warning(
                 "%d values of %s never reached the MLflow tracking server; recorded in %s. "
                 "Send them with: python -m sam3_core.tracking replay %s",
-                len(left), spec.component, uri, uri,
+                len(left),
+                spec.component,
+                uri,
+                uri,
             )
             return
 
@@ -329,10 +357,11 @@ class Tracker:
             self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
 
-def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> Any:
+def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> SystemMetricsMonitor | None:
     """MLflow's own system-metrics sampler on the component run, where psutil is installed."""
     if not cfg.system_metrics or importlib.util.find_spec("psutil") is None:
         return None
+    # Imported here: the module needs psutil at import time.
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     try:
@@ -359,7 +388,9 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
             ) from exc
         logger.warning(
             "MLflow tracking server %s unreachable (%s); %s runs with tracking offline, metrics are recorded locally",
-            redact_text(uri), str(exc).splitlines()[0][:200], spec.component,
+            redact_text(uri),
+            str(exc).splitlines()[0][:200],
+            spec.component,
         )
         return None
 
@@ -390,7 +421,7 @@ def component_run(
     params = redact_params(flatten(_plain(config))) if config is not None else {}
     config_sha256 = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     spec = RunSpec(
-        cfg.experiment_name, pipeline_run_id, cfg.pipeline_run_name, component, config_sha256, lineage_tags(dataset_id)
+        cfg.experiment_name, pipeline_run_id, cfg.pipeline_run_name, component, config_sha256, lineage_tags()
     )
     client = MlflowClient(uri)
     runs = _open_runs(client, spec, cfg, uri)
@@ -403,8 +434,12 @@ def component_run(
         monitor=_system_monitor(cfg, runs, uri) if runs else None,
     )
     if runs:
-        logger.info("MLflow run %s (%s) of pipeline run %s at %s", runs.run_id, component, pipeline_run_id, redact_text(uri))
+        logger.info(
+            "MLflow run %s (%s) of pipeline run %s at %s", runs.run_id, component, pipeline_run_id, redact_text(uri)
+        )
     tracker.log_params(params)
+    if dataset_id:
+        tracker.set_dataset_id(dataset_id)
     if config is not None:
         tracker.log_config(config)
     return tracker

@@ -27,16 +27,18 @@ def draw_masks(
     A label is written at the top-left corner of its mask's bounding box; empty masks are skipped.
     """
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    for index, mask in enumerate(masks):
-        mask = np.asarray(mask, dtype=bool)
+    boolean = [np.asarray(mask, dtype=bool) for mask in masks]
+    for index, mask in enumerate(boolean):
         if mask.shape != base.shape[:2]:
             raise ValueError(f"mask {index} has shape {mask.shape}, the image is {base.shape[:2]}")
         colour = np.array(PALETTE[index % len(PALETTE)], dtype=np.float32)
         base[mask] = (1 - alpha) * base[mask] + alpha * colour
     out = Image.fromarray(base.round().astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    for index, (mask, label) in enumerate(zip(masks, labels)):
-        ys, xs = np.nonzero(np.asarray(mask, dtype=bool))
+    for mask, label in zip(boolean, labels, strict=False):
+        ys, xs = np.nonzero(mask)
         if len(xs):
-            draw.text((int(xs.min()), int(ys.min())), label, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+            draw.text(
+                (int(xs.min()), int(ys.min())), label, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0)
+            )
     return out

@@ -114,8 +114,8 @@ class Trainer:
         )
 
         self.module = VideoClipDetector(build_detector(cfg.model))
-        if cfg.model.checkpoint:
-            load_model_weights(self.module, cfg.model.checkpoint)
+        if cfg.model.uri:
+            load_model_weights(self.module, cfg.model.uri)
         if cfg.model.freeze:
             n = freeze(self.module.detector, cfg.model.freeze)
             log.info("froze %.2fM parameters under %s", n / 1e6, cfg.model.freeze)
