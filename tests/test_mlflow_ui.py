@@ -10,13 +10,13 @@ import importlib.util
 import json
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
 from mlflow import MlflowClient
 
 from sam3_core.tracking import TrackingConfig, component_run
-from tests.fixtures.mlflow import MlflowServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -39,6 +39,9 @@ pytestmark = [
     ),
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
 ]
+
+if TYPE_CHECKING:
+    from tests.fixtures.mlflow import MlflowServer
 
 
 def test_compare_view_shows_both_runs_and_their_eval_metrics(mlflow_tracking: MlflowServer) -> None:

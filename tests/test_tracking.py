@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -33,7 +34,9 @@ from sam3_core.tracking import (
 )
 from sam3_core.tracking.redact import MASK, redact_params, redact_value
 from sam3_core.tracking.unsent import UNSENT_FILE
-from tests.fixtures.mlflow import MlflowServer
+
+if TYPE_CHECKING:
+    from tests.fixtures.mlflow import MlflowServer
 
 
 @dataclass
@@ -196,6 +199,11 @@ def test_ui_command_refuses_when_a_tracking_server_is_configured(monkeypatch: py
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.com")
     with pytest.raises(ConfigError, match="open it in a browser"):
         ui_command()
+
+
+def test_a_pipeline_run_id_that_would_break_a_search_filter_is_refused() -> None:
+    with pytest.raises(ConfigError, match="tracking.pipeline_run_id"):
+        TrackingConfig(pipeline_run_id="run' or '1'='1")
 
 
 def test_a_plain_checkpoint_uri_passes_resolve_unchanged() -> None:

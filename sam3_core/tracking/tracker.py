@@ -337,7 +337,7 @@ class Tracker:
                 continue
             logger.warning(
                 "%d values of %s never reached the MLflow tracking server; recorded in %s. "
-                "Send them with: python -m sam3_core.tracking replay %s",
+                "Send them once it is back with: MLFLOW_TRACKING_URI=<server> python -m sam3_core.tracking replay %s",
                 len(left),
                 spec.component,
                 uri,
