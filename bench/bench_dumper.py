@@ -7,14 +7,13 @@ same parts in one process, and the outputs are compared element by element.
 
 from __future__ import annotations
 
-import heapq
 import random
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from bench.seed_reference import seed_merge
 from sam3_core.predict.dumper import merge_parts, round_result
 
 T = TypeVar("T")
@@ -31,34 +30,6 @@ class DumperBench:
     padded_images: int = 8
     maxdets: int = 100
     seed: int = 0
-
-
-class _UpstreamHeapElement:
-    def __init__(self, val: dict) -> None:
-        self.val = val
-
-    def __lt__(self, other: _UpstreamHeapElement) -> bool:
-        return self.val["score"] < other.val["score"]
-
-
-def upstream_merge(dump: list[list[dict]], maxdets: int) -> list[dict]:
-    """Upstream PredictionDumper.gather_and_merge_predictions, after its all_gather."""
-    preds_by_image: defaultdict[int, list] = defaultdict(list)
-    seen_img_cat: set[tuple[int, int]] = set()
-    for cur_dump in dump:
-        cur_seen_img_cat = set()
-        for p in cur_dump:
-            image_id = p["image_id"]
-            cat_id = p["category_id"]
-            if (image_id, cat_id) in seen_img_cat:
-                continue
-            cur_seen_img_cat.add((image_id, cat_id))
-            if len(preds_by_image[image_id]) < maxdets:
-                heapq.heappush(preds_by_image[image_id], _UpstreamHeapElement(p))
-            else:
-                heapq.heappushpop(preds_by_image[image_id], _UpstreamHeapElement(p))
-        seen_img_cat.update(cur_seen_img_cat)
-    return sum([[h.val for h in cur_preds] for cur_preds in preds_by_image.values()], [])
 
 
 def make_parts(bench: DumperBench) -> list[list[dict]]:
@@ -96,7 +67,7 @@ def main() -> None:
     parts = make_parts(bench)
     total = sum(len(part) for part in parts)
     ours, ours_s = _timed(merge_parts, parts, bench.maxdets)
-    upstream, upstream_s = _timed(upstream_merge, parts, bench.maxdets)
+    upstream, upstream_s = _timed(seed_merge, parts, bench.maxdets)
     print(f"prediction merge: {total:,} predictions, {bench.images:,} images, {bench.ranks} ranks, "
           f"maxdets {bench.maxdets}")
     print(f"{'implementation':<32}{'wall s':>10}")

@@ -1,27 +1,77 @@
-"""Pipeline step 2: fine-tune the SAM3 detector on video clips.
+"""Pipeline step 2: fine-tune the SAM3 detector on video clips, tracked in MLflow.
 
 One process, `torchrun --nproc_per_node N -m components.train ...`, or a PyTorchJob: the launcher's
-environment decides. Rerunning the same command resumes from the run's `last.pt`.
-`python -m components.train data.uri=<dataset_uri> model=tiny train.max_steps=50` prints
-{"run_uri", "best_checkpoint_uri", "last_checkpoint_uri"} as one JSON line (rank 0).
+environment decides. Rerunning the same command resumes from the run's `last.pt`, and its MLflow
+run lands under the same parent. `python -m components.train data.uri=<dataset_uri> model=tiny
+train.max_steps=50` prints {"run_uri", "best_checkpoint_uri", "last_checkpoint_uri"} as one JSON line.
 """
 
 from __future__ import annotations
 
+import posixpath
+import re
 import sys
+from dataclasses import replace
 from typing import Any
 
 from components.runner import run_cli
+from sam3_core import storage
 from sam3_core.config import load_config
+from sam3_core.data.frames import FrameReader
+from sam3_core.data.prep import MANIFEST
+from sam3_core.model.checkpoint import CheckpointRef
+from sam3_core.tracking import Tracker, component_run
 from sam3_core.train.config import TrainJobConfig
 from sam3_core.train.distributed import shutdown
-from sam3_core.train.trainer import train
+from sam3_core.train.trainer import TrainResult, run_uri_for, train
+
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:@-]+")
+
+
+def grouped_by_run_folder(cfg: TrainJobConfig, run_uri: str) -> TrainJobConfig:
+    """Without a pipeline run id, the run folder names the parent run, so a rerun finds it again."""
+    if cfg.tracking.pipeline_run_id:
+        return cfg
+    folder_id = _UNSAFE_ID.sub("-", posixpath.basename(run_uri.rstrip("/")))
+    return replace(cfg, tracking=replace(cfg.tracking, pipeline_run_id=folder_id))
+
+
+def checkpoint_name(uri: str) -> str:
+    """`best`, `last` or `step_0000100`: the checkpoint's file name, so periodic references never overwrite."""
+    return posixpath.splitext(posixpath.basename(uri))[0]
+
+
+def log_history(run: Tracker, result: TrainResult, logged_steps: set[int]) -> None:
+    """Metrics of steps trained before this process (a resumed training) that this MLflow run lacks."""
+    if run.resumed:
+        return
+    for record in result.history:
+        step = int(record["step"])
+        if step not in logged_steps:
+            run.log_metrics({name: value for name, value in record.items() if name != "step"}, step)
 
 
 def execute(overrides: list[str]) -> dict[str, Any]:
+    """Compose the config, train (rank 0 tracks metrics and checkpoints), register the best checkpoint."""
     cfg = load_config("train", TrainJobConfig, overrides)
+    run_uri = run_uri_for(cfg)
+    cfg = grouped_by_run_folder(cfg, run_uri)
+    dataset_id = FrameReader(cfg.data.uri, cfg.data.cache_dir).dataset_id
+    logged_steps: set[int] = set()
     try:
-        result = train(cfg)
+        with component_run(cfg.tracking, "train", cfg, dataset_id=dataset_id, output_uri=run_uri) as run:
+            run.log_file(storage.join(cfg.data.uri, MANIFEST), "dataset")
+
+            def on_metrics(step: int, metrics: dict[str, float]) -> None:
+                logged_steps.add(step)
+                run.log_metrics(metrics, step)
+
+            def on_checkpoint(kind: str, ref: CheckpointRef) -> None:
+                run.log_checkpoint(checkpoint_name(ref.uri), ref.uri, ref.step, ref.sha256, ref.size)
+
+            result = train(cfg, on_metrics, on_checkpoint)
+            log_history(run, result, logged_steps)
+            run.register_model(result.best_checkpoint_uri)
     finally:
         shutdown()
     return {

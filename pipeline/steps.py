@@ -143,7 +143,9 @@ def train(
     if training_mode == "pod":
         outputs = distributed.run_in_pod("train", overrides, gpus)
     else:
-        from pipeline import pytorchjob  # the kubernetes client is needed in this mode only
+        from pipeline import (
+            pytorchjob,  # the kubernetes client is needed in this mode only
+        )
 
         env["SAM3PIPE_IMAGE"] = launch["image"]
         settings = pytorchjob.LaunchSettings(**launch)

@@ -27,7 +27,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import boto3
-from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
+from boto3.exceptions import (
+    RetriesExceededError,
+    S3TransferFailedError,
+    S3UploadFailedError,
+)
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import (

@@ -14,7 +14,11 @@ import torch.multiprocessing as mp
 
 from sam3_core.data.datapoints import frame_to_tensor
 from sam3_core.model.build import build_detector
-from sam3_core.model.chunked_detection import ChunkedVideoDetector, DetectionConfig, frame_detector
+from sam3_core.model.chunked_detection import (
+    ChunkedVideoDetector,
+    DetectionConfig,
+    frame_detector,
+)
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
 

@@ -8,7 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sam3_core.data.clips import ClipConfig, ClipDataset, clip_frame_indices, enumerate_clips
+from sam3_core.data.clips import (
+    ClipConfig,
+    ClipDataset,
+    clip_frame_indices,
+    enumerate_clips,
+)
 from sam3_core.data.datapoints import NORM_MEAN, NORM_STD, collate_clips
 from sam3_core.data.synthetic import track_from_masks
 from sam3_core.data.ytvis import Category, Video, VideoDataset

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import heapq
 import json
 import random
 import socket
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.seed_reference import seed_merge
 from sam3_core import storage
 from sam3_core.errors import ConfigError, StorageError
 from sam3_core.predict.dumper import (
@@ -24,36 +23,6 @@ from sam3_core.predict.dumper import (
     round_result,
     wait_for_objects,
 )
-
-
-class _SeedHeapElement:
-    """Upstream's heap entry: compares by score only."""
-
-    def __init__(self, val: dict) -> None:
-        self.val = val
-
-    def __lt__(self, other: _SeedHeapElement) -> bool:
-        return self.val["score"] < other.val["score"]
-
-
-def seed_merge(dump: list[list[dict]], maxdets: int) -> list[dict]:
-    """Reference: upstream PredictionDumper.gather_and_merge_predictions after the gather."""
-    preds_by_image: defaultdict[int, list] = defaultdict(list)
-    seen_img_cat: set[tuple[int, int]] = set()
-    for cur_dump in dump:
-        cur_seen_img_cat = set()
-        for p in cur_dump:
-            image_id = p["image_id"]
-            cat_id = p["category_id"]
-            if (image_id, cat_id) in seen_img_cat:
-                continue
-            cur_seen_img_cat.add((image_id, cat_id))
-            if len(preds_by_image[image_id]) < maxdets:
-                heapq.heappush(preds_by_image[image_id], _SeedHeapElement(p))
-            else:
-                heapq.heappushpop(preds_by_image[image_id], _SeedHeapElement(p))
-        seen_img_cat.update(cur_seen_img_cat)
-    return sum([[h.val for h in cur_preds] for cur_preds in preds_by_image.values()], [])
 
 
 def _random_parts(rng: random.Random, world: int, num_images: int, per_rank: int) -> list[list[dict]]:

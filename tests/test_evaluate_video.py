@@ -11,7 +11,12 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from sam3_core.errors import InputError
-from sam3_core.evaluate.video import Track, box_track_iou, evaluate_videos, mask_track_iou
+from sam3_core.evaluate.video import (
+    Track,
+    box_track_iou,
+    evaluate_videos,
+    mask_track_iou,
+)
 
 SIZE = (64, 96)  # height, width
 

@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from sam3_core.train.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
+from sam3_core.train.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+)
 
 MAX_STEPS = 110
 

@@ -23,7 +23,6 @@ from sam3_core.data.synthetic import (
 from sam3_core.data.ytvis import load_video_dataset, rle_bbox, rle_to_mask
 from sam3_core.errors import ConfigError
 
-
 TINY = SyntheticConfig(num_videos=3, frames_per_video=4, height=48, width=48, min_size=10, max_size=20)
 
 

@@ -14,7 +14,13 @@ from PIL import Image
 
 from sam3_core.data.prep import DataPrepConfig, prepare_dataset
 from sam3_core.data.synthetic import SyntheticConfig
-from sam3_core.data.ytvis import load_video_dataset, mask_to_rle, rle_to_mask, to_json, validate
+from sam3_core.data.ytvis import (
+    load_video_dataset,
+    mask_to_rle,
+    rle_to_mask,
+    to_json,
+    validate,
+)
 from sam3_core.errors import ConfigError, InputError
 
 WIDTH, HEIGHT = 24, 16

@@ -18,7 +18,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from sam3_core.data.ytvis import Category, Track, Video, VideoDataset, mask_to_rle, rle_area, rle_bbox, to_json
+from sam3_core.data.ytvis import (
+    Category,
+    Track,
+    Video,
+    VideoDataset,
+    mask_to_rle,
+    rle_area,
+    rle_bbox,
+    to_json,
+)
 from sam3_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,14 @@ from matplotlib.figure import Figure
 from sam3_core import storage
 from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.errors import ConfigError, InputError
-from sam3_core.evaluate.coco import BACKENDS, IOU_TYPES, Evaluation, check_max_dets, evaluate_frames, prepare_frame_gt
+from sam3_core.evaluate.coco import (
+    BACKENDS,
+    IOU_TYPES,
+    Evaluation,
+    check_max_dets,
+    evaluate_frames,
+    prepare_frame_gt,
+)
 from sam3_core.evaluate.video import evaluate_videos
 
 logger = logging.getLogger(__name__)

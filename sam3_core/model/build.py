@@ -168,7 +168,10 @@ def _dot_product_scoring(cfg: ModelConfig) -> nn.Module:
 
 
 def _segmentation_head(cfg: ModelConfig) -> nn.Module:
-    from sam3.model.maskformer_segmentation import PixelDecoder, UniversalSegmentationHead
+    from sam3.model.maskformer_segmentation import (
+        PixelDecoder,
+        UniversalSegmentationHead,
+    )
 
     return UniversalSegmentationHead(
         hidden_dim=cfg.d_model,
@@ -218,6 +221,15 @@ def _geometry_encoder(cfg: ModelConfig) -> nn.Module:
     )
 
 
+def hungarian_matcher() -> nn.Module:
+    """The one-to-one matcher of sam3's training config (the model computes matches with it)."""
+    from sam3.train.matcher import BinaryHungarianMatcherV2
+
+    return BinaryHungarianMatcherV2(
+        focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2, stable=False
+    )
+
+
 def _init_text_parameters(model: nn.Module) -> None:
     """sam3 creates these with `torch.empty` and relies on a checkpoint; uninitialised they give NaNs."""
     text = model.backbone.language_backbone.encoder
@@ -233,8 +245,6 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
     """
     from sam3.model.sam3_image import Sam3Image
     from sam3.model.vl_combiner import SAM3VLBackbone
-    from sam3.train.matcher import BinaryHungarianMatcherV2
-
     cpu_compat.apply()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
@@ -250,9 +260,7 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
             use_instance_query=False,
             multimask_output=True,
             inst_interactive_predictor=None,
-            matcher=BinaryHungarianMatcherV2(
-                focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2, stable=False
-            ),
+            matcher=hungarian_matcher(),
         )
         _init_text_parameters(model)
     if model.segmentation_head is not None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sam3_core.errors import ConfigError, InputError
 
+
 @dataclass
 class PostprocessConfig:
     """Knobs that decide which detections of a frame survive and how masks are binarised."""

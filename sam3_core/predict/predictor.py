@@ -19,18 +19,27 @@ import torch
 from tqdm import tqdm
 
 from sam3_core import storage
+from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.data.datapoints import frame_to_tensor
 from sam3_core.data.frames import FrameReader
 from sam3_core.errors import InputError
 from sam3_core.model.build import build_detector
 from sam3_core.model.checkpoint import load_model_weights
-from sam3_core.model.chunked_detection import ChunkedVideoDetector, DetectionConfig, frame_detector
+from sam3_core.model.chunked_detection import (
+    ChunkedVideoDetector,
+    DetectionConfig,
+    frame_detector,
+)
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.predict.association import AssociationConfig, associate
-from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.predict.dumper import DumperConfig, PredictionDumper
-from sam3_core.predict.postprocess import PostprocessConfig, coco_bbox_results, coco_segm_results, frame_detections
+from sam3_core.predict.postprocess import (
+    PostprocessConfig,
+    coco_bbox_results,
+    coco_segm_results,
+    frame_detections,
+)
 from sam3_core.train import distributed as dist
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,11 @@ component, found again by tags), logs through the returned `Tracker`, and predic
 `models:/<name>@candidate` into a checkpoint URI with `resolve_model_uri`.
 """
 
-from sam3_core.tracking.metrics import eval_metrics, gpu_memory_metrics, train_step_metrics
+from sam3_core.tracking.metrics import (
+    eval_metrics,
+    gpu_memory_metrics,
+    train_step_metrics,
+)
 from sam3_core.tracking.redact import redact_params, redact_text, redact_tree
 from sam3_core.tracking.registry import resolve_model_uri
 from sam3_core.tracking.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID

@@ -41,7 +41,13 @@ from sam3_core import storage
 from sam3_core.config import flatten
 from sam3_core.errors import ConfigError, StorageError
 from sam3_core.tracking.metrics import eval_metrics
-from sam3_core.tracking.redact import redact_params, redact_text, redact_tree, redact_value, truncate
+from sam3_core.tracking.redact import (
+    redact_params,
+    redact_text,
+    redact_tree,
+    redact_value,
+    truncate,
+)
 from sam3_core.tracking.registry import register_checkpoint
 from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
 from sam3_core.tracking.sender import OfflineBuffer, Pending, Sender, is_transient
@@ -164,6 +170,11 @@ class Tracker:
     @property
     def parent_run_id(self) -> str | None:
         return self._runs.parent_run_id if self._runs else None
+
+    @property
+    def resumed(self) -> bool:
+        """True when this continues an unfinished run of the same config, so it holds the earlier values."""
+        return self._runs is not None and self._runs.resumed
 
     @property
     def pipeline_run_id(self) -> str | None:

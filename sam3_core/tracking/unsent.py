@@ -22,7 +22,11 @@ from sam3_core.errors import InputError, Sam3PipeError
 from sam3_core.tracking.redact import redact_text
 from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
 from sam3_core.tracking.sender import Pending, is_transient
-from sam3_core.tracking.settings import is_local_store, local_artifact_root, tracking_uri
+from sam3_core.tracking.settings import (
+    is_local_store,
+    local_artifact_root,
+    tracking_uri,
+)
 
 logger = logging.getLogger(__name__)
 

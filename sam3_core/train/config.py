@@ -1,4 +1,4 @@
-"""The train component's config: model, data, optimiser, loss, loop, output."""
+"""The train component's config: model, data, optimiser, loss, loop, output, tracking."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from sam3_core.data.clips import ClipConfig
 from sam3_core.model.config import ModelConfig
+from sam3_core.tracking.settings import TrackingConfig
 from sam3_core.train.loss import LossConfig
 from sam3_core.train.optim import OptimConfig
 
@@ -55,3 +56,5 @@ class TrainJobConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # where the run is tracked in MLflow; leaves the run folder name alone (see run_name_for)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

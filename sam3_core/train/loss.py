@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sam3_core.model import cpu_compat
+from sam3_core.model.build import hungarian_matcher
 
 
 @dataclass
@@ -37,7 +38,7 @@ def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool) -> nn.Module
     """`Sam3LossWrapper`; box-count normalisation is global (all-reduced) under torch.distributed."""
     from sam3.train.loss.loss_fns import Boxes, IABCEMdetr, Masks
     from sam3.train.loss.sam3_loss import Sam3LossWrapper
-    from sam3.train.matcher import BinaryHungarianMatcherV2, BinaryOneToManyMatcher
+    from sam3.train.matcher import BinaryOneToManyMatcher
 
     if cfg.frame_reduction not in ("mean", "sum"):
         raise ValueError(f"loss.frame_reduction must be 'mean' or 'sum', got {cfg.frame_reduction!r}")
@@ -68,9 +69,7 @@ def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool) -> nn.Module
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return Sam3LossWrapper(
         loss_fns_find=loss_fns,
-        matcher=BinaryHungarianMatcherV2(
-            focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2, stable=False
-        ),
+        matcher=hungarian_matcher(),
         o2m_matcher=BinaryOneToManyMatcher(alpha=cfg.o2m_alpha, threshold=cfg.o2m_threshold, topk=cfg.o2m_topk),
         o2m_weight=cfg.o2m_weight,
         use_o2m_matcher_on_o2m_aux=False,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -31,7 +32,12 @@ from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
 from sam3_core.data.frames import FrameReader
 from sam3_core.model.build import build_detector, freeze
-from sam3_core.model.checkpoint import CheckpointRef, load_checkpoint, load_model_weights, save_checkpoint
+from sam3_core.model.checkpoint import (
+    CheckpointRef,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train import distributed as dist
 from sam3_core.train.config import TrainJobConfig
@@ -54,9 +60,15 @@ class TrainResult:
 
 
 def run_name_for(cfg: TrainJobConfig) -> str:
-    """A name derived from everything that shapes the run, so the same command finds its run again."""
+    """A name derived from everything that shapes the run, so the same command finds its run again.
+
+    Tracking settings shape no weights: under another experiment or pipeline run id the
+    same command still resumes the same folder.
+    """
     shaped = replace(cfg, output=replace(cfg.output, run_name=""), train=replace(cfg.train, resume=True))
-    return "train-" + hashlib.sha256(to_yaml(shaped).encode()).hexdigest()[:12]
+    node = OmegaConf.structured(shaped)
+    untracked = OmegaConf.masked_copy(node, [key for key in node if key != "tracking"])
+    return "train-" + hashlib.sha256(OmegaConf.to_yaml(untracked).encode()).hexdigest()[:12]
 
 
 def run_uri_for(cfg: TrainJobConfig) -> str:

@@ -1,0 +1,226 @@
+"""The trainer on the tiny synthetic dataset: it learns, resumes exactly, writes its run folder, runs on S3.
+
+In-process runs call the same `train()` / `execute()` the CLI calls; the kill test and the error
+tests run `python -m components.train` as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from components.train import execute
+from sam3_core import storage
+from sam3_core.config import load_config, to_yaml
+from sam3_core.data.prep import DataPrepConfig, prepare_dataset
+from sam3_core.errors import InputError
+from sam3_core.model.checkpoint import load_checkpoint
+from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.trainer import Trainer, TrainResult, train
+from tests.fixtures.datasets import (
+    TINY_MODEL,
+    TINY_TRAIN,
+    TINY_VIDEOS,
+    single_thread_env,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+WINDOW = 4
+# 3 train videos x 4 frames, 2-frame clips: 6 clips per epoch
+CLIPS_PER_EPOCH = 6
+SUBPROCESS_TIMEOUT_S = 300
+
+
+def config(overrides: list[str]) -> TrainJobConfig:
+    return load_config("train", TrainJobConfig, overrides)
+
+
+def train_command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "components.train", *overrides]
+
+
+def sha256_of(uri: str) -> str:
+    return storage.sha256_bytes(storage.read_bytes(uri))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], TrainResult]:
+    """A complete 12-step run (log window 4, checkpoint every 6) and the overrides that made it."""
+    store = tmp_path_factory.mktemp("train-store")
+    overrides = [
+        *tiny_train_overrides,
+        f"output.store={store}",
+        f"train.max_steps={STEPS}",
+        f"train.log_every={WINDOW}",
+        "train.checkpoint_every=6",
+    ]
+    return overrides, train(config(overrides))
+
+
+def test_training_loss_falls_clearly_within_twelve_steps(finished_run: tuple[list[str], TrainResult]) -> None:
+    # margin checked over seeds 0-6: last/first window ratio 0.57-0.77
+    history = finished_run[1].history
+    losses = [record["train/loss"] for record in history]
+    assert [record["step"] for record in history] == [4, 8, 12]
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_every_log_window_reports_all_six_loss_terms(finished_run: tuple[list[str], TrainResult]) -> None:
+    terms = {"train/loss_bbox", "train/loss_giou", "train/loss_ce", "train/presence_loss", "train/loss_mask", "train/loss_dice"}
+    for record in finished_run[1].history:
+        assert terms <= set(record)
+        assert all(torch.isfinite(torch.tensor(record[t])) for t in terms)
+
+
+def test_run_folder_holds_config_metrics_and_best_last_and_step_checkpoints(
+    finished_run: tuple[list[str], TrainResult],
+) -> None:
+    result = finished_run[1]
+    assert set(storage.list_files(result.run_uri)) >= {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "checkpoints/step_0000006.pt",
+        "checkpoints/step_0000012.pt",
+    }
+    assert result.last_checkpoint_uri == storage.join(result.run_uri, "checkpoints", "last.pt")
+    assert result.best_checkpoint_uri == storage.join(result.run_uri, "checkpoints", "best.pt")
+
+
+def test_config_yaml_is_the_resolved_config(finished_run: tuple[list[str], TrainResult]) -> None:
+    overrides, result = finished_run
+    assert storage.read_text(storage.join(result.run_uri, "config.yaml")) == to_yaml(config(overrides))
+
+
+def test_checkpoint_holds_model_optimizer_schedule_step_rng_data_position_and_config(
+    finished_run: tuple[list[str], TrainResult],
+) -> None:
+    state = load_checkpoint(finished_run[1].last_checkpoint_uri)
+    assert state["step"] == STEPS
+    assert all(key.startswith("detector.") for key in state["model"])
+    assert len(state["optimizer"]["state"]) > 0
+    assert state["scheduler"]["last_epoch"] == STEPS
+    assert isinstance(state["rng"][0]["torch"], torch.Tensor)
+    # (epoch, micro-batch in epoch) is where the data stream goes on: one clip per step
+    assert state["epoch"] * CLIPS_PER_EPOCH + state["micro_in_epoch"] == STEPS
+    assert yaml.safe_load(state["config"])["train"]["max_steps"] == STEPS
+
+
+def test_best_checkpoint_is_the_one_with_the_lowest_logged_loss(finished_run: tuple[list[str], TrainResult]) -> None:
+    result = finished_run[1]
+    best = load_checkpoint(result.best_checkpoint_uri)
+    at_checkpoints = {r["step"]: r["train/loss"] for r in result.history if r["step"] % 6 == 0}
+    assert best["step"] == min(at_checkpoints, key=at_checkpoints.get)
+    assert best["best"] == pytest.approx(min(at_checkpoints.values()))
+
+
+def test_rerunning_the_same_command_resumes_and_does_no_extra_step(finished_run: tuple[list[str], TrainResult]) -> None:
+    overrides, first = finished_run
+    last_before = sha256_of(first.last_checkpoint_uri)
+    logged: list[int] = []
+    saved: list[str] = []
+    again = train(config(overrides), on_metrics=lambda step, _: logged.append(step), on_checkpoint=lambda kind, _: saved.append(kind))
+    assert again.run_uri == first.run_uri
+    assert again.steps == STEPS
+    assert (logged, saved) == ([], [])
+    assert sha256_of(first.last_checkpoint_uri) == last_before
+
+
+def test_a_longer_run_with_another_max_steps_is_a_new_run(finished_run: tuple[list[str], TrainResult]) -> None:
+    overrides, first = finished_run
+    assert Trainer(config([*overrides, f"train.max_steps={STEPS + 1}"])).run_uri != first.run_uri
+
+
+def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} never appeared (exit {proc.poll()}); log ends:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
+    tiny_train_overrides: list[str], train_store: str, tmp_path: Path
+) -> None:
+    # dropout on: resuming must also restore the random stream, not only weights and data position
+    common = [*tiny_train_overrides, f"output.store={train_store}", "train.max_steps=6", "train.checkpoint_every=2", "model.dropout=0.1"]
+    interrupted = [*common, "output.run_name=interrupted"]
+    last = Path(train_store) / "runs" / "interrupted" / "checkpoints" / "last.pt"
+    log = tmp_path / "interrupted.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(train_command(interrupted), cwd=REPO, env=single_thread_env(), stdout=out, stderr=out)
+        wait_for(last, proc, log)
+        proc.kill()
+        proc.wait()
+    killed_at = load_checkpoint(str(last))["step"]
+    assert killed_at < 6, "the run finished before it could be killed"
+
+    rerun = subprocess.run(
+        train_command(interrupted), cwd=REPO, env=single_thread_env(), capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    outputs = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert outputs["last_checkpoint_uri"] == str(last)
+    assert f"resumed {last} at step {killed_at}" in rerun.stderr
+
+    uninterrupted = execute([*common, "output.run_name=uninterrupted"])
+    resumed_state = load_checkpoint(outputs["last_checkpoint_uri"])
+    straight_state = load_checkpoint(uninterrupted["last_checkpoint_uri"])
+    assert resumed_state["step"] == straight_state["step"] == 6
+    different = [k for k, v in straight_state["model"].items() if not torch.equal(v, resumed_state["model"][k])]
+    assert different == []
+
+
+def test_trains_with_the_dataset_and_the_outputs_on_s3(
+    s3_bucket: str, torch_single_thread: None, tmp_path: Path
+) -> None:
+    store = f"{s3_bucket}/store"
+    dataset = prepare_dataset(DataPrepConfig(source="synthetic", synthetic=TINY_VIDEOS, store=store, val_fraction=0.25))
+    cache = tmp_path / "cache"
+    overrides = [
+        f"data.uri={dataset.uri}", f"data.cache_dir={cache}", *TINY_MODEL, *TINY_TRAIN,
+        f"output.store={store}", "train.max_steps=2",
+    ]
+    result = train(config(overrides))
+    assert result.run_uri.startswith(f"{store}/runs/")
+    assert {"config.yaml", "checkpoints/last.pt", "checkpoints/best.pt"} <= set(storage.list_files(result.run_uri))
+    assert load_checkpoint(result.last_checkpoint_uri)["step"] == 2
+    cached_frames = list(cache.rglob("*.png"))
+    assert cached_frames, "frames were not read through the local cache"
+
+
+def test_a_dataset_uri_with_no_published_dataset_is_an_input_error(tiny_train_overrides: list[str], tmp_path: Path) -> None:
+    nowhere = str(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="manifest.json") as raised:
+        Trainer(config([*tiny_train_overrides, f"data.uri={nowhere}", f"output.store={tmp_path}"]))
+    assert raised.value.source == nowhere
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [([], "uri"), (["data.uri=anywhere", "train.max_stepz=3"], "train.max_stepz")],
+    ids=["missing-data-uri", "unknown-key"],
+)
+def test_a_bad_config_exits_2_with_a_one_line_error(overrides: list[str], names: str, tmp_path: Path) -> None:
+    env = single_thread_env({k: v for k, v in os.environ.items() if k != "SAM3PIPE_STORE"})
+    proc = subprocess.run(
+        train_command(overrides), cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and names in errors[0], proc.stderr
