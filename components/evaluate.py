@@ -1,5 +1,7 @@
 """Pipeline step 4: score predictions and publish metrics.json, a per-category table and a PR plot.
 
+The MLflow run gets the same: `eval/*` metrics, those files, the table as a grid and a short summary.
+
 `python -m components.evaluate --gt GT.json --predictions PRED.json --output out/metrics.json`
 (or the same as Hydra overrides `gt=... predictions=... output=...`) prints
 {"metrics_uri": ..., "metrics": {name: value}} as one JSON line.
@@ -15,7 +17,16 @@ from typing import Any
 
 from components.runner import run_cli
 from sam3_core.config import load_config
-from sam3_core.evaluate.report import EvaluateConfig, publish_report, run_evaluation
+from sam3_core.evaluate.report import (
+    EvaluateConfig,
+    category_rows,
+    check_config,
+    output_folder,
+    publish_report,
+    report_files,
+    run_evaluation,
+)
+from sam3_core.tracking import component_run, eval_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +55,22 @@ def flags_to_overrides(argv: list[str]) -> list[str]:
 
 
 def execute(overrides: list[str]) -> dict[str, Any]:
-    """Compose the config, evaluate, publish; return the metrics URI and the metrics."""
+    """Compose the config, evaluate, publish, track; return the metrics URI and the metrics."""
     cfg = load_config("evaluate", EvaluateConfig, flags_to_overrides(overrides))
-    report = run_evaluation(cfg)
-    return {"metrics_uri": publish_report(report, cfg.output), "metrics": report.metrics}
+    check_config(cfg)
+    with component_run(cfg.tracking, "evaluate", cfg, output_uri=output_folder(cfg.output)) as run:
+        report = run_evaluation(cfg)
+        metrics_uri = publish_report(report, cfg.output)
+        run.log_eval(report.metrics)
+        for uri in report_files(cfg.output):
+            run.log_file(uri)
+        header, rows = category_rows(report)
+        run.log_table([dict(zip(header, row)) for row in rows], "per_category.json")
+        run.log_summary(
+            f"Evaluation of {cfg.predictions}",
+            {name: f"{value:.4f}" for name, value in sorted(eval_metrics(report.metrics).items())},
+        )
+    return {"metrics_uri": metrics_uri, "metrics": report.metrics}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Pipeline step 3: predictions of a checkpoint on a dataset split, in COCO and YTVIS formats.
 
-`python -m components.predict model.uri=<checkpoint> data.uri=<dataset_uri>` (or under
-`torchrun --nproc_per_node N`) prints {"predictions_uri"} as one JSON line.
+`python -m components.predict model.uri=<checkpoint or models:/<name>@candidate> data.uri=<dataset_uri>`
+(or under `torchrun --nproc_per_node N`) prints {"predictions_uri"} as one JSON line. The MLflow run
+records the checkpoint it used, where the predictions went, and a few frames with their masks.
 """
 
 from __future__ import annotations
@@ -11,16 +12,35 @@ from typing import Any
 
 from components.runner import run_cli
 from sam3_core.config import load_config
-from sam3_core.predict.predictor import PredictConfig, predict
+from sam3_core.data.frames import FrameReader
+from sam3_core.predict.predictor import (
+    PredictConfig,
+    output_uri_for,
+    predict,
+    with_resolved_model,
+)
+from sam3_core.tracking import component_run
 from sam3_core.train.distributed import shutdown
+
+TAG_MODEL_URI = "sam3pipe.model_uri"
+TAG_PREDICTIONS_URI = "sam3pipe.predictions_uri"
 
 
 def execute(overrides: list[str]) -> dict[str, Any]:
-    cfg = load_config("predict", PredictConfig, overrides)
+    """Compose the config, resolve the model, predict and dump; track the run on rank 0."""
+    requested = load_config("predict", PredictConfig, overrides)
+    cfg = with_resolved_model(requested)
+    dataset_id = FrameReader(cfg.data.uri, cfg.data.cache_dir).dataset_id
     try:
-        return {"predictions_uri": predict(cfg)}
+        with component_run(cfg.tracking, "predict", cfg, dataset_id=dataset_id, output_uri=output_uri_for(cfg)) as run:
+            run.set_tags({TAG_MODEL_URI: requested.model.uri})
+            result = predict(cfg)
+            run.set_tags({TAG_PREDICTIONS_URI: result.predictions_uri})
+            for name, image in result.previews.items():
+                run.log_image(image, f"previews/{name}.png")
     finally:
         shutdown()
+    return {"predictions_uri": result.predictions_uri}
 
 
 def main(argv: list[str] | None = None) -> int:

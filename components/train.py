@@ -36,9 +36,9 @@ def grouped_by_run_folder(cfg: TrainJobConfig, run_uri: str) -> TrainJobConfig:
     return replace(cfg, tracking=replace(cfg.tracking, pipeline_run_id=folder_id))
 
 
-def checkpoint_name(uri: str) -> str:
-    """`best`, `last` or `step_0000100`: the checkpoint's file name, so periodic references never overwrite."""
-    return posixpath.splitext(posixpath.basename(uri))[0]
+def checkpoint_name(kind: str, uri: str) -> str:
+    """`best` or `last` as the trainer says; a periodic one by its file (`step_0000100`), so none overwrites another."""
+    return kind if kind != "step" else posixpath.splitext(posixpath.basename(uri))[0]
 
 
 def log_history(run: Tracker, result: TrainResult, logged_steps: set[int]) -> None:
@@ -67,7 +67,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
                 run.log_metrics(metrics, step)
 
             def on_checkpoint(kind: str, ref: CheckpointRef) -> None:
-                run.log_checkpoint(checkpoint_name(ref.uri), ref.uri, ref.step, ref.sha256, ref.size)
+                run.log_checkpoint(checkpoint_name(kind, ref.uri), ref.uri, ref.step, ref.sha256, ref.size)
 
             result = train(cfg, on_metrics, on_checkpoint)
             log_history(run, result, logged_steps)

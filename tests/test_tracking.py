@@ -29,7 +29,6 @@ from sam3_core.tracking import (
     draw_masks,
     replay_unsent,
     resolve_model_uri,
-    train_step_metrics,
     ui_command,
 )
 from sam3_core.tracking.redact import MASK, redact_params, redact_value
@@ -156,18 +155,6 @@ def test_long_param_values_are_cut_to_the_mlflow_limit() -> None:
 
 
 # ---------------------------------------------------------------------------- helpers without a server
-
-
-def test_train_step_metrics_use_the_shared_names_and_throughput() -> None:
-    metrics = train_step_metrics(2.5, {"loss_mask": 1.0, "loss_dice": 1.5}, 3e-4, clips=8, frames=64, seconds=2.0)
-    assert metrics == {
-        "train/loss": 2.5,
-        "train/lr": 3e-4,
-        "train/loss_mask": 1.0,
-        "train/loss_dice": 1.5,
-        "train/clips_per_s": 4.0,
-        "train/frames_per_s": 32.0,
-    }
 
 
 def test_draw_masks_tints_masked_pixels_and_leaves_the_rest() -> None:

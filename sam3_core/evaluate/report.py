@@ -43,6 +43,7 @@ from sam3_core.evaluate.coco import (
     prepare_frame_gt,
 )
 from sam3_core.evaluate.video import evaluate_videos
+from sam3_core.tracking import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class EvaluateConfig:
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
     # "auto" reads the GT kind from its keys; "video" or "coco" insists on one
     kind: str = "auto"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 @dataclass(frozen=True)
@@ -236,11 +238,18 @@ def pr_figure(report: EvaluationReport) -> Figure:
     return figure
 
 
-def _parent(uri: str) -> str:
-    head, sep, _ = uri.rpartition("/")
+def output_folder(output: str) -> str:
+    """The folder metrics.json is published in, with the table and plot beside it."""
+    head, sep, _ = output.rpartition("/")
     if not sep:
         return "."
     return head or "/"
+
+
+def report_files(output: str) -> list[str]:
+    """URIs of everything `publish_report` writes for `output`, metrics.json last."""
+    folder = output_folder(output)
+    return [storage.join(folder, name) for name in (TABLE_CSV, TABLE_MD, PR_PLOT)] + [output]
 
 
 def publish_report(report: EvaluationReport, output: str) -> str:
@@ -253,6 +262,6 @@ def publish_report(report: EvaluationReport, output: str) -> str:
         pr_figure(report).savefig(folder / PR_PLOT, dpi=100)
         marker = posixpath.basename(output)
         (folder / marker).write_text(json.dumps(report.metrics, sort_keys=True, indent=1) + "\n", encoding="utf-8")
-        storage.publish_dir(folder, _parent(output), marker=marker)
+        storage.publish_dir(folder, output_folder(output), marker=marker)
     logger.info("metrics: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(report.metrics.items())))
     return output

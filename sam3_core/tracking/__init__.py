@@ -7,8 +7,6 @@ component, found again by tags), logs through the returned `Tracker`, and predic
 
 from sam3_core.tracking.metrics import (
     eval_metrics,
-    gpu_memory_metrics,
-    train_step_metrics,
 )
 from sam3_core.tracking.redact import redact_params, redact_text, redact_tree
 from sam3_core.tracking.registry import resolve_model_uri
@@ -26,13 +24,11 @@ __all__ = [
     "component_run",
     "draw_masks",
     "eval_metrics",
-    "gpu_memory_metrics",
     "redact_params",
     "redact_text",
     "redact_tree",
     "replay_unsent",
     "resolve_model_uri",
     "tracking_uri",
-    "train_step_metrics",
     "ui_command",
 ]

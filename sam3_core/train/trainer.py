@@ -137,7 +137,10 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.module,
                 device_ids=[self.env.local_rank] if self.device.type == "cuda" else None,
-                static_graph=True,
+                # not static_graph: its first-step all-reduce hooks onto output tensors found by
+                # pytree, which cannot see into SAM3Output (a list subclass), so gradients were
+                # never averaged. Some parameters (e.g. the unused 0.5x neck level) get no gradient.
+                find_unused_parameters=True,
             )
         self.loss_fn = build_loss(cfg.loss, cfg.model.num_queries, cfg.model.enable_segmentation and cfg.data.clips.with_masks)
         self.optimizer = build_optimizer(self.module, cfg.optim)
@@ -228,8 +231,15 @@ class Trainer:
             sampler.set_epoch(self.epoch)
             self.train_set.set_epoch(self.epoch)
             indices = list(sampler)[self.micro_in_epoch * bs :]
+            # its own generator: a loader draws a seed when iterated, and a resumed run iterates a
+            # new loader mid-epoch, so drawing from the global stream would shift dropout after a resume
             loader = DataLoader(
-                self.train_set, batch_size=bs, sampler=indices, collate_fn=collate, num_workers=self.cfg.data.num_workers
+                self.train_set,
+                batch_size=bs,
+                sampler=indices,
+                collate_fn=collate,
+                num_workers=self.cfg.data.num_workers,
+                generator=torch.Generator().manual_seed(self.cfg.train.seed + self.epoch),
             )
             for batch in loader:
                 self.micro_in_epoch += 1
