@@ -36,7 +36,9 @@ def load_config(name: str, schema: type[T], overrides: list[str] | tuple[str, ..
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"config '{name}': {first_line}") from exc
+        key = getattr(exc, "full_key", None)
+        where = f" {key}:" if key else ""
+        raise ConfigError(f"config '{name}':{where} {first_line}") from exc
 
 
 def to_yaml(cfg: Any) -> str:

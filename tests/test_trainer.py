@@ -1,15 +1,17 @@
 """The trainer on the tiny synthetic dataset: it learns, resumes exactly, writes its run folder, runs on S3.
 
-In-process runs call the same `train()` / `execute()` the CLI calls; the kill test and the error
-tests run `python -m components.train` as a real subprocess.
+In-process runs call the same `train()` / `execute()` / `main()` the CLI calls; the run that is
+killed and the missing-input test run `python -m components.train` as a real subprocess.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,14 +19,14 @@ import pytest
 import torch
 import yaml
 
-from components.train import execute
+from components.train import execute, main
 from sam3_core import storage
 from sam3_core.config import load_config, to_yaml
 from sam3_core.data.prep import DataPrepConfig, prepare_dataset
 from sam3_core.errors import InputError
 from sam3_core.model.checkpoint import load_checkpoint
 from sam3_core.train.config import TrainJobConfig
-from sam3_core.train.trainer import Trainer, TrainResult, train
+from sam3_core.train.trainer import Trainer, TrainResult, run_uri_for, train
 from tests.fixtures.datasets import (
     TINY_MODEL,
     TINY_TRAIN,
@@ -38,6 +40,8 @@ WINDOW = 4
 # 3 train videos x 4 frames, 2-frame clips: 6 clips per epoch
 CLIPS_PER_EPOCH = 6
 SUBPROCESS_TIMEOUT_S = 300
+# the component's MLflow tracking is tested in test_tracking_components.py; here it would only cost time
+NO_TRACKING = ["tracking.enabled=false"]
 
 
 def config(overrides: list[str]) -> TrainJobConfig:
@@ -116,12 +120,14 @@ def test_checkpoint_holds_model_optimizer_schedule_step_rng_data_position_and_co
     assert yaml.safe_load(state["config"])["train"]["max_steps"] == STEPS
 
 
-def test_best_checkpoint_is_the_one_with_the_lowest_logged_loss(finished_run: tuple[list[str], TrainResult]) -> None:
-    result = finished_run[1]
-    best = load_checkpoint(result.best_checkpoint_uri)
-    at_checkpoints = {r["step"]: r["train/loss"] for r in result.history if r["step"] % 6 == 0}
-    assert best["step"] == min(at_checkpoints, key=at_checkpoints.get)
-    assert best["best"] == pytest.approx(min(at_checkpoints.values()))
+def test_best_checkpoint_is_the_one_with_the_lowest_train_loss_logged_before_it(
+    finished_run: tuple[list[str], TrainResult],
+) -> None:
+    history = finished_run[1].history
+    latest_loss = {step: [r["train/loss"] for r in history if r["step"] <= step][-1] for step in (6, 12)}
+    best = load_checkpoint(finished_run[1].best_checkpoint_uri)
+    assert best["step"] == min(latest_loss, key=latest_loss.__getitem__)
+    assert best["best"] == pytest.approx(min(latest_loss.values()))
 
 
 def test_rerunning_the_same_command_resumes_and_does_no_extra_step(finished_run: tuple[list[str], TrainResult]) -> None:
@@ -136,46 +142,59 @@ def test_rerunning_the_same_command_resumes_and_does_no_extra_step(finished_run:
     assert sha256_of(first.last_checkpoint_uri) == last_before
 
 
-def test_a_longer_run_with_another_max_steps_is_a_new_run(finished_run: tuple[list[str], TrainResult]) -> None:
+def test_a_run_with_another_max_steps_gets_its_own_folder(finished_run: tuple[list[str], TrainResult]) -> None:
     overrides, first = finished_run
-    assert Trainer(config([*overrides, f"train.max_steps={STEPS + 1}"])).run_uri != first.run_uri
+    assert run_uri_for(config([*overrides, f"train.max_steps={STEPS + 1}"])) != first.run_uri
 
 
-def wait_for(path: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+def test_tracking_settings_do_not_change_the_run_folder(finished_run: tuple[list[str], TrainResult]) -> None:
+    overrides, first = finished_run
+    assert run_uri_for(config([*overrides, "tracking.experiment_name=elsewhere", "tracking.enabled=false"])) == first.run_uri
+
+
+def kill_when_exists(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `proc` as soon as `path` exists; give up when it exits or the timeout passes."""
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
+    while proc.poll() is None and time.monotonic() < deadline:
+        if path.exists():
             proc.kill()
-            pytest.fail(f"{path} never appeared (exit {proc.poll()}); log ends:\n{log.read_text()[-3000:]}")
+            return
         time.sleep(0.05)
 
 
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
-    tiny_train_overrides: list[str], train_store: str, tmp_path: Path
+    tiny_train_overrides: list[str], train_store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # dropout on: resuming must also restore the random stream, not only weights and data position
-    common = [*tiny_train_overrides, f"output.store={train_store}", "train.max_steps=6", "train.checkpoint_every=2", "model.dropout=0.1"]
+    common = [
+        *tiny_train_overrides,
+        f"output.store={train_store}",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "model.dropout=0.1",
+        *NO_TRACKING,
+    ]
     interrupted = [*common, "output.run_name=interrupted"]
     last = Path(train_store) / "runs" / "interrupted" / "checkpoints" / "last.pt"
     log = tmp_path / "interrupted.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(train_command(interrupted), cwd=REPO, env=single_thread_env(), stdout=out, stderr=out)
-        wait_for(last, proc, log)
-        proc.kill()
+        killer = threading.Thread(target=kill_when_exists, args=(last, proc), daemon=True)
+        killer.start()
+        # the reference run trains here while the subprocess starts up
+        uninterrupted = execute([*common, "output.run_name=uninterrupted"])
+        killer.join()
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}; log ends:\n{log.read_text()[-3000:]}"
     killed_at = load_checkpoint(str(last))["step"]
     assert killed_at < 6, "the run finished before it could be killed"
 
-    rerun = subprocess.run(
-        train_command(interrupted), cwd=REPO, env=single_thread_env(), capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    outputs = json.loads(rerun.stdout.strip().splitlines()[-1])
+    # the same command again (in this process: a second interpreter start would double the test's time)
+    with caplog.at_level(logging.INFO, logger="sam3_core.train.trainer"):
+        outputs = execute(interrupted)
     assert outputs["last_checkpoint_uri"] == str(last)
-    assert f"resumed {last} at step {killed_at}" in rerun.stderr
+    assert f"resumed {last} at step {killed_at}" in caplog.text
 
-    uninterrupted = execute([*common, "output.run_name=uninterrupted"])
     resumed_state = load_checkpoint(outputs["last_checkpoint_uri"])
     straight_state = load_checkpoint(uninterrupted["last_checkpoint_uri"])
     assert resumed_state["step"] == straight_state["step"] == 6
@@ -208,19 +227,22 @@ def test_a_dataset_uri_with_no_published_dataset_is_an_input_error(tiny_train_ov
     assert raised.value.source == nowhere
 
 
-@pytest.mark.parametrize(
-    ("overrides", "names"),
-    [([], "uri"), (["data.uri=anywhere", "train.max_stepz=3"], "train.max_stepz")],
-    ids=["missing-data-uri", "unknown-key"],
-)
-def test_a_bad_config_exits_2_with_a_one_line_error(overrides: list[str], names: str, tmp_path: Path) -> None:
+def test_a_missing_data_uri_exits_2_with_a_one_line_error(tmp_path: Path) -> None:
     env = single_thread_env({k: v for k, v in os.environ.items() if k != "SAM3PIPE_STORE"})
     proc = subprocess.run(
-        train_command(overrides), cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
+        train_command([]), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
     )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and names in errors[0], proc.stderr
+    assert len(errors) == 1 and "missing mandatory value: uri" in errors[0], proc.stderr
+
+
+def test_an_unknown_override_exits_2_with_a_one_line_error_naming_it(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["data.uri=anywhere", "train.max_stepz=3"]) == 2
+    assert capsys.readouterr().out == ""
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "train.max_stepz" in errors[0] and "\n" not in errors[0]

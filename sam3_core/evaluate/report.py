@@ -43,7 +43,7 @@ from sam3_core.evaluate.coco import (
     prepare_frame_gt,
 )
 from sam3_core.evaluate.video import evaluate_videos
-from sam3_core.tracking import TrackingConfig
+from sam3_core.tracking.settings import TrackingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -264,8 +264,8 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
         )
         _init_text_parameters(model)
     if model.segmentation_head is not None:
-        # its semantic-seg output has no criterion in the loss set, so it would never get a
-        # gradient, which DDP rejects; its weights still load and save with the checkpoint
+        # its semantic-seg output has no criterion in the loss set: training it would only
+        # spend optimizer state and DDP bookkeeping; its weights still load and save
         model.segmentation_head.semantic_seg_head.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built SAM3 detector preset=%s (%.2fM parameters)", cfg.preset, n_params / 1e6)

@@ -48,7 +48,8 @@ from sam3_core.predict.postprocess import (
     coco_segm_results,
     frame_detections,
 )
-from sam3_core.tracking import TrackingConfig, draw_masks, resolve_model_uri
+from sam3_core.tracking import draw_masks, resolve_model_uri
+from sam3_core.tracking.settings import TrackingConfig
 from sam3_core.train import distributed as dist
 
 log = logging.getLogger(__name__)

@@ -3,32 +3,36 @@
 A component opens its run with `component_run` (parent per pipeline run, nested run per
 component, found again by tags), logs through the returned `Tracker`, and predict turns
 `models:/<name>@candidate` into a checkpoint URI with `resolve_model_uri`.
+
+Names resolve lazily (PEP 562): configs embed `TrackingConfig` without importing mlflow, which
+costs seconds at the start of every training process.
 """
 
-from sam3_core.tracking.metrics import (
-    eval_metrics,
-)
-from sam3_core.tracking.redact import redact_params, redact_text, redact_tree
-from sam3_core.tracking.registry import resolve_model_uri
-from sam3_core.tracking.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
-from sam3_core.tracking.settings import TrackingConfig, tracking_uri, ui_command
-from sam3_core.tracking.tracker import Tracker, component_run
-from sam3_core.tracking.unsent import replay_unsent
-from sam3_core.tracking.visuals import draw_masks
+from __future__ import annotations
 
-__all__ = [
-    "TAG_COMPONENT",
-    "TAG_PIPELINE_RUN_ID",
-    "Tracker",
-    "TrackingConfig",
-    "component_run",
-    "draw_masks",
-    "eval_metrics",
-    "redact_params",
-    "redact_text",
-    "redact_tree",
-    "replay_unsent",
-    "resolve_model_uri",
-    "tracking_uri",
-    "ui_command",
-]
+import importlib
+from typing import Any
+
+_SOURCES = {
+    "eval_metrics": "metrics",
+    "redact_params": "redact",
+    "redact_text": "redact",
+    "redact_tree": "redact",
+    "resolve_model_uri": "registry",
+    "TAG_COMPONENT": "runs",
+    "TAG_PIPELINE_RUN_ID": "runs",
+    "TrackingConfig": "settings",
+    "tracking_uri": "settings",
+    "ui_command": "settings",
+    "Tracker": "tracker",
+    "component_run": "tracker",
+    "replay_unsent": "unsent",
+    "draw_masks": "visuals",
+}
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)

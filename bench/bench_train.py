@@ -1,0 +1,145 @@
+"""Training step time: sam3pipe's trainer next to a bare forward/backward/step loop, 1 and 2 processes.
+
+The trainer's step (`Trainer._optimizer_step`: clip loading and collation, the loss, backward,
+gradient clipping, AdamW, the schedule, the loss read-out) is timed against the least a step
+can do on the same model: forward, loss, backward and AdamW on one batch collated up front,
+with no data loading, logging or checkpoints. Their ratio is the trainer's overhead. Each
+process count runs under torchrun (gloo on CPU, DDP for 2) on one synthetic dataset; the two
+loops alternate in rounds so a change in machine load hits both alike. Rank 0 writes the
+per-step times as JSON and this process prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainBench:
+    """What is timed: the tiny preset's defaults, `rounds` x `steps_per_round` steps per loop."""
+
+    process_counts: tuple[int, ...] = (1, 2)
+    warmup_steps: int = 3
+    rounds: int = 4
+    steps_per_round: int = 5
+    # torch threads per process: one per core keeps 1 and 2 processes comparable
+    threads: int = 1
+    num_videos: int = 8
+    frames_per_video: int = 8
+    timeout_s: int = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _timed_steps(step: Callable[[], Any], count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
+    """One torchrun process: build the trainer, then time its step and the bare step in turns."""
+    from sam3_core.config import load_config
+    from sam3_core.data.datapoints import collate_clips
+    from sam3_core.train import distributed
+    from sam3_core.train.config import TrainJobConfig
+    from sam3_core.train.trainer import Trainer
+
+    torch.set_num_threads(bench.threads)
+    trainer = Trainer(load_config("train", TrainJobConfig, overrides))
+    cfg = trainer.cfg
+    trainer.model.train()
+    batches = trainer._micro_batches()
+    mine = range(trainer.env.rank, len(trainer.train_set), trainer.env.world_size)[: cfg.data.batch_size]
+    fixed = trainer._to_device(collate_clips([trainer.train_set[i] for i in mine], with_masks=cfg.data.clips.with_masks))
+    targets = [trainer.module.detector.back_convert(t) for t in fixed.find_targets]
+
+    def ours() -> None:
+        trainer._optimizer_step(batches)
+
+    def bare() -> None:
+        with trainer._autocast():
+            losses = trainer.loss_fn(trainer.model(fixed), targets)
+        losses["core_loss"].backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    _timed_steps(ours, bench.warmup_steps)
+    _timed_steps(bare, bench.warmup_steps)
+    times: dict[str, list[float]] = {"trainer": [], "bare": []}
+    for _ in range(bench.rounds):
+        times["trainer"] += _timed_steps(ours, bench.steps_per_round)
+        times["bare"] += _timed_steps(bare, bench.steps_per_round)
+    if trainer.env.is_main:
+        Path(out_path).write_text(json.dumps({"world_size": trainer.env.world_size, **times}))
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def _dataset(store: Path, bench: TrainBench) -> str:
+    from sam3_core.data.prep import DataPrepConfig, prepare_dataset
+    from sam3_core.data.synthetic import SyntheticConfig
+
+    videos = SyntheticConfig(num_videos=bench.num_videos, frames_per_video=bench.frames_per_video)
+    return prepare_dataset(DataPrepConfig(source="synthetic", synthetic=videos, store=str(store))).uri
+
+
+def _launch(processes: int, overrides: list[str], out: Path, bench: TrainBench) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "-m", "bench.bench_train", "--worker", str(out), *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(bench.threads), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=bench.timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{processes}-process bench failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    bench = TrainBench()
+    with tempfile.TemporaryDirectory(prefix="sam3pipe-bench-train-") as tmp:
+        root = Path(tmp)
+        overrides = [f"data.uri={_dataset(root / 'store', bench)}", f"output.store={root / 'store'}"]
+        results = {n: _launch(n, overrides, root / f"times_{n}.json", bench) for n in bench.process_counts}
+    timed = bench.rounds * bench.steps_per_round
+    device = f"GPU {torch.cuda.get_device_name(0)}, nccl" if torch.cuda.is_available() else "CPU, gloo"
+    print(
+        f"train step, tiny preset (112 px, 2 clips x 2 frames per process), median of {timed} steps after "
+        f"{bench.warmup_steps} warm-up; {os.cpu_count()} CPUs, {bench.threads} torch thread(s) per process, "
+        f"{device}, torch {torch.__version__}"
+    )
+    print(f"{'processes':<12}{'trainer s/step':>16}{'bare s/step':>14}{'trainer/bare':>14}")
+    for processes, result in results.items():
+        ours, bare = statistics.median(result["trainer"]), statistics.median(result["bare"])
+        print(f"{processes:<12}{ours:>16.3f}{bare:>14.3f}{ours / bare:>13.2f}x")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2], sys.argv[3:], TrainBench())
+    else:
+        main()

@@ -1,0 +1,85 @@
+"""Two-process training on CPU (gloo) under torchrun: ranks stay in lock-step and share out the clips."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sam3_core.model.build import build_detector
+from sam3_core.model.checkpoint import load_checkpoint
+from sam3_core.model.config import ModelConfig
+from sam3_core.model.video_detector import VideoClipDetector
+from tests.fixtures.datasets import single_thread_env
+
+REPO = Path(__file__).resolve().parents[1]
+RANKS = 2
+# 3 train videos x 4 frames, 2-frame clips: 6 clips; one clip per rank per step
+CLIPS_PER_EPOCH = 6
+EPOCHS = 2
+STEPS = EPOCHS * CLIPS_PER_EPOCH // RANKS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Final weights and the clips each rank loaded, after a 2-epoch run on 2 processes."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    store = out / "store"
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(REPO / "tests" / "train_worker.py"), str(out),
+        *tiny_train_overrides, f"output.store={store}", "output.run_name=ddp",
+        f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
+    ]
+    proc = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {
+        "weights": [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(RANKS)],
+        "records": [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)],
+        "checkpoint": load_checkpoint(str(store / "runs" / "ddp" / "checkpoints" / "last.pt")),
+    }
+
+
+def test_both_ranks_join_one_process_group(two_ranks: dict[str, Any]) -> None:
+    assert [record["world_size"] for record in two_ranks["records"]] == [RANKS] * RANKS
+
+
+def test_weights_are_identical_on_every_rank_after_training(two_ranks: dict[str, Any]) -> None:
+    first, second = two_ranks["weights"]
+    assert first.keys() == second.keys()
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+
+
+def test_training_moved_the_weights_away_from_the_initial_ones(two_ranks: dict[str, Any]) -> None:
+    initial = VideoClipDetector(build_detector(ModelConfig(image_size=56, vit_pretrain_img_size=56))).state_dict()
+    trained = two_ranks["weights"][0]
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+def test_rank_zero_checkpoints_the_shared_weights(two_ranks: dict[str, Any]) -> None:
+    checkpoint = two_ranks["checkpoint"]
+    assert checkpoint["step"] == STEPS
+    assert checkpoint["world_size"] == RANKS
+    assert len(checkpoint["rng"]) == RANKS
+    weights = two_ranks["weights"][0]
+    assert all(torch.equal(checkpoint["model"][k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("epoch", range(EPOCHS))
+def test_the_ranks_together_load_every_clip_once_per_epoch(two_ranks: dict[str, Any], epoch: int) -> None:
+    per_rank = [record["seen"][str(epoch)] for record in two_ranks["records"]]
+    assert [len(indices) for indices in per_rank] == [CLIPS_PER_EPOCH // RANKS] * RANKS
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(CLIPS_PER_EPOCH))
