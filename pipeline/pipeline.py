@@ -94,7 +94,7 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         frames_root: str = "",
         model_preset: str = "tiny",
         checkpoint: str = "",
-        max_steps: int = 10,
+        max_steps: int = 150,
         lr: float = 5e-4,
         batch_size: int = 2,
         frames_per_clip: int = 2,
