@@ -38,6 +38,9 @@ class LoopConfig:
     val_max_clips: int = 16
     resume: bool = True
     dist_timeout_s: int = 1800
+    # torch CPU threads per process; 0 keeps torch's default (one per core). Processes sharing
+    # cores (several ranks on one CPU machine) run far faster with 1
+    num_threads: int = 0
 
 
 @dataclass

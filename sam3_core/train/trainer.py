@@ -113,6 +113,8 @@ class Trainer:
         self.run_uri = run_uri_for(cfg)
         self.ckpt_dir = storage.join(self.run_uri, "checkpoints")
         torch.manual_seed(cfg.train.seed + self.env.rank)
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
 
         self.reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
         frames = _FrameArrays(self.reader)
