@@ -102,6 +102,19 @@ def test_full_preset_composes_through_hydra_with_the_official_dimensions() -> No
     assert model.preset == "full"
 
 
+def test_full_preset_builds_the_official_architecture_parameter_for_parameter() -> None:
+    """840,509,750 parameters (vision trunk 446.2M, text 353.7M): sam3 0.1.4's image detector."""
+    model = build_detector(load_config("train", TrainJobConfig, ["model=full", "data.uri=x"]).model)
+    counts = {"all": 0, "trunk": 0, "text": 0}
+    for name, param in model.named_parameters():
+        counts["all"] += param.numel()
+        counts["trunk"] += param.numel() if name.startswith("backbone.vision_backbone.trunk") else 0
+        counts["text"] += param.numel() if name.startswith("backbone.language_backbone") else 0
+    assert counts["all"] == 840_509_750
+    assert round(counts["trunk"] / 1e6, 1) == 446.2
+    assert round(counts["text"] / 1e6, 1) == 353.7
+
+
 # ---------------------------------------------------------------------------- multi-frame forward
 
 
