@@ -19,5 +19,5 @@ class StorageError(Sam3PipeError):
     """An object-store operation failed or was refused (bad key, missing object, checksum)."""
 
 
-class ConfigError(Sam3PipeError):
-    """A Hydra override or config value is invalid."""
+class ConfigError(Sam3PipeError, ValueError):
+    """A Hydra override or config value is invalid (a ValueError too, as callers of pure code expect)."""

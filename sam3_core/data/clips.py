@@ -15,6 +15,7 @@ import torch.utils.data
 
 from sam3_core.data.datapoints import FrameObject, Prompt, make_datapoint
 from sam3_core.data.ytvis import Track, VideoDataset, rle_to_mask
+from sam3_core.errors import ConfigError
 
 
 @dataclass
@@ -30,6 +31,10 @@ class ClipConfig:
     # cap on prompts per clip; positives first
     max_prompts: int = 8
     with_masks: bool = True
+
+    def __post_init__(self) -> None:
+        if self.frames_per_clip < 1 or self.stride_min < 1 or self.stride_max < self.stride_min:
+            raise ConfigError("data.clips needs frames_per_clip >= 1 and 1 <= stride_min <= stride_max")
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,6 @@ class ClipDataset(torch.utils.data.Dataset):
         seed: int,
         train: bool = True,
     ) -> None:
-        if cfg.frames_per_clip < 1 or cfg.stride_min < 1 or cfg.stride_max < cfg.stride_min:
-            raise ValueError("data.clips needs frames_per_clip >= 1 and 1 <= stride_min <= stride_max")
         self.dataset, self.load_frame, self.cfg = dataset, load_frame, cfg
         self.image_size, self.seed, self.train = image_size, seed, train
         self.refs = enumerate_clips(dataset, cfg.frames_per_clip)

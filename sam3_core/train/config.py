@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sam3_core.data.clips import ClipConfig
+from sam3_core.errors import ConfigError
 from sam3_core.model.config import ModelConfig
 from sam3_core.tracking.settings import TrackingConfig
 from sam3_core.train.loss import LossConfig
@@ -22,12 +23,16 @@ class DataConfig:
     num_workers: int = 0
 
 
+AMP_MODES = ("auto", "bf16", "off")
+
+
 @dataclass
 class LoopConfig:
     max_steps: int = 200
     grad_accum_steps: int = 1
     seed: int = 0
-    # "auto": bf16 autocast on GPU, full precision on CPU (bf16 gives no speed-up there)
+    # "auto": bf16 autocast on GPU, full precision on CPU (bf16 gives no speed-up there);
+    # "bf16": bf16 autocast on any device; "off": full precision
     amp: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 100
@@ -41,6 +46,12 @@ class LoopConfig:
     # torch CPU threads per process; 0 keeps torch's default (one per core). Processes sharing
     # cores (several ranks on one CPU machine) run far faster with 1
     num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.max_steps < 1 or self.grad_accum_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("train.max_steps, grad_accum_steps, log_every and checkpoint_every must be >= 1")
 
 
 @dataclass

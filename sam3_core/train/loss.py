@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sam3_core.errors import ConfigError
 from sam3_core.model import cpu_compat
 from sam3_core.model.build import hungarian_matcher
 
@@ -33,6 +34,10 @@ class LossConfig:
     # loss); "sum": summed, as sam3's wrapper does without normalize_by_stage_num
     frame_reduction: str = "mean"
 
+    def __post_init__(self) -> None:
+        if self.frame_reduction not in ("mean", "sum"):
+            raise ConfigError(f"loss.frame_reduction must be 'mean' or 'sum', got {self.frame_reduction!r}")
+
 
 def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool) -> nn.Module:
     """`Sam3LossWrapper`; box-count normalisation is global (all-reduced) under torch.distributed."""
@@ -40,8 +45,6 @@ def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool) -> nn.Module
     from sam3.train.loss.sam3_loss import Sam3LossWrapper
     from sam3.train.matcher import BinaryOneToManyMatcher
 
-    if cfg.frame_reduction not in ("mean", "sum"):
-        raise ValueError(f"loss.frame_reduction must be 'mean' or 'sum', got {cfg.frame_reduction!r}")
     cpu_compat.apply()
     loss_fns: list[nn.Module] = [
         Boxes(weight_dict={"loss_bbox": cfg.loss_bbox, "loss_giou": cfg.loss_giou}),

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sam3_core.errors import ConfigError
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -22,6 +24,10 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     # max gradient norm; 0 turns clipping off
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -39,8 +45,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based)."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -51,5 +55,4 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    lr_factor(0, cfg, max_steps)  # validates the schedule name before training starts
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
