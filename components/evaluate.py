@@ -10,7 +10,6 @@ The MLflow run gets the same: `eval/*` metrics, those files, the table as a grid
 from __future__ import annotations
 
 import argparse
-import logging
 import re
 import sys
 from typing import Any
@@ -27,8 +26,6 @@ from sam3_core.evaluate.report import (
     run_evaluation,
 )
 from sam3_core.tracking import component_run, eval_metrics
-
-logger = logging.getLogger(__name__)
 
 # Flag -> config key; flags are a convenience over the equivalent Hydra overrides.
 FLAGS = {"--gt": "gt", "--predictions": "predictions", "--output": "output", "--frames-gt": "frames_gt"}

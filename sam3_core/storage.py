@@ -10,6 +10,7 @@ through a temporary file and ``os.replace``; ``publish_dir`` writes its marker l
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -262,8 +263,15 @@ def _errors(uri: str, action: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------- local helpers
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+@functools.cache
+def _process_umask() -> int:
+    """The umask, read without changing it (os.umask can only be read by setting it)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 @contextlib.contextmanager
@@ -275,8 +283,8 @@ def _atomic_local(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        # mkstemp creates 0600; published files get the usual umask-based mode
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        # mkstemp creates 0600; published files get the mode a plain open() would give them
+        os.chmod(tmp, 0o666 & ~_process_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -530,7 +538,8 @@ def publish_dir(local_dir: str | Path, dest: str, marker: str = "manifest.json")
         _upload_all(root, targets, dest)
         _upload_verified(marker_path, marker_uri)
     except BaseException as exc:
-        _roll_back(dest, list(targets.values()))
+        # the marker first: a marker whose verification failed must not outlive its files
+        _roll_back(dest, [marker_uri, *targets.values()])
         if isinstance(exc, StorageError) or not isinstance(exc, Exception):
             raise
         raise StorageError(f"{dest}: publish of {root} failed and was rolled back: {_explain(exc)}") from exc

@@ -487,3 +487,16 @@ def test_a_server_unreachable_at_start_leaves_a_record_that_creates_the_runs_on_
     assert replayed.data.metrics == {"train/loss": 0.5}
     assert replayed.data.params["optim.lr"] == "0.0001"
     assert replayed.info.status == "FINISHED"
+
+
+def test_error_descriptions_mask_the_credentials_mlflow_puts_in_its_messages() -> None:
+    from sam3_core.tracking.redact import describe_error
+
+    exc = ConnectionError(
+        "API request to https://alice:Zq8vLw3pRt6yNc1x@mlflow.example.com/api/2.0/mlflow/runs/create failed\n"
+        "Traceback details that must not reach a log line"
+    )
+    text = describe_error(exc)
+    assert "Zq8vLw3pRt6yNc1x" not in text
+    assert text.startswith("API request to https://")
+    assert "Traceback" not in text

@@ -48,7 +48,7 @@ from sam3_core.tracking.settings import TrackingConfig
 logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "video", "coco")
-# Names the predict step gives its outputs inside its predictions folder (see DESIGN.md).
+# What evaluate publishes next to metrics.json.
 TABLE_CSV = "per_category.csv"
 TABLE_MD = "per_category.md"
 PR_PLOT = "pr_curves.png"

@@ -97,6 +97,15 @@ def redact_text(text: str) -> str:
     return _OPAQUE.sub(lambda m: MASK if _looks_random(m.group(0)) else m.group(0), text)
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception for a log line or a message: first line, bounded, credentials masked.
+
+    MLflow puts the full request URL, with any `user:password@` of the tracking URI, in its errors.
+    """
+    lines = str(exc).strip().splitlines()
+    return redact_text(lines[0][:200] if lines else type(exc).__name__)
+
+
 def redact_value(key: str, value: Any) -> Any:
     """One leaf of a config or a tag: masked whole when its key or its shape says credential."""
     if is_secret_key(key) and value not in (None, "") and not isinstance(value, bool):

@@ -16,7 +16,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from sam3_core.errors import InputError, Sam3PipeError
-from sam3_core.tracking.redact import redact_text
+from sam3_core.tracking.redact import describe_error, redact_text
 from sam3_core.tracking.runs import TAG_PIPELINE_RUN_ID, TAG_SUPERSEDED_BY
 from sam3_core.tracking.sender import is_transient
 from sam3_core.tracking.settings import tracking_uri
@@ -76,7 +76,7 @@ def resolve_model_uri(uri: str, client: MlflowClient | None = None) -> str:
         raise InputError(
             uri,
             "model.uri",
-            f"not in the model registry at {where} ({exc.message}); register it by running train "
+            f"not in the model registry at {where} ({describe_error(exc)}); register it by running train "
             "with tracking enabled, or pass a checkpoint URI",
         ) from exc
     logger.info("resolved %s to %s (version %s)", uri, found.source, found.version)

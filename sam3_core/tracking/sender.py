@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
+from sam3_core.tracking.redact import describe_error
 from sam3_core.tracking.settings import TrackingConfig
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class Sender:
                     "MLflow refused %d values of run %s (%s); they go to the local record",
                     len(batch),
                     self._run_id,
-                    exc,
+                    describe_error(exc),
                 )
                 self._rejected.extend(batch)
             with self._lock:
@@ -161,7 +162,7 @@ class Sender:
                 queued = len(self._pending)
             logger.warning(
                 "MLflow tracking server unreachable (%s); keeping %d values of run %s and retrying every <= %.0fs",
-                str(exc).splitlines()[0][:200],
+                describe_error(exc),
                 queued,
                 self._run_id,
                 self._cfg.retry_max_s,

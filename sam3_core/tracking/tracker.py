@@ -42,6 +42,7 @@ from sam3_core.config import flatten
 from sam3_core.errors import ConfigError, StorageError
 from sam3_core.tracking.metrics import eval_metrics
 from sam3_core.tracking.redact import (
+    describe_error,
     redact_params,
     redact_text,
     redact_tree,
@@ -128,7 +129,7 @@ def _retrying(fn: Callable[[], T], cfg: TrackingConfig, timeout_s: float) -> T:
         except TRACKING_ERRORS as exc:
             if not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            logger.debug("MLflow call failed (%s); retrying in %.1fs", exc, delay)
+            logger.debug("MLflow call failed (%s); retrying in %.1fs", describe_error(exc), delay)
             time.sleep(delay)
             delay = min(delay * 2, cfg.retry_max_s)
 
@@ -175,10 +176,6 @@ class Tracker:
     def resumed(self) -> bool:
         """True when this continues an unfinished run of the same config, so it holds the earlier values."""
         return self._runs is not None and self._runs.resumed
-
-    @property
-    def pipeline_run_id(self) -> str | None:
-        return self._spec.pipeline_run_id if self._spec else None
 
     # ------------------------------------------------------------------ values (buffered)
 
@@ -232,7 +229,7 @@ class Tracker:
             )
         except TRACKING_ERRORS as exc:
             self._server_down = is_transient(exc)
-            logger.warning("MLflow: %s failed (%s); the component goes on without it", what, exc)
+            logger.warning("MLflow: %s failed (%s); the component goes on without it", what, describe_error(exc))
             return None
         self._server_down = False
         return result
@@ -335,7 +332,7 @@ class Tracker:
             try:
                 _retrying(lambda: close_runs(client, runs, status), self._cfg, self._cfg.final_flush_timeout_s)
             except TRACKING_ERRORS as exc:
-                logger.warning("MLflow: could not mark run %s %s (%s)", runs.run_id, status, exc)
+                logger.warning("MLflow: could not mark run %s %s (%s)", runs.run_id, status, describe_error(exc))
 
     def _record(self, spec: RunSpec, left: Pending, status: str) -> None:
         """Into the record under the outputs; into `.sam3pipe/unsent/` when the store fails too."""
@@ -380,7 +377,7 @@ def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> SystemMetr
             runs.run_id, sampling_interval=cfg.system_metrics_interval_s, resume_logging=runs.resumed, tracking_uri=uri
         )
     except TRACKING_ERRORS as exc:
-        logger.warning("MLflow system metrics not started: %s", exc)
+        logger.warning("MLflow system metrics not started: %s", describe_error(exc))
         return None
     monitor.start()
     return monitor
@@ -394,13 +391,13 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
     except TRACKING_ERRORS as exc:
         if not is_transient(exc):
             raise ConfigError(
-                f"MLflow at {redact_text(uri)} refused to open the {spec.component} run: {exc}; "
+                f"MLflow at {redact_text(uri)} refused to open the {spec.component} run: {describe_error(exc)}; "
                 "fix the tracking settings or set tracking.enabled=false"
             ) from exc
         logger.warning(
             "MLflow tracking server %s unreachable (%s); %s runs with tracking offline, metrics are recorded locally",
             redact_text(uri),
-            str(exc).splitlines()[0][:200],
+            describe_error(exc),
             spec.component,
         )
         return None

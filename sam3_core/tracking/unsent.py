@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from sam3_core import storage
 from sam3_core.errors import InputError, Sam3PipeError
-from sam3_core.tracking.redact import redact_text
+from sam3_core.tracking.redact import describe_error, redact_text
 from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
 from sam3_core.tracking.sender import Pending, is_transient
 from sam3_core.tracking.settings import (
@@ -99,7 +99,7 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
             sent += len(pending.metrics)
     except MlflowException as exc:
         hint = "retry when it is reachable" if is_transient(exc) else "it refused them"
-        raise Sam3PipeError(f"{uri}: replay to {redact_text(tracking_uri())} stopped: {exc}; {hint}") from exc
+        raise Sam3PipeError(f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}") from exc
     storage.delete(uri)
     logger.info("replayed %d metrics from %s; record removed", sent, uri)
     return sent
