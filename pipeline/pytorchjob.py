@@ -4,7 +4,9 @@ The train step runs this in its KFP pod when `training_mode=pytorchjob`. The job
 Workers run the same image and the same `pipeline.distributed` entry as a single-pod run; rank 0
 writes the step's outputs to the object store, which this launcher reads back once the job
 succeeded. A retried launcher finds its job by name (derived from the pipeline run id) and keeps
-watching it instead of starting a second one.
+watching it instead of starting a second one (a kept Failed job is replaced by a fresh one).
+The job is deleted when it ends, when the watch times out and when the launcher pod is terminated;
+a failing Kubernetes API leaves it running for a retried launcher to adopt.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import copy
 import dataclasses
 import logging
 import re
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -41,6 +47,10 @@ class PyTorchJobError(Sam3PipeError):
     """The job could not be created, failed, or did not finish in time."""
 
 
+class KubernetesApiError(PyTorchJobError):
+    """The API server refused a request; the job itself may be fine."""
+
+
 @dataclass
 class LaunchSettings:
     """Everything the launcher needs at run time, fixed when the pipeline is compiled."""
@@ -59,6 +69,7 @@ class LaunchSettings:
     env: list[dict[str, Any]]
     poll_interval_s: float
     timeout_s: int
+    ttl_after_finished_s: int
     backoff_limit: int
     keep_failed: bool
 
@@ -67,6 +78,7 @@ class LaunchSettings:
         # the API server rejects 2.0 for an integer field
         self.backoff_limit = int(self.backoff_limit)
         self.timeout_s = int(self.timeout_s)
+        self.ttl_after_finished_s = int(self.ttl_after_finished_s)
         self.poll_interval_s = float(self.poll_interval_s)
 
     @classmethod
@@ -85,6 +97,7 @@ class LaunchSettings:
             env=secret_env(settings),
             poll_interval_s=job.poll_interval_s,
             timeout_s=job.timeout_s,
+            ttl_after_finished_s=job.ttl_after_finished_s,
             backoff_limit=job.backoff_limit,
             keep_failed=job.keep_failed,
         )
@@ -140,6 +153,7 @@ def build_job(
     run_policy = job["spec"]["runPolicy"]
     run_policy["backoffLimit"] = launch.backoff_limit
     run_policy["activeDeadlineSeconds"] = launch.timeout_s
+    run_policy["ttlSecondsAfterFinished"] = launch.ttl_after_finished_s
 
     master = job["spec"]["pytorchReplicaSpecs"]["Master"]
     pod = master["template"]["spec"]
@@ -180,27 +194,66 @@ def final_state(job: dict[str, Any]) -> str | None:
     return None
 
 
-def _api_error(action: str, name: str, namespace: str, exc: ApiException) -> PyTorchJobError:
+def _is_transient(exc: Exception) -> bool:
+    """An overloaded or restarting API server, or a dropped connection: worth asking again."""
+    if isinstance(exc, ApiException):
+        return exc.status == 429 or (exc.status or 0) >= 500
+    return isinstance(exc, urllib3.exceptions.HTTPError)
+
+
+def _api_error(action: str, name: str, namespace: str, exc: ApiException) -> KubernetesApiError:
     hint = {
         401: "the launcher's credentials were refused",
         403: "the pipeline's service account lacks RBAC for pytorchjobs: apply manifests/ (Role sam3pipe-launcher)",
         404: "is the Kubeflow Training Operator installed (CRD pytorchjobs.kubeflow.org)?",
         422: "the job manifest was rejected: check pipeline/templates/pytorchjob.yaml and the settings",
     }.get(exc.status or 0, "see the API server's message")
-    return PyTorchJobError(
+    return KubernetesApiError(
         f"pytorchjob {namespace}/{name}: {action} failed with HTTP {exc.status} {exc.reason}: {hint}"
     )
 
 
-def _create_or_adopt(api: k8s.CustomObjectsApi, job: dict[str, Any]) -> None:
+def _get(api: k8s.CustomObjectsApi, name: str, namespace: str) -> dict[str, Any] | None:
+    """The job, or None once it is gone."""
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise _api_error("get", name, namespace, exc) from exc
+
+
+def _wait_deleted(api: k8s.CustomObjectsApi, name: str, namespace: str, launch: LaunchSettings) -> None:
+    deadline = time.monotonic() + launch.timeout_s
+    while _get(api, name, namespace) is not None:
+        if time.monotonic() >= deadline:
+            raise PyTorchJobError(f"pytorchjob {namespace}/{name}: still not deleted after {launch.timeout_s} s")
+        time.sleep(launch.poll_interval_s)
+
+
+def _create_or_adopt(api: k8s.CustomObjectsApi, job: dict[str, Any], launch: LaunchSettings) -> None:
+    """Create the job; a retried launcher adopts its earlier job, unless that one was kept Failed."""
     name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
     try:
         api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
         logger.info("created pytorchjob %s/%s", namespace, name)
+        return
     except ApiException as exc:
         if exc.status != 409:
             raise _api_error("create", name, namespace, exc) from exc
+    existing = _get(api, name, namespace)
+    if existing is not None and final_state(existing) != "Failed":
         logger.warning("pytorchjob %s/%s already exists (a retried launcher): watching it", namespace, name)
+        return
+    if existing is not None:
+        logger.warning("pytorchjob %s/%s was kept Failed by an earlier attempt: replacing it", namespace, name)
+        _delete(api, name, namespace)
+        _wait_deleted(api, name, namespace, launch)
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    except ApiException as exc:
+        raise _api_error("create", name, namespace, exc) from exc
+    logger.info("created pytorchjob %s/%s", namespace, name)
 
 
 def _delete(api: k8s.CustomObjectsApi, name: str, namespace: str) -> None:
@@ -212,6 +265,8 @@ def _delete(api: k8s.CustomObjectsApi, name: str, namespace: str) -> None:
     except ApiException as exc:
         if exc.status != 404:
             logger.warning("could not delete pytorchjob %s/%s: HTTP %s %s", namespace, name, exc.status, exc.reason)
+    except urllib3.exceptions.HTTPError as exc:
+        logger.warning("could not delete pytorchjob %s/%s: %s", namespace, name, exc)
 
 
 def watch_job(
@@ -221,14 +276,20 @@ def watch_job(
     poll_interval_s: float,
     timeout_s: float,
 ) -> str:
-    """Poll the job until it succeeds or fails, logging each condition once; return the final state."""
+    """Poll the job until it succeeds or fails, logging each condition once; return the final state.
+
+    Transient API failures (5xx, 429, lost connections) are retried until the deadline.
+    """
     deadline = time.monotonic() + timeout_s
     seen: set[tuple[str, str, str]] = set()
     while True:
         try:
             job = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except ApiException as exc:
-            raise _api_error("get", name, namespace, exc) from exc
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            if isinstance(exc, ApiException) and not _is_transient(exc):
+                raise _api_error("get", name, namespace, exc) from exc
+            logger.warning("pytorchjob %s/%s: reading its status failed, retrying: %s", namespace, name, exc)
+            job = {}
         for condition in job_conditions(job):
             key = (condition.get("type", ""), condition.get("status", ""), condition.get("reason", ""))
             if key not in seen:
@@ -244,14 +305,34 @@ def watch_job(
         time.sleep(poll_interval_s)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """KFP stops a step with SIGTERM, whose default handler skips `finally`: make it unwind instead."""
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_job(api: k8s.CustomObjectsApi, job: dict[str, Any], launch: LaunchSettings) -> None:
     """Create (or adopt) the job, wait for it, and delete it; raise if it did not succeed."""
     name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
-    _create_or_adopt(api, job)
-    state = None
-    try:
-        state = watch_job(api, name, namespace, launch.poll_interval_s, launch.timeout_s)
-    finally:
+    with _sigterm_raises():
+        _create_or_adopt(api, job, launch)
+        try:
+            state = watch_job(api, name, namespace, launch.poll_interval_s, launch.timeout_s)
+        except KubernetesApiError:
+            logger.warning("leaving pytorchjob %s/%s running for a retried launcher to adopt", namespace, name)
+            raise
+        except BaseException:
+            # timed out, or this pod is being terminated: nobody would watch the job any more
+            _delete(api, name, namespace)
+            raise
         if state == "Failed" and launch.keep_failed:
             logger.warning("keeping failed pytorchjob %s/%s for debugging (pytorchjob.keep_failed)", namespace, name)
         else:

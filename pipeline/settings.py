@@ -81,7 +81,10 @@ class PyTorchJobSettings:
     cpu: str = "8"
     memory: str = "64Gi"
     poll_interval_s: float = 15.0
-    timeout_s: int = 3 * 24 * 3600
+    # below train.timeout_s, so the launcher times out (and deletes the job) before KFP kills its pod
+    timeout_s: int = 3 * 24 * 3600 - 3600
+    # the operator deletes a finished job this long after it ended, should no launcher be left to do it
+    ttl_after_finished_s: int = 24 * 3600
     # pod restarts the operator may do before it marks the job Failed
     backoff_limit: int = 2
     # keep a failed job (and its pods' logs) for debugging instead of deleting it
@@ -114,7 +117,13 @@ def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> PipelineSettin
     """Defaults merged with dotted `key=value` overrides, type-checked against the dataclasses."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PipelineSettings), OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        settings: PipelineSettings = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except (OmegaConfBaseException, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"pipeline settings: {first_line} (overrides: {list(overrides)})") from exc
+    if settings.pytorchjob.timeout_s >= settings.train.timeout_s:
+        raise ConfigError(
+            f"pipeline settings: pytorchjob.timeout_s ({settings.pytorchjob.timeout_s}) must be smaller than "
+            f"train.timeout_s ({settings.train.timeout_s}), or KFP kills the launcher before it can delete its job"
+        )
+    return settings

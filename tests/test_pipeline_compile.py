@@ -12,7 +12,7 @@ from kfp import components
 from pipeline.compile import compile_pipeline
 from pipeline.settings import load_settings
 from pipeline.steps import plan_training
-from sam3_core.errors import InputError
+from sam3_core.errors import ConfigError, InputError
 
 PLANTED_SECRET = "planted-secret-value-9f8e7d"
 
@@ -165,3 +165,14 @@ def test_the_train_pod_requests_gpus_only_when_it_trains_itself(mode: str, gpus:
 def test_bad_training_parameters_are_refused_before_training(mode: str, gpus: int, nodes: int, field: str) -> None:
     with pytest.raises(InputError, match=f"pipeline parameters: {field}:"):
         plan_training(mode, gpus, nodes)
+
+
+def test_the_launcher_gives_up_on_its_job_before_kfp_kills_the_train_step() -> None:
+    settings = load_settings()
+
+    assert settings.pytorchjob.timeout_s < settings.train.timeout_s
+
+
+def test_a_job_timeout_not_below_the_train_step_timeout_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"pytorchjob.timeout_s \(7200\) must be smaller than train.timeout_s \(3600\)"):
+        load_settings(["pytorchjob.timeout_s=7200", "train.timeout_s=3600"])

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from pipeline.settings import load_settings
 from sam3_core import storage
 from sam3_core.errors import ConfigError
 
+REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def launch() -> LaunchSettings:
@@ -78,6 +81,13 @@ def test_single_node_cpu_job_has_no_workers_and_no_gpu_limit(pytorchjob_schema, 
     assert "Worker" not in job["spec"]["pytorchReplicaSpecs"]
     assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
     assert job["spec"]["nprocPerNode"] == "1"
+
+
+def test_finished_job_is_garbage_collected_by_the_operator(pytorchjob_schema, launch) -> None:
+    job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 1, 1, launch, {})
+
+    assert pytorchjob_schema.errors(job) == []
+    assert job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] == launch.ttl_after_finished_s
 
 
 def test_job_env_references_secrets_and_never_holds_their_values(launch, monkeypatch) -> None:
@@ -140,6 +150,65 @@ def test_retried_launcher_adopts_the_existing_job(fake_k8s, launch, s3_bucket) -
 
     assert result == {"run_uri": "r"}
     assert fake_k8s.created == [] and fake_k8s.deleted == [("team-a", name)]
+
+
+def test_retried_launcher_replaces_a_job_kept_failed_by_an_earlier_attempt(fake_k8s, launch, s3_bucket) -> None:
+    name = pytorchjob.job_name("run-9")
+    fake_k8s.add_job(pytorchjob.build_job(name, "team-a", ["-m", "x"], 1, 1, launch, {}), script=["Failed"])
+    fake_k8s.on_success = rank0_writes({"run_uri": "r"})
+
+    result = pytorchjob.launch_training([], launch, "run-9", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert result == {"run_uri": "r"}
+    assert len(fake_k8s.created) == 1 and fake_k8s.deleted == [("team-a", name), ("team-a", name)]
+
+
+def test_status_read_failing_once_is_retried_and_the_job_still_succeeds(fake_k8s, launch, s3_bucket) -> None:
+    fake_k8s.get_errors = [500]
+    fake_k8s.on_success = rank0_writes({"run_uri": "r"})
+
+    result = pytorchjob.launch_training([], launch, "run-10", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert result == {"run_uri": "r"} and fake_k8s.get_errors == []
+    assert fake_k8s.deleted == [("team-a", pytorchjob.job_name("run-10"))]
+
+
+def test_refused_status_read_leaves_the_job_for_a_retried_launcher(fake_k8s, launch, s3_bucket) -> None:
+    fake_k8s.get_errors = [403]
+
+    with pytest.raises(PyTorchJobError, match="lacks RBAC for pytorchjobs"):
+        pytorchjob.launch_training([], launch, "run-11", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert fake_k8s.deleted == [] and len(fake_k8s.jobs) == 1
+
+
+LAUNCHER = """
+import json, sys
+from kubernetes import client
+from pipeline import pytorchjob
+configuration = client.Configuration()
+configuration.host = sys.argv[1]
+api = client.CustomObjectsApi(client.ApiClient(configuration))
+pytorchjob.run_job(api, json.loads(sys.argv[2]), pytorchjob.LaunchSettings(**json.loads(sys.argv[3])))
+"""
+
+
+def test_terminated_launcher_deletes_its_job(fake_k8s, launch) -> None:
+    fake_k8s.script = ["Created", "Running"]
+    job = pytorchjob.build_job("sam3pipe-run12", "team-a", ["-m", "x"], 1, 1, launch, {})
+    settings = json.dumps(dataclasses.asdict(dataclasses.replace(launch, poll_interval_s=0.05, timeout_s=300)))
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, fake_k8s.url, json.dumps(job), settings], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while fake_k8s.reads.get(("team-a", "sam3pipe-run12"), 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        returncode = launcher.wait(timeout=60)
+    finally:
+        launcher.kill()
+
+    assert returncode == 128 + signal.SIGTERM
+    assert fake_k8s.deleted == [("team-a", "sam3pipe-run12")]
 
 
 def test_job_that_never_finishes_times_out_and_is_deleted(fake_k8s, launch, s3_bucket) -> None:
