@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from sam3_core.model.chunked_detection import (
 )
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
+from tests.fixtures.network import free_port
 
 NUM_FRAMES = 5  # not a multiple of 2: the last chunk is partial
 PROMPTS = ["red circle", "blue square"]
@@ -50,12 +50,6 @@ def _worker(rank: int, world: int, port: int, reverse: bool, out_dir: str) -> No
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single_process_outputs() -> dict[int, dict[str, torch.Tensor]]:
     return _run_video(reverse=False)
@@ -63,7 +57,7 @@ def single_process_outputs() -> dict[int, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_two_ranks_give_every_rank_the_single_process_outputs(tmp_path, single_process_outputs, reverse):
-    mp.spawn(_worker, args=(2, _free_port(), reverse, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), reverse, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         outputs = torch.load(tmp_path / f"rank{rank}.pt")
         assert sorted(outputs) == list(range(NUM_FRAMES))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from sam3_core.predict.dumper import (
     round_result,
     wait_for_objects,
 )
+from tests.fixtures.network import free_port
 
 
 def _random_parts(rng: random.Random, world: int, num_images: int, per_rank: int) -> list[list[dict]]:
@@ -111,17 +111,11 @@ def _dump_from_rank(rank: int, world: int, cfg: DumperConfig, dest: str) -> None
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("route", ["collective", "filesystem", "store"])
 def test_two_gloo_ranks_dump_the_upstream_merge(route: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                request: pytest.FixtureRequest) -> None:
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     shared_dir = str(tmp_path / "shared")
     store_uri = request.getfixturevalue("s3_bucket") + "/gather" if route == "store" else ""
     dest = store_uri.replace("/gather", "/predictions") if route == "store" else str(tmp_path / "predictions")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from sam3_core.model.checkpoint import save_checkpoint
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
 from tests.fixtures.datasets import TINY_MODEL, single_thread_env
+from tests.fixtures.network import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,12 +36,6 @@ def _overrides(checkpoint: str, dataset_uri: str, out: Path) -> list[str]:
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +74,7 @@ def test_two_ranks_write_the_same_predictions_as_one(one_rank, checkpoint, tiny_
     out = tmp_path / "pred2"
     proc = _run([
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "components.predict", *_overrides(checkpoint, tiny_dataset.uri, out),
+        "--master_port", str(free_port()), "-m", "components.predict", *_overrides(checkpoint, tiny_dataset.uri, out),
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in PREDICTION_FILES.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import boto3
@@ -11,6 +10,7 @@ import pytest
 
 from sam3_core import storage
 from sam3_core.errors import ConfigError, InputError, StorageError
+from tests.fixtures.network import free_port
 
 
 def _write_tree(root: Path, files: dict[str, bytes]) -> None:
@@ -18,12 +18,6 @@ def _write_tree(root: Path, files: dict[str, bytes]) -> None:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- round trips
@@ -125,7 +119,7 @@ def test_missing_bucket_is_reported_with_what_to_do(s3_bucket: str) -> None:
 
 
 def test_unreachable_endpoint_is_reported_with_the_endpoint(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("SAM3PIPE_S3_MAX_ATTEMPTS", "1")
     with pytest.raises(StorageError, match=rf"cannot reach the S3 endpoint {endpoint}"):
@@ -134,7 +128,7 @@ def test_unreachable_endpoint_is_reported_with_the_endpoint(s3_bucket: str, monk
 
 def test_endpoint_url_s3_takes_precedence_over_endpoint_url(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", os.environ["AWS_ENDPOINT_URL"])
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     storage.write_bytes(f"{s3_bucket}/k", b"x")
     assert storage.read_bytes(f"{s3_bucket}/k") == b"x"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import socket
 import string
 import time
 import uuid
@@ -33,6 +32,7 @@ from sam3_core.tracking import (
 )
 from sam3_core.tracking.redact import MASK, redact_params, redact_value
 from sam3_core.tracking.unsent import UNSENT_FILE
+from tests.fixtures.network import free_port
 
 if TYPE_CHECKING:
     from tests.fixtures.mlflow import MlflowServer
@@ -77,12 +77,6 @@ def fast_tracking(**overrides: object) -> TrackingConfig:
 
 def random_token(alphabet: str, length: int) -> str:
     return "".join(random.SystemRandom().choice(alphabet) for _ in range(length))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def experiment_id() -> str:

@@ -25,6 +25,7 @@ from sam3_core import storage
 from sam3_core.data.prep import PreparedDataset
 from sam3_core.tracking import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
 from tests.fixtures.datasets import TINY_MODEL
+from tests.fixtures.s3 import use_s3_server
 
 if TYPE_CHECKING:
     from tests.fixtures.mlflow import MlflowServer
@@ -104,15 +105,7 @@ def pipeline_run(
     model_name = f"sam3-test-{uuid.uuid4().hex[:8]}"
     # The env of `s3_bucket` and `mlflow_tracking`, held for the module: its tests share one pipeline run.
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", s3_server)
-        env.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.delenv("AWS_SESSION_TOKEN", raising=False)
-        env.delenv("AWS_PROFILE", raising=False)
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv("AWS_CONFIG_FILE", str(home / "no-aws-config"))
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-aws-credentials"))
+        use_s3_server(env, s3_server, home)
         env.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
         env.setenv("MLFLOW_EXPERIMENT_NAME", experiment_name)
         env.setenv("SAM3PIPE_PIPELINE_RUN_ID", pipeline_run_id)

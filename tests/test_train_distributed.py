@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from sam3_core.model.checkpoint import load_checkpoint
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
 from tests.fixtures.datasets import single_thread_env
+from tests.fixtures.network import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RANKS = 2
@@ -24,12 +24,6 @@ RANKS = 2
 CLIPS_PER_EPOCH = 6
 EPOCHS = 2
 STEPS = EPOCHS * CLIPS_PER_EPOCH // RANKS
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
