@@ -92,11 +92,16 @@ class EvalArrays:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One scored IoU type: ``name`` is its metric prefix (bbox, segm, video_bbox, video_mask)."""
+    """One scored IoU type: ``name`` is its metric prefix (bbox, segm, video_bbox, video_mask_phrase_ap, ...).
+
+    ``per_category`` is False when the arrays hold one pseudo-category (phrase AP pools every pair),
+    so the per-category table leaves them out while the PR plot still draws them.
+    """
 
     name: str
     metrics: dict[str, float]
     arrays: EvalArrays
+    per_category: bool = True
 
 
 def _mean_valid(values: np.ndarray) -> float:
