@@ -59,7 +59,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
         report = run_evaluation(cfg)
         metrics_uri = publish_report(report, cfg.output)
         run.log_eval(report.metrics)
-        for uri in report_files(cfg.output):
+        for uri in report_files(report, cfg.output):
             run.log_file(uri)
         header, rows = category_rows(report)
         run.log_table([dict(zip(header, row)) for row in rows], "per_category.json")

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from sam3_core.evaluate.lsap import linear_sum_assignment
 
 # COCO's params.iouThrs; 0.5 and 0.75 are found in it by equality, as the reference does
 THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from sam3_core.evaluate.lsap import linear_sum_assignment
 
 ALPHAS = np.arange(0.05, 0.99, 0.05)  # TrackEval's array_labels: 19 thresholds
 EPS = np.finfo("float").eps

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from sam3_core.evaluate.lsap import linear_sum_assignment
 
 ALPHAS = np.arange(0.0, 0.99, 0.05)  # 20 localisation thresholds
 CLS_ALPHAS = np.arange(0.5, 0.99, 0.05)  # 10 classification thresholds: ALPHAS[10:]

@@ -112,11 +112,12 @@ def _by_pair(masklets: Iterable[Masklet]) -> dict[Pair, list[Masklet]]:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # the exact-type test first: ABC checks are slow enough to show on 51,248 categories
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return type(value) in (float, int) or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
 def _videos(gt: dict[str, Any], source: str) -> dict[int, Video]:
