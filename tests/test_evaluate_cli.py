@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from components.evaluate import execute, flags_to_overrides
 from sam3_core import storage
 from sam3_core.errors import ConfigError, InputError
+from tests.fixtures.saco import SacoShape, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (60, 80)  # height, width
@@ -84,7 +85,7 @@ def predictions_folder(root: Path) -> str:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "components.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 FRAME_METRICS = {f"{t}_{s}" for t in ("bbox", "segm") for s in
@@ -234,3 +235,50 @@ def test_reads_inputs_from_s3_and_publishes_there(s3_bucket, tmp_path):
     assert storage.read_json(outputs["metrics_uri"]) == outputs["metrics"]
     assert storage.list_files(f"{s3_bucket}/run/eval") == [
         "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png"]
+
+
+def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_results_and_tracks_them(tmp_path):
+    gt, predictions = generate(SacoShape(videos=2, frames=4, seed=21))
+    output = tmp_path / "eval" / "metrics.json"
+
+    outputs = execute(["--gt", write(tmp_path / "gt.json", gt), "--predictions", write(tmp_path / "p.json", predictions),
+                       "--output", str(output), "tracking.pipeline_run_id=saco-cli", "workers=1"])
+
+    metrics = outputs["metrics"]
+    assert {"video_mask_mAP_50_95", "video_bbox_phrase_ap_50", "video_mask_teta", "video_mask_all_phrase_HOTA",
+            "video_bbox_all_phrase_AssA", "video_mask_demo_cgf1_micro_50_95", "video_mask_demo_ilmcc_50"} <= set(metrics)
+    assert json.loads(output.read_text()) == metrics
+    assert sorted(p.name for p in output.parent.iterdir()) == [
+        "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png", "video_np_results.json"]
+    rows = json.loads((output.parent / "video_np_results.json").read_text())
+    asked = {(p["video_id"], p["category_id"]) for p in gt["video_np_pairs"]}
+    assert asked <= {(r["video_id"], r["category_id"]) for r in rows}
+    with open(output.parent / "per_category.csv", newline="") as handle:
+        listed = {int(r["category_id"]) for r in csv.DictReader(handle)}
+    assert listed == {a["category_id"] for a in gt["annotations"]} | {p["category_id"] for p in predictions}
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("sam3pipe")
+    run = client.search_runs([experiment.experiment_id],
+                             "tags.`sam3pipe.pipeline_run_id` = 'saco-cli' and tags.`sam3pipe.component` = 'evaluate'")[0]
+    assert run.data.metrics["eval/video_mask_demo_cgf1_micro_50_95"] == pytest.approx(
+        metrics["video_mask_demo_cgf1_micro_50_95"])
+    assert len([k for k in run.data.metrics if k.startswith("eval/")]) == len(metrics)
+    assert "video_np_results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_yt_vis_gt_scores_class_map_only_unless_metrics_asks_for_more(tmp_path):
+    gt, predictions = generate(SacoShape(videos=2, frames=4, seed=22))
+    gt.pop("video_np_pairs")
+    args = ["--gt", write(tmp_path / "gt.json", gt), "--predictions", write(tmp_path / "p.json", predictions),
+            "tracking.enabled=false", "workers=1"]
+
+    default = execute([*args, "--output", str(tmp_path / "a" / "metrics.json")])["metrics"]
+    chosen = execute([*args, "--output", str(tmp_path / "b" / "metrics.json"), "metrics=[hota,phrase_ap]"])["metrics"]
+
+    assert {k.rsplit("_mAP", 1)[0] for k in default} == {"video_bbox", "video_mask"}
+    assert not (tmp_path / "a" / "video_np_results.json").exists()
+    assert any("_all_phrase_" in k for k in chosen) and any("_phrase_ap_" in k for k in chosen)
+    assert not any("_mAP_" in k for k in chosen)

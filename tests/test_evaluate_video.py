@@ -23,7 +23,7 @@ def box_mask(box: list[float] | None, size: tuple[int, int] = SIZE) -> dict | No
     if box is None:
         return None
     mask = np.zeros(size, dtype=np.uint8, order="F")
-    x, y, w, h = (int(round(v)) for v in box)
+    x, y, w, h = (round(v) for v in box)
     mask[y : y + h, x : x + w] = 1
     rle = mask_utils.encode(mask)
     return {"size": list(size), "counts": rle["counts"].decode("ascii")}
