@@ -199,8 +199,8 @@ def video_families(cfg: EvaluateConfig, gt: dict[str, Any]) -> tuple[str, ...]:
     return FAMILIES if "video_np_pairs" in gt else ("map",)
 
 
-def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str) -> tuple[list[Evaluation], dict[
-        str, float], list[dict[str, Any]] | None]:
+def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str) -> EvaluationReport:
+    """The video families of ``cfg`` on a video GT; AP evaluations feed the table and the PR plot."""
     families = video_families(cfg, gt)
     settings = SuiteSettings(families=families, iou_types=tuple(cfg.iou_types), max_dets=check_max_dets(cfg.max_dets),
                              threshold=cfg.score_threshold, workers=cfg.workers)
@@ -209,7 +209,7 @@ def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str)
     ap_metrics = {k for e in result.evaluations for k in e.metrics}
     others = {k: v for k, v in result.metrics.items() if k not in ap_metrics}
     per_pair = result.video_np_results if {"cgf1", "hota"} & set(families) else None
-    return result.evaluations, others, per_pair
+    return EvaluationReport(result.evaluations, data.category_names, others, per_pair)
 
 
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
@@ -229,14 +229,15 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
         )
     if kind == "coco":
         return EvaluationReport(_frame_evaluations(cfg, gt, cfg.gt, files), _category_names(gt))
-    evaluations, video_metrics, per_pair = _video_report(cfg, gt, files["video"])
+    video = _video_report(cfg, gt, files["video"])
     if not cfg.frames_gt:
         if not is_file:
             logger.info("no frames_gt given: frame-level COCO metrics skipped")
-        return EvaluationReport(evaluations, _category_names(gt), video_metrics, per_pair)
+        return video
     frames_gt = storage.read_json(cfg.frames_gt)
     frame_evaluations = _frame_evaluations(cfg, frames_gt, cfg.frames_gt, files)
-    return EvaluationReport(frame_evaluations + evaluations, _category_names(gt, frames_gt), video_metrics, per_pair)
+    names = {**_category_names(frames_gt), **video.category_names}
+    return EvaluationReport(frame_evaluations + video.evaluations, names, video.video_metrics, video.video_np_results)
 
 
 def category_rows(report: EvaluationReport) -> tuple[list[str], list[list[Any]]]:
@@ -282,26 +283,33 @@ def table_markdown(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def pr_figure(report: EvaluationReport) -> Figure:
-    """Precision/recall at IoU .5 and .75, one panel per evaluation, mean over categories with GT."""
+    """Precision/recall at IoU .5 and .75, mean over categories with GT; one panel per IoU type.
+
+    Class AP and phrase AP of the same IoU type share a panel (phrase AP pools every
+    (video, phrase) pair as one category), which keeps the figure -- and the time to draw it -- small.
+    """
     # imported on use: matplotlib costs a third of a second at the start of the CLI otherwise
     from matplotlib.figure import Figure
 
-    count = max(len(report.evaluations), 1)
-    figure = Figure(figsize=(4.5 * count, 4.0), layout="constrained")
-    axes = figure.subplots(1, count, squeeze=False)[0]
-    for ax, evaluation in zip(axes, report.evaluations):
-        arrays = evaluation.arrays
-        for iou in PLOT_IOUS:
-            curve = arrays.pr_curve(iou)
-            if not np.isnan(curve).all():
-                ax.plot(arrays.rec_thrs, curve, label=f"IoU={iou:.2f}")
-        ax.set(title=evaluation.name, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    panels: dict[str, list[Evaluation]] = {}
+    for evaluation in report.evaluations:
+        panels.setdefault(evaluation.name.removesuffix("_phrase_ap"), []).append(evaluation)
+    figure = Figure(figsize=(4.0 * max(len(panels), 1), 3.6), layout="constrained")
+    axes = figure.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, (title, evaluations) in zip(axes, panels.items()):
+        for evaluation in evaluations:
+            what = "phrase AP" if evaluation.name.endswith("_phrase_ap") else "AP"
+            for iou in PLOT_IOUS:
+                curve = evaluation.arrays.pr_curve(iou)
+                if not np.isnan(curve).all():
+                    ax.plot(evaluation.arrays.rec_thrs, curve, label=f"{what} IoU={iou:.2f}")
+        ax.set(title=title, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         if ax.get_lines():
-            ax.legend(loc="lower left")
+            ax.legend(loc="upper right", fontsize="small")
         else:
             ax.text(0.5, 0.5, "no ground truth", ha="center", va="center")
-    if not report.evaluations:
+    if not panels:
         axes[0].set_axis_off()
         axes[0].text(0.5, 0.5, "no precision/recall curve in these metric families", ha="center", va="center")
     return figure

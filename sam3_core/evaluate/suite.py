@@ -143,7 +143,7 @@ def _hota_pair(scorer: _Scorer, iou_type: str, gts: list[Masklet], predictions: 
     gt_track_ids = np.array([g.track_id for g in gts], dtype=np.int64)
     rows, cols = scorer.rows(predictions), scorer.cols(gts)
     gt_ids, tracker_ids, sims = [], [], []
-    for t in range(length):
+    for t in np.flatnonzero(gt_present.any(axis=0) | tracker_present.any(axis=0)):  # empty frames add nothing
         g, d = np.flatnonzero(gt_present[:, t]), np.flatnonzero(tracker_present[:, t])
         gt_ids.append(gt_track_ids[g])
         tracker_ids.append(d)
@@ -154,7 +154,7 @@ def _hota_pair(scorer: _Scorer, iou_type: str, gts: list[Masklet], predictions: 
                                       np.stack([predictions[i].boxes[t] for i in d])))
         else:
             assert scorer.overlaps is not None
-            sims.append(scorer.overlaps.frame_iou(t, rows[d], cols[g]).T)
+            sims.append(scorer.overlaps.frame_iou(int(t), rows[d], cols[g]).T)
     gt_labels, num_gt = hota.relabel(gt_ids)
     tracker_labels, num_tracker = hota.relabel(tracker_ids)
     frames = [hota.Frame(g, d, s) for g, d, s in zip(gt_labels, tracker_labels, sims)]

@@ -125,29 +125,35 @@ def _class_frames(frames: Sequence[Frame], cls: int | None,
                   assigned: Sequence[dict[int, int]] | None) -> tuple[list[_ClassFrame], np.ndarray, np.ndarray, int]:
     """The toolkit's per-class preprocessing (``cls`` None: every class, for the global assignment).
 
-    Returns the frames, the original GT and prediction ids behind the relabelled ones, and the
-    number of class-eval detections.
+    Returns the class's frames, the original GT and prediction ids behind the relabelled ones, and
+    the number of class-eval detections. Frames with neither GT nor predictions of the class nor
+    a prediction kept for it contribute nothing and are left out.
     """
-    gt_masks, overlaps = [], []
+    overlaps: dict[int, set[int]] = {}
     for t, f in enumerate(frames):
         gt_mask = np.ones(len(f.gt_ids), dtype=bool) if cls is None else f.gt_classes == cls
+        if not gt_mask.any():
+            continue  # no GT of the class: nothing overlaps it here
         close = f.tracker_ids[(f.similarity[gt_mask] >= OVERLAP).any(axis=0)]
         taken = set()
         if assigned is not None:  # predictions the class-agnostic matching gave to GT of other classes
             others = set(assigned[t]) - set(f.gt_ids[gt_mask].tolist())
             taken = {assigned[t][g] for g in others}
-        gt_masks.append(gt_mask)
-        overlaps.append(set(close.tolist()) - taken)
-    kept = set().union(*overlaps) if overlaps else set()
+        overlaps[t] = set(close.tolist()) - taken
+    kept = set().union(*overlaps.values()) if overlaps else set()
     kept_ids = np.array(sorted(kept), dtype=np.int64)
     gt_ids, tracker_ids, parts = [], [], []
     class_dets = 0
-    for f, gt_mask, overlap in zip(frames, gt_masks, overlaps):
+    for t, f in enumerate(frames):
+        gt_mask = np.ones(len(f.gt_ids), dtype=bool) if cls is None else f.gt_classes == cls
         tracker_mask = np.isin(f.tracker_ids, kept_ids)
+        own_mask = np.zeros(len(f.tracker_ids), dtype=bool) if cls is None else f.tracker_classes == cls
+        if not (gt_mask.any() or tracker_mask.any() or own_mask.any()):
+            continue
+        overlap = overlaps.get(t, set())
         gt_ids.append(f.gt_ids[gt_mask])
         tracker_ids.append(f.tracker_ids[tracker_mask])
-        own = set() if cls is None else set(f.tracker_ids[f.tracker_classes == cls].tolist())
-        class_eval = overlap | own
+        class_eval = overlap | set(f.tracker_ids[own_mask].tolist())
         class_dets += len(class_eval)
         parts.append((f.tracker_classes[tracker_mask], f.similarity[gt_mask][:, tracker_mask], overlap, class_eval))
     gt_orig, gt_lab = _relabel(gt_ids)
@@ -157,11 +163,15 @@ def _class_frames(frames: Sequence[Frame], cls: int | None,
 
 
 def _global_assignment(frames: Sequence[Frame]) -> list[dict[int, int]]:
-    """Class-agnostic GT -> prediction assignment per frame at alpha 0.5 (original ids)."""
+    """Class-agnostic GT -> prediction assignment per frame at alpha 0.5 (original ids).
+
+    Every frame has GT (frames without are not part of a sequence), so none is left out here.
+    """
     data, gt_orig, tracker_orig, _ = _class_frames(frames, None, None)
     assigned: list[dict[int, int]] = [{} for _ in frames]
     if not sum(len(f.overlap) for f in data) or not sum(len(f.gt_ids) for f in data):
         return assigned
+    assert len(data) == len(frames)
     alignment, _, _ = _alignment(data, len(gt_orig), len(tracker_orig))
     for t, f in enumerate(data):
         rows, cols = _match(f, alignment)

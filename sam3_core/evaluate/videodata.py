@@ -147,7 +147,14 @@ def _categories(gt: dict[str, Any], source: str) -> dict[int, str]:
     categories = gt.get("categories")
     if not isinstance(categories, list):
         raise InputError(source, "categories", "missing or not a list")
-    names: dict[int, str] = {}
+    try:  # the usual case in one pass (SA-Co lists 51,248 categories); anything odd is named below
+        names = {c["id"]: c["name"] for c in categories}
+        if len(names) == len(categories) and all(type(i) is int for i in names) and all(
+                type(n) is str for n in names.values()):
+            return names
+    except (KeyError, TypeError):
+        pass
+    names = {}
     for i, category in enumerate(categories):
         if not isinstance(category, dict) or not _is_int(category.get("id")):
             raise InputError(source, f"categories[{i}].id", "missing or not an integer")
