@@ -215,10 +215,16 @@ def _evaluate_video(task: _Task) -> _VideoResult:
     return out
 
 
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells, else all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def _run(tasks: list[_Task], workers: int) -> list[_VideoResult]:
     frames = sum(t.video.length * (len(t.gts) + len(t.predictions)) for t in tasks)
     if workers == 0:
-        workers = (os.cpu_count() or 1) if frames >= AUTO_PARALLEL_MIN_FRAMES else 1
+        workers = _cpus() if frames >= AUTO_PARALLEL_MIN_FRAMES else 1
     workers = min(workers, len(tasks))
     progress = {"desc": "videos", "unit": "video", "total": len(tasks), "disable": None}
     if workers <= 1:
