@@ -4,15 +4,11 @@
 recomputing overlaps in Python; here the families share one parse (:mod:`.videodata`) and one
 table of per-frame mask IoU per video (:mod:`.overlaps`):
 
-====================  ==========================================================================
-family                reported (``video_{bbox,mask}_...``)
-====================  ==========================================================================
-``map``               YT-VIS class mAP: ``mAP_50_95`` (+ ``_50``, ``_75``)          :mod:`.ap`
-``phrase_ap``         video phrase AP: ``phrase_ap_50_95``, ``_50``, ``_75``        :mod:`.ap`
-``teta``              TETA on masks: ``video_mask_teta``, ``_loc_a``, ... ``_cls_pr``  :mod:`.teta`
-``hota``              phrase HOTA: ``all_phrase_{HOTA,DetA,AssA,...}``              :mod:`.hota`
-``cgf1``              cgF1 / demo F1: ``demo_{cgf1_micro,ilmcc,pmf1,...}_{50_95,50,75}`` :mod:`.cgf1`
-====================  ==========================================================================
+- ``map``: YT-VIS class mAP, ``video_{bbox,mask}_mAP_50_95`` (+ ``_50``, ``_75``) -- :mod:`.ap`
+- ``phrase_ap``: video phrase AP, ``video_{bbox,mask}_phrase_ap_{50_95,50,75}`` -- :mod:`.ap`
+- ``teta``: TETA on masks, ``video_mask_{teta,loc_a,assoc_a,cls_a,...}`` -- :mod:`.teta`
+- ``hota``: phrase HOTA, ``video_{bbox,mask}_all_phrase_{HOTA,DetA,AssA,...}`` -- :mod:`.hota`
+- ``cgf1``: cgF1 / demo F1, ``video_{bbox,mask}_demo_{cgf1_micro,ilmcc,pmf1,...}_{50_95,50,75}`` -- :mod:`.cgf1`
 
 Work is split by video: everything a (video, phrase) pair needs lives in its video, so each video
 is one task (run in worker processes when ``workers`` > 1) and the results are combined in the
@@ -66,6 +62,10 @@ class SuiteSettings:
             raise ConfigError(f"evaluate.iou_types must be a non-empty subset of {list(IOU_TYPES)}; got "
                               f"{list(self.iou_types)}")
         check_max_dets(self.max_dets)
+        if not 0.0 <= self.threshold <= 1.0:  # NaN fails this too
+            raise ConfigError(f"evaluate.score_threshold={self.threshold!r}: must be a number in [0, 1]")
+        if self.workers < 0:
+            raise ConfigError(f"evaluate.workers={self.workers!r}: must be >= 0 (0 = one per CPU core)")
 
 
 @dataclass(frozen=True)
