@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
@@ -152,14 +153,12 @@ def _frame_rows(bench: EvaluateBench) -> None:
     print(f"{'iou type':<8}{'pycocotools s':>15}{'faster-coco-eval s':>20}{'ours/pycocotools s':>20}"
           f"{f'ours/{default} s':>26}{'speed-up':>10}{'same metrics':>14}")
     for iou_type in ("bbox", "segm"):
-        plain_s, plain = _timed(lambda iou_type=iou_type: _plain_coco("pycocotools", gt, results, iou_type), bench.repeats)
-        fast_s, fast = _timed(lambda iou_type=iou_type: _plain_coco("faster_coco_eval", gt, results, iou_type), bench.repeats)
-        ours_py_s, ours_py = _timed(lambda iou_type=iou_type: evaluate_frames(prepared, results, iou_type, backend="pycocotools",
-                                                            max_dets=[1, 10, 100], predictions_source="synthetic"),
-                                    bench.repeats)
-        ours_s, ours = _timed(lambda iou_type=iou_type: evaluate_frames(prepared, results, iou_type, backend=default,
-                                                      max_dets=[1, 10, 100], predictions_source="synthetic"),
-                              bench.repeats)
+        run_ours = functools.partial(evaluate_frames, prepared, results, iou_type, max_dets=[1, 10, 100],
+                                     predictions_source="synthetic")
+        plain_s, plain = _timed(functools.partial(_plain_coco, "pycocotools", gt, results, iou_type), bench.repeats)
+        fast_s, fast = _timed(functools.partial(_plain_coco, "faster_coco_eval", gt, results, iou_type), bench.repeats)
+        ours_py_s, ours_py = _timed(functools.partial(run_ours, backend="pycocotools"), bench.repeats)
+        ours_s, ours = _timed(functools.partial(run_ours, backend=default), bench.repeats)
         same = (np.allclose(plain, fast, atol=1e-12) and np.allclose(plain, list(ours_py.metrics.values()), atol=1e-12)
                 and np.allclose(plain, list(ours.metrics.values()), atol=1e-12))
         print(f"{iou_type:<8}{plain_s:>15.2f}{fast_s:>20.2f}{ours_py_s:>20.2f}{ours_s:>26.2f}"
@@ -299,8 +298,9 @@ def _cli_rows(bench: EvaluateBench, folder: Path) -> None:
            "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     rows = []
     for tracking in ("false", "true"):
-        runs = [_cli(["--gt", str(gt_path), "--predictions", str(pred_path), "--output",
-                      str(folder / f"out-{tracking}-{i}" / "metrics.json"), f"tracking.enabled={tracking}"], env, folder)
+        runs = [_cli(["--gt", str(gt_path), "--predictions", str(pred_path),
+                      "--output", str(folder / f"out-{tracking}-{i}" / "metrics.json"),
+                      f"tracking.enabled={tracking}"], env, folder)
                 for i in range(bench.repeats)]
         rows.append((f"sam3pipe CLI, tracking {'on (sqlite)' if tracking == 'true' else 'off'}",
                      min(runs, key=lambda r: r["wall_s"])))

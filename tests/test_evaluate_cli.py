@@ -241,12 +241,14 @@ def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_resu
     gt, predictions = generate(SacoShape(videos=2, frames=4, seed=21))
     output = tmp_path / "eval" / "metrics.json"
 
-    outputs = execute(["--gt", write(tmp_path / "gt.json", gt), "--predictions", write(tmp_path / "p.json", predictions),
+    outputs = execute(["--gt", write(tmp_path / "gt.json", gt),
+                       "--predictions", write(tmp_path / "p.json", predictions),
                        "--output", str(output), "tracking.pipeline_run_id=saco-cli", "workers=1"])
 
     metrics = outputs["metrics"]
     assert {"video_mask_mAP_50_95", "video_bbox_phrase_ap_50", "video_mask_teta", "video_mask_all_phrase_HOTA",
-            "video_bbox_all_phrase_AssA", "video_mask_demo_cgf1_micro_50_95", "video_mask_demo_ilmcc_50"} <= set(metrics)
+            "video_bbox_all_phrase_AssA", "video_mask_demo_cgf1_micro_50_95",
+            "video_mask_demo_ilmcc_50"} <= set(metrics)
     assert json.loads(output.read_text()) == metrics
     assert sorted(p.name for p in output.parent.iterdir()) == [
         "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png", "video_np_results.json"]
@@ -261,8 +263,8 @@ def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_resu
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("sam3pipe")
-    run = client.search_runs([experiment.experiment_id],
-                             "tags.`sam3pipe.pipeline_run_id` = 'saco-cli' and tags.`sam3pipe.component` = 'evaluate'")[0]
+    query = "tags.`sam3pipe.pipeline_run_id` = 'saco-cli' and tags.`sam3pipe.component` = 'evaluate'"
+    run = client.search_runs([experiment.experiment_id], query)[0]
     assert run.data.metrics["eval/video_mask_demo_cgf1_micro_50_95"] == pytest.approx(
         metrics["video_mask_demo_cgf1_micro_50_95"])
     assert len([k for k in run.data.metrics if k.startswith("eval/")]) == len(metrics)

@@ -176,7 +176,8 @@ def _global_assignment(frames: Sequence[Frame]) -> list[dict[int, int]]:
     for t, f in enumerate(data):
         rows, cols = _match(f, alignment)
         keep = f.similarity[rows, cols] >= OVERLAP - EPS
-        assigned[t] = dict(zip(gt_orig[f.gt_ids[rows[keep]]].tolist(), tracker_orig[f.tracker_ids[cols[keep]]].tolist()))
+        gts, trackers = gt_orig[f.gt_ids[rows[keep]]], tracker_orig[f.tracker_ids[cols[keep]]]
+        assigned[t] = dict(zip(gts.tolist(), trackers.tolist()))
     return assigned
 
 

@@ -237,7 +237,8 @@ class _MaskRefs:
         compressed = []
         for rle, size, field_name, (owner, t) in zip(self.rles, self.sizes, self.fields, self.owners):
             if list(rle["size"]) != size:
-                raise InputError(source, f"{field_name}.size", f"{rle['size']} is not the video's [height, width] {size}")
+                raise InputError(source, f"{field_name}.size",
+                                 f"{rle['size']} is not the video's [height, width] {size}")
             if isinstance(rle["counts"], list):
                 rle = mask_utils.frPyObjects({"size": size, "counts": rle["counts"]}, size[0], size[1])
                 rle = {"size": size, "counts": rle["counts"]}
@@ -358,7 +359,10 @@ def read_video_set(gt: Any, predictions: Any, *, gt_source: str, predictions_sou
 def require(data: VideoSet, key: str, why: str) -> None:
     """Every GT annotation and prediction must carry per-frame ``key`` (bboxes or segmentations) for ``why``."""
     flag = "has_boxes" if key == "bboxes" else "has_masks"
-    for source, prefix, masklets in ((data.gt_source, "annotations", data.gt), (data.predictions_source, "", data.predictions)):
+    for source, prefix, masklets in (
+        (data.gt_source, "annotations", data.gt),
+        (data.predictions_source, "", data.predictions),
+    ):
         missing = next((m for m in masklets if not getattr(m, flag)), None)
         if missing is not None:
             raise InputError(source, f"{prefix}[{missing.index}].{key}", f"missing; {why} needs it")
