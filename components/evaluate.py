@@ -1,6 +1,10 @@
 """Pipeline step 4: score predictions and publish metrics.json, a per-category table and a PR plot.
 
-The MLflow run gets the same: `eval/*` metrics, those files, the table as a grid and a short summary.
+Video GT gets the families of sam3's SA-Co/VEval suite (`metrics=[map,phrase_ap,teta,hota,cgf1]`; by
+default all of them when the GT has `video_np_pairs`, class mAP otherwise), plus sam3's
+per-(video, phrase) results as `video_np_results.json`. Predictions may be the predict step's or
+the files sam3's own video dumper writes. The MLflow run gets the same: `eval/*` metrics, those
+files, the table as a grid and a short summary.
 
 `python -m components.evaluate --gt GT.json --predictions PRED.json --output out/metrics.json`
 (or the same as Hydra overrides `gt=... predictions=... output=...`) prints
@@ -59,7 +63,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
         report = run_evaluation(cfg)
         metrics_uri = publish_report(report, cfg.output)
         run.log_eval(report.metrics)
-        for uri in report_files(cfg.output):
+        for uri in report_files(report, cfg.output):
             run.log_file(uri)
         header, rows = category_rows(report)
         run.log_table([dict(zip(header, row)) for row in rows], "per_category.json")

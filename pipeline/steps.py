@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -199,6 +200,7 @@ def evaluate(
     outputs = distributed.run_in_pod("evaluate", [*overrides, *extra], 1)
     values = {name: float(value) for name, value in outputs["metrics"].items()}
     for name, value in values.items():
-        metrics.log_metric(name, value)
+        if math.isfinite(value):  # sam3's suite gives NaN by definition (e.g. ilmcc_75 with no match); KFP's JSON can't
+            metrics.log_metric(name, value)
     logger.info("metrics at %s", outputs["metrics_uri"])
     return outputs["metrics_uri"], values

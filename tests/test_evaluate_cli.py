@@ -16,6 +16,7 @@ from pycocotools import mask as mask_utils
 from components.evaluate import execute, flags_to_overrides
 from sam3_core import storage
 from sam3_core.errors import ConfigError, InputError
+from tests.fixtures.saco import SacoShape, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (60, 80)  # height, width
@@ -84,7 +85,7 @@ def predictions_folder(root: Path) -> str:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "components.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 FRAME_METRICS = {f"{t}_{s}" for t in ("bbox", "segm") for s in
@@ -180,17 +181,19 @@ def test_coco_gt_with_predictions_folder_reads_bbox_and_segm_files(tmp_path):
     assert metrics["segm_AP"] == 0.0
 
 
-def test_per_category_table_lists_every_gt_category_with_blank_cells_where_no_gt(tmp_path):
+def test_per_category_table_lists_the_categories_with_gt_or_predictions_blank_where_no_gt(tmp_path):
+    predictions = perfect_frame_predictions() + [
+        {"image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "segmentation": rle([0, 0, 5, 5]), "score": 0.5}]
     execute(["--gt", write(tmp_path / "gt.json", frames_gt()),
-             "--predictions", write(tmp_path / "pred.json", perfect_frame_predictions()),
+             "--predictions", write(tmp_path / "pred.json", predictions),
              "--output", str(tmp_path / "eval" / "metrics.json")])
 
     with open(tmp_path / "eval" / "per_category.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(r["category_id"], r["name"]) for r in rows] == [("1", "cat"), ("2", "dog"), ("3", "emu")]
+    assert [(r["category_id"], r["name"]) for r in rows] == [("1", "cat"), ("3", "emu")]  # "dog": neither
     assert float(rows[0]["segm AP"]) == pytest.approx(1.0)
     assert rows[1]["bbox AP"] == ""
-    assert "| 2 | dog | n/a |" in (tmp_path / "eval" / "per_category.md").read_text()
+    assert "| 3 | emu | n/a |" in (tmp_path / "eval" / "per_category.md").read_text()
 
 
 def test_requested_kind_that_contradicts_the_gt_file_is_input_error(tmp_path):
@@ -214,7 +217,7 @@ def test_missing_required_input_is_config_error_naming_the_key(tmp_path):
 
 
 def test_unknown_backend_is_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="backend must be one of"):
+    with pytest.raises(ConfigError, match=r"evaluate\.backend='detectron': must be one of"):
         execute(["--gt", write(tmp_path / "gt.json", frames_gt()), "--predictions", write(tmp_path / "p.json", []),
                  "--output", str(tmp_path / "m.json"), "backend=detectron"])
 
@@ -232,3 +235,52 @@ def test_reads_inputs_from_s3_and_publishes_there(s3_bucket, tmp_path):
     assert storage.read_json(outputs["metrics_uri"]) == outputs["metrics"]
     assert storage.list_files(f"{s3_bucket}/run/eval") == [
         "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png"]
+
+
+def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_results_and_tracks_them(tmp_path):
+    gt, predictions = generate(SacoShape(videos=2, frames=4, seed=21))
+    output = tmp_path / "eval" / "metrics.json"
+
+    outputs = execute(["--gt", write(tmp_path / "gt.json", gt),
+                       "--predictions", write(tmp_path / "p.json", predictions),
+                       "--output", str(output), "tracking.pipeline_run_id=saco-cli", "workers=1"])
+
+    metrics = outputs["metrics"]
+    assert {"video_mask_mAP_50_95", "video_bbox_phrase_ap_50", "video_mask_teta", "video_mask_all_phrase_HOTA",
+            "video_bbox_all_phrase_AssA", "video_mask_demo_cgf1_micro_50_95",
+            "video_mask_demo_ilmcc_50"} <= set(metrics)
+    assert json.loads(output.read_text()) == metrics
+    assert sorted(p.name for p in output.parent.iterdir()) == [
+        "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png", "video_np_results.json"]
+    rows = json.loads((output.parent / "video_np_results.json").read_text())
+    asked = {(p["video_id"], p["category_id"]) for p in gt["video_np_pairs"]}
+    assert asked <= {(r["video_id"], r["category_id"]) for r in rows}
+    with open(output.parent / "per_category.csv", newline="") as handle:
+        listed = {int(r["category_id"]) for r in csv.DictReader(handle)}
+    assert listed == {a["category_id"] for a in gt["annotations"]} | {p["category_id"] for p in predictions}
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("sam3pipe")
+    query = "tags.`sam3pipe.pipeline_run_id` = 'saco-cli' and tags.`sam3pipe.component` = 'evaluate'"
+    run = client.search_runs([experiment.experiment_id], query)[0]
+    assert run.data.metrics["eval/video_mask_demo_cgf1_micro_50_95"] == pytest.approx(
+        metrics["video_mask_demo_cgf1_micro_50_95"])
+    assert len([k for k in run.data.metrics if k.startswith("eval/")]) == len(metrics)
+    assert "video_np_results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_yt_vis_gt_scores_class_map_only_unless_metrics_asks_for_more(tmp_path):
+    gt, predictions = generate(SacoShape(videos=2, frames=4, seed=22))
+    gt.pop("video_np_pairs")
+    args = ["--gt", write(tmp_path / "gt.json", gt), "--predictions", write(tmp_path / "p.json", predictions),
+            "tracking.enabled=false", "workers=1"]
+
+    default = execute([*args, "--output", str(tmp_path / "a" / "metrics.json")])["metrics"]
+    chosen = execute([*args, "--output", str(tmp_path / "b" / "metrics.json"), "metrics=[hota,phrase_ap]"])["metrics"]
+
+    assert {k.rsplit("_mAP", 1)[0] for k in default} == {"video_bbox", "video_mask"}
+    assert not (tmp_path / "a" / "video_np_results.json").exists()
+    assert any("_all_phrase_" in k for k in chosen) and any("_phrase_ap_" in k for k in chosen)
+    assert not any("_mAP_" in k for k in chosen)

@@ -246,3 +246,46 @@ def test_gt_annotation_with_unknown_image_raises_input_error():
 
     with pytest.raises(InputError, match=r"gt\.json: annotations\[0\]\.image_id"):
         prepare_frame_gt(gt, "gt.json")
+
+
+def truncated(mask: dict) -> dict:
+    return {**mask, "counts": mask["counts"][: len(mask["counts"]) // 2]}
+
+
+@pytest.mark.parametrize(
+    ("predictions", "iou_type", "field"),
+    [
+        ([result(1, 1, [0, 0, 5, 5], score=float("nan"))], "bbox", "[0].score"),
+        ([result(1, 1, [0, 0, 5, 5], score=float("nan")) for _ in range(3)], "segm", "[0].score"),
+        ([result(1, 1, [0, 0, 5, 5]), result(2, 1, [0, 0, 5, 5], score=float("-inf"))], "bbox", "[1].score"),
+        ([result(1, 1, [0, 0, 5, 5]),
+          {**result(2, 1, [0, 0, 5, 5]), "segmentation": truncated(box_mask([0, 0, 9, 9]))}],
+         "segm", "[1].segmentation"),
+    ],
+    ids=["nan-score", "all-nan-scores", "minus-inf-score", "truncated-rle"],
+)
+def test_non_finite_scores_and_malformed_masks_raise_input_error(predictions, iou_type, field):
+    with pytest.raises(InputError) as error:
+        run(GT, predictions, iou_type)
+
+    assert (error.value.source, error.value.field) == ("pred.json", field)
+
+
+def test_truncated_gt_mask_raises_input_error_naming_the_annotation():
+    gt = coco_gt({1: [(1, [10, 10, 40, 30]), (2, [60, 50, 30, 30])]})
+    gt["annotations"][1]["segmentation"] = truncated(gt["annotations"][1]["segmentation"])
+
+    with pytest.raises(InputError, match=r"gt\.json: annotations\[1\]\.segmentation: .*truncated"):
+        prepare_frame_gt(gt, "gt.json")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fifty_thousand_unused_categories_change_no_number_and_size_no_array(backend):
+    big = {**GT, "categories": GT["categories"] + [{"id": c, "name": f"phrase {c}"} for c in range(10, 50_010)]}
+    predictions = PERFECT[:2] + [result(2, 2, [50, 50, 10, 10], score=0.4)]
+
+    small, large = run(GT, predictions, "segm", backend), run(big, predictions, "segm", backend)
+
+    assert large.metrics == small.metrics
+    assert large.arrays.category_ids == (1, 2)
+    assert large.arrays.precision.shape[2] == 2

@@ -11,12 +11,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from sam3_core.errors import InputError
-from sam3_core.evaluate.video import (
-    Track,
-    box_track_iou,
-    evaluate_videos,
-    mask_track_iou,
-)
+from sam3_core.evaluate.overlaps import VideoOverlaps, box_track_iou
+from sam3_core.evaluate.video import evaluate_videos
+from sam3_core.evaluate.videodata import read_video_set
 
 SIZE = (64, 96)  # height, width
 
@@ -26,7 +23,7 @@ def box_mask(box: list[float] | None, size: tuple[int, int] = SIZE) -> dict | No
     if box is None:
         return None
     mask = np.zeros(size, dtype=np.uint8, order="F")
-    x, y, w, h = (int(round(v)) for v in box)
+    x, y, w, h = (round(v) for v in box)
     mask[y : y + h, x : x + w] = 1
     rle = mask_utils.encode(mask)
     return {"size": list(size), "counts": rle["counts"].decode("ascii")}
@@ -83,13 +80,11 @@ def test_perfect_predictions_score_one_for_boxes_and_masks():
 def test_track_iou_sums_intersections_and_unions_over_frames_with_null_as_empty():
     # Frame 0 overlaps fully (400 px); frame 1 is missing from the prediction (GT 200 px):
     # IoU = 400 / (400 + 200) = 2/3, not the mean of per-frame IoUs (1/2).
-    gt = gt_track(1, 1, 1, [[0, 0, 20, 20], [0, 0, 10, 20]])
-    pred = pred_track(1, 1, [[0, 0, 20, 20], None])
-    as_track = lambda d: Track(boxes=np.array([b or [0, 0, 0, 0] for b in d["bboxes"]], dtype=float),
-                               masks=d["segmentations"], area=0.0)
+    gt = video_gt([gt_track(1, 1, 1, [[0, 0, 20, 20], [0, 0, 10, 20]])], n_videos=1, n_frames=2, n_categories=1)
+    data = read_video_set(gt, [pred_track(1, 1, [[0, 0, 20, 20], None])], gt_source="gt", predictions_source="pred")
 
-    assert box_track_iou([as_track(pred)], [as_track(gt)])[0, 0] == pytest.approx(2 / 3)
-    assert mask_track_iou([as_track(pred)], [as_track(gt)])[0, 0] == pytest.approx(2 / 3)
+    assert box_track_iou(data.predictions, data.gt)[0, 0] == pytest.approx(2 / 3)
+    assert VideoOverlaps(data.predictions, data.gt, 2).track_iou([0], [0])[0, 0] == pytest.approx(2 / 3)
 
 
 def test_two_thirds_track_iou_matches_at_thresholds_up_to_0_65():

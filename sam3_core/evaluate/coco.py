@@ -14,6 +14,11 @@ produce the same precision/recall arrays); everything around it is ours:
 - Categories without ground truth have precision -1 and are left out of every mean, as in COCO.
 - For ``segm`` the predicted area comes from the mask: a ``bbox`` carried by a segm result is
   dropped first, otherwise both backends would use the box area for the area ranges.
+- Only the categories with GT or predictions, and the images with either, are evaluated: a GT
+  file with 51,248 categories would otherwise cost both backends one Python call per (category,
+  image, area range) and a precision array of 500 MB, for categories that score -1 anyway.
+- Scores must be finite and RLE counts must decode to the image size (:mod:`.rle`); pycocotools
+  would otherwise rank NaN scores as it pleases or loop for minutes on a truncated mask.
 
 ``summarize`` and ``EvalArrays`` work on COCO-layout arrays and are shared with video mAP.
 """
@@ -24,6 +29,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +41,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from sam3_core.errors import ConfigError, InputError
+from sam3_core.evaluate.rle import first_malformed
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +99,16 @@ class EvalArrays:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One scored IoU type: ``name`` is its metric prefix (bbox, segm, video_bbox, video_mask)."""
+    """One scored IoU type: ``name`` is its metric prefix (bbox, segm, video_bbox, video_mask_phrase_ap, ...).
+
+    ``per_category`` is False when the arrays hold one pseudo-category (phrase AP pools every pair),
+    so the per-category table leaves them out while the PR plot still draws them.
+    """
 
     name: str
     metrics: dict[str, float]
     arrays: EvalArrays
+    per_category: bool = True
 
 
 def _mean_valid(values: np.ndarray) -> float:
@@ -167,18 +179,26 @@ def check_box(value: Any, source: str, field: str) -> None:
 
 def compress_rle(rle: Any, source: str, field: str) -> dict[str, Any]:
     """Validate an RLE and return it compressed (uncompressed integer counts are converted)."""
-    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise InputError(source, field, "expected an RLE object {size: [h, w], counts}")
-    size = rle["size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s >= 0 for s in size)):
-        raise InputError(source, f"{field}.size", f"expected [height, width] integers, got {size!r:.80}")
-    counts = rle["counts"]
+    bad = first_malformed([rle])
+    if bad is not None:
+        raise InputError(source, field, bad[1])
+    return _compressed(rle)
+
+
+def _compressed(rle: dict[str, Any]) -> dict[str, Any]:
+    """A well-formed RLE with string counts."""
+    size, counts = rle["size"], rle["counts"]
     if isinstance(counts, list):
         compressed = mask_utils.frPyObjects({"size": size, "counts": counts}, size[0], size[1])
         return {"size": size, "counts": compressed["counts"].decode("ascii")}
-    if isinstance(counts, (str, bytes)):
-        return {"size": size, "counts": counts}
-    raise InputError(source, f"{field}.counts", "expected a string or a list of integers")
+    return {"size": size, "counts": counts}
+
+
+def check_rles(rles: list[Any], fields: list[str], source: str) -> None:
+    """Every RLE well formed (one batched check; the first bad one is named)."""
+    bad = first_malformed(rles)
+    if bad is not None:
+        raise InputError(source, fields[bad[0]], bad[1])
 
 
 def _segment_area(segmentation: Any, height: int, width: int) -> float:
@@ -202,6 +222,9 @@ def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
         image_id = _require(image, "id", source, f"images[{i}]", int)
         sizes[image_id] = (int(image.get("height", 0)), int(image.get("width", 0)))
     cat_ids = {_require(c, "id", source, f"categories[{i}]", int) for i, c in enumerate(categories)}
+    rles = [(a["segmentation"], f"annotations[{i}].segmentation") for i, a in enumerate(annotations)
+            if isinstance(a, dict) and isinstance(a.get("segmentation"), dict)]
+    check_rles([r for r, _ in rles], [f for _, f in rles], source)
     filled = []
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
@@ -242,6 +265,8 @@ def check_frame_predictions(
         if _require(pred, "category_id", source, where, int) not in cat_ids:
             raise InputError(source, f"{where}.category_id", f"category {pred['category_id']} is not in the GT")
         score = _require(pred, "score", source, where, numbers.Real)
+        if not math.isfinite(score):
+            raise InputError(source, f"{where}.score", f"must be a finite number, got {score!r}")
         if field not in pred:
             raise InputError(source, f"{where}.{field}", f"missing; {iou_type} needs it (or leave it out of iou_types)")
         result = {"image_id": pred["image_id"], "category_id": pred["category_id"], "score": float(score)}
@@ -249,8 +274,12 @@ def check_frame_predictions(
             check_box(pred["bbox"], source, f"{where}.bbox")
             result["bbox"] = pred["bbox"]
         else:
-            result["segmentation"] = compress_rle(pred["segmentation"], source, f"{where}.segmentation")
+            result["segmentation"] = pred["segmentation"]
         results.append(result)
+    if iou_type == "segm":
+        check_rles([r["segmentation"] for r in results], [f"[{i}].segmentation" for i in range(len(results))], source)
+        for r in results:
+            r["segmentation"] = _compressed(r["segmentation"])
     return results
 
 
@@ -271,7 +300,7 @@ def _run_pycocotools(gt: dict[str, Any], results: list[dict[str, Any]], iou_type
         coco_gt.createIndex()
         coco_dt = _empty_results(COCO, gt) if not results else coco_gt.loadRes(results)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-        _set_params(evaluator.params, max_dets)
+        _set_params(evaluator.params, max_dets, gt, results)
         evaluator.evaluate()
         evaluator.accumulate()
     return evaluator
@@ -285,7 +314,7 @@ def _run_faster_coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou
     coco_gt = FasterCOCO(gt)
     coco_dt = _empty_results(FasterCOCO, gt) if not results else coco_gt.loadRes(results)
     evaluator = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=logger.debug)
-    _set_params(evaluator.params, max_dets)
+    _set_params(evaluator.params, max_dets, gt, results)
     evaluator.evaluate()
     evaluator.accumulate()
     return evaluator
@@ -299,10 +328,18 @@ def _empty_results(coco_class: type, gt: dict[str, Any]) -> Any:
     return empty
 
 
-def _set_params(params: Any, max_dets: list[int]) -> None:
+def _set_params(params: Any, max_dets: list[int], gt: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """COCO's parameters, restricted to the categories and images that have GT or results.
+
+    The others only ever score -1 (no GT) or nothing, so the numbers are the same, at a cost
+    that follows the annotations instead of the category list.
+    """
     params.maxDets = list(max_dets)
     params.areaRng = [list(r) for r in FRAME_AREA_RANGES]
     params.areaRngLbl = list(AREA_LABELS)
+    used = [*gt["annotations"], *results]
+    params.catIds = sorted({a["category_id"] for a in used}) or params.catIds[:1]
+    params.imgIds = sorted({a["image_id"] for a in used}) or params.imgIds[:1]
 
 
 _BACKEND_RUNNERS = {"pycocotools": _run_pycocotools, "faster_coco_eval": _run_faster_coco_eval}

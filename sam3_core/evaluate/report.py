@@ -1,19 +1,23 @@
 """The evaluate step: read GT and predictions, score them, publish metrics + table + PR plot.
 
 What gets scored depends on the inputs (the GT kind is read from its keys, ``videos`` for a
-YTVIS file, ``images`` for a COCO file):
+YT-VIS or SA-Co/VEval file, ``images`` for a COCO file):
 
 - COCO GT + a predictions file: frame bbox/segm metrics from that one file.
 - COCO GT + the predict step's folder: bbox from ``coco_predictions_bbox.json``, segm from
   ``coco_predictions_segm.json``.
-- YTVIS GT + a predictions file: video mAP from that file.
-- YTVIS GT + the predict step's folder: video mAP from ``video_predictions.json``, and frame
+- Video GT + a predictions file (the predict step's ``video_predictions.json`` or a file sam3's
+  video dumper wrote): the video families of ``metrics`` (:mod:`.suite`): all of sam3's SA-Co/VEval
+  suite for a GT with ``video_np_pairs``, class mAP for plain YT-VIS GT, unless configured.
+- Video GT + the predict step's folder: the same from ``video_predictions.json``, and frame
   metrics from the two COCO files against ``frames_gt`` when it is given.
 
 A predictions URI that names an existing object is a file; anything else is a folder.
 Everything is computed before anything is written, so bad input leaves no partial output;
-``metrics.json`` is published last, beside ``per_category.csv``, ``per_category.md`` and
-``pr_curves.png``.
+``metrics.json`` is published last, beside ``per_category.csv``, ``per_category.md``,
+``pr_curves.png`` and, when cgF1 or HOTA ran, ``video_np_results.json`` (sam3's per-(video,
+phrase) results). The table lists only categories with GT or predictions, so a 50k-phrase
+vocabulary costs rows only for the phrases the videos use.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import csv
 import io
 import json
 import logging
+import math
+import numbers
 import posixpath
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from sam3_core import storage
 from sam3_core.artifacts import PREDICTION_FILES
@@ -42,8 +47,12 @@ from sam3_core.evaluate.coco import (
     evaluate_frames,
     prepare_frame_gt,
 )
-from sam3_core.evaluate.video import evaluate_videos
+from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite
+from sam3_core.evaluate.videodata import read_video_set
 from sam3_core.tracking.settings import TrackingConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +61,16 @@ KINDS = ("auto", "video", "coco")
 TABLE_CSV = "per_category.csv"
 TABLE_MD = "per_category.md"
 PR_PLOT = "pr_curves.png"
+VIDEO_NP_RESULTS = "video_np_results.json"
 PLOT_IOUS = (0.5, 0.75)
+MAX_WORKERS = 1024
 
 
 @dataclass
 class EvaluateConfig:
     """What to evaluate against what, and where the results go."""
 
-    # URI of the ground truth: a YTVIS video file or a COCO frame file
+    # URI of the ground truth: a YT-VIS / SA-Co/VEval video file or a COCO frame file
     gt: str = ""
     # URI of a predictions JSON, or of the predict step's folder holding its three files
     predictions: str = ""
@@ -74,7 +85,54 @@ class EvaluateConfig:
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
     # "auto" reads the GT kind from its keys; "video" or "coco" insists on one
     kind: str = "auto"
+    # video metric families, a subset of map, phrase_ap, teta, hota, cgf1; empty: all of them for
+    # SA-Co/VEval GT (it has video_np_pairs), map for plain YT-VIS GT
+    metrics: list[str] = field(default_factory=list)
+    # cgF1 and TETA count predictions scoring >= this, HOTA those scoring above it (sam3: 0.5)
+    score_threshold: float = 0.5
+    # processes over videos: 1 = all in this process, 0 = one per CPU core when the set is big enough
+    workers: int = 0
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        """Reject bad values when the config is built, naming the key to change."""
+        for key in ("gt", "predictions", "output", "frames_gt"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"evaluate.{key}={getattr(self, key)!r}: must be a URI string")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"evaluate.backend={self.backend!r}: must be one of {list(BACKENDS)}")
+        if self.kind not in KINDS:
+            raise ConfigError(f"evaluate.kind={self.kind!r}: must be one of {list(KINDS)}")
+        if not self.iou_types or any(t not in IOU_TYPES for t in self.iou_types) or len(set(self.iou_types)) != len(
+                self.iou_types):
+            raise ConfigError(f"evaluate.iou_types={list(self.iou_types)}: must be a non-empty subset of "
+                              f"{list(IOU_TYPES)}, each once")
+        if any(m not in FAMILIES for m in self.metrics) or len(set(self.metrics)) != len(self.metrics):
+            raise ConfigError(f"evaluate.metrics={list(self.metrics)}: must be a subset of {list(FAMILIES)}, each "
+                              "once (or empty for the GT's default)")
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in self.max_dets):
+            raise ConfigError(f"evaluate.max_dets={list(self.max_dets)}: must be three increasing positive integers")
+        try:
+            check_max_dets(self.max_dets)
+        except ConfigError as error:
+            raise ConfigError(f"evaluate.max_dets={list(self.max_dets)}: must be three increasing positive integers, "
+                              "e.g. [1, 10, 100]") from error
+        threshold = self.score_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
+                math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise ConfigError(f"evaluate.score_threshold={threshold!r}: must be a number in [0, 1] (sam3 uses 0.5)")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, numbers.Integral) or not (
+                0 <= self.workers <= MAX_WORKERS):
+            raise ConfigError(f"evaluate.workers={self.workers!r}: must be an integer in [0, {MAX_WORKERS}] "
+                              "(0 = one per CPU core)")
+        if self.output:
+            name = posixpath.basename(self.output)
+            if not name:
+                raise ConfigError(f"evaluate.output={self.output!r}: must name the metrics file "
+                                  "(<folder>/metrics.json)")
+            if name in (TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS):
+                raise ConfigError(f"evaluate.output={self.output!r}: collides with the table/plot/results written "
+                                  "beside it; name it metrics.json")
 
 
 @dataclass(frozen=True)
@@ -83,30 +141,22 @@ class EvaluationReport:
 
     evaluations: list[Evaluation]
     category_names: dict[int, str]
+    video_metrics: dict[str, float] = field(default_factory=dict)
+    # sam3's per-(video, phrase) results (cgF1 / HOTA); None when those families did not run
+    video_np_results: list[dict[str, Any]] | None = None
 
     @property
     def metrics(self) -> dict[str, float]:
-        return {name: value for e in self.evaluations for name, value in e.metrics.items()}
+        out = {name: value for e in self.evaluations for name, value in e.metrics.items()}
+        out.update(self.video_metrics)
+        return out
 
 
 def check_config(cfg: EvaluateConfig) -> None:
-    """Reject bad values before reading anything, naming the key to change."""
+    """Required keys, checked before reading anything (the values themselves are checked on build)."""
     for key in ("gt", "predictions", "output"):
         if not getattr(cfg, key):
-            raise ConfigError(f"evaluate: {key} is required: pass {key}=<uri> (or --{key} <uri>)")
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"evaluate: backend must be one of {list(BACKENDS)}; got {cfg.backend!r}")
-    if cfg.kind not in KINDS:
-        raise ConfigError(f"evaluate: kind must be one of {list(KINDS)}; got {cfg.kind!r}")
-    if not cfg.iou_types or any(t not in IOU_TYPES for t in cfg.iou_types):
-        raise ConfigError(
-            f"evaluate: iou_types must be a non-empty subset of {list(IOU_TYPES)}; got {list(cfg.iou_types)}"
-        )
-    check_max_dets(cfg.max_dets)
-    if not posixpath.basename(cfg.output):
-        raise ConfigError(f"evaluate: output must name the metrics file (<folder>/metrics.json); got {cfg.output!r}")
-    if posixpath.basename(cfg.output) in (TABLE_CSV, TABLE_MD, PR_PLOT):
-        raise ConfigError(f"evaluate: output {cfg.output!r} would collide with the table/plot written beside it")
+            raise ConfigError(f"evaluate.{key} is required: pass {key}=<uri> (or --{key} <uri>)")
 
 
 def detect_kind(gt: Any, source: str, requested: str) -> str:
@@ -142,6 +192,26 @@ def _frame_evaluations(cfg: EvaluateConfig, raw_gt: Any, gt_uri: str, files: dic
     ]
 
 
+def video_families(cfg: EvaluateConfig, gt: dict[str, Any]) -> tuple[str, ...]:
+    """The configured families, or the GT's default: all of sam3's suite for SA-Co/VEval, mAP for YT-VIS."""
+    if cfg.metrics:
+        return tuple(cfg.metrics)
+    return FAMILIES if "video_np_pairs" in gt else ("map",)
+
+
+def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str) -> EvaluationReport:
+    """The video families of ``cfg`` on a video GT; AP evaluations feed the table and the PR plot."""
+    families = video_families(cfg, gt)
+    settings = SuiteSettings(families=families, iou_types=tuple(cfg.iou_types), max_dets=check_max_dets(cfg.max_dets),
+                             threshold=cfg.score_threshold, workers=cfg.workers)
+    data = read_video_set(gt, storage.read_json(predictions_uri), gt_source=cfg.gt, predictions_source=predictions_uri)
+    result = evaluate_suite(data, settings)
+    ap_metrics = {k for e in result.evaluations for k in e.metrics}
+    others = {k: v for k, v in result.metrics.items() if k not in ap_metrics}
+    per_pair = result.video_np_results if {"cgf1", "hota"} & set(families) else None
+    return EvaluationReport(result.evaluations, data.category_names, others, per_pair)
+
+
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
     """Read, validate and score; writes nothing."""
     check_config(cfg)
@@ -155,32 +225,26 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
     )
     if cfg.frames_gt and (kind != "video" or is_file):
         raise ConfigError(
-            "evaluate: frames_gt is only used with a video gt and a predictions folder (the predict step's output)"
+            "evaluate.frames_gt is only used with a video gt and a predictions folder (the predict step's output)"
         )
     if kind == "coco":
         return EvaluationReport(_frame_evaluations(cfg, gt, cfg.gt, files), _category_names(gt))
-    evaluations = evaluate_videos(
-        gt,
-        storage.read_json(files["video"]),
-        cfg.iou_types,
-        max_dets=cfg.max_dets,
-        gt_source=cfg.gt,
-        predictions_source=files["video"],
-    )
+    video = _video_report(cfg, gt, files["video"])
     if not cfg.frames_gt:
         if not is_file:
             logger.info("no frames_gt given: frame-level COCO metrics skipped")
-        return EvaluationReport(evaluations, _category_names(gt))
+        return video
     frames_gt = storage.read_json(cfg.frames_gt)
     frame_evaluations = _frame_evaluations(cfg, frames_gt, cfg.frames_gt, files)
-    return EvaluationReport(frame_evaluations + evaluations, _category_names(gt, frames_gt))
+    names = {**_category_names(frames_gt), **video.category_names}
+    return EvaluationReport(frame_evaluations + video.evaluations, names, video.video_metrics, video.video_np_results)
 
 
 def category_rows(report: EvaluationReport) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of the per-category table: AP, AP50, AP75 of every evaluation (None = no GT)."""
     header = ["category_id", "name"]
     columns: dict[str, dict[int, float]] = {}
-    for evaluation in report.evaluations:
+    for evaluation in (e for e in report.evaluations if e.per_category):
         for cat_id, values in evaluation.arrays.per_category().items():
             for stat, value in values.items():
                 columns.setdefault(f"{evaluation.name} {stat}", {})[cat_id] = value
@@ -219,22 +283,35 @@ def table_markdown(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def pr_figure(report: EvaluationReport) -> Figure:
-    """Precision/recall at IoU .5 and .75, one panel per evaluation, mean over categories with GT."""
-    count = max(len(report.evaluations), 1)
-    figure = Figure(figsize=(4.5 * count, 4.0), layout="constrained")
-    axes = figure.subplots(1, count, squeeze=False)[0]
-    for ax, evaluation in zip(axes, report.evaluations):
-        arrays = evaluation.arrays
-        for iou in PLOT_IOUS:
-            curve = arrays.pr_curve(iou)
-            if not np.isnan(curve).all():
-                ax.plot(arrays.rec_thrs, curve, label=f"IoU={iou:.2f}")
-        ax.set(title=evaluation.name, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    """Precision/recall at IoU .5 and .75, mean over categories with GT; one panel per IoU type.
+
+    Class AP and phrase AP of the same IoU type share a panel (phrase AP pools every
+    (video, phrase) pair as one category), which keeps the figure -- and the time to draw it -- small.
+    """
+    # imported on use: matplotlib costs a third of a second at the start of the CLI otherwise
+    from matplotlib.figure import Figure
+
+    panels: dict[str, list[Evaluation]] = {}
+    for evaluation in report.evaluations:
+        panels.setdefault(evaluation.name.removesuffix("_phrase_ap"), []).append(evaluation)
+    figure = Figure(figsize=(4.0 * max(len(panels), 1), 3.6), layout="constrained")
+    axes = figure.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for ax, (title, evaluations) in zip(axes, panels.items()):
+        for evaluation in evaluations:
+            what = "phrase AP" if evaluation.name.endswith("_phrase_ap") else "AP"
+            for iou in PLOT_IOUS:
+                curve = evaluation.arrays.pr_curve(iou)
+                if not np.isnan(curve).all():
+                    ax.plot(evaluation.arrays.rec_thrs, curve, label=f"{what} IoU={iou:.2f}")
+        ax.set(title=title, xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         if ax.get_lines():
-            ax.legend(loc="lower left")
+            ax.legend(loc="upper right", fontsize="small")
         else:
             ax.text(0.5, 0.5, "no ground truth", ha="center", va="center")
+    if not panels:
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, "no precision/recall curve in these metric families", ha="center", va="center")
     return figure
 
 
@@ -246,10 +323,11 @@ def output_folder(output: str) -> str:
     return head or "/"
 
 
-def report_files(output: str) -> list[str]:
+def report_files(report: EvaluationReport, output: str) -> list[str]:
     """URIs of everything `publish_report` writes for `output`, metrics.json last."""
     folder = output_folder(output)
-    return [storage.join(folder, name) for name in (TABLE_CSV, TABLE_MD, PR_PLOT)] + [output]
+    names = [TABLE_CSV, TABLE_MD, PR_PLOT] + ([VIDEO_NP_RESULTS] if report.video_np_results is not None else [])
+    return [storage.join(folder, name) for name in names] + [output]
 
 
 def publish_report(report: EvaluationReport, output: str) -> str:
@@ -260,6 +338,8 @@ def publish_report(report: EvaluationReport, output: str) -> str:
         (folder / TABLE_CSV).write_text(table_csv(header, rows), encoding="utf-8")
         (folder / TABLE_MD).write_text(table_markdown(header, rows), encoding="utf-8")
         pr_figure(report).savefig(folder / PR_PLOT, dpi=100)
+        if report.video_np_results is not None:
+            (folder / VIDEO_NP_RESULTS).write_text(json.dumps(report.video_np_results) + "\n", encoding="utf-8")
         marker = posixpath.basename(output)
         (folder / marker).write_text(json.dumps(report.metrics, sort_keys=True, indent=1) + "\n", encoding="utf-8")
         storage.publish_dir(folder, output_folder(output), marker=marker)
