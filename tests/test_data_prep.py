@@ -128,8 +128,9 @@ def test_resize_scales_frames_masks_boxes_and_areas_exactly_on_aligned_shapes(tm
                          store=str(tmp_path / "store"), val_fraction=0.0, resize_max_side=20)
     root = Path(prepare_dataset(cfg).uri)
     dataset = load_video_dataset(str(root / "train.json"))
-    assert dataset.video(7).file_names == ("frames/7/00000.png", "frames/7/00001.png")
-    assert Image.open(root / "frames/7/00000.png").size == (20, 10)
+    assert dataset.video(7).file_names == ("frames/7/00000.jpg", "frames/7/00001.jpg")
+    assert Image.open(root / "frames/7/00000.jpg").format == "JPEG"
+    assert Image.open(root / "frames/7/00000.jpg").size == (20, 10)
     track = dataset.tracks[0]
     assert track.bboxes == ((2.0, 1.0, 8.0, 4.0), None) and track.areas == (32.0, None)
     seg = track.segmentations[0]

@@ -88,7 +88,7 @@ def nothing_published(store: Path) -> bool:
 
 def test_a_valid_dataset_is_normalised_to_compressed_rle(source: tuple[dict[str, Any], Path]) -> None:
     raw, root = source
-    dataset = validate(raw, "ann.json", str(root))
+    dataset = validate(raw, "ann.json")
     polygon = dataset.tracks[0].segmentations[1]
     assert polygon is not None and isinstance(polygon["counts"], str)
     assert rle_to_mask(polygon)[4:10, 4:12].all()
