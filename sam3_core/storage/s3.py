@@ -22,10 +22,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
+from boto3.exceptions import (
+    RetriesExceededError,
+    S3TransferFailedError,
+    S3UploadFailedError,
+)
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 from botocore.retries.standard import (
     OrRetryChecker,
     RetryContext,
