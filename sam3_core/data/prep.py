@@ -71,6 +71,7 @@ MASKS_PER_TASK = 512
 PARTS = ".parts"
 PLAN = "plan.json"
 REPORT = "report.json"
+RESULT = "result.json"
 
 
 def _default_store() -> str:
@@ -630,11 +631,16 @@ def build_manifest(
     return {
         "dataset_id": json_sha256(identity)[:16],
         "format_version": FORMAT_VERSION,
-        "source": source,
-        "split": split,
+        # key-sorted, so the bytes do not depend on how the description was built (in process or read from a plan)
+        "source": _sorted_keys(source),
+        "split": _sorted_keys(split),
         "counts": counts,
         "files": dict(sorted(files.items())),
     }
+
+
+def _sorted_keys(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
 
 
 def _write_json(path: Path, obj: Any, indent: int | None = None) -> dict[str, Any]:
@@ -661,7 +667,9 @@ def plan_shards(cfg: DataPrepConfig, shards: int) -> ShardPlan:
     """Check the source's structure and split its videos into ``shards`` balanced by frame count.
 
     Masks are not checked here (each shard checks its own); the plan, with the resolved config,
-    is written to the store for the shards and the merge to read.
+    is written to the store for the shards and the merge to read. The plan's folder is named
+    after its content, so rerunning the same data prep finds the same plan, and once a merge
+    has published its dataset (``result.json``), shards and merge reuse it instead of working.
     """
     if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_WORKERS:
         raise ConfigError(f"data prep shards: must be an integer in [1, {MAX_WORKERS}], got {shards!r}")
@@ -714,6 +722,10 @@ def prepare_shard(plan_uri: str, index: int) -> str:
     if not 0 <= index < len(plan["shards"]):
         raise InputError(plan_uri, "shards", f"no shard {index}; the plan has {len(plan['shards'])}")
     dest = _shard_uri(plan_uri, index)
+    done = _merged(plan_uri)
+    if done is not None:
+        logger.info("the plan's dataset is already published at %s; shard %d has nothing to do", done.uri, index)
+        return dest
     if storage.is_published(dest, REPORT):
         logger.info("shard %d already published at %s", index, dest)
         return dest
@@ -741,6 +753,10 @@ def prepare_shard(plan_uri: str, index: int) -> str:
 def merge_shards(plan_uri: str) -> PreparedDataset:
     """Check that every shard of the plan is complete, then publish the dataset with its manifest last."""
     plan, cfg = _read_plan(plan_uri)
+    done = _merged(plan_uri)
+    if done is not None:
+        logger.info("dataset %s of this plan already published at %s; reusing it", done.dataset_id, done.uri)
+        return done
     staged: dict[int, StagedVideo] = {}
     sources: dict[str, str | Path] = {}
     for index, ids in enumerate(plan["shards"]):
@@ -773,11 +789,24 @@ def merge_shards(plan_uri: str) -> PreparedDataset:
             logger.info(
                 "published dataset %s at %s from %d shard(s)", manifest["dataset_id"], dest, len(plan["shards"])
             )
-    try:
-        storage.delete_prefix(plan_uri)
-    except Sam3PipeError as exc:
-        logger.warning("could not remove the shards' parts at %s (%s); delete them by hand", plan_uri, exc)
+    storage.write_json(storage.join(plan_uri, RESULT), {"dataset_uri": dest, "dataset_id": manifest["dataset_id"]})
+    for index in range(len(plan["shards"])):
+        try:
+            storage.delete_prefix(_shard_uri(plan_uri, index))
+        except Sam3PipeError as exc:
+            logger.warning("could not remove shard %d's part (%s); delete it by hand", index, exc)
     return PreparedDataset(uri=dest, dataset_id=manifest["dataset_id"])
+
+
+def _merged(plan_uri: str) -> PreparedDataset | None:
+    """The plan's dataset if a merge already published it (and it is still there)."""
+    result_uri = storage.join(plan_uri, RESULT)
+    if not storage.exists(result_uri):
+        return None
+    result = storage.read_json(result_uri)
+    if not storage.is_published(result["dataset_uri"], MANIFEST):
+        return None
+    return PreparedDataset(uri=result["dataset_uri"], dataset_id=result["dataset_id"])
 
 
 def _staged_from_report(report: dict[str, Any]) -> list[StagedVideo]:

@@ -202,4 +202,3 @@ def _cached_files(root: Path) -> Iterator[tuple[float, int, Path]]:
             with contextlib.suppress(FileNotFoundError):
                 stat = path.stat()
                 yield stat.st_mtime, stat.st_size, path
-

@@ -162,11 +162,20 @@ class RetryPolicy:
         wait = self.delay(attempts)
         started = request_dict["context"].get(self._STARTED, time.monotonic())
         if time.monotonic() - started + wait > self.deadline_s:
-            logger.warning("S3 %s: giving up after %d attempt(s): the %.0f s deadline would pass",
-                           operation.name, attempts, self.deadline_s)
+            logger.warning(
+                "S3 %s: giving up after %d attempt(s): the %.0f s deadline would pass",
+                operation.name,
+                attempts,
+                self.deadline_s,
+            )
             return None
-        logger.info("S3 %s: transient failure (attempt %d of %d); retrying in %.2f s",
-                    operation.name, attempts, self.attempts, wait)
+        logger.info(
+            "S3 %s: transient failure (attempt %d of %d); retrying in %.2f s",
+            operation.name,
+            attempts,
+            self.attempts,
+            wait,
+        )
         return wait
 
 
@@ -297,7 +306,9 @@ class S3Backend(Backend):
         folder = f"{folder}/" if folder else ""
         keys: list[str] = []
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=folder):
-            keys.extend(item["Key"][len(folder) :] for item in page.get("Contents", []) if not item["Key"].endswith("/"))
+            keys.extend(
+                item["Key"][len(folder) :] for item in page.get("Contents", []) if not item["Key"].endswith("/")
+            )
         return sorted(keys)
 
     def upload_file(self, path: Path, uri: str) -> None:
@@ -350,9 +361,7 @@ class S3Backend(Backend):
             if code == "NoSuchBucket":
                 return "the bucket does not exist; create it or point SAM3PIPE_STORE at an existing bucket"
             if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return (
-                    f"access denied ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
-                )
+                return f"access denied ({code}); check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"
             return f"{code}: {error.get('Message', found)}"
         if isinstance(exc, NoCredentialsError):
             return "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
