@@ -95,9 +95,14 @@ def write_saco_video(
         for c in present + [masklets - 2, masklets - 1]:
             n = sum(1 for a in annotations if a["video_id"] == v and a["category_id"] == c)
             pairs.append(
-                {"id": len(pairs) + 1, "video_id": v, "category_id": c, "noun_phrase": categories[c - 1]["name"],
-                 "num_masklets": n}
-            )  # fmt: skip
+                {
+                    "id": len(pairs) + 1,
+                    "video_id": v,
+                    "category_id": c,
+                    "noun_phrase": categories[c - 1]["name"],
+                    "num_masklets": n,
+                }
+            )
     path = root / "saco_veval_generated.json"
     doc = {
         "info": {"description": "generated SA-Co/VEval-shaped data"},

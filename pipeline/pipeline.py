@@ -33,7 +33,9 @@ from pipeline.pytorchjob import LaunchSettings
 from pipeline.settings import PipelineSettings, StepSettings
 
 
-DataPrepOutputs = NamedTuple("DataPrepOutputs", [("dataset_uri", str), ("dataset_id", str)])
+class DataPrepOutputs(NamedTuple):
+    dataset_uri: str
+    dataset_id: str
 
 
 def _on_step(task: PipelineTask, step: StepSettings, cache: bool) -> PipelineTask:

@@ -117,15 +117,29 @@ def test_resize_scales_frames_masks_boxes_and_areas_exactly_on_aligned_shapes(tm
     mask[2:10, 4:20] = True
     raw = {
         "videos": [{"id": 7, "width": 40, "height": 20, "file_names": ["a.jpg", "b.jpg"]}],
-        "annotations": [{"id": 1, "video_id": 7, "category_id": 1, "segmentations": [mask_to_rle(mask), None],
-                         "bboxes": [[4, 2, 16, 8], None], "areas": [128, None]}],
+        "annotations": [
+            {
+                "id": 1,
+                "video_id": 7,
+                "category_id": 1,
+                "segmentations": [mask_to_rle(mask), None],
+                "bboxes": [[4, 2, 16, 8], None],
+                "areas": [128, None],
+            }
+        ],
         "categories": [{"id": 1, "name": "red square"}],
     }
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / name)
     (tmp_path / "ann.json").write_text(json.dumps(raw))
-    cfg = DataPrepConfig(source="ytvis", annotations=str(tmp_path / "ann.json"), frames_root=str(tmp_path),
-                         store=str(tmp_path / "store"), val_fraction=0.0, resize_max_side=20)
+    cfg = DataPrepConfig(
+        source="ytvis",
+        annotations=str(tmp_path / "ann.json"),
+        frames_root=str(tmp_path),
+        store=str(tmp_path / "store"),
+        val_fraction=0.0,
+        resize_max_side=20,
+    )
     root = Path(prepare_dataset(cfg).uri)
     dataset = load_video_dataset(str(root / "train.json"))
     assert dataset.video(7).file_names == ("frames/7/00000.jpg", "frames/7/00001.jpg")
@@ -177,16 +191,26 @@ def test_a_frame_whose_bytes_differ_from_the_manifest_is_refused(s3_bucket: str,
 def test_ytvis_files_on_s3_give_the_same_dataset_as_the_same_files_on_disk(s3_bucket: str, tmp_path: Path) -> None:
     annotations = generate(tiny(), tmp_path / "src")
     local = prepare_dataset(
-        DataPrepConfig(source="ytvis", annotations=str(annotations), frames_root=str(annotations.parent),
-                       store=str(tmp_path / "store"), val_fraction=0.34)
+        DataPrepConfig(
+            source="ytvis",
+            annotations=str(annotations),
+            frames_root=str(annotations.parent),
+            store=str(tmp_path / "store"),
+            val_fraction=0.34,
+        )
     )
     for path in sorted(annotations.parent.rglob("*")):
         if path.is_file():
             storage.upload_file(path, storage.join(s3_bucket, "src", path.relative_to(annotations.parent).as_posix()))
     remote = prepare_dataset(
-        DataPrepConfig(source="ytvis", annotations=f"{s3_bucket}/src/annotations.json",
-                       frames_root=f"{s3_bucket}/src", store=f"{s3_bucket}/store", val_fraction=0.34,
-                       cache_dir=str(tmp_path / "cache"))
+        DataPrepConfig(
+            source="ytvis",
+            annotations=f"{s3_bucket}/src/annotations.json",
+            frames_root=f"{s3_bucket}/src",
+            store=f"{s3_bucket}/store",
+            val_fraction=0.34,
+            cache_dir=str(tmp_path / "cache"),
+        )
     )
     assert remote.dataset_id == local.dataset_id
 
@@ -194,9 +218,22 @@ def test_ytvis_files_on_s3_give_the_same_dataset_as_the_same_files_on_disk(s3_bu
 def test_component_cli_prints_the_dataset_uri_and_id(tmp_path: Path) -> None:
     env = {**os.environ, "SAM3PIPE_STORE": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "components.data_prep", "source=synthetic", "synthetic.num_videos=2",
-         "synthetic.frames_per_video=2", "synthetic.height=32", "synthetic.width=32", "synthetic.max_size=16"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "components.data_prep",
+            "source=synthetic",
+            "synthetic.num_videos=2",
+            "synthetic.frames_per_video=2",
+            "synthetic.height=32",
+            "synthetic.width=32",
+            "synthetic.max_size=16",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     assert outputs["dataset_uri"] == str(tmp_path / "store" / "datasets" / outputs["dataset_id"])
@@ -237,17 +274,29 @@ def ytvis_files(root: Path, size: tuple[int, int] = (80, 40), frames: int = 2) -
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(root / name)
     raw = {
         "videos": [{"id": 1, "width": width, "height": height, "file_names": names}],
-        "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "segmentations": [mask_to_rle(mask)] * frames,
-                         "bboxes": [[8, 4, 32, 16]] * frames}],
+        "annotations": [
+            {
+                "id": 1,
+                "video_id": 1,
+                "category_id": 1,
+                "segmentations": [mask_to_rle(mask)] * frames,
+                "bboxes": [[8, 4, 32, 16]] * frames,
+            }
+        ],
         "categories": [{"id": 1, "name": "red box"}],
-    }  # fmt: skip
+    }
     (root / "ann.json").write_text(json.dumps(raw))
     return root / "ann.json"
 
 
 def ytvis_prep(annotations: Path, **changes: Any) -> DataPrepConfig:
-    fields = {"source": "ytvis", "annotations": str(annotations), "frames_root": str(annotations.parent),
-              "store": str(annotations.parent / "store"), "val_fraction": 0.0}  # fmt: skip
+    fields = {
+        "source": "ytvis",
+        "annotations": str(annotations),
+        "frames_root": str(annotations.parent),
+        "store": str(annotations.parent / "store"),
+        "val_fraction": 0.0,
+    }
     return DataPrepConfig(**{**fields, **changes})
 
 
@@ -272,8 +321,11 @@ def test_a_truncated_frame_is_refused_naming_it_and_nothing_is_published(tmp_pat
     data = (tmp_path / "v/1.jpg").read_bytes()
     (tmp_path / "v/1.jpg").write_bytes(data[: len(data) - 40])
     for changes in ({}, {"resize_max_side": 40}):
-        with pytest.raises(InputError, match=r"ann\.json: videos\[0\]\.file_names\[1\]: frame .*v/1\.jpg is not a "
-                                              r"readable image \(image file is truncated"):  # fmt: skip
+        with pytest.raises(
+            InputError,
+            match=r"ann\.json: videos\[0\]\.file_names\[1\]: frame .*v/1\.jpg is not a "
+            r"readable image \(image file is truncated",
+        ):
             prepare_dataset(ytvis_prep(ann, **changes))
     assert not (tmp_path / "store").exists()
 

@@ -30,9 +30,15 @@ from sam3_core.errors import InputError
 
 VIDEOS = SyntheticConfig(num_videos=5, frames_per_video=3, height=40, width=56, min_size=10, max_size=20)
 OVERRIDES = [
-    "synthetic.num_videos=5", "synthetic.frames_per_video=3", "synthetic.height=40", "synthetic.width=56",
-    "synthetic.min_size=10", "synthetic.max_size=20", "resize_max_side=28", "val_fraction=0.4",
-]  # fmt: skip
+    "synthetic.num_videos=5",
+    "synthetic.frames_per_video=3",
+    "synthetic.height=40",
+    "synthetic.width=56",
+    "synthetic.min_size=10",
+    "synthetic.max_size=20",
+    "resize_max_side=28",
+    "val_fraction=0.4",
+]
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -113,8 +119,13 @@ def test_a_shard_of_a_plan_whose_annotations_changed_is_refused(tmp_path: Path) 
     from sam3_core.data.synthetic import generate
 
     annotations = generate(VIDEOS, source)
-    cfg = DataPrepConfig(source="ytvis", annotations=str(annotations), frames_root=str(source),
-                         store=str(tmp_path / "store"), val_fraction=0.4)  # fmt: skip
+    cfg = DataPrepConfig(
+        source="ytvis",
+        annotations=str(annotations),
+        frames_root=str(source),
+        store=str(tmp_path / "store"),
+        val_fraction=0.4,
+    )
     plan = plan_shards(cfg, 2)
     raw = json.loads(annotations.read_text())
     raw["categories"][0]["name"] = "renamed thing"

@@ -54,16 +54,31 @@ def test_a_youtube_vis_layout_with_uncompressed_rle_and_frame_folders_is_prepare
     raw = {
         "info": {"description": "YouTube-VIS 2021"},
         "videos": [{"id": 1, "width": W, "height": H, "length": 3, "file_names": names}],
-        "annotations": [{"id": 1, "video_id": 1, "category_id": 26, "iscrowd": 0, "height": H, "width": W,
-                         "segmentations": [{"size": [H, W], "counts": runs}, None, None],
-                         "bboxes": [[10, 5, 20, 20], None, None], "areas": [400, None, None]}],
+        "annotations": [
+            {
+                "id": 1,
+                "video_id": 1,
+                "category_id": 26,
+                "iscrowd": 0,
+                "height": H,
+                "width": W,
+                "segmentations": [{"size": [H, W], "counts": runs}, None, None],
+                "bboxes": [[10, 5, 20, 20], None, None],
+                "areas": [400, None, None],
+            }
+        ],
         "categories": [{"supercategory": "object", "id": 26, "name": "person"}],
-    }  # fmt: skip
+    }
     (tmp_path / "instances.json").write_text(json.dumps(raw))
     prepared = prepare_dataset(
-        DataPrepConfig(source="ytvis", annotations=str(tmp_path / "instances.json"), frames_root=str(root),
-                       store=str(tmp_path / "store"), val_fraction=0.0)
-    )  # fmt: skip
+        DataPrepConfig(
+            source="ytvis",
+            annotations=str(tmp_path / "instances.json"),
+            frames_root=str(root),
+            store=str(tmp_path / "store"),
+            val_fraction=0.0,
+        )
+    )
     dataset = load_video_dataset(str(Path(prepared.uri) / "train.json"))
     segmentation = dataset.tracks[0].segmentations[0]
     assert segmentation is not None and np.array_equal(rle_to_mask(segmentation), box_mask(10, 5, 30, 25))
@@ -85,13 +100,19 @@ def saco_source(root: Path) -> tuple[dict[str, Any], Path]:
             Image.new("RGB", (W, H), (20 * v, 80, 140)).save(frames / f)
         videos.append({"id": v, "video_name": name, "file_names": files, "height": H, "width": W, "length": 4})
         masks = [box_mask(4 + 2 * i, 6, 24 + 2 * i, 30) for i in range(4)]
-        annotations.append({"id": v, "video_id": v, "category_id": 1, "noun_phrase": "zebra", "height": H, "width": W,
-                            **track(masks)})  # fmt: skip
+        annotations.append(
+            {"id": v, "video_id": v, "category_id": 1, "noun_phrase": "zebra", "height": H, "width": W, **track(masks)}
+        )
     categories = [{"id": 1, "name": "zebra"}, {"id": 2, "name": "striped umbrella"}, {"id": 3, "name": "unused kite"}]
     pairs = [{"id": v, "video_id": v, "category_id": 1, "noun_phrase": "zebra", "num_masklets": 1} for v in (1, 2, 3)]
     pairs += [{"id": 4, "video_id": 2, "category_id": 2, "noun_phrase": "striped umbrella", "num_masklets": 0}]
-    raw = {"info": {"version": "v1"}, "videos": videos, "annotations": annotations, "categories": categories,
-           "video_np_pairs": pairs}  # fmt: skip
+    raw = {
+        "info": {"version": "v1"},
+        "videos": videos,
+        "annotations": annotations,
+        "categories": categories,
+        "video_np_pairs": pairs,
+    }
     return raw, frames
 
 
@@ -99,8 +120,13 @@ def saco_config(tmp_path: Path, raw: dict[str, Any], frames: Path, **changes: An
     annotations = tmp_path / "annotation" / "saco_veval_sav_val.json"
     annotations.parent.mkdir(parents=True, exist_ok=True)
     annotations.write_text(json.dumps(raw))
-    fields = {"source": "saco", "annotations": str(annotations), "frames_root": str(frames),
-              "store": str(tmp_path / "store"), "val_fraction": 0.0}  # fmt: skip
+    fields = {
+        "source": "saco",
+        "annotations": str(annotations),
+        "frames_root": str(frames),
+        "store": str(tmp_path / "store"),
+        "val_fraction": 0.0,
+    }
     return DataPrepConfig(**{**fields, **changes})
 
 
@@ -119,9 +145,12 @@ def test_sa_co_negatives_reach_the_clip_prompts_of_their_video(tmp_path: Path) -
     raw, frames = saco_source(tmp_path)
     reader = FrameReader(prepare_dataset(saco_config(tmp_path, raw, frames)).uri)
     clips = ClipDataset(
-        reader.dataset("train"), lambda name: np.array(reader.image(name)),
-        ClipConfig(frames_per_clip=2, num_negatives=0), image_size=56, seed=0,
-    )  # fmt: skip
+        reader.dataset("train"),
+        lambda name: np.array(reader.image(name)),
+        ClipConfig(frames_per_clip=2, num_negatives=0),
+        image_size=56,
+        seed=0,
+    )
     for index, ref in enumerate(clips.refs):
         queries = clips[index].find_queries
         texts = {q.query_text for q in queries}
@@ -134,7 +163,11 @@ def test_sa_co_negatives_reach_the_clip_prompts_of_their_video(tmp_path: Path) -
 
 SACO_ERRORS: dict[str, tuple[str, Any, str]] = {
     "pair count differs from the annotations": ("video_np_pairs.0.num_masklets", 2, "video_np_pairs[0].num_masklets"),
-    "noun phrase is not the category name": ("video_np_pairs.3.noun_phrase", "umbrella", "video_np_pairs[3].noun_phrase"),
+    "noun phrase is not the category name": (
+        "video_np_pairs.3.noun_phrase",
+        "umbrella",
+        "video_np_pairs[3].noun_phrase",
+    ),
     "annotation phrase is not its category": ("annotations.1.noun_phrase", "horse", "annotations[1].noun_phrase"),
     "pair names an unknown video": ("video_np_pairs.3.video_id", 9, "video_np_pairs[3].video_id"),
     "negative pair of an annotated phrase": ("video_np_pairs.3.category_id", 1, "video_np_pairs[3]"),
@@ -203,8 +236,14 @@ def mp4_source(root: Path, indices: list[int], fps: float | None = 6) -> dict[st
 
 def mp4_config(tmp_path: Path, raw: dict[str, Any], **changes: Any) -> DataPrepConfig:
     (tmp_path / "ann.json").write_text(json.dumps(raw))
-    fields = {"source": "mp4", "annotations": str(tmp_path / "ann.json"), "frames_root": str(tmp_path / "videos"),
-              "store": str(tmp_path / "store"), "val_fraction": 0.0, "fps": 6.0}  # fmt: skip
+    fields = {
+        "source": "mp4",
+        "annotations": str(tmp_path / "ann.json"),
+        "frames_root": str(tmp_path / "videos"),
+        "store": str(tmp_path / "store"),
+        "val_fraction": 0.0,
+        "fps": 6.0,
+    }
     return DataPrepConfig(**{**fields, **changes})
 
 
