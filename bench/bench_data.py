@@ -74,8 +74,9 @@ def _rate(count: int, work: Callable[[], Any]) -> float:
 
 def _data_prep_rows(bench: DataBench, root: Path) -> list[tuple[str, str, str]]:
     from bench.saco_video import write_saco_video
-    from sam3_core.data.prep import DataPrepConfig, prepare_dataset, target_size
+    from sam3_core.data.prep import DataPrepConfig, prepare_dataset
     from sam3_core.data.resample import encode_frame, resample_mask, resize_frame
+    from sam3_core.data.staging import target_size
 
     annotations = write_saco_video(root / "source")
     doc = json.loads(annotations.read_text())

@@ -14,7 +14,8 @@ from typing import Any
 
 from components.runner import run_cli
 from sam3_core.config import load_config
-from sam3_core.data.prep import DataPrepConfig, merge_shards, plan_shards, prepare_dataset, prepare_shard
+from sam3_core.data.prep import DataPrepConfig, prepare_dataset
+from sam3_core.data.shards import merge_shards, plan_shards, prepare_shard
 
 logger = logging.getLogger(__name__)
 

@@ -16,14 +16,8 @@ from pipeline.compile import compile_pipeline
 from pipeline.pipeline import build_data_prep_pipeline
 from pipeline.settings import load_settings
 from sam3_core import storage
-from sam3_core.data.prep import (
-    DataPrepConfig,
-    assign_shards,
-    merge_shards,
-    plan_shards,
-    prepare_dataset,
-    prepare_shard,
-)
+from sam3_core.data.prep import DataPrepConfig, prepare_dataset
+from sam3_core.data.shards import assign_shards, merge_shards, plan_shards, prepare_shard
 from sam3_core.data.synthetic import SyntheticConfig
 from sam3_core.data.ytvis import Video
 from sam3_core.errors import InputError
@@ -107,7 +101,7 @@ def test_once_merged_a_plan_is_reused_without_staging_again(tmp_path: Path, capl
     for index in range(2):
         prepare_shard(plan.uri, index)
     first = merge_shards(plan.uri)
-    with caplog.at_level("INFO", logger="sam3_core.data.prep"):
+    with caplog.at_level("INFO", logger="sam3_core.data.shards"):
         prepare_shard(plan.uri, 1)
         again = merge_shards(plan.uri)
     assert again == first
