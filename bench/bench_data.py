@@ -37,8 +37,9 @@ class DataBench:
     before_frames: int = 20
     before_masks: int = 200
     max_side: int = 224
-    loader_videos: int = 8
-    loader_frames: int = 8
+    # 16 x 16 frames: 128 two-frame clips per epoch, enough to amortise a loader's worker start-up
+    loader_videos: int = 16
+    loader_frames: int = 16
     loader_batch: int = 2
     loader_workers: tuple[int, ...] = (0, 1, 2)
     model_steps: int = 12

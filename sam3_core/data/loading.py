@@ -16,19 +16,19 @@ from typing import Any
 import torch
 
 
-def pin_tensors(data: Any) -> Any:
-    """``data`` with every tensor inside (dataclass fields, lists, tuples, dicts) in pinned memory."""
+def pin_tensors(data: Any, pin: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.pin_memory) -> Any:
+    """``data`` with ``pin`` applied to every tensor inside (dataclass fields, lists, tuples, dicts)."""
     if isinstance(data, torch.Tensor):
-        return data.pin_memory()
+        return pin(data)
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         pinned = copy.copy(data)
         for item in dataclasses.fields(data):
-            object.__setattr__(pinned, item.name, pin_tensors(getattr(data, item.name)))
+            object.__setattr__(pinned, item.name, pin_tensors(getattr(data, item.name), pin))
         return pinned
     if isinstance(data, (list, tuple)) and not hasattr(data, "_fields"):
-        return type(data)(pin_tensors(item) for item in data)
+        return type(data)(pin_tensors(item, pin) for item in data)
     if isinstance(data, dict):
-        return type(data)({key: pin_tensors(value) for key, value in data.items()})
+        return type(data)({key: pin_tensors(value, pin) for key, value in data.items()})
     return data
 
 

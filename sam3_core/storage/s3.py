@@ -203,8 +203,11 @@ _clients_lock = threading.Lock()
 
 
 def _forget_clients() -> None:
-    """A forked child must not share the parent's connections: it builds its own clients."""
+    """A forked child must not share the parent's connections: it builds its own clients (and lock,
+    which another thread of the parent may have held at the fork)."""
+    global _clients_lock
     _clients.clear()
+    _clients_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_clients)
