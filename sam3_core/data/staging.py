@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -99,14 +100,13 @@ def stage_videos(source: Source, settings: StageSettings, staging: Path, workers
     """Stage every video of ``source`` under ``staging/frames/<video id>/``, ``workers`` processes at a time."""
     global _CURRENT
     tasks = _tasks(source)
-    pending = {v.id: sum(1 for t in tasks if t.video_id == v.id) for v in source.dataset.videos}
+    pending = Counter(task.video_id for task in tasks)
     files: dict[int, dict[str, dict[str, Any]]] = {v.id: {} for v in source.dataset.videos}
     tracks: dict[int, list[Track]] = {v.id: [] for v in source.dataset.videos}
     staging.mkdir(parents=True, exist_ok=True)
     _CURRENT = (source, settings, staging)
     try:
         with tqdm(total=len(pending), desc="stage videos", unit="video") as progress:
-            progress.update(sum(1 for n in pending.values() if n == 0))
             for task, result in zip(tasks, _results(tasks, workers), strict=True):
                 if isinstance(result, _Failure):
                     raise InputError(result.source, result.field, result.message)
@@ -261,9 +261,12 @@ def rescale_track(track: Track, before: Video, width: int, height: int) -> Track
     boxes: list[BBox | None] = []
     for rle, box in zip(track.segmentations, track.bboxes, strict=True):
         new_rle = resample_mask(rle, width, height) if rle is not None else None
-        visible = new_rle is not None and box is not None and rle_area(new_rle) > 0
-        segs.append(new_rle if visible else None)
-        boxes.append(_scale_box(box, sx, sy, width, height, new_rle) if visible else None)
+        if new_rle is None or box is None or rle_area(new_rle) == 0:
+            segs.append(None)
+            boxes.append(None)
+            continue
+        segs.append(new_rle)
+        boxes.append(_scale_box(box, sx, sy, width, height, new_rle))
     return dataclasses.replace(
         track,
         segmentations=tuple(segs),
@@ -272,9 +275,8 @@ def rescale_track(track: Track, before: Video, width: int, height: int) -> Track
     )
 
 
-def _scale_box(box: BBox | None, sx: float, sy: float, width: int, height: int, rle: RLE | None) -> BBox:
+def _scale_box(box: BBox, sx: float, sy: float, width: int, height: int, rle: RLE) -> BBox:
     """The box at the new size; a box that rounds to nothing (it was far smaller than its mask) becomes the mask's."""
-    assert box is not None and rle is not None
     x0, y0 = box[0] * sx, box[1] * sy
     x1, y1 = min((box[0] + box[2]) * sx, width), min((box[1] + box[3]) * sy, height)
     scaled = (round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3))

@@ -384,9 +384,7 @@ class _Checker:
             iscrowd=int(iscrowd),
         )
 
-    def per_frame(
-        self, obj: dict[str, Any], key: str, path: str, video: Video, required: bool
-    ) -> list[Any] | None:
+    def per_frame(self, obj: dict[str, Any], key: str, path: str, video: Video, required: bool) -> list[Any] | None:
         if key not in obj and not required:
             return None
         values = obj.get(key)
@@ -401,11 +399,7 @@ class _Checker:
     def bbox(self, value: Any, path: str, video: Video) -> BBox | None:
         if value is None:
             return None
-        if (
-            not isinstance(value, list)
-            or len(value) != 4
-            or not all(_is_number(v) for v in value)
-        ):
+        if not isinstance(value, list) or len(value) != 4 or not all(_is_number(v) for v in value):
             raise self.fail(path, f"must be [x, y, w, h] or null, got {value!r}")
         x, y, w, h = (float(v) for v in value)
         if w <= 0 or h <= 0:
@@ -451,12 +445,7 @@ class _Checker:
         if not value:
             raise self.fail(path, "empty polygon list; use null for a frame where the object is not visible")
         for k, poly in enumerate(value):
-            if (
-                not isinstance(poly, list)
-                or len(poly) < 6
-                or len(poly) % 2
-                or not all(_is_number(v) for v in poly)
-            ):
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(_is_number(v) for v in poly):
                 raise self.fail(f"{path}[{k}]", "a polygon is a flat list [x1, y1, x2, y2, ...] of >= 3 points")
         rles = mask_util.frPyObjects([[float(v) for v in poly] for poly in value], video.height, video.width)
         merged = mask_util.merge(rles)
