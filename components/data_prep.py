@@ -1,7 +1,9 @@
-"""Pipeline step 1: prepare a dataset and publish it to the store.
+"""Pipeline step 1: prepare a dataset and publish it to the store, in one process or sharded across pods.
 
 `python -m components.data_prep source=synthetic synthetic.num_videos=4` prints
-{"dataset_id": ..., "dataset_uri": ...} as one JSON line.
+{"dataset_id": ..., "dataset_uri": ...} as one JSON line. The pipeline runs the same work as
+`plan` (split the videos into shards), one `shard` per pod and `merge`; each returns its
+outputs as a dict like `execute`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from components.runner import run_cli
 from sam3_core.config import load_config
 from sam3_core.data.prep import DataPrepConfig, prepare_dataset
+from sam3_core.data.shards import merge_shards, plan_shards, prepare_shard
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +25,24 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     cfg = load_config("data_prep", DataPrepConfig, overrides)
     prepared = prepare_dataset(cfg)
     logger.info("dataset %s at %s", prepared.dataset_id, prepared.uri)
+    return {"dataset_uri": prepared.uri, "dataset_id": prepared.dataset_id}
+
+
+def plan(overrides: list[str], shards: int) -> dict[str, Any]:
+    """Check the source and split its videos into `shards`; return the plan's URI and the shard indices."""
+    cfg = load_config("data_prep", DataPrepConfig, overrides)
+    planned = plan_shards(cfg, shards)
+    return {"plan_uri": planned.uri, "shards": list(range(planned.shards))}
+
+
+def shard(plan_uri: str, index: int) -> dict[str, Any]:
+    """Stage one shard of a plan and publish its part; return the part's URI."""
+    return {"part_uri": prepare_shard(plan_uri, index)}
+
+
+def merge(plan_uri: str) -> dict[str, Any]:
+    """Publish the dataset from every shard's part; return its URI and id."""
+    prepared = merge_shards(plan_uri)
     return {"dataset_uri": prepared.uri, "dataset_id": prepared.dataset_id}
 
 

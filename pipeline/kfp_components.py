@@ -18,18 +18,36 @@ from kfp.dsl.python_component import PythonComponent
 from pipeline.settings import PipelineSettings
 
 
-def data_prep(
+def data_prep_plan(
     source: str,
     annotations: str,
     frames_root: str,
     store: str,
     overrides: list,
-    dataset: Output[Dataset],
-) -> NamedTuple("DataPrepOutputs", [("dataset_uri", str), ("dataset_id", str)]):
-    """Validate the source data and publish a content-addressed dataset to the store."""
+    shards: int,
+) -> NamedTuple("DataPrepPlan", [("plan_uri", str), ("shards", list)]):
+    """Check the source data and split its videos into shards for the data-prep pods."""
     from pipeline import steps
 
-    return steps.prepare_data(source, annotations, frames_root, store, overrides, dataset)
+    return steps.plan_data_prep(source, annotations, frames_root, store, overrides, shards)
+
+
+def data_prep_shard(plan_uri: str, index: int) -> NamedTuple("DataPrepShard", [("part_uri", str)]):
+    """Stage one shard of videos (frames decoded, resized, masks resampled) and write its part to the store."""
+    from pipeline import steps
+
+    return (steps.prepare_data_shard(plan_uri, index),)
+
+
+def data_prep_merge(
+    plan_uri: str,
+    parts: list,
+    dataset: Output[Dataset],
+) -> NamedTuple("DataPrepOutputs", [("dataset_uri", str), ("dataset_id", str)]):
+    """Check every shard's part and publish the content-addressed dataset, manifest last."""
+    from pipeline import steps
+
+    return steps.merge_data_prep(plan_uri, parts, dataset)
 
 
 def plan_training(training_mode: str, gpus: int, nodes: int) -> NamedTuple("TrainingPlan", [("pod_gpus", int)]):
@@ -105,7 +123,9 @@ def evaluate(
 
 @dataclass(frozen=True)
 class Components:
-    data_prep: PythonComponent
+    data_prep_plan: PythonComponent
+    data_prep_shard: PythonComponent
+    data_prep_merge: PythonComponent
     plan_training: PythonComponent
     train: PythonComponent
     predict: PythonComponent
@@ -119,7 +139,9 @@ def build_components(settings: PipelineSettings) -> Components:
         return dsl.component(func, base_image=settings.image, packages_to_install=[], install_kfp_package=False)
 
     return Components(
-        data_prep=make(data_prep),
+        data_prep_plan=make(data_prep_plan),
+        data_prep_shard=make(data_prep_shard),
+        data_prep_merge=make(data_prep_merge),
         plan_training=make(plan_training),
         train=make(train),
         predict=make(predict),

@@ -22,14 +22,20 @@ No postponed annotations in this module: KFP reads the pipeline function's annot
 """
 
 import dataclasses
+from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl.graph_component import GraphComponent
 from kfp.dsl.pipeline_task import PipelineTask
 
-from pipeline.kfp_components import build_components
+from pipeline.kfp_components import Components, build_components
 from pipeline.pytorchjob import LaunchSettings
 from pipeline.settings import PipelineSettings, StepSettings
+
+
+class DataPrepOutputs(NamedTuple):
+    dataset_uri: str
+    dataset_id: str
 
 
 def _on_step(task: PipelineTask, step: StepSettings, cache: bool) -> PipelineTask:
@@ -82,10 +88,90 @@ def _on_gpu_nodes(task: PipelineTask, settings: PipelineSettings, gpus) -> Pipel
     return task
 
 
+def _sharded_data_prep(ops: Components, settings: PipelineSettings) -> GraphComponent:
+    """Data prep's fan-out: one pod per shard of the plan, then a merge that publishes the dataset.
+
+    A nested pipeline because kfp.local iterates a ParallelFor only over a pipeline input; the
+    shard and merge steps are not KFP-cached but reuse the plan's published dataset themselves,
+    so `submit --no-cache` (which reaches the top-level steps only) still redoes everything.
+    """
+
+    @dsl.pipeline(name="data-prep", description="Stage the shards of a data prep plan in parallel, then merge them")
+    def data_prep(plan_uri: str, shards: list) -> DataPrepOutputs:
+        with dsl.ParallelFor(shards) as index:
+            part = ops.data_prep_shard(plan_uri=plan_uri, index=index).set_display_name("data prep shard")
+            _with_object_store(_on_step(part, settings.data_prep, cache=False), settings)
+        merged = ops.data_prep_merge(plan_uri=plan_uri, parts=dsl.Collected(part.outputs["part_uri"]))
+        merged.set_display_name("data prep merge")
+        _with_object_store(_on_step(merged, settings.data_prep, cache=False), settings)
+        return DataPrepOutputs(merged.outputs["dataset_uri"], merged.outputs["dataset_id"])
+
+    return data_prep
+
+
+def _data_prep_tasks(  # type: ignore[no-untyped-def]
+    ops: Components,
+    settings: PipelineSettings,
+    sharded_data_prep: GraphComponent,
+    source,
+    annotations,
+    frames_root,
+    store,
+    overrides,
+    shards,
+) -> PipelineTask:
+    """Plan (cached: same inputs, same plan), then the shards and the merge; the task whose outputs name the dataset."""
+    planned = ops.data_prep_plan(
+        source=source,
+        annotations=annotations,
+        frames_root=frames_root,
+        store=store,
+        overrides=overrides,
+        shards=shards,
+    ).set_display_name("data prep plan")
+    _with_object_store(_on_step(planned, settings.data_prep, cache=True), settings)
+    prep = sharded_data_prep(plan_uri=planned.outputs["plan_uri"], shards=planned.outputs["shards"])
+    return prep.set_display_name("data prep").set_caching_options(False)
+
+
+def build_data_prep_pipeline(settings: PipelineSettings) -> GraphComponent:
+    """Data prep alone (plan -> shards -> merge), to prepare a large dataset on the cluster once for many runs."""
+    ops = build_components(settings)
+    sharded_data_prep = _sharded_data_prep(ops, settings)
+
+    @dsl.pipeline(name=f"{settings.name}-data-prep", description="Prepare a dataset with data prep spread over pods")
+    def prepare_data(  # type: ignore[no-untyped-def]
+        source: str = "synthetic",
+        annotations: str = "",
+        frames_root: str = "",
+        store: str = "",
+        data_prep_shards: int = 1,
+        data_prep_overrides: list = [],  # noqa: B006 (KFP reads defaults from the signature)
+    ) -> DataPrepOutputs:
+        """Validate the source, stage its videos over `data_prep_shards` pods and publish one dataset.
+
+        Args:
+            source: "synthetic", "ytvis" (YouTube-VIS / OVIS), "saco" (SA-Co/VEval) or "mp4" (video files).
+            annotations: URI of the annotation JSON (file sources).
+            frames_root: URI the annotation's frame or video file names are relative to (file sources).
+            store: Object-store root for datasets; "" = SAM3PIPE_STORE of the pods.
+            data_prep_shards: Data-prep pods the videos are spread over; any width gives the same dataset.
+            data_prep_overrides: Extra Hydra overrides of data prep, e.g. ["resize_max_side=1008"].
+        """
+        prep = _data_prep_tasks(
+            ops, settings, sharded_data_prep, source, annotations, frames_root, store, data_prep_overrides,
+            data_prep_shards,
+        )
+        return DataPrepOutputs(prep.outputs["dataset_uri"], prep.outputs["dataset_id"])
+
+    return prepare_data
+
+
 def build_pipeline(settings: PipelineSettings) -> GraphComponent:
     """The pipeline for these settings (image, secrets, placement are baked in at compile time)."""
     ops = build_components(settings)
     launch = dataclasses.asdict(LaunchSettings.from_settings(settings))
+    sharded_data_prep = _sharded_data_prep(ops, settings)
 
     @dsl.pipeline(name=settings.name, description=settings.description)
     def sam3_video_finetune(
@@ -105,6 +191,7 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         gpus: int = 0,
         nodes: int = 1,
         predict_gpus: int = 0,
+        data_prep_shards: int = 1,
         data_prep_overrides: list = [],  # noqa: B006
         train_overrides: list = [],  # noqa: B006
         predict_overrides: list = [],  # noqa: B006
@@ -129,6 +216,7 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
             gpus: GPUs of the training pod, or per node with training_mode=pytorchjob.
             nodes: Pods of the PyTorchJob (training_mode=pytorchjob).
             predict_gpus: GPUs of the prediction pod.
+            data_prep_shards: Data-prep pods the videos are spread over (the fan-out width); any width, same dataset.
             data_prep_overrides: Extra Hydra overrides of data prep, e.g. ["synthetic.num_videos=8"].
             train_overrides: Extra Hydra overrides of training.
             predict_overrides: Extra Hydra overrides of prediction.
@@ -136,10 +224,10 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         """
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-        prep = ops.data_prep(
-            source=source, annotations=annotations, frames_root=frames_root, store=store, overrides=data_prep_overrides
-        ).set_display_name("data prep")
-        _with_object_store(_on_step(prep, settings.data_prep, cache=True), settings)
+        prep = _data_prep_tasks(
+            ops, settings, sharded_data_prep, source, annotations, frames_root, store, data_prep_overrides,
+            data_prep_shards,
+        )
 
         plan = ops.plan_training(training_mode=training_mode, gpus=gpus, nodes=nodes).set_display_name("plan training")
         _on_step(plan, settings.plan_training, cache=False)

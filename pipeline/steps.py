@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline import distributed
+from pipeline.dispatch import component_module
 from sam3_core import storage
 from sam3_core.errors import InputError
 
@@ -67,16 +68,31 @@ def publish_pointer(artifact: PointerArtifact, values: dict[str, Any]) -> None:
     Path(artifact.path).write_text(json.dumps(values, sort_keys=True), encoding="utf-8")
 
 
-def prepare_data(
-    source: str, annotations: str, frames_root: str, store: str, extra: list[str], dataset: PointerArtifact
-) -> tuple[str, str]:
+def plan_data_prep(
+    source: str, annotations: str, frames_root: str, store: str, extra: list[str], shards: int
+) -> tuple[str, list[int]]:
+    """Check the data source and split its videos into `shards` (the fan-out width); return plan and shard indices."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise InputError("pipeline parameters", "data_prep_shards", f"must be an integer >= 1, got {shards!r}")
     overrides = [f"source={hydra_value(source, 'source')}"]
     if annotations:
         overrides.append(f"annotations={hydra_value(annotations, 'annotations')}")
     if frames_root:
         overrides.append(f"frames_root={hydra_value(frames_root, 'frames_root')}")
     overrides.append(f"store={hydra_value(store_root(store), 'store')}")
-    outputs = distributed.run_in_pod("data-prep", [*overrides, *extra], 1)
+    outputs = component_module("data-prep").plan([*overrides, *extra], shards)
+    return outputs["plan_uri"], outputs["shards"]
+
+
+def prepare_data_shard(plan_uri: str, index: int) -> str:
+    """Stage one shard of the plan in this pod; its part goes to the store next to the plan."""
+    return component_module("data-prep").shard(plan_uri, index)["part_uri"]
+
+
+def merge_data_prep(plan_uri: str, parts: list[str], dataset: PointerArtifact) -> tuple[str, str]:
+    """Check every shard's part and publish the dataset, manifest last."""
+    logger.info("merging %d shard part(s) of %s", len(parts), plan_uri)
+    outputs = component_module("data-prep").merge(plan_uri)
     publish_pointer(dataset, {"uri": outputs["dataset_uri"], "dataset_id": outputs["dataset_id"]})
     return outputs["dataset_uri"], outputs["dataset_id"]
 

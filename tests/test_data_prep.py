@@ -22,7 +22,7 @@ from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import DataPrepConfig, prepare_dataset, split_videos
 from sam3_core.data.synthetic import SyntheticConfig, generate
 from sam3_core.data.ytvis import load_video_dataset, mask_to_rle, rle_bbox, rle_to_mask
-from sam3_core.errors import InputError
+from sam3_core.errors import ConfigError, InputError, StorageError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = SyntheticConfig(num_videos=3, frames_per_video=4, height=48, width=48, min_size=10, max_size=20)
@@ -117,19 +117,34 @@ def test_resize_scales_frames_masks_boxes_and_areas_exactly_on_aligned_shapes(tm
     mask[2:10, 4:20] = True
     raw = {
         "videos": [{"id": 7, "width": 40, "height": 20, "file_names": ["a.jpg", "b.jpg"]}],
-        "annotations": [{"id": 1, "video_id": 7, "category_id": 1, "segmentations": [mask_to_rle(mask), None],
-                         "bboxes": [[4, 2, 16, 8], None], "areas": [128, None]}],
+        "annotations": [
+            {
+                "id": 1,
+                "video_id": 7,
+                "category_id": 1,
+                "segmentations": [mask_to_rle(mask), None],
+                "bboxes": [[4, 2, 16, 8], None],
+                "areas": [128, None],
+            }
+        ],
         "categories": [{"id": 1, "name": "red square"}],
     }
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / name)
     (tmp_path / "ann.json").write_text(json.dumps(raw))
-    cfg = DataPrepConfig(source="ytvis", annotations=str(tmp_path / "ann.json"), frames_root=str(tmp_path),
-                         store=str(tmp_path / "store"), val_fraction=0.0, resize_max_side=20)
+    cfg = DataPrepConfig(
+        source="ytvis",
+        annotations=str(tmp_path / "ann.json"),
+        frames_root=str(tmp_path),
+        store=str(tmp_path / "store"),
+        val_fraction=0.0,
+        resize_max_side=20,
+    )
     root = Path(prepare_dataset(cfg).uri)
     dataset = load_video_dataset(str(root / "train.json"))
-    assert dataset.video(7).file_names == ("frames/7/00000.png", "frames/7/00001.png")
-    assert Image.open(root / "frames/7/00000.png").size == (20, 10)
+    assert dataset.video(7).file_names == ("frames/7/00000.jpg", "frames/7/00001.jpg")
+    assert Image.open(root / "frames/7/00000.jpg").format == "JPEG"
+    assert Image.open(root / "frames/7/00000.jpg").size == (20, 10)
     track = dataset.tracks[0]
     assert track.bboxes == ((2.0, 1.0, 8.0, 4.0), None) and track.areas == (32.0, None)
     seg = track.segmentations[0]
@@ -176,16 +191,26 @@ def test_a_frame_whose_bytes_differ_from_the_manifest_is_refused(s3_bucket: str,
 def test_ytvis_files_on_s3_give_the_same_dataset_as_the_same_files_on_disk(s3_bucket: str, tmp_path: Path) -> None:
     annotations = generate(tiny(), tmp_path / "src")
     local = prepare_dataset(
-        DataPrepConfig(source="ytvis", annotations=str(annotations), frames_root=str(annotations.parent),
-                       store=str(tmp_path / "store"), val_fraction=0.34)
+        DataPrepConfig(
+            source="ytvis",
+            annotations=str(annotations),
+            frames_root=str(annotations.parent),
+            store=str(tmp_path / "store"),
+            val_fraction=0.34,
+        )
     )
     for path in sorted(annotations.parent.rglob("*")):
         if path.is_file():
             storage.upload_file(path, storage.join(s3_bucket, "src", path.relative_to(annotations.parent).as_posix()))
     remote = prepare_dataset(
-        DataPrepConfig(source="ytvis", annotations=f"{s3_bucket}/src/annotations.json",
-                       frames_root=f"{s3_bucket}/src", store=f"{s3_bucket}/store", val_fraction=0.34,
-                       cache_dir=str(tmp_path / "cache"))
+        DataPrepConfig(
+            source="ytvis",
+            annotations=f"{s3_bucket}/src/annotations.json",
+            frames_root=f"{s3_bucket}/src",
+            store=f"{s3_bucket}/store",
+            val_fraction=0.34,
+            cache_dir=str(tmp_path / "cache"),
+        )
     )
     assert remote.dataset_id == local.dataset_id
 
@@ -193,9 +218,22 @@ def test_ytvis_files_on_s3_give_the_same_dataset_as_the_same_files_on_disk(s3_bu
 def test_component_cli_prints_the_dataset_uri_and_id(tmp_path: Path) -> None:
     env = {**os.environ, "SAM3PIPE_STORE": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "components.data_prep", "source=synthetic", "synthetic.num_videos=2",
-         "synthetic.frames_per_video=2", "synthetic.height=32", "synthetic.width=32", "synthetic.max_size=16"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "components.data_prep",
+            "source=synthetic",
+            "synthetic.num_videos=2",
+            "synthetic.frames_per_video=2",
+            "synthetic.height=32",
+            "synthetic.width=32",
+            "synthetic.max_size=16",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     assert outputs["dataset_uri"] == str(tmp_path / "store" / "datasets" / outputs["dataset_id"])
@@ -206,3 +244,142 @@ def test_component_exits_2_naming_a_bad_config_value(tmp_path: Path, caplog: pyt
     assert main([f"store={tmp_path / 'store'}", "val_fraction=1.5"]) == 2
     assert "data_prep: val_fraction: must be in [0, 1)" in caplog.text
     assert not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------------------- workers, formats, hostile input
+
+
+def test_workers_one_and_two_give_the_same_id_and_bytes(tmp_path: Path) -> None:
+    synth = tiny(num_videos=4, frames_per_video=5, height=40, width=72)
+    one = prepare_dataset(synthetic_prep(tmp_path / "a", synthetic=synth, resize_max_side=36, workers=1))
+    two = prepare_dataset(synthetic_prep(tmp_path / "b", synthetic=synth, resize_max_side=36, workers=2))
+    assert one.dataset_id == two.dataset_id
+    assert files_of(Path(one.uri)) == files_of(Path(two.uri))
+
+
+def test_manifest_keeps_the_lineage_fields_and_names_its_format_version(tmp_path: Path) -> None:
+    manifest = json.loads((Path(prepare_dataset(synthetic_prep(tmp_path)).uri) / "manifest.json").read_text())
+    assert {"dataset_id", "source", "split", "counts", "files"} <= set(manifest)
+    assert manifest["format_version"] == 2
+
+
+def ytvis_files(root: Path, size: tuple[int, int] = (80, 40), frames: int = 2) -> Path:
+    """One video of JPEG frames with one box-shaped object; returns the annotation file."""
+    width, height = size
+    mask = np.zeros((height, width), dtype=bool)
+    mask[4:20, 8:40] = True
+    names = [f"v/{i}.jpg" for i in range(frames)]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(root / name)
+    raw = {
+        "videos": [{"id": 1, "width": width, "height": height, "file_names": names}],
+        "annotations": [
+            {
+                "id": 1,
+                "video_id": 1,
+                "category_id": 1,
+                "segmentations": [mask_to_rle(mask)] * frames,
+                "bboxes": [[8, 4, 32, 16]] * frames,
+            }
+        ],
+        "categories": [{"id": 1, "name": "red box"}],
+    }
+    (root / "ann.json").write_text(json.dumps(raw))
+    return root / "ann.json"
+
+
+def ytvis_prep(annotations: Path, **changes: Any) -> DataPrepConfig:
+    fields = {
+        "source": "ytvis",
+        "annotations": str(annotations),
+        "frames_root": str(annotations.parent),
+        "store": str(annotations.parent / "store"),
+        "val_fraction": 0.0,
+    }
+    return DataPrepConfig(**{**fields, **changes})
+
+
+def test_resized_frames_are_lossless_png_when_asked_and_the_masks_do_not_change(tmp_path: Path) -> None:
+    ann = ytvis_files(tmp_path)
+    as_jpeg = load_video_dataset(str(Path(prepare_dataset(ytvis_prep(ann, resize_max_side=40)).uri) / "train.json"))
+    root = Path(prepare_dataset(ytvis_prep(ann, resize_max_side=40, frame_format="png")).uri)
+    as_png = load_video_dataset(str(root / "train.json"))
+    assert as_png.video(1).file_names == ("frames/1/00000.png", "frames/1/00001.png")
+    assert Image.open(root / "frames/1/00000.png").format == "PNG"
+    assert as_png.tracks == as_jpeg.tracks
+
+
+def test_frames_smaller_than_resize_max_side_are_copied_as_they_are(tmp_path: Path) -> None:
+    ann = ytvis_files(tmp_path)
+    root = Path(prepare_dataset(ytvis_prep(ann, resize_max_side=500)).uri)
+    assert (root / "frames/1/00000.jpg").read_bytes() == (tmp_path / "v/0.jpg").read_bytes()
+
+
+def test_a_truncated_frame_is_refused_naming_it_and_nothing_is_published(tmp_path: Path) -> None:
+    ann = ytvis_files(tmp_path)
+    data = (tmp_path / "v/1.jpg").read_bytes()
+    (tmp_path / "v/1.jpg").write_bytes(data[: len(data) - 40])
+    for changes in ({}, {"resize_max_side": 40}):
+        with pytest.raises(
+            InputError,
+            match=r"ann\.json: videos\[0\]\.file_names\[1\]: frame .*v/1\.jpg is not a "
+            r"readable image \(image file is truncated",
+        ):
+            prepare_dataset(ytvis_prep(ann, **changes))
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_dataset_without_categories_is_refused(tmp_path: Path) -> None:
+    ann = ytvis_files(tmp_path)
+    raw = json.loads(ann.read_text())
+    raw["annotations"], raw["categories"] = [], []
+    ann.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match=r"ann\.json: categories: empty"):
+        prepare_dataset(ytvis_prep(ann))
+
+
+def test_a_polygon_outside_the_frame_is_blamed_on_the_segmentation_not_the_box(tmp_path: Path) -> None:
+    ann = ytvis_files(tmp_path)
+    raw = json.loads(ann.read_text())
+    raw["annotations"][0]["segmentations"][1] = [[200, 200, 220, 200, 220, 230]]
+    ann.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match=r"annotations\[0\]\.segmentations\[1\]: the polygon lies outside the 80x40"):
+        prepare_dataset(ytvis_prep(ann))
+
+
+def test_frames_too_large_for_the_memory_per_worker_are_refused_before_any_work(tmp_path: Path) -> None:
+    ann = ytvis_files(tmp_path)
+    raw = json.loads(ann.read_text())
+    raw["videos"][0]["width"] = raw["videos"][0]["height"] = 2_000_000
+    raw["annotations"] = []
+    ann.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match=r"videos\[0\]\.width: 2000000x2000000 frames need about .* GiB per worker"):
+        prepare_dataset(ytvis_prep(ann, workers=2))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"resize_max_side": 10**9}, "resize_max_side: must be 0 (keep) or a side length up to 65500"),
+        ({"jpeg_quality": 0}, "jpeg_quality: must be in [1, 100]"),
+        ({"frame_format": "bmp"}, "frame_format: must be one of ['jpeg', 'png']"),
+        ({"workers": -1}, "workers: must be 0 (one per core)"),
+        ({"fps": float("nan")}, "fps: must be a finite number"),
+        ({"fps": -5.0}, "fps: must be 0 (every frame) or a frame rate"),
+        ({"split_seed": -1}, "split_seed: must be >= 0"),
+        ({"val_fraction": float("inf")}, "val_fraction: must be a finite number"),
+        ({"store": "gs://bucket/x"}, "store: gs://bucket/x: unsupported URI scheme 'gs'"),
+        ({"cache_dir": ""}, "cache_dir: must be a folder path or null"),
+    ],
+)
+def test_every_config_value_is_checked_when_the_config_is_built(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        DataPrepConfig(**changes)
+    assert str(caught.value).startswith(f"config data_prep: {message}")
+
+
+def test_a_store_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "store").write_text("not a folder")
+    with pytest.raises(StorageError, match=rf"{tmp_path / 'store'} is a file, not a folder"):
+        prepare_dataset(synthetic_prep(tmp_path / "store"))

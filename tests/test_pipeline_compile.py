@@ -61,7 +61,7 @@ def test_package_loads_back_with_kfp(compiled: Path) -> None:
 def test_dag_is_data_prep_train_predict_evaluate(spec) -> None:
     dag = tasks(spec)
 
-    assert set(dag) == {"data-prep", "plan-training", "train", "predict", "evaluate"}
+    assert set(dag) == {"data-prep-plan", "data-prep", "plan-training", "train", "predict", "evaluate"}
     assert set(dag["train"]["dependentTasks"]) == {"data-prep", "plan-training"}
     assert "train" in dag["predict"]["dependentTasks"]
     assert "predict" in dag["evaluate"]["dependentTasks"]
@@ -80,7 +80,11 @@ def test_pipeline_parameters_default_to_the_demo(spec) -> None:
 def test_only_data_prep_is_cached(spec) -> None:
     caching = {name: task["cachingOptions"].get("enableCache", False) for name, task in tasks(spec).items()}
 
-    assert caching == {"data-prep": True, "plan-training": False, "train": False, "predict": False, "evaluate": False}
+    # the shards and the merge inside "data-prep" reuse the plan's published dataset themselves
+    assert caching == {
+        "data-prep-plan": True, "data-prep": False, "plan-training": False, "train": False, "predict": False,
+        "evaluate": False,
+    }
 
 
 def test_train_gpus_come_from_the_plan_and_predict_gpus_from_a_parameter(spec) -> None:
@@ -93,7 +97,8 @@ def test_train_gpus_come_from_the_plan_and_predict_gpus_from_a_parameter(spec) -
         "producerTask": "plan-training",
     }
     assert "predict_gpus" in predict_gpus["resourceCount"]
-    assert "accelerator" not in container(spec, "data-prep").get("resources", {})
+    for step in ("data-prep-plan", "data-prep-shard", "data-prep-merge"):
+        assert "accelerator" not in container(spec, step).get("resources", {})
 
 
 def test_gpu_steps_get_node_placement_and_shared_memory(platform) -> None:
@@ -107,7 +112,8 @@ def test_gpu_steps_get_node_placement_and_shared_memory(platform) -> None:
 
 
 def test_every_step_gets_object_store_credentials_from_the_kfp_secret(platform) -> None:
-    for step in ("exec-data-prep", "exec-train", "exec-predict", "exec-evaluate"):
+    for step in ("exec-data-prep-plan", "exec-data-prep-shard", "exec-data-prep-merge", "exec-train", "exec-predict",
+                 "exec-evaluate"):
         secrets = {s["secretName"]: s for s in platform[step]["secretAsEnv"]}
         keys = {m["secretKey"]: m["envVar"] for m in secrets["mlpipeline-minio-artifact"]["keyToEnv"]}
         assert keys == {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
@@ -130,8 +136,8 @@ def test_package_holds_no_secret_value(compiled: Path) -> None:
 
 
 def test_steps_run_the_configured_image_and_install_nothing(spec) -> None:
-    for task in tasks(spec):
-        step = container(spec, task)
+    for executor in spec["deploymentSpec"]["executors"].values():
+        step = executor["container"]
         assert step["image"] == "registry.example.com/sam3pipe:1.2.3"
         assert "pip install" not in " ".join(step["command"] + step.get("args", []))
 
@@ -141,7 +147,7 @@ def test_timeouts_and_retries_follow_the_settings(spec, platform) -> None:
 
     assert platform["exec-train"]["activeDeadlineSeconds"] == str(settings.train.timeout_s)
     assert tasks(spec)["train"]["retryPolicy"]["maxRetryCount"] == settings.train.retries
-    assert tasks(spec)["data-prep"]["retryPolicy"]["maxRetryCount"] == settings.data_prep.retries
+    assert tasks(spec)["data-prep-plan"]["retryPolicy"]["maxRetryCount"] == settings.data_prep.retries
     assert "retryPolicy" not in tasks(spec)["plan-training"]
 
 

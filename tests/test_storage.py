@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import boto3
@@ -11,6 +13,7 @@ import pytest
 from sam3_core import storage
 from sam3_core.errors import ConfigError, InputError, StorageError
 from tests.fixtures.network import free_port
+from tests.fixtures.s3 import use_s3_server
 
 
 def _write_tree(root: Path, files: dict[str, bytes]) -> None:
@@ -350,3 +353,208 @@ def test_cached_path_checks_the_sha256_of_local_files(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match=r"w\.pt: sha256 mismatch"):
         storage.cached_path(str(tmp_path / "w.pt"), sha256=storage.sha256_bytes(b"other"))
     assert (tmp_path / "w.pt").exists()
+
+
+# ---------------------------------------------------------------------------- the backend seam
+
+
+class MemoryBackend(storage.Backend):
+    """A whole storage scheme in one small class: objects in a dict, ``mem://bucket/key``."""
+
+    remote = True
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.reads = 0
+        self.fail_on: str | None = None
+
+    def check(self, uri: str, *, need_key: bool = True) -> None:
+        if need_key and not uri.split("://", 1)[1].partition("/")[2]:
+            raise StorageError(f"{uri}: no key")
+
+    def join(self, base: str, segments: list[str]) -> str:
+        return "/".join([base.rstrip("/"), *segments])
+
+    def read_bytes(self, uri: str) -> bytes:
+        self.reads += 1
+        if uri not in self.objects:
+            raise KeyError(uri)
+        return self.objects[uri]
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if self.fail_on and uri.endswith(self.fail_on):
+            raise OSError(f"refused {uri}")
+        self.objects[uri] = bytes(data)
+
+    def exists(self, uri: str) -> bool:
+        return uri in self.objects
+
+    def size(self, uri: str) -> int:
+        return len(self.read_bytes(uri))
+
+    def list_files(self, prefix: str) -> list[str]:
+        folder = prefix.rstrip("/") + "/"
+        return sorted(uri[len(folder) :] for uri in self.objects if uri.startswith(folder))
+
+    def upload_file(self, path: Path, uri: str) -> None:
+        self.write_bytes(uri, path.read_bytes())
+
+    def download_file(self, uri: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.read_bytes(uri))
+
+    def copy(self, src: str, dst: str) -> None:
+        self.write_bytes(dst, self.read_bytes(src))
+
+    def delete(self, uri: str) -> None:
+        self.objects.pop(uri, None)
+
+    def delete_prefix(self, prefix: str) -> None:
+        for rel in self.list_files(prefix):
+            self.delete(self.join(prefix, [rel]))
+
+    def explain(self, exc: BaseException) -> str:
+        return "no such object" if isinstance(exc, KeyError) else str(exc)
+
+    def failures(self) -> tuple[type[BaseException], ...]:
+        return (KeyError, OSError)
+
+
+@pytest.fixture
+def mem() -> MemoryBackend:
+    backend = MemoryBackend()
+    storage.register_backend("mem", backend)
+    return backend
+
+
+def test_a_new_scheme_is_one_backend_class_and_gets_publish_and_rollback(mem: MemoryBackend, tmp_path: Path) -> None:
+    _write_tree(tmp_path / "ok", {"manifest.json": b"{}", "frames/0.jpg": b"a", "train.json": b"[]"})
+    storage.publish_dir(tmp_path / "ok", "mem://bucket/datasets/ok")
+    assert storage.is_published("mem://bucket/datasets/ok")
+    assert storage.list_files("mem://bucket/datasets/ok") == ["frames/0.jpg", "manifest.json", "train.json"]
+
+    _write_tree(tmp_path / "bad", {"manifest.json": b"{}", "frames/0.jpg": b"a", "train.json": b"[]"})
+    mem.fail_on = "train.json"
+    with pytest.raises(StorageError, match=r"mem://bucket/datasets/bad/train\.json: upload of .* failed: refused"):
+        storage.publish_dir(tmp_path / "bad", "mem://bucket/datasets/bad")
+    assert storage.list_files("mem://bucket/datasets/bad") == []
+
+
+def test_a_new_scheme_is_read_through_the_caches(mem: MemoryBackend, tmp_path: Path) -> None:
+    storage.write_bytes("mem://bucket/ckpt.pt", b"weights")
+    assert storage.cached_path("mem://bucket/ckpt.pt", tmp_path / "cache").read_bytes() == b"weights"
+    with pytest.raises(StorageError, match="mem://bucket/nope: read failed: no such object"):
+        storage.read_bytes("mem://bucket/nope")
+
+
+# ---------------------------------------------------------------------------- bounded read cache
+
+
+def test_the_read_cache_stays_within_its_size_and_evicts_the_least_recently_used(
+    mem: MemoryBackend, tmp_path: Path
+) -> None:
+    cache = storage.ReadCache(tmp_path / "cache", max_bytes=1000)
+    for i in range(8):
+        storage.write_bytes(f"mem://bucket/f{i}", bytes([i]) * 300)
+    cache.read_bytes("mem://bucket/f0")
+    for i in range(1, 8):
+        cache.read_bytes(f"mem://bucket/f{i}")
+        cache.read_bytes("mem://bucket/f0")  # f0 stays the most recently used
+    held = cache.sweep()
+    assert held <= 1000
+    reads = mem.reads
+    assert cache.read_bytes("mem://bucket/f0") == bytes([0]) * 300 and mem.reads == reads, "f0 was evicted"
+    assert cache.read_bytes("mem://bucket/f1") == bytes([1]) * 300 and mem.reads == reads + 1, "f1 was kept"
+
+
+def test_the_read_cache_serves_hits_without_the_store_and_checks_sha256(mem: MemoryBackend, tmp_path: Path) -> None:
+    cache = storage.ReadCache(tmp_path / "cache", max_bytes=10_000)
+    storage.write_bytes("mem://bucket/frame.jpg", b"jpeg bytes")
+    digest = storage.sha256_bytes(b"jpeg bytes")
+    assert cache.read_bytes("mem://bucket/frame.jpg", digest) == b"jpeg bytes"
+    storage.delete("mem://bucket/frame.jpg")
+    assert cache.read_bytes("mem://bucket/frame.jpg", digest) == b"jpeg bytes"
+    storage.write_bytes("mem://bucket/other.jpg", b"tampered")
+    with pytest.raises(StorageError, match="other.jpg: sha256 mismatch after download"):
+        cache.read_bytes("mem://bucket/other.jpg", digest)
+
+
+def test_an_object_larger_than_the_whole_cache_is_read_but_not_kept(mem: MemoryBackend, tmp_path: Path) -> None:
+    cache = storage.ReadCache(tmp_path / "cache", max_bytes=10)
+    storage.write_bytes("mem://bucket/big", b"x" * 100)
+    assert cache.read_bytes("mem://bucket/big") == b"x" * 100
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+# ---------------------------------------------------------------------------- failing fast
+
+
+class _Status(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the server's status and counts them."""
+
+    def _answer(self) -> None:
+        self.server.hits += 1  # type: ignore[attr-defined]
+        self.send_response(self.server.status)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_PUT = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An S3 endpoint on 127.0.0.1 that answers every request with ``server.status`` (set by the test)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Status)
+    server.hits, server.status = 0, 503  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    use_s3_server(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}", tmp_path)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_transient_errors_are_retried_a_bounded_number_of_times(status_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAM3PIPE_S3_MAX_ATTEMPTS", "3")
+    with pytest.raises(StorageError, match="s3://b/k: existence check failed"):
+        storage.exists("s3://b/k")
+    assert status_server.hits == 3
+
+
+def test_errors_that_are_not_transient_are_not_retried(status_server) -> None:
+    status_server.status = 403
+    with pytest.raises(StorageError, match="access denied"):
+        storage.exists("s3://b/k")
+    assert status_server.hits == 1
+
+
+def test_no_retry_starts_past_the_total_deadline(status_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAM3PIPE_S3_MAX_ATTEMPTS", "10")
+    monkeypatch.setenv("SAM3PIPE_S3_DEADLINE_S", "0.05")  # shorter than the first backoff
+    with pytest.raises(StorageError):
+        storage.exists("s3://b/k")
+    assert status_server.hits == 1
+
+
+def test_a_refused_connection_says_how_often_it_was_tried(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("SAM3PIPE_S3_MAX_ATTEMPTS", "2")
+    with pytest.raises(StorageError, match=r"cannot reach the S3 endpoint .* after 2 attempt\(s\)"):
+        storage.read_bytes(f"{s3_bucket}/k")
+
+
+@pytest.mark.parametrize("value", ["not a url", "ftp://store:21", "http://", "http://minio:port"])
+def test_a_malformed_endpoint_url_is_a_named_config_error(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with pytest.raises(ConfigError, match=rf"environment variable AWS_ENDPOINT_URL={value!r}: "):
+        storage.read_bytes("s3://bucket/key")
+
+
+def test_a_store_path_through_a_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "store").write_text("a file")
+    with pytest.raises(StorageError, match=rf"delete failed: {tmp_path / 'store'} is a file, not a folder"):
+        storage.delete(str(tmp_path / "store" / "datasets" / "manifest.json"))

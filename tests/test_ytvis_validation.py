@@ -43,19 +43,33 @@ def valid_raw() -> dict[str, Any]:
     """Two 3-frame videos mixing compressed RLE, polygon, uncompressed RLE and null frames."""
     return {
         "videos": [
-            {"id": 1, "width": WIDTH, "height": HEIGHT, "length": 3,
-             "file_names": ["v1/0.png", "v1/1.png", "v1/2.png"]},
+            {
+                "id": 1,
+                "width": WIDTH,
+                "height": HEIGHT,
+                "length": 3,
+                "file_names": ["v1/0.png", "v1/1.png", "v1/2.png"],
+            },
             {"id": 2, "width": WIDTH, "height": HEIGHT, "file_names": ["v2/0.png", "v2/1.png", "v2/2.png"]},
         ],
         "annotations": [
-            {"id": 10, "video_id": 1, "category_id": 1, "iscrowd": 0,
-             "segmentations": [mask_to_rle(rect(2, 3, 8, 9)), [[4, 4, 12, 4, 12, 10, 4, 10]], None],
-             "bboxes": [[2, 3, 6, 6], [4, 4, 8, 6], None],
-             "areas": [36, 48, None]},
-            {"id": 11, "video_id": 2, "category_id": 2,
-             "segmentations": [uncompressed(rect(0, 0, 5, 4)), None, mask_to_rle(rect(10, 2, 24, 16))],
-             "bboxes": [[0, 0, 5, 4], None, [10, 2, 14, 14]],
-             "areas": [20, None, 196]},
+            {
+                "id": 10,
+                "video_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentations": [mask_to_rle(rect(2, 3, 8, 9)), [[4, 4, 12, 4, 12, 10, 4, 10]], None],
+                "bboxes": [[2, 3, 6, 6], [4, 4, 8, 6], None],
+                "areas": [36, 48, None],
+            },
+            {
+                "id": 11,
+                "video_id": 2,
+                "category_id": 2,
+                "segmentations": [uncompressed(rect(0, 0, 5, 4)), None, mask_to_rle(rect(10, 2, 24, 16))],
+                "bboxes": [[0, 0, 5, 4], None, [10, 2, 14, 14]],
+                "areas": [20, None, 196],
+            },
         ],
         "categories": [{"id": 1, "name": "red circle"}, {"id": 2, "name": "blue square"}],
     }
@@ -77,8 +91,13 @@ def source(tmp_path: Path) -> tuple[dict[str, Any], Path]:
 
 
 def prep_config(annotations: Path, root: Path, store: Path, **changes: Any) -> DataPrepConfig:
-    fields = {"source": "ytvis", "annotations": str(annotations), "frames_root": str(root), "store": str(store),
-              "val_fraction": 0.5}
+    fields = {
+        "source": "ytvis",
+        "annotations": str(annotations),
+        "frames_root": str(root),
+        "store": str(store),
+        "val_fraction": 0.5,
+    }
     return DataPrepConfig(**{**fields, **changes})
 
 
@@ -87,8 +106,8 @@ def nothing_published(store: Path) -> bool:
 
 
 def test_a_valid_dataset_is_normalised_to_compressed_rle(source: tuple[dict[str, Any], Path]) -> None:
-    raw, root = source
-    dataset = validate(raw, "ann.json", str(root))
+    raw = source[0]
+    dataset = validate(raw, "ann.json")
     polygon = dataset.tracks[0].segmentations[1]
     assert polygon is not None and isinstance(polygon["counts"], str)
     assert rle_to_mask(polygon)[4:10, 4:12].all()
@@ -112,7 +131,13 @@ def test_to_json_round_trips_with_a_stable_key_order(source: tuple[dict[str, Any
     again = load_video_dataset(str(out))
     assert again.tracks == dataset.tracks and again.videos == dataset.videos
     assert list(to_json(again)["annotations"][0]) == [
-        "id", "video_id", "category_id", "iscrowd", "segmentations", "bboxes", "areas",
+        "id",
+        "video_id",
+        "category_id",
+        "iscrowd",
+        "segmentations",
+        "bboxes",
+        "areas",
     ]
 
 
@@ -195,12 +220,18 @@ MALFORMED: dict[str, tuple[Mutation, str]] = {
     "bbox with zero width": (_set("annotations.1.bboxes.0", [0, 0, 0, 4]), "annotations[1].bboxes[0]"),
     "bbox without a mask": (_set("annotations.1.bboxes.1", [1, 1, 2, 2]), "annotations[1].bboxes[1]"),
     "RLE size differs from the video": (
-        _set("annotations.0.segmentations.0.size", [HEIGHT, WIDTH + 1]), "annotations[0].segmentations[0].size"),
+        _set("annotations.0.segmentations.0.size", [HEIGHT, WIDTH + 1]),
+        "annotations[0].segmentations[0].size",
+    ),
     "RLE counts truncated": (_truncated_counts, "annotations[0].segmentations[0].counts"),
     "uncompressed RLE of the wrong length": (
-        _set("annotations.1.segmentations.0.counts", [3, 4]), "annotations[1].segmentations[0].counts"),
+        _set("annotations.1.segmentations.0.counts", [3, 4]),
+        "annotations[1].segmentations[0].counts",
+    ),
     "polygon with an odd coordinate count": (
-        _set("annotations.0.segmentations.1", [[4, 4, 12, 4, 12]]), "annotations[0].segmentations[1][0]"),
+        _set("annotations.0.segmentations.1", [[4, 4, 12, 4, 12]]),
+        "annotations[0].segmentations[1][0]",
+    ),
     "video with no frames": (_set("videos.0.file_names", []), "videos[0].file_names"),
     "length disagrees with file_names": (_set("videos.0.length", 4), "videos[0].length"),
     "frame path escaping frames_root": (_set("videos.1.file_names.0", "../v2/0.png"), "videos[1].file_names[0]"),

@@ -97,14 +97,21 @@ class ClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.refs)
 
-    def _prompts(self, tracks: list[Track], frames: list[int], rng: np.random.Generator) -> list[Prompt]:
+    def _prompts(
+        self, tracks: list[Track], frames: list[int], rng: np.random.Generator, known_absent: tuple[int, ...] = ()
+    ) -> list[Prompt]:
+        """Positives first, then the video's known-absent phrases (SA-Co negatives), then sampled absent ones."""
         present = sorted(
             {t.category_id for t in tracks if any(t.bboxes[f] is not None for f in frames)}
         )
-        absent = [c.id for c in self.dataset.categories if c.id not in present]
+        # a training clip draws its share of a long negative list anew each epoch; no draw without one
+        listed = [c for c in known_absent if c not in present]
+        if self.train and len(listed) > 1:
+            listed = rng.permutation(listed).tolist()
+        absent = [c.id for c in self.dataset.categories if c.id not in present and c.id not in listed]
         n_neg = min(self.cfg.num_negatives, len(absent))
         negatives = sorted(rng.choice(absent, size=n_neg, replace=False).tolist()) if self.train and n_neg else absent[:n_neg]
-        chosen = (present + negatives)[: self.cfg.max_prompts]
+        chosen = (present + listed + negatives)[: self.cfg.max_prompts]
         return [Prompt(c, self.dataset.category(c).name) for c in chosen]
 
     def __getitem__(self, index: int):
@@ -116,7 +123,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if self.train and rng.random() < self.cfg.reverse_prob:
             frames.reverse()
         tracks = self.dataset.tracks_of(video.id)
-        prompts = self._prompts(tracks, frames, rng)
+        prompts = self._prompts(tracks, frames, rng, video.negative_category_ids)
         return make_datapoint(
             frames=[self.load_frame(video.file_names[f]) for f in frames],
             objects=[_frame_objects(tracks, f, self.cfg.with_masks) for f in frames],

@@ -1,12 +1,15 @@
-"""Read a published dataset's frames and annotations from any store, each file fetched at most once.
+"""Read a published dataset's frames and annotations from any store, through a bounded local cache.
 
-Training reads every frame many times; from s3:// that must not mean a download per read. Each
-file goes through `storage.cached_path`, checked against the manifest's sha256 when first
-fetched, and the local path is remembered for the rest of the run.
+Training reads every frame many times; from s3:// that must not mean a download per read, nor
+a full copy of a dataset that may be larger than the local disk. Frames go through a
+`storage.ReadCache`: kept locally up to `cache_bytes` (least recently used evicted first,
+shared by every DataLoader worker and rank of the machine), checked against the manifest's
+sha256, and handed out as bytes. A local dataset is read in place.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +22,59 @@ from sam3_core.errors import InputError, StorageError
 
 
 class FrameReader:
-    """Frames and split annotations of the dataset published at `dataset_uri`."""
+    """Frames and split annotations of the dataset published at `dataset_uri`.
 
-    def __init__(self, dataset_uri: str, cache_dir: str | Path | None = None) -> None:
+    ``cache_bytes``: the most bytes of frames kept in the local cache (0: no limit). Picklable,
+    so DataLoader workers each get a copy sharing the same cache folder.
+    """
+
+    def __init__(self, dataset_uri: str, cache_dir: str | Path | None = None, cache_bytes: int = 0) -> None:
         self.dataset_uri = dataset_uri
         self.cache_dir = cache_dir
         if not storage.is_published(dataset_uri, MANIFEST):
             raise InputError(dataset_uri, MANIFEST, "no published dataset here; run data_prep and pass its dataset_uri")
         self.manifest: dict[str, Any] = storage.read_json(storage.join(dataset_uri, MANIFEST))
+        self.cache = storage.ReadCache(cache_dir, cache_bytes)
         self._paths: dict[str, Path] = {}
 
     @property
     def dataset_id(self) -> str:
         return str(self.manifest["dataset_id"])
 
+    def _entry(self, rel: str) -> dict[str, Any]:
+        entry = self.manifest["files"].get(rel)
+        if entry is None:
+            raise InputError(self.dataset_uri, rel, "not listed in the dataset manifest")
+        return entry
+
     def local_path(self, rel: str) -> Path:
-        """A verified local copy of a dataset file (`frames/3/00000.png`, `train.json`, ...)."""
+        """A verified local copy of a dataset file (`train.json`, ...), kept for the whole run."""
         if rel not in self._paths:
-            entry = self.manifest["files"].get(rel)
-            if entry is None:
-                raise InputError(self.dataset_uri, rel, "not listed in the dataset manifest")
-            uri = storage.join(self.dataset_uri, rel)
+            entry = self._entry(rel)
             try:
-                self._paths[rel] = storage.cached_path(uri, self.cache_dir, sha256=entry["sha256"])
+                self._paths[rel] = storage.cached_path(
+                    storage.join(self.dataset_uri, rel), self.cache_dir, entry["sha256"]
+                )
             except StorageError as exc:
                 raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); re-run data_prep") from exc
         return self._paths[rel]
 
+    def read_bytes(self, rel: str) -> bytes:
+        """A dataset file's verified bytes, through the bounded cache."""
+        entry = self._entry(rel)
+        try:
+            return self.cache.read_bytes(storage.join(self.dataset_uri, rel), entry["sha256"])
+        except StorageError as exc:
+            raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); re-run data_prep") from exc
+
     def image(self, file_name: str) -> Image.Image:
         """The frame as an RGB image; `file_name` as written in the split's annotations."""
-        with Image.open(self.local_path(file_name)) as image:
-            return image.convert("RGB")
+        data = self.read_bytes(file_name)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert("RGB")
+        except OSError as exc:
+            raise InputError(self.dataset_uri, file_name, f"not a readable image ({exc}); re-run data_prep") from exc
 
     def dataset(self, split: str) -> VideoDataset:
         """The `train` or `val` annotations."""

@@ -1,51 +1,53 @@
-"""Data prep: turn a source (synthetic or YTVIS files) into a content-addressed, published dataset.
+"""Data prep: turn a source into a content-addressed, published dataset, on one machine or sharded.
 
-Everything is validated and staged in a local temp folder before a single object is published,
-so a bad input never leaves a half dataset in the store. The dataset id is a hash of the staged
-files and of the source description, so the same inputs always give the same id and the same
-bytes: KFP caching and MLflow lineage can rely on it.
+Everything is validated and staged before a single object is published, so a bad input never
+leaves a half dataset in the store. Each video is staged on its own (frames decoded completely,
+resized, re-encoded or copied; masks resampled) by a pool of worker processes, and the
+results are assembled in the source's video order, so the output does not depend on the
+number of workers (``sam3_core.data.staging``), nor on the number of shards when the pipeline
+spreads the videos over pods (``sam3_core.data.shards``). The dataset id hashes the
+staged files, the source description and ``FORMAT_VERSION``: the same inputs and settings give
+the same id and the same bytes, so KFP caching and MLflow lineage can rely on it.
+
+Format version 2 (this module) against 1: resized frames are JPEG (``frame_format=jpeg``,
+quality ``jpeg_quality``) instead of PNG, decoded with libjpeg's DCT scaling before the same
+bilinear resize; frames are only ever scaled down; masks are the same as version 1's; a
+video's negative phrases are kept; annotations are listed video by video.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
+import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from sam3_core import storage
 from sam3_core.data import synthetic
+from sam3_core.data.sources import FILE_SOURCES, SOURCES, Source, json_sha256, load_source
+from sam3_core.data.staging import StagedVideo, StageSettings, stage_videos
 from sam3_core.data.synthetic import SyntheticConfig
-from sam3_core.data.ytvis import (
-    RLE,
-    BBox,
-    Track,
-    Video,
-    VideoDataset,
-    mask_to_rle,
-    read_annotation_json,
-    rle_area,
-    rle_to_mask,
-    to_json,
-    validate,
-)
-from sam3_core.errors import ConfigError, InputError
+from sam3_core.data.ytvis import Category, VideoDataset, to_json
+from sam3_core.errors import ConfigError, InputError, StorageError
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "ytvis")
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+FRAME_FORMATS = ("jpeg", "png")
+# JPEG cannot hold a larger side; a larger resize_max_side would mean "keep" anyway
+MAX_SIDE_LIMIT = 65500
+MAX_FPS = 1000.0
+MAX_WORKERS = 1024
+# bytes per frame pixel a worker holds at its peak (RGB decode, mask crop, integral image, coverage)
+STAGE_BYTES_PER_PIXEL = 16
 
 
 def _default_store() -> str:
@@ -54,21 +56,33 @@ def _default_store() -> str:
 
 @dataclass
 class DataPrepConfig:
-    """Where the data comes from and how it is split and resized."""
+    """Where the data comes from, how frames are resized and written, how videos are split."""
 
+    # synthetic | ytvis (YouTube-VIS 2019/2021, OVIS) | saco (SA-Co/VEval) | mp4 (video files)
     source: str = "synthetic"
-    # ytvis only: URI of the annotation JSON, and the root its file_names are relative to
+    # file sources: URI of the annotation JSON, and the root its frame / video file names are relative to
     annotations: str = ""
     frames_root: str = ""
+    # mp4 only: the frame rate the annotation's frame indices count at; 0 = every frame at the file's own rate
+    fps: float = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    # 0 keeps the frames as they are; otherwise the long side becomes this many pixels
+    # frames with a longer side are scaled down to this many pixels (masks and boxes with them); 0 keeps all sizes
     resize_max_side: int = 0
+    # how re-encoded frames (resized, or decoded from video files) are written: "jpeg" or lossless "png";
+    # frames kept at their size are copied byte for byte
+    frame_format: str = "jpeg"
+    jpeg_quality: int = 90
     # share of videos held out for validation (split by video, never by frame)
     val_fraction: float = 0.25
     split_seed: int = 0
     store: str = field(default_factory=_default_store)
-    # where remote frames are cached locally; None = storage's default (env SAM3PIPE_CACHE)
+    # where remote source files are cached locally (kept for the next run); None: read without keeping them
     cache_dir: str | None = None
+    # processes staging videos in parallel; 0 = one per CPU core this process may use
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 @dataclass(frozen=True)
@@ -77,18 +91,55 @@ class PreparedDataset:
     dataset_id: str
 
 
+def _fail(key: str, message: str) -> ConfigError:
+    return ConfigError(f"config data_prep: {key}: {message}")
+
+
+def _number(cfg: DataPrepConfig, key: str, kind: type) -> Any:
+    value = getattr(cfg, key)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise _fail(key, f"must be a finite {'integer' if kind is int else 'number'}, got {value!r}")
+    return value
+
+
 def check_config(cfg: DataPrepConfig) -> None:
     """Reject config values before any work is done, naming the key to change."""
     if cfg.source not in SOURCES:
-        raise ConfigError(f"config data_prep: source: must be one of {list(SOURCES)}, got {cfg.source!r}")
-    if cfg.source == "ytvis" and not (cfg.annotations and cfg.frames_root):
-        raise ConfigError("config data_prep: source=ytvis needs annotations=<uri of the JSON> and frames_root=<uri>")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"config data_prep: val_fraction: must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.resize_max_side < 0:
-        raise ConfigError(f"config data_prep: resize_max_side: must be 0 (keep) or positive, got {cfg.resize_max_side}")
+        raise _fail("source", f"must be one of {list(SOURCES)}, got {cfg.source!r}")
+    for key in ("annotations", "frames_root", "store", "frame_format"):
+        if not isinstance(getattr(cfg, key), str):
+            raise _fail(key, f"must be a string, got {getattr(cfg, key)!r}")
+    if cfg.source in FILE_SOURCES and not (cfg.annotations and cfg.frames_root):
+        raise ConfigError(
+            f"config data_prep: source={cfg.source} needs annotations=<uri of the JSON> and frames_root=<uri>"
+        )
+    if not 0.0 <= _number(cfg, "val_fraction", float) < 1.0:
+        raise _fail("val_fraction", f"must be in [0, 1), got {cfg.val_fraction}")
+    if _number(cfg, "split_seed", int) < 0:
+        raise _fail("split_seed", f"must be >= 0, got {cfg.split_seed}")
+    if not 0 <= _number(cfg, "resize_max_side", int) <= MAX_SIDE_LIMIT:
+        raise _fail(
+            "resize_max_side", f"must be 0 (keep) or a side length up to {MAX_SIDE_LIMIT}, got {cfg.resize_max_side}"
+        )
+    if cfg.frame_format not in FRAME_FORMATS:
+        raise _fail("frame_format", f"must be one of {list(FRAME_FORMATS)}, got {cfg.frame_format!r}")
+    if not 1 <= _number(cfg, "jpeg_quality", int) <= 100:
+        raise _fail("jpeg_quality", f"must be in [1, 100], got {cfg.jpeg_quality}")
+    if not 0.0 <= _number(cfg, "fps", float) <= MAX_FPS:
+        raise _fail("fps", f"must be 0 (every frame) or a frame rate up to {MAX_FPS:g}, got {cfg.fps}")
+    if not 0 <= _number(cfg, "workers", int) <= MAX_WORKERS:
+        raise _fail("workers", f"must be 0 (one per core) or a process count up to {MAX_WORKERS}, got {cfg.workers}")
+    if cfg.cache_dir is not None and (not isinstance(cfg.cache_dir, str) or not cfg.cache_dir):
+        raise _fail("cache_dir", f"must be a folder path or null, got {cfg.cache_dir!r}")
     if not cfg.store:
-        raise ConfigError("config data_prep: store: empty; set SAM3PIPE_STORE or store=<uri>")
+        raise _fail("store", "empty; set SAM3PIPE_STORE or store=<uri>")
+    try:
+        storage.join(cfg.store, "datasets")
+    except StorageError as exc:
+        raise _fail("store", str(exc)) from None
     if cfg.source == "synthetic":
         synthetic.check_config(cfg.synthetic)
         if val_count(cfg.synthetic.num_videos, cfg.val_fraction) >= cfg.synthetic.num_videos:
@@ -98,79 +149,96 @@ def check_config(cfg: DataPrepConfig) -> None:
             )
 
 
+def worker_count(cfg: DataPrepConfig) -> int:
+    """``workers``, with 0 meaning every core this process may run on."""
+    if cfg.workers:
+        return cfg.workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------- one machine
+
+
 def prepare_dataset(cfg: DataPrepConfig) -> PreparedDataset:
     """Validate, stage, hash and publish; reuse the published dataset when the id already exists."""
     check_config(cfg)
     with tempfile.TemporaryDirectory(prefix="sam3pipe-prep-") as tmp:
-        annotations, frames_root = _materialise_source(cfg, Path(tmp) / "source")
-        raw = read_annotation_json(annotations)
-        dataset = validate(raw, annotations, frames_root, cfg.cache_dir)
-        train_ids, val_ids = split_videos([v.id for v in dataset.videos], cfg.val_fraction, cfg.split_seed, annotations)
+        source = load_checked_source(cfg, Path(tmp) / "source")
+        split = split_for(cfg, source)
         staging = Path(tmp) / "staging"
-        staged = stage_frames(dataset, frames_root, staging, cfg.resize_max_side, cfg.cache_dir)
-        split = {"seed": cfg.split_seed, "val_fraction": cfg.val_fraction, "train": train_ids, "val": val_ids}
-        dataset_id = write_dataset_files(staging, staged, _describe_source(cfg, raw), split)
-        dest = storage.join(cfg.store, "datasets", dataset_id)
+        staged = stage_videos(source, stage_settings(cfg), staging, worker_count(cfg))
+        manifest = write_dataset_files(staging, staged, source.dataset.categories, describe(cfg, source), split)
+        dest = storage.join(cfg.store, "datasets", manifest["dataset_id"])
         if storage.is_published(dest, MANIFEST):
-            logger.info("dataset %s already published at %s; reusing it", dataset_id, dest)
+            logger.info("dataset %s already published at %s; reusing it", manifest["dataset_id"], dest)
         else:
             storage.publish_dir(staging, dest, MANIFEST)
-            logger.info("published dataset %s at %s", dataset_id, dest)
-    return PreparedDataset(uri=dest, dataset_id=dataset_id)
+            logger.info("published dataset %s at %s", manifest["dataset_id"], dest)
+    return PreparedDataset(uri=dest, dataset_id=manifest["dataset_id"])
 
 
-def _materialise_source(cfg: DataPrepConfig, scratch: Path) -> tuple[str, str]:
-    """(annotation URI, frames root) of the input; synthetic data is generated into `scratch` first."""
-    if cfg.source == "synthetic":
-        annotations = synthetic.generate(cfg.synthetic, scratch)
-        return str(annotations), str(annotations.parent)
-    return cfg.annotations, cfg.frames_root
-
-
-def _describe_source(cfg: DataPrepConfig, raw: Any) -> dict[str, Any]:
-    """What produced the dataset, free of machine-specific paths so equal inputs hash equally anywhere."""
-    if cfg.source == "synthetic":
-        source: dict[str, Any] = {"kind": "synthetic", "synthetic": dataclasses.asdict(cfg.synthetic)}
-    else:
-        source = {
-            "kind": "ytvis",
-            "annotations": PurePosixPath(cfg.annotations).name,
-            "annotations_sha256": _json_sha256(raw),
-        }
-    source["resize_max_side"] = cfg.resize_max_side
+def load_checked_source(cfg: DataPrepConfig, scratch: Path, video_ids: list[int] | None = None) -> Source:
+    """The source, checked for what data prep needs beyond the format (categories, memory per frame)."""
+    source = load_source(cfg.source, cfg.annotations, cfg.frames_root, cfg.fps, cfg.synthetic, scratch, video_ids)
+    if not source.dataset.categories:
+        raise InputError(
+            source.annotations, "categories", "empty: a dataset needs at least one noun phrase to train on; add them"
+        )
+    budget = _available_memory() // worker_count(cfg)
+    for video in source.dataset.videos:
+        need = video.width * video.height * STAGE_BYTES_PER_PIXEL
+        if need > budget:
+            raise InputError(
+                source.annotations,
+                f"{source.paths[video.id]}.width",
+                f"{video.width}x{video.height} frames need about {need / 2**30:.1f} GiB per worker to stage, more "
+                f"than the {budget / 2**30:.1f} GiB per worker this machine has with {worker_count(cfg)} worker(s); "
+                "lower data_prep.workers or use smaller frames",
+            )
     return source
 
 
-def write_dataset_files(
-    staging: Path, staged: VideoDataset, source: dict[str, Any], split: dict[str, Any]
-) -> str:
-    """Write the split annotations, the frame-level COCO GT and, last, the manifest; return the dataset id."""
-    train, val = staged.subset(split["train"]), staged.subset(split["val"])
-    _write_json(staging / "train.json", to_json(train))
-    _write_json(staging / "val.json", to_json(val))
-    _write_json(staging / "val_frames_coco.json", frames_coco(val))
-    counts = {
-        "videos": len(staged.videos),
-        "train_videos": len(train.videos),
-        "val_videos": len(val.videos),
-        "frames": sum(v.length for v in staged.videos),
-        "tracks": len(staged.tracks),
-        "categories": len(staged.categories),
-        "val_frames": sum(v.length for v in val.videos),
-    }
-    manifest = build_manifest(staging, source, split, counts)
-    _write_json(staging / MANIFEST, manifest, indent=2)
-    return str(manifest["dataset_id"])
+def _available_memory() -> int:
+    """Bytes this process can still use: MemAvailable, capped by a cgroup (container) limit."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit.isdigit():
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)
 
 
-def _json_sha256(obj: Any) -> str:
-    """Checksum of a JSON document's content, independent of its formatting."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def describe(cfg: DataPrepConfig, source: Source) -> dict[str, Any]:
+    """The source description plus every setting that shapes the output: part of the dataset id."""
+    description = dict(source.description)
+    description["resize_max_side"] = cfg.resize_max_side
+    description["frame_format"] = cfg.frame_format
+    if cfg.frame_format == "jpeg":
+        description["jpeg_quality"] = cfg.jpeg_quality
+    return description
 
 
-def split_videos(
-    video_ids: list[int], val_fraction: float, seed: int, source: str
-) -> tuple[list[int], list[int]]:
+def split_for(cfg: DataPrepConfig, source: Source) -> dict[str, Any]:
+    """The split of the source's videos the config asks for, as the manifest records it."""
+    train, val = split_videos(
+        [v.id for v in source.dataset.videos], cfg.val_fraction, cfg.split_seed, source.annotations
+    )
+    return {"seed": cfg.split_seed, "val_fraction": cfg.val_fraction, "train": train, "val": val}
+
+
+def split_videos(video_ids: list[int], val_fraction: float, seed: int, source: str) -> tuple[list[int], list[int]]:
     """Deterministic split by video: a seeded permutation of the sorted ids; both parts sorted."""
     ids = sorted(video_ids)
     n_val = val_count(len(ids), val_fraction)
@@ -193,74 +261,46 @@ def val_count(num_videos: int, val_fraction: float) -> int:
     return 0 if val_fraction == 0 else max(1, round(num_videos * val_fraction))
 
 
-def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) with the long side scaled to `max_side`; unchanged when max_side is 0."""
-    if max_side == 0:
-        return width, height
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+def stage_settings(cfg: DataPrepConfig) -> StageSettings:
+    """What the staging workers need from the config."""
+    return StageSettings(cfg.resize_max_side, cfg.frame_format, cfg.jpeg_quality, cfg.cache_dir)
 
 
-def stage_frames(
-    dataset: VideoDataset, frames_root: str, staging: Path, max_side: int, cache_dir: str | None
-) -> VideoDataset:
-    """Copy (or resize to PNG) every frame to `frames/<video_id>/<index>.<ext>`; rescale the tracks to match."""
-    staged: dict[int, Video] = {}
-    for video in tqdm(dataset.videos, desc="stage videos", unit="video"):
-        width, height = target_size(video.width, video.height, max_side)
-        resized = (width, height) != (video.width, video.height)
-        names = []
-        for index, name in enumerate(video.file_names):
-            local = storage.cached_path(storage.join(frames_root, name), cache_dir)
-            rel = f"frames/{video.id}/{index:05d}{'.png' if resized else PurePosixPath(name).suffix.lower()}"
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            if resized:
-                with Image.open(local) as image:
-                    small = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-                small.save(staging / rel, format="PNG")
-            else:
-                shutil.copyfile(local, staging / rel)
-            names.append(rel)
-        staged[video.id] = Video(id=video.id, width=width, height=height, file_names=tuple(names))
-    return VideoDataset(
-        videos=list(staged.values()),
-        tracks=[rescale_track(t, dataset.video(t.video_id), staged[t.video_id]) for t in dataset.tracks],
-        categories=dataset.categories,
+# ---------------------------------------------------------------------------- the published files
+
+
+def write_dataset_files(
+    out_dir: Path,
+    staged: list[StagedVideo],
+    categories: list[Category],
+    source: dict[str, Any],
+    split: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the split annotations, the frame-level COCO GT and, last, the manifest; return the manifest."""
+    dataset = VideoDataset(
+        videos=[s.video for s in staged], tracks=[t for s in staged for t in s.tracks], categories=list(categories)
     )
-
-
-def rescale_track(track: Track, before: Video, after: Video) -> Track:
-    """Masks resampled (bilinear, kept where at least half covered), boxes scaled, areas measured on the new masks.
-
-    A mask that vanishes at the new size marks the object as not visible in that frame.
-    """
-    if (after.width, after.height) == (before.width, before.height):
-        return track
-    sx, sy = after.width / before.width, after.height / before.height
-    segs: list[RLE | None] = []
-    boxes: list[BBox | None] = []
-    for rle, box in zip(track.segmentations, track.bboxes, strict=True):
-        new_rle = _resample_mask(rle, after.width, after.height) if rle is not None else None
-        visible = new_rle is not None and box is not None and rle_area(new_rle) > 0
-        segs.append(new_rle if visible else None)
-        boxes.append(_scale_box(box, sx, sy, after.width, after.height) if visible and box is not None else None)
-    return dataclasses.replace(
-        track,
-        segmentations=tuple(segs),
-        bboxes=tuple(boxes),
-        areas=tuple(rle_area(r) if r is not None else None for r in segs),
-    )
-
-
-def _resample_mask(rle: RLE, width: int, height: int) -> RLE:
-    coverage = Image.fromarray(rle_to_mask(rle).astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
-    return mask_to_rle(np.asarray(coverage) >= 0.5)
-
-
-def _scale_box(box: BBox, sx: float, sy: float, width: int, height: int) -> BBox:
-    x0, y0 = box[0] * sx, box[1] * sy
-    x1, y1 = min((box[0] + box[2]) * sx, width), min((box[1] + box[3]) * sy, height)
-    return (round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3))
+    train, val = dataset.subset(split["train"]), dataset.subset(split["val"])
+    files = {rel: record for s in staged for rel, record in s.files.items()}
+    for rel, obj in (
+        ("train.json", to_json(train)),
+        ("val.json", to_json(val)),
+        ("val_frames_coco.json", frames_coco(val)),
+    ):
+        files[rel] = write_json_file(out_dir / rel, obj)
+    counts = {
+        "videos": len(dataset.videos),
+        "train_videos": len(train.videos),
+        "val_videos": len(val.videos),
+        "frames": sum(v.length for v in dataset.videos),
+        "tracks": len(dataset.tracks),
+        "categories": len(dataset.categories),
+        "val_frames": sum(v.length for v in val.videos),
+        "negative_pairs": sum(len(v.negative_category_ids) for v in dataset.videos),
+    }
+    manifest = build_manifest(files, source, split, counts)
+    write_json_file(out_dir / MANIFEST, manifest, indent=2)
+    return manifest
 
 
 def frames_coco(dataset: VideoDataset) -> dict[str, Any]:
@@ -306,23 +346,34 @@ def frames_coco(dataset: VideoDataset) -> dict[str, Any]:
 
 
 def build_manifest(
-    staging: Path, source: dict[str, Any], split: dict[str, Any], counts: dict[str, int]
+    files: dict[str, dict[str, Any]], source: dict[str, Any], split: dict[str, Any], counts: dict[str, int]
 ) -> dict[str, Any]:
-    """Sizes and checksums of every staged file, and the id derived from them and the source."""
-    files = {
-        path.relative_to(staging).as_posix(): {"size": path.stat().st_size, "sha256": storage.sha256_file(path)}
-        for path in sorted(staging.rglob("*"))
-        if path.is_file() and path.relative_to(staging).as_posix() != MANIFEST
-    }
+    """The manifest of the given files (rel -> size, sha256) and the id derived from them, the source and the format."""
     identity = {
+        "format_version": FORMAT_VERSION,
         "files": sorted((rel, meta["sha256"]) for rel, meta in files.items()),
         "source": source,
         "split": {"seed": split["seed"], "val_fraction": split["val_fraction"]},
     }
-    dataset_id = _json_sha256(identity)[:16]
-    return {"dataset_id": dataset_id, "source": source, "split": split, "counts": counts, "files": files}
+    return {
+        "dataset_id": json_sha256(identity)[:16],
+        "format_version": FORMAT_VERSION,
+        # key-sorted, so the bytes do not depend on how the description was built (in process or read from a plan)
+        "source": _sorted_keys(source),
+        "split": _sorted_keys(split),
+        "counts": counts,
+        "files": dict(sorted(files.items())),
+    }
 
 
-def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+def _sorted_keys(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def write_json_file(path: Path, obj: Any, indent: int | None = None) -> dict[str, Any]:
+    """Write ``obj`` as JSON and return its manifest record."""
     separators = (",", ": ") if indent else (",", ":")
-    path.write_text(json.dumps(obj, indent=indent, separators=separators) + "\n", encoding="utf-8")
+    data = (json.dumps(obj, indent=indent, separators=separators) + "\n").encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return {"size": len(data), "sha256": storage.sha256_bytes(data)}

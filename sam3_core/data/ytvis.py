@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from sam3_core import storage
 from sam3_core.errors import InputError, StorageError
@@ -36,12 +35,17 @@ class Category:
 
 @dataclass(frozen=True)
 class Video:
-    """One clip: frame files relative to a frames root, all of the same size."""
+    """One clip: frame files relative to a frames root, all of the same size.
+
+    ``negative_category_ids``: phrases known to be absent from the whole video (SA-Co's
+    ``video_np_pairs`` with ``num_masklets: 0``); training asks them as negative prompts.
+    """
 
     id: int
     width: int
     height: int
     file_names: tuple[str, ...]
+    negative_category_ids: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
@@ -115,12 +119,13 @@ def read_annotation_json(uri: str) -> Any:
         raise InputError(uri, "$", f"not valid JSON ({exc}); export the annotations as UTF-8 JSON") from exc
 
 
-def validate(
-    raw: Any, source: str, frames_root: str | None = None, cache_dir: str | None = None
-) -> VideoDataset:
-    """Check `raw` against the format and return it normalised; with `frames_root`, also open every frame.
+def validate(raw: Any, source: str, *, video_ids: Collection[int] | None = None) -> VideoDataset:
+    """Check `raw` against the format and return it normalised.
 
-    Raises InputError(source, json_path, message) on the first problem found.
+    Raises InputError(source, json_path, message) on the first problem found. Frames are not
+    opened here: data prep decodes every frame completely when it stages it. With ``video_ids``
+    (a data prep shard's share) the masks of other videos are skipped: their annotations are
+    checked for ids and references only and left out of the result.
     """
     if not isinstance(raw, dict):
         raise InputError(source, "$", f"expected a JSON object with keys {list(TOP_LEVEL_KEYS)}")
@@ -129,47 +134,17 @@ def validate(
             raise InputError(source, key, f"missing top-level key; expected keys {list(TOP_LEVEL_KEYS)}")
         if not isinstance(raw[key], list):
             raise InputError(source, key, "must be a list")
-    checker = _Checker(source)
+    checker = _Checker(source, None if video_ids is None else set(video_ids))
     categories = [checker.category(c, f"categories[{i}]") for i, c in enumerate(raw["categories"])]
     videos = [checker.video(v, f"videos[{i}]") for i, v in enumerate(raw["videos"])]
     tracks = [checker.track(a, f"annotations[{i}]") for i, a in enumerate(raw["annotations"])]
-    if frames_root is not None:
-        for i, video in enumerate(tqdm(videos, desc="check frames", unit="video")):
-            for j, name in enumerate(video.file_names):
-                check_frame(frames_root, name, video, source, f"videos[{i}].file_names[{j}]", cache_dir)
-    return VideoDataset(videos=videos, tracks=tracks, categories=categories)
-
-
-def check_frame(
-    frames_root: str, name: str, video: Video, source: str, path: str, cache_dir: str | None = None
-) -> None:
-    """The frame exists, decodes as an image and has the video's size."""
-    try:
-        uri = storage.join(frames_root, name)
-        local = storage.cached_path(uri, cache_dir)
-    except StorageError as exc:
-        raise InputError(source, path, f"frame {name!r} cannot be read ({exc}); check frames_root") from exc
-    try:
-        with Image.open(local) as image:
-            size = image.size
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise InputError(source, path, f"frame {uri} is not a readable image ({exc})") from exc
-    if size != (video.width, video.height):
-        raise InputError(
-            source,
-            path,
-            f"frame {uri} is {size[0]}x{size[1]} but the video says {video.width}x{video.height}",
-        )
+    return VideoDataset(videos=videos, tracks=[t for t in tracks if t is not None], categories=categories)
 
 
 def to_json(dataset: VideoDataset) -> dict[str, Any]:
     """The dataset in the annotation format, with a fixed key order so written files are byte-stable."""
     return {
-        "videos": [
-            {"id": v.id, "width": v.width, "height": v.height, "length": v.length, "file_names": list(v.file_names)}
-            for v in dataset.videos
-        ],
+        "videos": [_video_json(v) for v in dataset.videos],
         "annotations": [
             {
                 "id": t.id,
@@ -184,6 +159,19 @@ def to_json(dataset: VideoDataset) -> dict[str, Any]:
         ],
         "categories": [{"id": c.id, "name": c.name} for c in dataset.categories],
     }
+
+
+def _video_json(video: Video) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": video.id,
+        "width": video.width,
+        "height": video.height,
+        "length": video.length,
+        "file_names": list(video.file_names),
+    }
+    if video.negative_category_ids:
+        entry["negative_category_ids"] = list(video.negative_category_ids)
+    return entry
 
 
 def mask_to_rle(mask: np.ndarray) -> RLE:
@@ -207,41 +195,58 @@ def rle_bbox(rle: RLE) -> BBox:
     return (float(x), float(y), float(w), float(h))
 
 
+def rle_runs(counts: str) -> np.ndarray | None:
+    """Run lengths (int64, zeros first) of a COCO compressed RLE string, None if the string is malformed.
+
+    The same decoding as pycocotools' ``rleFrString`` (6-bit groups, sign bit, runs after the
+    third stored as differences), vectorised; pycocotools itself accepts malformed strings
+    silently, so this is also the validator.
+    """
+    try:
+        raw = counts.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    chars = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+    if chars.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if chars.min() < 0 or chars.max() >= 64:
+        return None
+    last = (chars & 0x20) == 0
+    if not last[-1]:
+        return None
+    ends = np.flatnonzero(last)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > 7:  # more than 35 bits: no image has runs that long
+        return None
+    position = np.arange(chars.size) - np.repeat(starts, lengths)
+    values = np.add.reduceat((chars & 0x1F) << (5 * position), starts)
+    negative = (chars[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * lengths[negative])
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])
+    runs[2::2] = np.cumsum(values[2::2])
+    if runs.min() < 0:
+        return None
+    return runs
+
+
 def compressed_rle_total(counts: str) -> int | None:
     """Sum of the run lengths of a COCO compressed RLE string, None if the string is malformed.
 
     pycocotools decodes a too-short string without complaint (leaving pixels undefined), so the
     total is checked against height * width before the mask is trusted.
     """
-    runs: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(counts):
-                return None
-            chunk = ord(counts[pos]) - 48
-            if not 0 <= chunk < 64:
-                return None
-            value |= (chunk & 0x1F) << shift
-            more = bool(chunk & 0x20)
-            pos += 1
-            shift += 5
-            if not more and chunk & 0x10:
-                value -= 1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        if value < 0:
-            return None
-        runs.append(value)
-    return sum(runs)
+    runs = rle_runs(counts)
+    return None if runs is None else int(runs.sum())
 
 
 class _Checker:
     """Validates entries in file order, remembering ids seen so far for duplicate/reference checks."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, keep: set[int] | None = None) -> None:
         self.source = source
+        self.keep = keep
         self.videos: dict[int, Video] = {}
         self.category_ids: set[int] = set()
         self.category_names: dict[str, int] = {}
@@ -300,9 +305,20 @@ class _Checker:
             self.file_name(name, f"{path}.file_names[{j}]")
         if obj.get("length") is not None and self.integer(obj, "length", path) != len(names):
             raise self.fail(f"{path}.length", f"is {obj['length']} but file_names lists {len(names)} frames")
-        video = Video(id=vid, width=width, height=height, file_names=tuple(names))
+        negatives = self.negatives(obj.get("negative_category_ids", []), f"{path}.negative_category_ids")
+        video = Video(id=vid, width=width, height=height, file_names=tuple(names), negative_category_ids=negatives)
         self.videos[vid] = video
         return video
+
+    def negatives(self, value: Any, path: str) -> tuple[int, ...]:
+        if not isinstance(value, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in value):
+            raise self.fail(path, f"must be a list of category ids, got {value!r}")
+        for c in value:
+            if c not in self.category_ids:
+                raise self.fail(path, f"unknown category id {c}")
+        if len(set(value)) != len(value):
+            raise self.fail(path, "lists a category twice")
+        return tuple(sorted(value))
 
     def file_name(self, name: Any, path: str) -> None:
         if not isinstance(name, str) or not name:
@@ -312,7 +328,7 @@ class _Checker:
                 path, f"{name!r} must be a relative path below frames_root (no leading '/', '..', '.' or '//')"
             )
 
-    def track(self, value: Any, path: str) -> Track:
+    def track(self, value: Any, path: str) -> Track | None:
         obj = self.entry(value, path)
         tid = self.integer(obj, "id", path)
         if tid in self.track_ids:
@@ -323,6 +339,13 @@ class _Checker:
         category_id = self.integer(obj, "category_id", path)
         if category_id not in self.category_ids:
             raise self.fail(f"{path}.category_id", f"unknown category id {category_id}")
+        if category_id in self.videos[video_id].negative_category_ids:
+            raise self.fail(
+                f"{path}.category_id", f"category {category_id} is listed as absent from video {video_id} (a negative)"
+            )
+        if self.keep is not None and video_id not in self.keep:
+            self.track_ids.add(tid)
+            return None
         iscrowd = obj.get("iscrowd", 0)
         if isinstance(iscrowd, bool) or iscrowd not in (0, 1):
             raise self.fail(f"{path}.iscrowd", f"must be 0 or 1, got {iscrowd!r}")
@@ -361,9 +384,7 @@ class _Checker:
             iscrowd=int(iscrowd),
         )
 
-    def per_frame(
-        self, obj: dict[str, Any], key: str, path: str, video: Video, required: bool
-    ) -> list[Any] | None:
+    def per_frame(self, obj: dict[str, Any], key: str, path: str, video: Video, required: bool) -> list[Any] | None:
         if key not in obj and not required:
             return None
         values = obj.get(key)
@@ -378,11 +399,7 @@ class _Checker:
     def bbox(self, value: Any, path: str, video: Video) -> BBox | None:
         if value is None:
             return None
-        if (
-            not isinstance(value, list)
-            or len(value) != 4
-            or not all(_is_number(v) for v in value)
-        ):
+        if not isinstance(value, list) or len(value) != 4 or not all(_is_number(v) for v in value):
             raise self.fail(path, f"must be [x, y, w, h] or null, got {value!r}")
         x, y, w, h = (float(v) for v in value)
         if w <= 0 or h <= 0:
@@ -428,15 +445,16 @@ class _Checker:
         if not value:
             raise self.fail(path, "empty polygon list; use null for a frame where the object is not visible")
         for k, poly in enumerate(value):
-            if (
-                not isinstance(poly, list)
-                or len(poly) < 6
-                or len(poly) % 2
-                or not all(_is_number(v) for v in poly)
-            ):
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(_is_number(v) for v in poly):
                 raise self.fail(f"{path}[{k}]", "a polygon is a flat list [x1, y1, x2, y2, ...] of >= 3 points")
         rles = mask_util.frPyObjects([[float(v) for v in poly] for poly in value], video.height, video.width)
         merged = mask_util.merge(rles)
+        if mask_util.area(merged) == 0:
+            raise self.fail(
+                path,
+                f"the polygon lies outside the {video.width}x{video.height} frame (or has no area); "
+                "use null where the object is not visible",
+            )
         return {"size": [video.height, video.width], "counts": merged["counts"].decode("ascii")}
 
 

@@ -17,10 +17,24 @@ class DataConfig:
     # URI of a dataset published by data_prep (`<store>/datasets/<id>`)
     uri: str = "???"
     cache_dir: str | None = None
+    # most bytes of frames a remote dataset keeps in the local cache (least recently used evicted); 0 = no limit
+    cache_bytes: int = 0
     clips: ClipConfig = field(default_factory=ClipConfig)
     # clips per process per micro-batch
     batch_size: int = 2
     num_workers: int = 0
+    # batches each DataLoader worker loads ahead (with num_workers > 0)
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        for key in ("cache_bytes", "prefetch_factor"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"config train: data.{key}: must be an integer, got {value!r}")
+        if self.cache_bytes < 0:
+            raise ConfigError(f"config train: data.cache_bytes: must be >= 0 (0 = no limit), got {self.cache_bytes}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"config train: data.prefetch_factor: must be >= 1, got {self.prefetch_factor}")
 
 
 AMP_MODES = ("auto", "bf16", "off")

@@ -31,6 +31,7 @@ from sam3_core.config import to_yaml
 from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
 from sam3_core.data.frames import FrameReader
+from sam3_core.data.loading import PinningCollate
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import (
     CheckpointRef,
@@ -116,7 +117,7 @@ class Trainer:
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
 
-        self.reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
+        self.reader = FrameReader(cfg.data.uri, cfg.data.cache_dir, cfg.data.cache_bytes)
         frames = _FrameArrays(self.reader)
         self.train_set = ClipDataset(
             self.reader.dataset("train"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True
@@ -220,7 +221,10 @@ class Trainer:
     def _micro_batches(self) -> Iterator[Any]:
         """Endless micro-batches; (epoch, micro_in_epoch) always points at the next one."""
         bs = self.cfg.data.batch_size
-        collate = functools.partial(collate_clips, with_masks=self.cfg.data.clips.with_masks)
+        collate: Any = functools.partial(collate_clips, with_masks=self.cfg.data.clips.with_masks)
+        pin = self.device.type == "cuda"
+        if pin:
+            collate = PinningCollate(collate)
         while True:
             sampler = DistributedSampler(
                 self.train_set,
@@ -241,6 +245,8 @@ class Trainer:
                 sampler=indices,
                 collate_fn=collate,
                 num_workers=self.cfg.data.num_workers,
+                prefetch_factor=self.cfg.data.prefetch_factor if self.cfg.data.num_workers > 0 else None,
+                pin_memory=pin,
                 generator=torch.Generator().manual_seed(self.cfg.train.seed + self.epoch),
             )
             for batch in loader:

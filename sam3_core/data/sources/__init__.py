@@ -1,0 +1,100 @@
+"""Where data prep reads videos from: one loader per layout, all giving the same `Source`.
+
+- ``ytvis``: YouTube-VIS 2019/2021 and OVIS: a JSON file and frame files below a root.
+- ``saco``: SA-Co/VEval: YTVIS-like JSON plus ``video_np_pairs``; frame folders such as
+  ``JPEGImages_24fps/<video>/<frame>.jpg``. Pairs with ``num_masklets: 0`` become the video's
+  negative phrases.
+- ``mp4``: video files decoded with PyAV at a chosen frame rate, annotated per frame index.
+- ``synthetic``: the generated demo videos (written as a ``ytvis`` source first).
+
+A loader validates the annotations (every bad value an InputError naming the file and JSON
+path) and says how to get each video's frames; decoding and staging happen in data prep's
+workers. With ``video_ids`` only those videos' masks are checked in depth (a shard's share).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sam3_core.data import synthetic
+from sam3_core.data.synthetic import SyntheticConfig
+from sam3_core.data.ytvis import VideoDataset, read_annotation_json
+
+SOURCES = ("synthetic", "ytvis", "saco", "mp4")
+# the layouts read from an annotation file and a root the file names are relative to
+FILE_SOURCES = ("ytvis", "saco", "mp4")
+
+
+@dataclass(frozen=True)
+class FrameFiles:
+    """A video's frames are image files (JPEG, PNG, ...) at these names below ``root``."""
+
+    root: str
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """A video's frames are decoded from one video file; ``indices`` are the annotated frames at ``fps``."""
+
+    uri: str
+    fps: float
+    indices: tuple[int, ...]
+
+
+Frames = FrameFiles | VideoFile
+
+
+@dataclass
+class Source:
+    """Validated annotations, how to read every video's frames, and what identifies the input."""
+
+    annotations: str
+    dataset: VideoDataset
+    frames: dict[int, Frames]
+    # video id -> JSON path of its entry ("videos[3]"), for errors about its frames
+    paths: dict[int, str]
+    description: dict[str, Any]
+
+
+def json_sha256(obj: Any) -> str:
+    """Checksum of a JSON document's content, independent of its formatting."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def describe(kind: str, annotations: str, raw: Any) -> dict[str, Any]:
+    """What produced the dataset, free of machine-specific paths so equal inputs hash equally anywhere."""
+    return {"kind": kind, "annotations": PurePosixPath(annotations).name, "annotations_sha256": json_sha256(raw)}
+
+
+def load_source(
+    kind: str,
+    annotations: str,
+    frames_root: str,
+    fps: float,
+    synthetic_cfg: SyntheticConfig,
+    scratch: Path,
+    video_ids: Collection[int] | None = None,
+) -> Source:
+    """Read and validate the source ``kind``; synthetic videos are generated into ``scratch`` first."""
+    from sam3_core.data.sources import mp4, saco, ytvis
+
+    if kind == "synthetic":
+        path = synthetic.generate(synthetic_cfg, scratch)
+        source = ytvis.load(str(path), str(path.parent), read_annotation_json(str(path)), video_ids)
+        source.description = {"kind": "synthetic", "synthetic": dataclasses.asdict(synthetic_cfg)}
+        return source
+    raw = read_annotation_json(annotations)
+    if kind == "ytvis":
+        return ytvis.load(annotations, frames_root, raw, video_ids)
+    if kind == "saco":
+        return saco.load(annotations, frames_root, raw, video_ids)
+    if kind == "mp4":
+        return mp4.load(annotations, frames_root, raw, fps, video_ids)
+    raise ValueError(f"unknown source {kind!r}; use one of {list(SOURCES)}")
