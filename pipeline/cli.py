@@ -1,13 +1,16 @@
 """`sam3pipe`: run one step, compile or submit the Kubeflow pipeline, run it locally, open MLflow.
 
     sam3pipe component <data-prep|train|predict|evaluate> [hydra overrides]
-    sam3pipe compile --output pipeline.yaml [--set image=...]
-    sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [name=value ...]
+    sam3pipe compile --output pipeline.yaml [--set image=...] [--sweep SPEC [--parallelism N]]
+    sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
     sam3pipe run --local [name=value ...]
+    sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
     sam3pipe ui
 
 Pipeline parameters are `name=value` pairs (lists as JSON); compile-time settings (image,
 secret names, GPU placement, timeouts) are `--set key=value` (see pipeline/settings.py).
+A sweep SPEC is JSON or a JSON/YAML file: a grid {"lr": [1e-4, 3e-4]} or a list of override
+sets [{"lr": 1e-4}, ...] (see pipeline/sweep.py).
 Errors the user can fix print one line `error: ...` and exit with status 2.
 """
 
@@ -19,10 +22,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.dispatch import COMPONENT_MODULES, component_module
-from sam3_core.errors import ConfigError, Sam3PipeError
+from sam3_core.errors import ConfigError, InputError, Sam3PipeError
+
+if TYPE_CHECKING:
+    from pipeline.settings import PipelineSettings
 
 logger = logging.getLogger("sam3pipe")
 LOCAL_PIPELINE_ROOT = Path(".sam3pipe/kfp-local")
@@ -44,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="compile the pipeline to a KFP YAML package")
     compile_.add_argument("--output", type=Path, default=Path("pipeline.yaml"))
     with_settings(compile_)
+    _with_sweep_spec(compile_)
 
     submit = commands.add_parser("submit", help="start a run on a Kubeflow Pipelines server")
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
@@ -55,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-cache", action="store_true", help="rerun every step, even a cached data prep")
     submit.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(submit)
+    _with_sweep_spec(submit)
 
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
     run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
@@ -62,9 +70,62 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
 
+    _add_sweep_command(commands, with_settings)
+
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def _with_sweep_spec(sub: argparse.ArgumentParser) -> None:
+    """compile / submit: `--sweep SPEC` selects the sweep pipeline, with SPEC as its trials."""
+    sub.add_argument("--sweep", default=None, metavar="SPEC", help="a sweep: JSON grid or override sets, or a file")
+    _with_parallelism(sub)
+
+
+def _with_parallelism(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--parallelism", type=int, default=None, metavar="N",
+        help="trials at once (0 = all); fixed in the compiled pipeline (setting sweep.parallelism)",
+    )  # fmt: skip
+
+
+def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any) -> None:
+    sweep = commands.add_parser("sweep", help="run a hyper-parameter sweep on this machine")
+    sweep.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
+    sweep.add_argument(
+        "--spec", required=True, metavar="SPEC", help='the trials: a grid {"lr": [1e-4, 3e-4]}, override sets, or a file'
+    )
+    sweep.add_argument("--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs")
+    sweep.add_argument("parameters", nargs="*", metavar="name=value")
+    with_settings(sweep)
+    _with_parallelism(sweep)
+
+
+def _sweep_settings(args: argparse.Namespace) -> list[str]:
+    """`--parallelism N` is the setting sweep.parallelism (KFP's spec holds it as a number)."""
+    return [*args.settings, *([f"sweep.parallelism={args.parallelism}"] if args.parallelism is not None else [])]
+
+
+def _sweep_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    from pipeline.sweep import load_spec
+
+    text = args.spec if args.command == "sweep" else args.sweep
+    if text is None and args.parallelism is not None:
+        raise InputError("command line", "--parallelism", "applies to sweeps only; add --sweep SPEC")
+    return None if text is None else load_spec(text)
+
+
+def _run_sweep(args: argparse.Namespace, settings: PipelineSettings) -> None:
+    """`sam3pipe sweep --local`: the sweep's table, then its best trial as one JSON line."""
+    from pipeline.local import run_local_sweep
+    from sam3_core import storage
+
+    outcome = run_local_sweep(settings, _sweep_spec(args) or {}, args.parameters, args.pipeline_root)
+    table_md = outcome["table_uri"].removesuffix(".json") + ".md"
+    print(storage.read_text(table_md) if storage.exists(table_md) else outcome["table_uri"])
+    print(_mlflow_hint())
+    print(json.dumps(outcome, sort_keys=True))
 
 
 def _ui(port: int) -> NoReturn:
@@ -85,19 +146,22 @@ def _run(args: argparse.Namespace) -> int:
 
     from pipeline.settings import load_settings
 
-    settings = load_settings(args.settings)
+    settings = load_settings(_sweep_settings(args) if hasattr(args, "parallelism") else args.settings)
     if args.command == "compile":
         from pipeline.compile import compile_pipeline
 
-        print(json.dumps({"pipeline": str(compile_pipeline(settings, args.output))}))
+        print(json.dumps({"pipeline": str(compile_pipeline(settings, args.output, _sweep_spec(args)))}))
     elif args.command == "submit":
         from pipeline.submit import submit
 
         result = submit(
             settings, args.host, args.parameters, args.experiment, args.namespace, args.run_name,
             args.service_account, args.existing_token, enable_caching=False if args.no_cache else None,
+            sweep=_sweep_spec(args),
         )  # fmt: skip
         print(json.dumps(result))
+    elif args.command == "sweep":
+        _run_sweep(args, settings)
     else:
         from pipeline.local import metrics_table, run_local
 
