@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
     run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
-    run.add_argument("--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs")
+    run.add_argument(
+        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs"
+    )
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
 
@@ -94,9 +96,14 @@ def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any)
     sweep = commands.add_parser("sweep", help="run a hyper-parameter sweep on this machine")
     sweep.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
     sweep.add_argument(
-        "--spec", required=True, metavar="SPEC", help='the trials: a grid {"lr": [1e-4, 3e-4]}, override sets, or a file'
+        "--spec",
+        required=True,
+        metavar="SPEC",
+        help='the trials: a grid {"lr": [1e-4, 3e-4]}, override sets, or a file',
     )
-    sweep.add_argument("--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs")
+    sweep.add_argument(
+        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs"
+    )
     sweep.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(sweep)
     _with_parallelism(sweep)

@@ -114,7 +114,9 @@ class LaunchSettings:
     def from_settings(cls, settings: PipelineSettings, job: JobSettings) -> LaunchSettings:
         """The launch settings of one training mode (`job` is settings.pytorchjob or settings.trainjob)."""
         specific = {
-            name: getattr(job, name) for name in ("ttl_after_finished_s", "backoff_limit", "runtime") if hasattr(job, name)
+            name: getattr(job, name)
+            for name in ("ttl_after_finished_s", "backoff_limit", "runtime")
+            if hasattr(job, name)
         }
         return cls(
             image=settings.image,
@@ -173,7 +175,10 @@ def job_conditions(job: dict[str, Any]) -> list[dict[str, Any]]:
 def final_condition(kind: JobKind, job: dict[str, Any]) -> dict[str, Any] | None:
     """The condition that ended the job (its succeeded or failed type, status True), else None."""
     for condition in reversed(job_conditions(job)):
-        if condition.get("type") in (kind.succeeded_condition, kind.failed_condition) and condition.get("status") == "True":
+        if (
+            condition.get("type") in (kind.succeeded_condition, kind.failed_condition)
+            and condition.get("status") == "True"
+        ):
             return condition
     return None
 
@@ -200,7 +205,9 @@ def _api_error(kind: JobKind, action: str, name: str, namespace: str, exc: ApiEx
         404: kind.missing_crd_hint,
         422: f"the job manifest was rejected: check {kind.template} and the settings",
     }.get(exc.status or 0, "see the API server's message")
-    return KubernetesApiError(f"{kind.name} {namespace}/{name}: {action} failed with HTTP {exc.status} {exc.reason}: {hint}")
+    return KubernetesApiError(
+        f"{kind.name} {namespace}/{name}: {action} failed with HTTP {exc.status} {exc.reason}: {hint}"
+    )
 
 
 class JobClient:
@@ -236,7 +243,9 @@ class JobClient:
             logger.info("deleted %s %s/%s", self.kind.name, namespace, name)
         except ApiException as exc:
             if exc.status != 404:
-                logger.warning("could not delete %s %s/%s: HTTP %s %s", self.kind.name, namespace, name, exc.status, exc.reason)
+                logger.warning(
+                    "could not delete %s %s/%s: HTTP %s %s", self.kind.name, namespace, name, exc.status, exc.reason
+                )
         except urllib3.exceptions.HTTPError as exc:
             logger.warning("could not delete %s %s/%s: %s", self.kind.name, namespace, name, exc)
 
@@ -244,7 +253,9 @@ class JobClient:
         deadline = time.monotonic() + launch.timeout_s
         while self.get(name, namespace) is not None:
             if time.monotonic() >= deadline:
-                raise TrainingJobError(f"{self.kind.name} {namespace}/{name}: still not deleted after {launch.timeout_s} s")
+                raise TrainingJobError(
+                    f"{self.kind.name} {namespace}/{name}: still not deleted after {launch.timeout_s} s"
+                )
             time.sleep(launch.poll_interval_s)
 
     def create_or_adopt(self, job: dict[str, Any], launch: LaunchSettings) -> None:
@@ -262,7 +273,9 @@ class JobClient:
             logger.warning("%s %s/%s already exists (a retried launcher): watching it", self.kind.name, namespace, name)
             return
         if existing is not None:
-            logger.warning("%s %s/%s was kept Failed by an earlier attempt: replacing it", self.kind.name, namespace, name)
+            logger.warning(
+                "%s %s/%s was kept Failed by an earlier attempt: replacing it", self.kind.name, namespace, name
+            )
             self.delete(name, namespace)
             self.wait_deleted(name, namespace, launch)
         try:
@@ -284,7 +297,9 @@ class JobClient:
             except (ApiException, urllib3.exceptions.HTTPError) as exc:
                 if isinstance(exc, ApiException) and not _is_transient(exc):
                     raise _api_error(self.kind, "get", name, namespace, exc) from exc
-                logger.warning("%s %s/%s: reading its status failed, retrying: %s", self.kind.name, namespace, name, exc)
+                logger.warning(
+                    "%s %s/%s: reading its status failed, retrying: %s", self.kind.name, namespace, name, exc
+                )
                 job = {}
             for condition in job_conditions(job):
                 key = (condition.get("type", ""), condition.get("status", ""), condition.get("reason", ""))
@@ -344,7 +359,9 @@ def run_job(api: k8s.CustomObjectsApi, kind: JobKind, job: dict[str, Any], launc
         failed = final_state(kind, ended) == FAILED
         kept = failed and launch.keep_failed
         if kept:
-            logger.warning("keeping failed %s %s/%s for debugging (%s.keep_failed)", kind.name, namespace, name, kind.mode)
+            logger.warning(
+                "keeping failed %s %s/%s for debugging (%s.keep_failed)", kind.name, namespace, name, kind.mode
+            )
         else:
             jobs.delete(name, namespace)
     if failed:
@@ -356,7 +373,9 @@ def current_namespace(configured: str) -> str:
         return configured
     if NAMESPACE_FILE.exists():
         return NAMESPACE_FILE.read_text(encoding="utf-8").strip()
-    raise ConfigError("training job: not running in a pod; set the settings key <mode>.namespace (e.g. trainjob.namespace)")
+    raise ConfigError(
+        "training job: not running in a pod; set the settings key <mode>.namespace (e.g. trainjob.namespace)"
+    )
 
 
 def custom_objects_api() -> k8s.CustomObjectsApi:

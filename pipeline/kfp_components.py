@@ -209,7 +209,9 @@ def select_best(
     """Pick the best trial by the metric, register its checkpoint, write the sweep table."""
     from pipeline import steps
 
-    return steps.select_best(trials, sweep_id, sweep_metric, sweep_mode, store, mlflow_experiment, registered_model, table, metrics)
+    return steps.select_best(
+        trials, sweep_id, sweep_metric, sweep_mode, store, mlflow_experiment, registered_model, table, metrics
+    )
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ def without_retries(settings: PipelineSettings) -> PipelineSettings:
     """The settings with every step run once: retries (with minutes of backoff) are for a cluster's
     transient failures, such as a preempted node; on this machine a failure repeats."""
     steps = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-    once = {name: dataclasses.replace(step, retries=0) for name, step in steps.items() if isinstance(step, StepSettings)}
+    once = {
+        name: dataclasses.replace(step, retries=0) for name, step in steps.items() if isinstance(step, StepSettings)
+    }
     return dataclasses.replace(settings, **once)
 
 

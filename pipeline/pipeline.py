@@ -55,7 +55,10 @@ def _with_object_store(task: PipelineTask, settings: PipelineSettings) -> Pipeli
     kubernetes.use_secret_as_env(
         task,
         secret_name=store.secret,
-        secret_key_to_env={store.access_key_field: "AWS_ACCESS_KEY_ID", store.secret_key_field: "AWS_SECRET_ACCESS_KEY"},
+        secret_key_to_env={
+            store.access_key_field: "AWS_ACCESS_KEY_ID",
+            store.secret_key_field: "AWS_SECRET_ACCESS_KEY",
+        },
     )
     kubernetes.use_config_map_as_env(
         task, config_map_name=store.config_map, config_map_key_to_env={key: key for key in store.config_map_keys}
@@ -86,7 +89,9 @@ def _on_gpu_nodes(task: PipelineTask, settings: PipelineSettings, gpus) -> Pipel
             value=toleration.value or None,
             effect=toleration.effect or None,
         )
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=gpu.shm_size
+    )
     return task
 
 
@@ -99,7 +104,13 @@ def launch_settings(settings: PipelineSettings) -> dict[str, Any]:
 
 
 def _prepare_data(
-    ops: Components, settings: PipelineSettings, source, annotations, frames_root, store, overrides  # type: ignore[no-untyped-def]
+    ops: Components,
+    settings: PipelineSettings,
+    source,
+    annotations,
+    frames_root,
+    store,
+    overrides,  # type: ignore[no-untyped-def]
 ) -> PipelineTask:
     """The data-prep task, shared by the pipeline and the sweep pipeline (its output: dataset_uri)."""
     prep = ops.data_prep(

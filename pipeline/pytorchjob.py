@@ -82,4 +82,3 @@ def build_job(
         worker["replicas"] = nodes - 1
         job["spec"]["pytorchReplicaSpecs"]["Worker"] = worker
     return job
-

@@ -158,5 +158,7 @@ def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> PipelineSettin
                 f"train.timeout_s ({settings.train.timeout_s}), or KFP kills the launcher before it can delete its job"
             )
     if settings.sweep.parallelism < 0:
-        raise ConfigError(f"pipeline settings: sweep.parallelism={settings.sweep.parallelism}: must be >= 0 (0 = all trials)")
+        raise ConfigError(
+            f"pipeline settings: sweep.parallelism={settings.sweep.parallelism}: must be >= 0 (0 = all trials)"
+        )
     return settings

@@ -91,14 +91,18 @@ def plan_training(training_mode: str, gpus: int, nodes: int) -> int:
     In pytorchjob and trainjob modes the train pod only launches and watches the job, so it asks for no GPU.
     """
     if training_mode not in TRAINING_MODES:
-        raise InputError("pipeline parameters", "training_mode", f"must be one of {TRAINING_MODES}, got {training_mode!r}")
+        raise InputError(
+            "pipeline parameters", "training_mode", f"must be one of {TRAINING_MODES}, got {training_mode!r}"
+        )
     if gpus < 0:
         raise InputError("pipeline parameters", "gpus", f"must be >= 0, got {gpus}")
     if nodes < 1:
         raise InputError("pipeline parameters", "nodes", f"must be >= 1, got {nodes}")
     if training_mode == "pod" and nodes != 1:
         raise InputError(
-            "pipeline parameters", "nodes", "training_mode=pod runs on one node; use training_mode=pytorchjob or trainjob"
+            "pipeline parameters",
+            "nodes",
+            "training_mode=pod runs on one node; use training_mode=pytorchjob or trainjob",
         )
     return gpus if training_mode == "pod" else 0
 

@@ -86,7 +86,9 @@ def submit(
             )
     except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SubmitError(f"Kubeflow Pipelines at {host}: {first_line}; check --host, the token and the namespace") from exc
+        raise SubmitError(
+            f"Kubeflow Pipelines at {host}: {first_line}; check --host, the token and the namespace"
+        ) from exc
     url = f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
     logger.info("submitted run %s: %s", result.run_id, url)
     return {"run_id": result.run_id, "url": url}

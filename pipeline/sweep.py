@@ -68,7 +68,9 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     if kind is None:
         scalars = value if isinstance(value, list) else [value]
         if not all(isinstance(item, _SCALARS) for item in scalars):
-            raise InputError(SOURCE, where, f"{key}: expected a number, string, boolean or a list of them, got {value!r}")
+            raise InputError(
+                SOURCE, where, f"{key}: expected a number, string, boolean or a list of them, got {value!r}"
+            )
         return [_integral(item) for item in value] if isinstance(value, list) else _integral(value)
     value = _integral(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -99,7 +101,9 @@ def expand(trials: Sequence[Any], grid: Mapping[str, Any]) -> list[dict[str, Any
     axes = [[_check_value(key, value, f"sweep_grid.{key}") for value in values] for key, values in grid.items()]
     sets += [dict(zip(grid, combination)) for combination in itertools.product(*axes)] if grid else []
     if not sets:
-        raise InputError(SOURCE, "sweep_trials", "no trials: give a grid ({setting: [values]}) or a list of override sets")
+        raise InputError(
+            SOURCE, "sweep_trials", "no trials: give a grid ({setting: [values]}) or a list of override sets"
+        )
     if len(sets) > MAX_TRIALS:
         raise InputError(SOURCE, "sweep_grid", f"{len(sets)} trials; at most {MAX_TRIALS} per sweep")
     seen: set[str] = set()
@@ -244,7 +248,9 @@ def best_trial(results: Sequence[TrialResult], metric: str, mode: str) -> TrialR
     scored = [r for r in done if math.isfinite(r.metrics.get(metric, math.nan))]
     if done and not scored:
         available = sorted({name for r in done for name in r.metrics})
-        raise InputError(SOURCE, "sweep_metric", f"{metric!r} is not an evaluation metric of the trials; choose from {available}")
+        raise InputError(
+            SOURCE, "sweep_metric", f"{metric!r} is not an evaluation metric of the trials; choose from {available}"
+        )
     if not scored:
         return None
     sign = 1.0 if mode == "max" else -1.0
@@ -317,7 +323,9 @@ def load_spec(text: str) -> dict[str, Any]:
         else:
             spec = json.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise InputError(where, "sweep", f"expected JSON (or a JSON/YAML file) of a grid or a list of override sets: {exc}") from None
+        raise InputError(
+            where, "sweep", f"expected JSON (or a JSON/YAML file) of a grid or a list of override sets: {exc}"
+        ) from None
     if isinstance(spec, list):
         arguments: dict[str, Any] = {"sweep_trials": spec, "sweep_grid": {}}
     elif isinstance(spec, dict) and set(spec) & {"sweep_trials", "sweep_grid"}:
@@ -325,6 +333,8 @@ def load_spec(text: str) -> dict[str, Any]:
     elif isinstance(spec, dict):
         arguments = {"sweep_trials": [], "sweep_grid": spec}
     else:
-        raise InputError(where, "sweep", f"expected a grid mapping or a list of override sets, got {type(spec).__name__}")
+        raise InputError(
+            where, "sweep", f"expected a grid mapping or a list of override sets, got {type(spec).__name__}"
+        )
     expand(arguments["sweep_trials"], arguments["sweep_grid"])
     return arguments

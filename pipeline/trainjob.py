@@ -52,7 +52,9 @@ def build_job(
     if nodes < 1:
         raise ConfigError(f"trainjob: nodes must be >= 1, got {nodes}")
     if not launch.runtime:
-        raise ConfigError("trainjob: no runtime; set trainjob.runtime to a ClusterTrainingRuntime (manifests/trainer-v2/)")
+        raise ConfigError(
+            "trainjob: no runtime; set trainjob.runtime to a ClusterTrainingRuntime (manifests/trainer-v2/)"
+        )
     job = load_template()
     job["metadata"].update(name=name, namespace=namespace)
     job["spec"]["runtimeRef"]["name"] = launch.runtime
@@ -75,4 +77,3 @@ def build_job(
         if volume["name"] == "dshm":
             volume["emptyDir"]["sizeLimit"] = launch.shm_size
     return job
-

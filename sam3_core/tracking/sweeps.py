@@ -123,7 +123,9 @@ def sweep_run_id(client: MlflowClient, exp_id: str, sweep_id: str) -> str:
 
 
 def _wrapped(what: str, uri: str, exc: Exception) -> SweepTrackingError:
-    return SweepTrackingError(f"MLflow at {redact_text(uri)}: {what} failed ({describe_error(exc)}); check MLFLOW_TRACKING_URI")
+    return SweepTrackingError(
+        f"MLflow at {redact_text(uri)}: {what} failed ({describe_error(exc)}); check MLFLOW_TRACKING_URI"
+    )
 
 
 def open_sweep(experiment_name: str, sweep_id: str, params: Mapping[str, Any], spec: Any) -> str:
@@ -175,7 +177,11 @@ def _record_trial(client: MlflowClient, run_id: str, sweep_id: str, trial: Trial
     metrics = eval_metrics(_finite(trial.metrics))
     for name, value in metrics.items():
         client.log_metric(run_id, name, value)
-    tags = {TAG_SWEEP_ID: sweep_id, TAG_TRIAL_ID: trial.trial_id, TAG_TRIAL_STATUS: "succeeded" if trial.succeeded else "failed"}
+    tags = {
+        TAG_SWEEP_ID: sweep_id,
+        TAG_TRIAL_ID: trial.trial_id,
+        TAG_TRIAL_STATUS: "succeeded" if trial.succeeded else "failed",
+    }
     if trial.error:
         tags[TAG_TRIAL_ERROR] = truncate(redact_text(trial.error))
     for key, value in tags.items():
@@ -207,7 +213,9 @@ def record_sweep(
         for trial in trials:
             _record_trial(client, trial_runs[trial.trial_id], sweep_id, trial)
         columns = list(dict.fromkeys(key for row in table for key in row))
-        client.log_table(sweep_run, data={c: [row.get(c) for row in table] for c in columns}, artifact_file=TABLE_ARTIFACT)
+        client.log_table(
+            sweep_run, data={c: [row.get(c) for row in table] for c in columns}, artifact_file=TABLE_ARTIFACT
+        )
         client.log_text(sweep_run, summary, SUMMARY_ARTIFACT)
         version = None
         if best is not None:
