@@ -115,22 +115,22 @@ def _sweep_settings(args: argparse.Namespace) -> list[str]:
 
 
 def _sweep_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """compile / submit: the `--sweep` spec's arguments, or None for the plain pipeline."""
     from pipeline.sweep import load_spec
 
-    text = args.spec if args.command == "sweep" else args.sweep
-    if text is None and args.parallelism is not None:
+    if args.sweep is None and args.parallelism is not None:
         raise InputError("command line", "--parallelism", "applies to sweeps only; add --sweep SPEC")
-    return None if text is None else load_spec(text)
+    return None if args.sweep is None else load_spec(args.sweep)
 
 
 def _run_sweep(args: argparse.Namespace, settings: PipelineSettings) -> None:
     """`sam3pipe sweep --local`: the sweep's table, then its best trial as one JSON line."""
     from pipeline.local import run_local_sweep
+    from pipeline.sweep import load_spec
     from sam3_core import storage
 
-    outcome = run_local_sweep(settings, _sweep_spec(args) or {}, args.parameters, args.pipeline_root)
-    table_md = outcome["table_uri"].removesuffix(".json") + ".md"
-    print(storage.read_text(table_md) if storage.exists(table_md) else outcome["table_uri"])
+    outcome = run_local_sweep(settings, load_spec(args.spec), args.parameters, args.pipeline_root)
+    print(storage.read_text(outcome["summary_uri"]))
     print(_mlflow_hint())
     print(json.dumps(outcome, sort_keys=True))
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl.graph_component import GraphComponent
+from kfp.dsl.pipeline_channel import PipelineChannel
 from kfp.dsl.pipeline_task import PipelineTask
 
 from pipeline.jobs import LaunchSettings
@@ -106,11 +107,11 @@ def launch_settings(settings: PipelineSettings) -> dict[str, Any]:
 def _prepare_data(
     ops: Components,
     settings: PipelineSettings,
-    source,
-    annotations,
-    frames_root,
-    store,
-    overrides,  # type: ignore[no-untyped-def]
+    source: PipelineChannel,
+    annotations: PipelineChannel,
+    frames_root: PipelineChannel,
+    store: PipelineChannel,
+    overrides: PipelineChannel,
 ) -> PipelineTask:
     """The data-prep task, shared by the pipeline and the sweep pipeline (its output: dataset_uri)."""
     prep = ops.data_prep(

@@ -418,9 +418,9 @@ def select_best(
     best = sweep.best_trial(results, metric, sweep_mode)
     rows = sweep.table(results, metric, best)
     summary = sweep.markdown(rows, metric, sweep_mode)
-    table_uri = storage.join(root, "sweep_table.json")
+    table_uri, summary_uri = storage.join(root, "sweep_table.json"), storage.join(root, "sweep_table.md")
     storage.write_json(table_uri, rows)
-    storage.write_text(storage.join(root, "sweep_table.md"), summary)
+    storage.write_text(summary_uri, summary)
     Path(table.path).parent.mkdir(parents=True, exist_ok=True)
     Path(table.path).write_text(summary, encoding="utf-8")
     table.metadata.update({"uri": table_uri})
@@ -440,6 +440,7 @@ def select_best(
         "checkpoint_uri": best.checkpoint_uri,
         "model_version": str(version or ""),
         "table_uri": table_uri,
+        "summary_uri": summary_uri,
         "outcome_uri": storage.join(root, "best.json"),
         "succeeded": sum(r.succeeded for r in results),
         "trials": len(results),

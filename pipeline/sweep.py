@@ -7,7 +7,7 @@ A sweep spec is a list of override sets, a grid, or both (pipeline parameters `s
     {"lr": [1e-4, 3e-4], "frames_per_clip": [2, 4]}              four trials, every combination
 
 Keys are the per-trial pipeline parameters (`TRIAL_PARAMETERS`) or dotted Hydra keys of the train
-step (`optim.weight_decay`, `model.lora.rank`, ...). Each trial is one train -> predict -> evaluate
+step (`optim.weight_decay`, `optim.grad_clip`, ...). Each trial is one train -> predict -> evaluate
 branch of the pipeline's ParallelFor, with its own pipeline run id `<sweep id>-<trial id>` (its
 training folder and its MLflow parent run). A trial step that fails writes the trial's outcome
 record and lets the sweep go on; the final step reads every record, picks the best trial by the
