@@ -111,6 +111,9 @@ def plan_sweep(
     sweep_metric: str,
     sweep_mode: str,
     parallelism: int,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
     store: str,
     mlflow_experiment: str,
 ) -> list:
@@ -118,8 +121,8 @@ def plan_sweep(
     from pipeline import steps
 
     return steps.plan_sweep(
-        sweep_trials, sweep_grid, dataset_uri, sweep_id, sweep_metric, sweep_mode, parallelism, store,
-        mlflow_experiment,
+        sweep_trials, sweep_grid, dataset_uri, sweep_id, sweep_metric, sweep_mode, parallelism, training_mode, gpus,
+        nodes, store, mlflow_experiment,
     )  # fmt: skip
 
 

@@ -318,6 +318,9 @@ def build_sweep_pipeline(
             sweep_metric=sweep_metric,
             sweep_mode=sweep_mode,
             parallelism=settings.sweep.parallelism,
+            training_mode=training_mode,
+            gpus=gpus,
+            nodes=nodes,
             store=store,
             mlflow_experiment=mlflow_experiment,
         ).set_display_name("plan sweep")

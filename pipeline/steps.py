@@ -231,10 +231,16 @@ def plan_sweep(
     sweep_metric: str,
     sweep_mode: str,
     parallelism: int,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
     store: str,
     mlflow_experiment: str,
 ) -> list[dict[str, Any]]:
-    """Expand and check the spec, record the plan in the store, open the sweep's MLflow run; return the trials."""
+    """Check the spec and the training knobs, record the plan in the store, open the sweep's MLflow run.
+
+    Returns the trials (the ParallelFor's items); a bad spec or knob fails here, before any trial runs.
+    """
     from pipeline import sweep
     from sam3_core.tracking import (
         sweeps,  # mlflow: imported by the steps that track only
@@ -242,6 +248,7 @@ def plan_sweep(
 
     sets = sweep.expand(sweep_trials, sweep_grid)
     metric = sweep.check_objective(sweep_metric, sweep_mode)
+    plan_training(training_mode, gpus, nodes)
     trials = sweep.plan_trials(sets, dataset_uri, sweep_id)
     storage.write_json(storage.join(sweep.sweep_root(store_root(store), sweep_id), "trials.json"), trials)
     params = {
@@ -415,7 +422,11 @@ def select_best(
         raise SweepFailedError(f"sweep {sweep_id}: no trials ran; the plan sweep step failed (see its log)")
     root = sweep.sweep_root(store_root(store), sweep_id)
     results = sweep.read_results(store_root(store), trials)
-    best = sweep.best_trial(results, metric, sweep_mode)
+    try:
+        best = sweep.best_trial(results, metric, sweep_mode)
+        wrong_metric = None
+    except InputError as exc:  # trials succeeded but none reports the metric: keep their table, then fail
+        best, wrong_metric = None, exc
     rows = sweep.table(results, metric, best)
     summary = sweep.markdown(rows, metric, sweep_mode)
     table_uri, summary_uri = storage.join(root, "sweep_table.json"), storage.join(root, "sweep_table.md")
@@ -427,6 +438,8 @@ def select_best(
     version = sweeps.record_sweep(
         mlflow_experiment, sweep_id, results, best, rows, summary, registered_model, TrackingConfig().model_alias
     )
+    if wrong_metric is not None:
+        raise wrong_metric
     if best is None:
         errors = "; ".join(f"{r.trial_id}: {r.error}" for r in results)
         raise SweepFailedError(f"sweep {sweep_id}: all {len(results)} trials failed ({errors}); table at {table_uri}")

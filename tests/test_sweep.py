@@ -314,3 +314,24 @@ def test_select_best_picks_among_the_trials_that_succeeded(experiment: str, tmp_
     assert metrics.logged == {"segm_AP": 0.25}
     assert "| t0 | failed | 0.1 |" in Path(table.path).read_text()
     assert storage.read_json(outcome["outcome_uri"]) == outcome
+
+
+def test_bad_training_knobs_stop_the_sweep_before_any_trial(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="pipeline parameters: nodes: training_mode=pod runs on one node"):
+        steps.plan_sweep([], {"lr": [0.1]}, "d", "sw6", "segm_AP", "max", 2, "pod", 0, 2, str(tmp_path), "e")
+
+    assert not storage.exists(storage.join(sweep.sweep_root(str(tmp_path), "sw6"), "trials.json"))
+
+
+def test_a_metric_no_trial_reports_fails_the_sweep_after_writing_its_table(experiment: str, tmp_path: Path) -> None:
+    trials = sweep.plan_trials([{"lr": 0.1}], "d", "sw7")
+    sweep.write_record(str(tmp_path), trials[0], sweep.succeeded({"segm_AP": 0.25}, "b.pt", "r", "m"))
+    sweeps.open_sweep(experiment, "sw7", {}, {})
+
+    with pytest.raises(InputError, match="'mask_AP' is not an evaluation metric"):
+        steps.select_best(
+            trials, "sw7", "mask_AP", "max", str(tmp_path), experiment, "m", Pointer(tmp_path / "t"), Metrics()
+        )
+
+    assert storage.exists(storage.join(sweep.sweep_root(str(tmp_path), "sw7"), "sweep_table.json"))
+    assert runs_by_tag(MlflowClient(), experiment, TAG_COMPONENT)["sweep"].info.status == "FAILED"
