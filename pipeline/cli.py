@@ -5,6 +5,7 @@
     sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
     sam3pipe run --local [name=value ...]
     sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
+    sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
 
 Pipeline parameters are `name=value` pairs (lists as JSON); compile-time settings (image,
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     with_settings(run)
 
     _add_sweep_command(commands, with_settings)
+    _add_experiment_command(commands, with_settings)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
@@ -107,6 +109,38 @@ def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any)
     sweep.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(sweep)
     _with_parallelism(sweep)
+
+
+def _add_experiment_command(commands: argparse._SubParsersAction, with_settings: Any) -> None:
+    experiment = commands.add_parser("compile-experiment", help="write the sweep as a Katib Experiment manifest")
+    experiment.add_argument(
+        "--spec", required=True, metavar="GRID", help='the grid, e.g. {"lr": [1e-4, 3e-4]}, or a file'
+    )
+    experiment.add_argument("--dataset-uri", required=True, help="a prepared dataset (data prep's dataset_uri)")
+    experiment.add_argument("--name", default="sam3pipe-sweep", help="the Experiment's name (the MLflow sweep id)")
+    experiment.add_argument("--namespace", default="", help="the Experiment's namespace (default: kubectl's)")
+    experiment.add_argument("--output", type=Path, default=Path("experiment.yaml"))
+    experiment.add_argument("parameters", nargs="*", metavar="name=value")
+    with_settings(experiment)
+    _with_parallelism(experiment)
+
+
+def _compile_experiment(args: argparse.Namespace, settings: PipelineSettings) -> None:
+    import yaml
+
+    from pipeline import katib
+    from pipeline.sweep import load_spec
+
+    spec = load_spec(args.spec)
+    if spec["sweep_trials"]:
+        raise InputError(args.spec[:80], "sweep", "Katib searches a grid: give the spec as {setting: [values]}")
+    base, metric, mode = katib.parse_parameters(args.parameters)
+    experiment = katib.build_experiment(
+        settings, args.name, args.namespace, spec["sweep_grid"], args.dataset_uri, base, metric, mode
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(yaml.safe_dump(experiment, sort_keys=False), encoding="utf-8")
+    print(json.dumps({"experiment": str(args.output), "trials": experiment["spec"]["maxTrialCount"]}))
 
 
 def _sweep_settings(args: argparse.Namespace) -> list[str]:
@@ -169,6 +203,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     elif args.command == "sweep":
         _run_sweep(args, settings)
+    elif args.command == "compile-experiment":
+        _compile_experiment(args, settings)
     else:
         from pipeline.local import metrics_table, run_local
 

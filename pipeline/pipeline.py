@@ -36,6 +36,7 @@ from kfp.dsl.graph_component import GraphComponent
 from kfp.dsl.pipeline_channel import PipelineChannel
 from kfp.dsl.pipeline_task import PipelineTask
 
+from pipeline import sweep
 from pipeline.jobs import LaunchSettings
 from pipeline.kfp_components import Components, build_components
 from pipeline.settings import PipelineSettings, StepSettings
@@ -232,7 +233,6 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
 
 # The sweep's default spec: the demo's learning rate and half of it.
 DEFAULT_SWEEP_GRID = {"lr": [2.5e-4, 5e-4]}
-DEFAULT_SWEEP_METRIC = "video_mask_mAP_50_95"
 
 
 def build_sweep_pipeline(
@@ -254,7 +254,7 @@ def build_sweep_pipeline(
     def sam3_video_sweep(
         sweep_trials: list = default_trials,
         sweep_grid: dict = default_grid,
-        sweep_metric: str = DEFAULT_SWEEP_METRIC,
+        sweep_metric: str = sweep.DEFAULT_METRIC,
         sweep_mode: str = "max",
         registered_model: str = "sam3-video",
         source: str = "synthetic",

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = "sweep"
 MODES = ("max", "min")
+DEFAULT_METRIC = "video_mask_mAP_50_95"
 MAX_TRIALS = 256
 # pipeline parameters a trial may set, with their types (a float parameter also takes an int)
 TRIAL_PARAMETERS: dict[str, type] = {

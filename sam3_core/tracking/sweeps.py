@@ -9,7 +9,8 @@
 
 A trial's components create its parent run nested under the sweep run when
 `tracking.sweep_id` (env SAM3PIPE_SWEEP_ID) is set (runs.py); `open_sweep` opens the sweep run
-before the trials start, and `record_sweep` writes what the trials compare on once they ended:
+before the trials start, and `record_sweep` writes what the trials compare on once they ended
+(`record_trial` one trial, for Katib's trials, which have no sweep step after them):
 each trial's params and metrics side by side in the runs table, the sweep table, and the best
 trial's checkpoint registered in the Model Registry with the alias (`candidate`).
 """
@@ -188,6 +189,17 @@ def _record_trial(client: MlflowClient, run_id: str, sweep_id: str, trial: Trial
         client.set_tag(run_id, key, value)
     if not trial.succeeded:
         client.set_terminated(run_id, "FAILED")
+
+
+def record_trial(experiment_name: str, sweep_id: str, trial: TrialResult) -> None:
+    """Write one ended trial to its run (a Katib trial, which has no sweep step after it)."""
+    client, uri = _client()
+    try:
+        exp_id = _experiment(client, uri, experiment_name)
+        sweep_run = sweep_run_id(client, exp_id, sweep_id)
+        _record_trial(client, _trial_run_id(client, exp_id, sweep_run, sweep_id, trial), sweep_id, trial)
+    except (MlflowException, RequestException, OSError) as exc:
+        raise _wrapped(f"recording trial {trial.trial_id} of sweep {sweep_id}", uri, exc) from exc
 
 
 def record_sweep(
