@@ -50,7 +50,13 @@ class TrainingJobError(Sam3PipeError):
 
 
 class KubernetesApiError(TrainingJobError):
-    """The API server refused a request; the job itself may be fine."""
+    """The API server refused a request; the job itself may be fine.
+
+    The step must fail so that KFP retries it and the retried launcher adopts the job (a sweep's
+    trial step lets it through rather than recording the trial as failed).
+    """
+
+    retry_step = True
 
 
 @dataclass(frozen=True)

@@ -285,13 +285,17 @@ def run_trial_step(trial: dict[str, Any], step: str, store: str, work: Callable[
     """Run one step of a trial; if it fails, record why and return None so the sweep goes on.
 
     Any Exception is caught on purpose: one trial's bad settings, divergence or crash must not end
-    the other trials. A terminated pod (SIGTERM, OOM kill) is not caught: KFP retries that step.
+    the other trials. Not caught, so that KFP retries the step: a terminated pod (SIGTERM, OOM kill)
+    and errors marked `retry_step` (a launcher that lost the Kubernetes API and left its job running
+    for the retried step to adopt).
     """
     from pipeline import sweep
 
     try:
         return work()
     except Exception as exc:  # see the docstring
+        if getattr(exc, "retry_step", False):
+            raise
         logger.exception("sweep trial %s: %s failed; the sweep goes on without it", trial["trial_id"], step)
         sweep.write_record(store_root(store), trial, sweep.failed(step, exc))
         return None

@@ -206,6 +206,18 @@ def test_a_terminated_trial_step_is_not_swallowed(tmp_path: Path) -> None:
         steps.run_trial_step(TRIAL, "train", str(tmp_path), work)
 
 
+def test_a_launcher_that_lost_the_kubernetes_api_fails_the_step_for_kfp_to_retry(tmp_path: Path) -> None:
+    from pipeline.jobs import KubernetesApiError
+
+    def work() -> str:
+        raise KubernetesApiError("trainjob team-a/x: get failed with HTTP 403 Forbidden")
+
+    with pytest.raises(KubernetesApiError):
+        steps.run_trial_step(TRIAL, "train", str(tmp_path), work)
+
+    assert not storage.exists(sweep.record_uri(str(tmp_path), TRIAL))
+
+
 def test_predict_and_evaluate_skip_a_trial_whose_training_failed(tmp_path: Path) -> None:
     predictions = Pointer(tmp_path / "predictions")
 
