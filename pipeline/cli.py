@@ -1,13 +1,17 @@
 """`sam3pipe`: run one step, compile or submit the Kubeflow pipeline, run it locally, open MLflow.
 
     sam3pipe component <data-prep|train|predict|evaluate> [hydra overrides]
-    sam3pipe compile --output pipeline.yaml [--set image=...]
-    sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [name=value ...]
+    sam3pipe compile --output pipeline.yaml [--set image=...] [--sweep SPEC [--parallelism N]]
+    sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
     sam3pipe run --local [name=value ...]
+    sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
+    sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
 
 Pipeline parameters are `name=value` pairs (lists as JSON); compile-time settings (image,
 secret names, GPU placement, timeouts) are `--set key=value` (see pipeline/settings.py).
+A sweep SPEC is JSON or a JSON/YAML file: a grid {"lr": [1e-4, 3e-4]} or a list of override
+sets [{"lr": 1e-4}, ...] (see pipeline/sweep.py).
 Errors the user can fix print one line `error: ...` and exit with status 2.
 """
 
@@ -19,10 +23,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.dispatch import COMPONENT_MODULES, component_module
-from sam3_core.errors import ConfigError, Sam3PipeError
+from sam3_core.errors import ConfigError, InputError, Sam3PipeError
+
+if TYPE_CHECKING:
+    from pipeline.settings import PipelineSettings
 
 logger = logging.getLogger("sam3pipe")
 LOCAL_PIPELINE_ROOT = Path(".sam3pipe/kfp-local")
@@ -44,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="compile the pipeline to a KFP YAML package")
     compile_.add_argument("--output", type=Path, default=Path("pipeline.yaml"))
     with_settings(compile_)
+    _with_sweep_spec(compile_)
 
     submit = commands.add_parser("submit", help="start a run on a Kubeflow Pipelines server")
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
@@ -55,16 +63,110 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-cache", action="store_true", help="rerun every step, even a cached data prep")
     submit.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(submit)
+    _with_sweep_spec(submit)
 
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
     run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
-    run.add_argument("--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs")
+    run.add_argument(
+        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs"
+    )
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
+
+    _add_sweep_command(commands, with_settings)
+    _add_experiment_command(commands, with_settings)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def _with_sweep_spec(sub: argparse.ArgumentParser) -> None:
+    """compile / submit: `--sweep SPEC` selects the sweep pipeline, with SPEC as its trials."""
+    sub.add_argument("--sweep", default=None, metavar="SPEC", help="a sweep: JSON grid or override sets, or a file")
+    _with_parallelism(sub)
+
+
+def _with_parallelism(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--parallelism", type=int, default=None, metavar="N",
+        help="trials at once (0 = all); fixed in the compiled pipeline (setting sweep.parallelism)",
+    )  # fmt: skip
+
+
+def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any) -> None:
+    sweep = commands.add_parser("sweep", help="run a hyper-parameter sweep on this machine")
+    sweep.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
+    sweep.add_argument(
+        "--spec",
+        required=True,
+        metavar="SPEC",
+        help='the trials: a grid {"lr": [1e-4, 3e-4]}, override sets, or a file',
+    )
+    sweep.add_argument(
+        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs"
+    )
+    sweep.add_argument("parameters", nargs="*", metavar="name=value")
+    with_settings(sweep)
+    _with_parallelism(sweep)
+
+
+def _add_experiment_command(commands: argparse._SubParsersAction, with_settings: Any) -> None:
+    experiment = commands.add_parser("compile-experiment", help="write the sweep as a Katib Experiment manifest")
+    experiment.add_argument(
+        "--spec", required=True, metavar="GRID", help='the grid, e.g. {"lr": [1e-4, 3e-4]}, or a file'
+    )
+    experiment.add_argument("--dataset-uri", required=True, help="a prepared dataset (data prep's dataset_uri)")
+    experiment.add_argument("--name", default="sam3pipe-sweep", help="the Experiment's name (the MLflow sweep id)")
+    experiment.add_argument("--namespace", default="", help="the Experiment's namespace (default: kubectl's)")
+    experiment.add_argument("--output", type=Path, default=Path("experiment.yaml"))
+    experiment.add_argument("parameters", nargs="*", metavar="name=value")
+    with_settings(experiment)
+    _with_parallelism(experiment)
+
+
+def _compile_experiment(args: argparse.Namespace, settings: PipelineSettings) -> None:
+    import yaml
+
+    from pipeline import katib
+    from pipeline.sweep import load_spec
+
+    spec = load_spec(args.spec)
+    if spec["sweep_trials"]:
+        raise InputError(args.spec[:80], "sweep", "Katib searches a grid: give the spec as {setting: [values]}")
+    base, metric, mode = katib.parse_parameters(args.parameters)
+    experiment = katib.build_experiment(
+        settings, args.name, args.namespace, spec["sweep_grid"], args.dataset_uri, base, metric, mode
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(yaml.safe_dump(experiment, sort_keys=False), encoding="utf-8")
+    print(json.dumps({"experiment": str(args.output), "trials": experiment["spec"]["maxTrialCount"]}))
+
+
+def _sweep_settings(args: argparse.Namespace) -> list[str]:
+    """`--parallelism N` is the setting sweep.parallelism (KFP's spec holds it as a number)."""
+    return [*args.settings, *([f"sweep.parallelism={args.parallelism}"] if args.parallelism is not None else [])]
+
+
+def _sweep_spec(args: argparse.Namespace) -> dict[str, Any] | None:
+    """compile / submit: the `--sweep` spec's arguments, or None for the plain pipeline."""
+    from pipeline.sweep import load_spec
+
+    if args.sweep is None and args.parallelism is not None:
+        raise InputError("command line", "--parallelism", "applies to sweeps only; add --sweep SPEC")
+    return None if args.sweep is None else load_spec(args.sweep)
+
+
+def _run_sweep(args: argparse.Namespace, settings: PipelineSettings) -> None:
+    """`sam3pipe sweep --local`: the sweep's table, then its best trial as one JSON line."""
+    from pipeline.local import run_local_sweep
+    from pipeline.sweep import load_spec
+    from sam3_core import storage
+
+    outcome = run_local_sweep(settings, load_spec(args.spec), args.parameters, args.pipeline_root)
+    print(storage.read_text(outcome["summary_uri"]))
+    print(_mlflow_hint())
+    print(json.dumps(outcome, sort_keys=True))
 
 
 def _ui(port: int) -> NoReturn:
@@ -85,19 +187,24 @@ def _run(args: argparse.Namespace) -> int:
 
     from pipeline.settings import load_settings
 
-    settings = load_settings(args.settings)
+    settings = load_settings(_sweep_settings(args) if hasattr(args, "parallelism") else args.settings)
     if args.command == "compile":
         from pipeline.compile import compile_pipeline
 
-        print(json.dumps({"pipeline": str(compile_pipeline(settings, args.output))}))
+        print(json.dumps({"pipeline": str(compile_pipeline(settings, args.output, _sweep_spec(args)))}))
     elif args.command == "submit":
         from pipeline.submit import submit
 
         result = submit(
             settings, args.host, args.parameters, args.experiment, args.namespace, args.run_name,
             args.service_account, args.existing_token, enable_caching=False if args.no_cache else None,
+            sweep=_sweep_spec(args),
         )  # fmt: skip
         print(json.dumps(result))
+    elif args.command == "sweep":
+        _run_sweep(args, settings)
+    elif args.command == "compile-experiment":
+        _compile_experiment(args, settings)
     else:
         from pipeline.local import metrics_table, run_local
 

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler
+from kfp.dsl.graph_component import GraphComponent
 
-from pipeline.pipeline import build_pipeline
+from pipeline.pipeline import build_pipeline, build_sweep_pipeline
 from pipeline.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
 
 
-def compile_pipeline(settings: PipelineSettings, output: Path) -> Path:
+def pipeline_for(settings: PipelineSettings, sweep: dict[str, Any] | None = None) -> GraphComponent:
+    """The pipeline, or with a sweep spec (sweep.load_spec) the sweep pipeline with that spec as its default."""
+    if sweep is None:
+        return build_pipeline(settings)
+    return build_sweep_pipeline(settings, sweep["sweep_trials"], sweep["sweep_grid"])
+
+
+def compile_pipeline(settings: PipelineSettings, output: Path, sweep: dict[str, Any] | None = None) -> Path:
+    pipeline = pipeline_for(settings, sweep)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(settings), str(output))
-    logger.info("compiled pipeline %r (image %s) to %s", settings.name, settings.image, output)
+    compiler.Compiler().compile(pipeline, str(output))
+    logger.info("compiled pipeline %r (image %s) to %s", pipeline.name, settings.image, output)
     return output

@@ -23,5 +23,7 @@ def component_module(step: str) -> ModuleType:
     """The `components.<module>` of a step, by CLI name (`data-prep`) or module name (`data_prep`)."""
     module = COMPONENT_MODULES.get(step, step)
     if module not in COMPONENT_MODULES.values():
-        raise InputError("command line", "component", f"unknown step {step!r}; choose one of {sorted(COMPONENT_MODULES)}")
+        raise InputError(
+            "command line", "component", f"unknown step {step!r}; choose one of {sorted(COMPONENT_MODULES)}"
+        )
     return importlib.import_module(f"components.{module}")

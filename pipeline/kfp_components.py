@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model, Output
 from kfp.dsl.python_component import PythonComponent
 
 from pipeline.settings import PipelineSettings
@@ -121,6 +121,120 @@ def evaluate(
     return steps.evaluate(dataset_uri, predictions_uri, run_uri, pipeline_run_id, mlflow_experiment, overrides, metrics)
 
 
+def plan_sweep(
+    sweep_trials: list,
+    sweep_grid: dict,
+    dataset_uri: str,
+    sweep_id: str,
+    sweep_metric: str,
+    sweep_mode: str,
+    parallelism: int,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
+    store: str,
+    mlflow_experiment: str,
+) -> list:
+    """Expand the sweep spec into trials (the ParallelFor's items) and open the sweep's MLflow run."""
+    from pipeline import steps
+
+    return steps.plan_sweep(
+        sweep_trials, sweep_grid, dataset_uri, sweep_id, sweep_metric, sweep_mode, parallelism, training_mode, gpus,
+        nodes, store, mlflow_experiment,
+    )  # fmt: skip
+
+
+def train_trial(
+    trial: dict,
+    model_preset: str,
+    checkpoint: str,
+    max_steps: int,
+    lr: float,
+    batch_size: int,
+    frames_per_clip: int,
+    freeze_prefixes: list,
+    store: str,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
+    mlflow_experiment: str,
+    registered_model: str,
+    overrides: list,
+    launch: dict,
+    model: Output[Model],
+) -> NamedTuple("TrialTrainOutputs", [("run_uri", str), ("best_checkpoint_uri", str), ("last_checkpoint_uri", str)]):
+    """Train one trial of the sweep (the pipeline parameters with the trial's settings on top)."""
+    from pipeline import steps
+
+    base = {
+        "model_preset": model_preset, "checkpoint": checkpoint, "max_steps": max_steps, "lr": lr,
+        "batch_size": batch_size, "frames_per_clip": frames_per_clip, "freeze_prefixes": freeze_prefixes,
+    }  # fmt: skip
+    return steps.train_trial(
+        trial, base, store, training_mode, gpus, nodes, mlflow_experiment, registered_model, overrides, launch, model
+    )
+
+
+def predict_trial(
+    trial: dict,
+    model_preset: str,
+    checkpoint_uri: str,
+    run_uri: str,
+    gpus: int,
+    store: str,
+    mlflow_experiment: str,
+    registered_model: str,
+    overrides: list,
+    predictions: Output[Artifact],
+) -> NamedTuple("TrialPredictOutputs", [("predictions_uri", str)]):
+    """Predict with one trial's checkpoint (skipped when its training failed)."""
+    from pipeline import steps
+
+    uri = steps.predict_trial(
+        trial, model_preset, checkpoint_uri, run_uri, gpus, store, mlflow_experiment, registered_model, overrides,
+        predictions,
+    )  # fmt: skip
+    return (uri,)
+
+
+def evaluate_trial(
+    trial: dict,
+    predictions_uri: str,
+    run_uri: str,
+    checkpoint_uri: str,
+    store: str,
+    mlflow_experiment: str,
+    registered_model: str,
+    overrides: list,
+    metrics: Output[Metrics],
+) -> NamedTuple("TrialEvaluateOutputs", [("metrics_uri", str), ("metric_values", dict)]):
+    """Evaluate one trial and record its outcome for the sweep's last step."""
+    from pipeline import steps
+
+    return steps.evaluate_trial(
+        trial, predictions_uri, run_uri, checkpoint_uri, store, mlflow_experiment, registered_model, overrides, metrics
+    )
+
+
+def select_best(
+    sweep_id: str,
+    sweep_metric: str,
+    sweep_mode: str,
+    store: str,
+    mlflow_experiment: str,
+    registered_model: str,
+    table: Output[Markdown],
+    metrics: Output[Metrics],
+    trials: list = [],  # noqa: B006 (a default lets the step run after failed trials)
+) -> dict:
+    """Pick the best trial by the metric, register its checkpoint, write the sweep table."""
+    from pipeline import steps
+
+    return steps.select_best(
+        trials, sweep_id, sweep_metric, sweep_mode, store, mlflow_experiment, registered_model, table, metrics
+    )
+
+
 @dataclass(frozen=True)
 class Components:
     data_prep_plan: PythonComponent
@@ -130,6 +244,11 @@ class Components:
     train: PythonComponent
     predict: PythonComponent
     evaluate: PythonComponent
+    plan_sweep: PythonComponent
+    train_trial: PythonComponent
+    predict_trial: PythonComponent
+    evaluate_trial: PythonComponent
+    select_best: PythonComponent
 
 
 def build_components(settings: PipelineSettings) -> Components:
@@ -146,4 +265,9 @@ def build_components(settings: PipelineSettings) -> Components:
         train=make(train),
         predict=make(predict),
         evaluate=make(evaluate),
+        plan_sweep=make(plan_sweep),
+        train_trial=make(train_trial),
+        predict_trial=make(predict_trial),
+        evaluate_trial=make(evaluate_trial),
+        select_best=make(select_best),
     )

@@ -8,6 +8,7 @@ ignored here, and steps see this shell's environment (SAM3PIPE_STORE, MLFLOW_TRA
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import warnings
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from kfp import local as kfp_local
+from kfp.dsl.graph_component import GraphComponent
 
 from pipeline.arguments import parse_arguments
-from pipeline.pipeline import build_pipeline
-from pipeline.settings import PipelineSettings
+from pipeline.pipeline import build_pipeline, build_sweep_pipeline
+from pipeline.settings import PipelineSettings, StepSettings
+from sam3_core import storage
 from sam3_core.errors import Sam3PipeError
 
 logger = logging.getLogger(__name__)
@@ -28,10 +31,8 @@ class LocalRunError(Sam3PipeError):
     """A step of the local run failed; its own log lines above say why."""
 
 
-def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path) -> dict[str, float]:
-    """Run every step here with `pairs` as pipeline parameters; return the evaluation metrics."""
-    pipeline = build_pipeline(settings)
-    arguments = parse_arguments(pipeline, pairs)
+def _run(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path) -> Any:
+    """Run a pipeline with kfp.local in this environment; its outputs."""
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp_local.init(
         runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
@@ -41,12 +42,44 @@ def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path)
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
             task = pipeline(**arguments)
-        except RuntimeError as exc:
-            if "finished with status" not in str(exc):
+        except (RuntimeError, ValueError) as exc:
+            # a failed step ends kfp.local with RuntimeError; a step that runs after a failure
+            # (the sweep's last step) with ValueError "Tried to get output ... from task ..."
+            if "finished with status" not in str(exc) and "Tried to get output" not in str(exc):
                 raise
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours its messages
             raise LocalRunError(f"local run: {plain}; the failing step's log is above") from exc
-    return dict(task.output)
+    return task.output
+
+
+def without_retries(settings: PipelineSettings) -> PipelineSettings:
+    """The settings with every step run once: retries (with minutes of backoff) are for a cluster's
+    transient failures, such as a preempted node; on this machine a failure repeats."""
+    steps = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    once = {
+        name: dataclasses.replace(step, retries=0) for name, step in steps.items() if isinstance(step, StepSettings)
+    }
+    return dataclasses.replace(settings, **once)
+
+
+def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path) -> dict[str, float]:
+    """Run every step here with `pairs` as pipeline parameters; return the evaluation metrics."""
+    pipeline = build_pipeline(without_retries(settings))
+    return dict(_run(pipeline, parse_arguments(pipeline, pairs), pipeline_root))
+
+
+def run_local_sweep(
+    settings: PipelineSettings, spec: dict[str, Any], pairs: list[str], pipeline_root: Path
+) -> dict[str, Any]:
+    """Run a sweep here: `spec` (sweep.load_spec) as the trials, `pairs` as the other parameters.
+
+    Returns the last step's outcome (best trial, metric, checkpoint, table URI), as it wrote it to
+    the store (KFP's own copy of a dict output turns every number into a float).
+    """
+    pipeline = build_sweep_pipeline(without_retries(settings), spec["sweep_trials"], spec["sweep_grid"])
+    arguments = {**spec, **parse_arguments(pipeline, pairs)}
+    outcome = _run(pipeline, arguments, pipeline_root)
+    return storage.read_json(outcome["outcome_uri"])
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

@@ -72,23 +72,48 @@ class StepSettings:
 
 
 @dataclass
-class PyTorchJobSettings:
-    """How the train step launches and watches a multi-node PyTorchJob (training_mode=pytorchjob)."""
+class JobSettings:
+    """How the train step launches and watches a multi-node training job (pytorchjob or trainjob mode)."""
 
     # "" = the namespace the launcher pod runs in
     namespace: str = ""
+    # the ServiceAccount of the job's pods
     service_account: str = "sam3pipe-trainer"
     cpu: str = "8"
     memory: str = "64Gi"
     poll_interval_s: float = 15.0
     # below train.timeout_s, so the launcher times out (and deletes the job) before KFP kills its pod
     timeout_s: int = 3 * 24 * 3600 - 3600
+    # keep a failed job (and its pods' logs) for debugging instead of deleting it
+    keep_failed: bool = False
+
+
+@dataclass
+class PyTorchJobSettings(JobSettings):
+    """training_mode=pytorchjob: a Kubeflow Training Operator (v1) PyTorchJob."""
+
     # the operator deletes a finished job this long after it ended, should no launcher be left to do it
     ttl_after_finished_s: int = 24 * 3600
     # pod restarts the operator may do before it marks the job Failed
     backoff_limit: int = 2
-    # keep a failed job (and its pods' logs) for debugging instead of deleting it
-    keep_failed: bool = False
+
+
+@dataclass
+class TrainJobSettings(JobSettings):
+    """training_mode=trainjob: a Kubeflow Trainer v2 TrainJob on a ClusterTrainingRuntime.
+
+    Restarts and the clean-up of finished jobs are the runtime's (manifests/trainer-v2/).
+    """
+
+    runtime: str = "sam3pipe-torch-distributed"
+
+
+@dataclass
+class SweepSettings:
+    """The sweep pipeline (`sam3pipe compile --sweep`, `sam3pipe sweep`)."""
+
+    # trials running at once; 0 = all. KFP's pipeline spec holds this as a number, not a run parameter
+    parallelism: int = 2
 
 
 @dataclass
@@ -111,6 +136,11 @@ class PipelineSettings:
     predict: StepSettings = field(default_factory=lambda: StepSettings(cpu="8", memory="32Gi", timeout_s=12 * 3600))
     evaluate: StepSettings = field(default_factory=lambda: StepSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600))
     pytorchjob: PyTorchJobSettings = field(default_factory=PyTorchJobSettings)
+    trainjob: TrainJobSettings = field(default_factory=TrainJobSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    # the sweep's first step (expand the spec, open the MLflow sweep run) and its last (pick, register)
+    plan_sweep: StepSettings = field(default_factory=lambda: StepSettings(cpu="250m", memory="1Gi", timeout_s=900))
+    select_best: StepSettings = field(default_factory=lambda: StepSettings(cpu="500m", memory="2Gi", timeout_s=1800))
 
 
 def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> PipelineSettings:
@@ -121,9 +151,14 @@ def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> PipelineSettin
     except (OmegaConfBaseException, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"pipeline settings: {first_line} (overrides: {list(overrides)})") from exc
-    if settings.pytorchjob.timeout_s >= settings.train.timeout_s:
+    for mode, job in (("pytorchjob", settings.pytorchjob), ("trainjob", settings.trainjob)):
+        if job.timeout_s >= settings.train.timeout_s:
+            raise ConfigError(
+                f"pipeline settings: {mode}.timeout_s ({job.timeout_s}) must be smaller than "
+                f"train.timeout_s ({settings.train.timeout_s}), or KFP kills the launcher before it can delete its job"
+            )
+    if settings.sweep.parallelism < 0:
         raise ConfigError(
-            f"pipeline settings: pytorchjob.timeout_s ({settings.pytorchjob.timeout_s}) must be smaller than "
-            f"train.timeout_s ({settings.train.timeout_s}), or KFP kills the launcher before it can delete its job"
+            f"pipeline settings: sweep.parallelism={settings.sweep.parallelism}: must be >= 0 (0 = all trials)"
         )
     return settings

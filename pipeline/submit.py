@@ -23,7 +23,7 @@ import urllib3
 from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
 from pipeline.arguments import parse_arguments
-from pipeline.pipeline import build_pipeline
+from pipeline.compile import pipeline_for
 from pipeline.settings import PipelineSettings
 from sam3_core.errors import InputError, Sam3PipeError
 
@@ -62,13 +62,15 @@ def submit(
     service_account: str | None = None,
     existing_token: str | None = None,
     enable_caching: bool | None = None,
+    sweep: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Compile the pipeline for `settings`, start a run with `pairs` as parameters; return its id and URL.
 
     `enable_caching=False` reruns every step; None keeps the compiled choice (only data prep cached).
+    With a sweep spec (sweep.load_spec) the sweep pipeline runs, with the spec as its arguments.
     """
-    pipeline = build_pipeline(settings)
-    arguments = parse_arguments(pipeline, pairs)
+    pipeline = pipeline_for(settings, sweep)
+    arguments = {**(sweep or {}), **parse_arguments(pipeline, pairs)}
     try:
         # kfp.Client prints links on stdout; keep stdout for the CLI's one JSON line
         with contextlib.redirect_stdout(sys.stderr):
@@ -84,7 +86,9 @@ def submit(
             )
     except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SubmitError(f"Kubeflow Pipelines at {host}: {first_line}; check --host, the token and the namespace") from exc
+        raise SubmitError(
+            f"Kubeflow Pipelines at {host}: {first_line}; check --host, the token and the namespace"
+        ) from exc
     url = f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
     logger.info("submitted run %s: %s", result.run_id, url)
     return {"run_id": result.run_id, "url": url}

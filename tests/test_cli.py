@@ -200,3 +200,58 @@ def test_metrics_table_lists_every_metric_sorted() -> None:
     table = metrics_table({"segm_AP": 0.25, "bbox_AP": 0.5})
 
     assert table.splitlines()[2:] == ["bbox_AP  0.5000", "segm_AP  0.2500"]
+
+
+def test_compile_with_a_sweep_writes_the_sweep_pipeline(tmp_path: Path) -> None:
+    result = sam3pipe(
+        "compile", "--output", "sweep.yaml", "--sweep", '{"lr": [0.0001, 0.0003]}', "--parallelism", "4", cwd=tmp_path
+    )
+
+    assert result.returncode == 0, result.stderr
+    loaded = components.load_component_from_file(str(tmp_path / "sweep.yaml"))
+    assert loaded.name == "sam3-video-finetune-sweep"
+    assert loaded.component_spec.inputs["sweep_grid"].default == {"lr": [0.0001, 0.0003]}
+    assert "parallelismLimit: 4" in (tmp_path / "sweep.yaml").read_text()
+
+
+def test_submit_with_a_sweep_sends_the_spec_as_run_arguments(fake_kfp, capsys, caplog) -> None:
+    status, _, _ = cli(
+        "submit", "--host", fake_kfp["url"], "--sweep", '[{"lr": 0.001}, {"lr": 0.0001, "frames_per_clip": 4}]',
+        "sweep_metric=segm_AP", capsys=capsys, caplog=caplog,
+    )  # fmt: skip
+
+    assert status == 0
+    (run,) = [body for method, path, _, body in fake_kfp["requests"] if (method, path) == ("POST", "/apis/v2beta1/runs")]
+    assert run["runtime_config"]["parameters"] == {
+        "sweep_trials": [{"lr": 0.001}, {"lr": 0.0001, "frames_per_clip": 4}],
+        "sweep_grid": {},
+        "sweep_metric": "segm_AP",
+    }
+    assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "sam3-video-finetune-sweep"
+
+
+def test_a_bad_sweep_spec_is_one_error_line_before_anything_is_submitted(fake_kfp, capsys, caplog) -> None:
+    status, out, errors = cli("submit", "--host", fake_kfp["url"], "--sweep", '{"learning_rate": [0.1]}', capsys=capsys, caplog=caplog)
+
+    assert status == 2 and out == ""
+    assert len(errors) == 1 and "'learning_rate' is not a sweepable setting" in errors[0]
+    assert fake_kfp["requests"] == []
+
+
+def test_parallelism_without_a_sweep_is_refused(tmp_path, monkeypatch, capsys, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    status, _, errors = cli("compile", "--parallelism", "2", capsys=capsys, caplog=caplog)
+
+    assert status == 2 and "--parallelism: applies to sweeps only" in errors[0]
+    assert not (tmp_path / "pipeline.yaml").exists()
+
+
+def test_a_local_sweep_refuses_an_unknown_parameter_before_any_step(tmp_path, monkeypatch, capsys, caplog) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    status, _, errors = cli("sweep", "--local", "--spec", '{"lr": [0.1]}', "max_step=3", capsys=capsys, caplog=caplog)
+
+    assert status == 2
+    assert len(errors) == 1 and errors[0].startswith("error: command line: max_step: not a pipeline parameter")
+    assert not (tmp_path / ".sam3pipe").exists()

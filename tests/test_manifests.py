@@ -189,3 +189,53 @@ def test_local_overlay_shrinks_the_database_volume() -> None:
     postgres = find(render(MANIFESTS / "overlays/local-minio"), "StatefulSet", "sam3pipe-postgres")
 
     assert postgres["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+
+
+TRAINER_V2 = MANIFESTS / "trainer-v2"
+RUNTIME_CRD = Path(__file__).resolve().parent / "schemas" / "trainer.kubeflow.org_clustertrainingruntimes.excerpt.yaml"
+
+
+@pytest.fixture(scope="module")
+def runtime() -> dict[str, Any]:
+    (doc,) = render(TRAINER_V2)
+    return doc
+
+
+def test_trainer_v2_runtime_passes_the_cluster_training_runtime_crd(runtime) -> None:
+    from tests.fixtures.fake_k8s import load_crd_validator
+
+    validator = load_crd_validator(RUNTIME_CRD, "v1alpha1")
+
+    assert runtime["kind"] == "ClusterTrainingRuntime" and "namespace" not in runtime["metadata"]
+    assert validator.errors(runtime) == []
+    broken = copy.deepcopy(runtime)
+    broken["spec"]["template"]["spec"]["failurePolicy"]["maxRestart"] = 2
+    assert any("maxRestart" in error for error in validator.errors(broken))
+
+
+def test_trainer_v2_runtime_jobs_pass_strict_kubernetes_validation(runtime) -> None:
+    for replicated in runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+        template = replicated["template"]
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": replicated["name"], **template.get("metadata", {})}}
+        kubernetes_validate.validate({**job, "spec": template["spec"]}, KUBERNETES_VERSION, strict=True)
+
+
+def test_trainer_v2_runtime_is_what_the_trainjobs_reference(runtime) -> None:
+    settings = load_settings()
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+
+    assert runtime["metadata"]["name"] == settings.trainjob.runtime
+    assert runtime["spec"]["mlPolicy"]["torch"] == {}
+    # the Trainer puts the TrainJob's trainer (image, command, resources) into this job's "node" container
+    assert node["name"] == "node" and node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert [c["name"] for c in pod["containers"]] == ["node"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+
+
+def test_launcher_rbac_covers_trainjobs(rendered) -> None:
+    rules = find(rendered, "Role", "sam3pipe-launcher")["rules"]
+    granted = {(group, resource, verb) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+    assert {("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "delete")} <= granted
+    find(rendered, "ServiceAccount", load_settings().trainjob.service_account)

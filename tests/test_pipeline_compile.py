@@ -151,34 +151,50 @@ def test_timeouts_and_retries_follow_the_settings(spec, platform) -> None:
     assert "retryPolicy" not in tasks(spec)["plan-training"]
 
 
-def test_pytorchjob_launch_settings_reference_secrets_by_name(spec) -> None:
-    launch = tasks(spec)["train"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
+@pytest.mark.parametrize("mode", ["pytorchjob", "trainjob"])
+def test_job_launch_settings_reference_secrets_by_name(spec, mode: str) -> None:
+    launch = tasks(spec)["train"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"][mode]
 
     assert launch["image"] == "registry.example.com/sam3pipe:1.2.3"
     refs = {e["name"]: e["valueFrom"] for e in launch["env"]}
     assert refs["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "mlpipeline-minio-artifact", "key": "secretkey"}}
 
 
-@pytest.mark.parametrize(("mode", "gpus", "pod_gpus"), [("pod", 4, 4), ("pytorchjob", 4, 0)])
+def test_trainjob_launch_settings_name_the_runtime(spec) -> None:
+    launch = tasks(spec)["train"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
+
+    assert launch["trainjob"]["runtime"] == load_settings().trainjob.runtime
+    assert launch["pytorchjob"]["backoff_limit"] == load_settings().pytorchjob.backoff_limit
+
+
+@pytest.mark.parametrize(("mode", "gpus", "pod_gpus"), [("pod", 4, 4), ("pytorchjob", 4, 0), ("trainjob", 4, 0)])
 def test_the_train_pod_requests_gpus_only_when_it_trains_itself(mode: str, gpus: int, pod_gpus: int) -> None:
     assert plan_training(mode, gpus, 1) == pod_gpus
 
 
 @pytest.mark.parametrize(
     ("mode", "gpus", "nodes", "field"),
-    [("slurm", 1, 1, "training_mode"), ("pod", -1, 1, "gpus"), ("pod", 1, 2, "nodes"), ("pytorchjob", 1, 0, "nodes")],
+    [
+        ("slurm", 1, 1, "training_mode"),
+        ("pod", -1, 1, "gpus"),
+        ("pod", 1, 2, "nodes"),
+        ("pytorchjob", 1, 0, "nodes"),
+        ("trainjob", 1, 0, "nodes"),
+    ],
 )
 def test_bad_training_parameters_are_refused_before_training(mode: str, gpus: int, nodes: int, field: str) -> None:
     with pytest.raises(InputError, match=f"pipeline parameters: {field}:"):
         plan_training(mode, gpus, nodes)
 
 
-def test_the_launcher_gives_up_on_its_job_before_kfp_kills_the_train_step() -> None:
+def test_the_launchers_give_up_on_their_job_before_kfp_kills_the_train_step() -> None:
     settings = load_settings()
 
     assert settings.pytorchjob.timeout_s < settings.train.timeout_s
+    assert settings.trainjob.timeout_s < settings.train.timeout_s
 
 
-def test_a_job_timeout_not_below_the_train_step_timeout_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"pytorchjob.timeout_s \(7200\) must be smaller than train.timeout_s \(3600\)"):
-        load_settings(["pytorchjob.timeout_s=7200", "train.timeout_s=3600"])
+@pytest.mark.parametrize("mode", ["pytorchjob", "trainjob"])
+def test_a_job_timeout_not_below_the_train_step_timeout_is_refused(mode: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{mode}.timeout_s \(7200\) must be smaller than train.timeout_s \(3600\)"):
+        load_settings(["pytorchjob.timeout_s=60", "trainjob.timeout_s=60", f"{mode}.timeout_s=7200", "train.timeout_s=3600"])

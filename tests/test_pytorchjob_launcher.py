@@ -20,21 +20,31 @@ from typing import Any
 
 import pytest
 
-from pipeline import pytorchjob
+from pipeline import jobs, pytorchjob
 from pipeline.distributed import rank_command
-from pipeline.pytorchjob import LaunchSettings, PyTorchJobError
+from pipeline.jobs import LaunchSettings
+from pipeline.jobs import TrainingJobError as PyTorchJobError
 from pipeline.settings import load_settings
 from sam3_core import storage
 from sam3_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 @pytest.fixture
 def launch() -> LaunchSettings:
     settings = load_settings(["image=registry.example.com/sam3pipe:1.2.3", "gpu.node_selector.pool=a100"])
     return dataclasses.replace(
-        LaunchSettings.from_settings(settings), namespace="team-a", poll_interval_s=0.01, timeout_s=30
+        LaunchSettings.from_settings(settings, settings.pytorchjob),
+        namespace="team-a",
+        poll_interval_s=0.01,
+        timeout_s=30,
     )
+
+
+def launch_training(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The train step's launch in pytorchjob mode."""
+    return jobs.launch_training(pytorchjob.KIND, pytorchjob.build_job, *args, **kwargs)
 
 
 def rank0_writes(outputs: dict[str, Any]) -> Any:
@@ -62,7 +72,9 @@ def test_strict_schema_rejects_a_misspelt_field(pytorchjob_schema) -> None:
 
 
 def test_multi_node_job_has_master_workers_and_gpus(pytorchjob_schema, launch) -> None:
-    job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 3, 4, launch, {"SAM3PIPE_PIPELINE_RUN_ID": "run1"})
+    job = pytorchjob.build_job(
+        "sam3pipe-run1", "team-a", ["-m", "x"], 3, 4, launch, {"SAM3PIPE_PIPELINE_RUN_ID": "run1"}
+    )
 
     assert pytorchjob_schema.errors(job) == []
     replicas = job["spec"]["pytorchReplicaSpecs"]
@@ -95,16 +107,19 @@ def test_job_env_references_secrets_and_never_holds_their_values(launch, monkeyp
     job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 1, launch, {"MLFLOW_EXPERIMENT_NAME": "e"})
 
     env = {item["name"]: item for item in container(job)["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mlpipeline-minio-artifact", "key": "secretkey"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mlpipeline-minio-artifact",
+        "key": "secretkey",
+    }
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["name"] == "sam3pipe-mlflow"
     assert env["MLFLOW_EXPERIMENT_NAME"]["value"] == "e"
     assert "planted-secret-value" not in json.dumps(job)
 
 
 def test_job_name_is_stable_and_dns_safe() -> None:
-    name = pytorchjob.job_name("5F3A_9c1e-Run/ID" * 5)
+    name = jobs.job_name("5F3A_9c1e-Run/ID" * 5)
 
-    assert name == pytorchjob.job_name("5F3A_9c1e-Run/ID" * 5)
+    assert name == jobs.job_name("5F3A_9c1e-Run/ID" * 5)
     assert len(name) <= 48 and name.startswith("sam3pipe-")
     assert all(c.isdigit() or c == "-" or "a" <= c <= "z" for c in name) and not name.endswith("-")
 
@@ -113,7 +128,7 @@ def test_successful_job_returns_rank0_outputs_and_is_deleted(fake_k8s, launch, s
     outputs = {"run_uri": f"{s3_bucket}/runs/r1", "best_checkpoint_uri": "b", "last_checkpoint_uri": "l"}
     fake_k8s.on_success = rank0_writes(outputs)
 
-    result = pytorchjob.launch_training(["model=tiny"], launch, "run-1", 2, 8, s3_bucket, {}, api=fake_k8s.api())
+    result = launch_training(["model=tiny"], launch, "run-1", 2, 8, s3_bucket, {}, api=fake_k8s.api())
 
     assert result == outputs
     (created,) = fake_k8s.created
@@ -124,9 +139,15 @@ def test_successful_job_returns_rank0_outputs_and_is_deleted(fake_k8s, launch, s
 def test_failed_job_fails_the_launcher_and_is_deleted(fake_k8s, launch, s3_bucket) -> None:
     fake_k8s.script = ["Created", "Running", "Failed"]
 
-    with pytest.raises(PyTorchJobError, match="failed; its pods' logs: kubectl logs -n team-a"):
-        pytorchjob.launch_training([], launch, "run-2", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+    fake_k8s.reasons["Failed"] = ("PyTorchJobFailed", "PyTorchJob run-2 is failed because 1 Master replica(s) failed.")
 
+    with pytest.raises(PyTorchJobError) as failure:
+        launch_training([], launch, "run-2", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+    assert "failed: PyTorchJobFailed: PyTorchJob run-2 is failed because 1 Master replica(s) failed." in str(
+        failure.value
+    )
+    assert "kubectl logs -n team-a -l training.kubeflow.org/job-name=sam3pipe-run-2" in str(failure.value)
     assert len(fake_k8s.deleted) == 1 and fake_k8s.jobs == {}
 
 
@@ -134,30 +155,32 @@ def test_failed_job_is_kept_when_asked_for_debugging(fake_k8s, launch, s3_bucket
     fake_k8s.script = ["Created", "Failed"]
 
     with pytest.raises(PyTorchJobError):
-        pytorchjob.launch_training([], dataclasses.replace(launch, keep_failed=True), "run-3", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+        launch_training(
+            [], dataclasses.replace(launch, keep_failed=True), "run-3", 1, 1, s3_bucket, {}, api=fake_k8s.api()
+        )
 
     assert fake_k8s.deleted == [] and len(fake_k8s.jobs) == 1
 
 
 def test_retried_launcher_adopts_the_existing_job(fake_k8s, launch, s3_bucket) -> None:
-    name = pytorchjob.job_name("run-4")
+    name = jobs.job_name("run-4")
     fake_k8s.add_job(pytorchjob.build_job(name, "team-a", ["-m", "x"], 1, 1, launch, {}))
     fake_k8s.on_success = lambda job: storage.write_json(
         storage.join(s3_bucket, "pipeline-runs", name, "train-outputs.json"), {"run_uri": "r"}
     )
 
-    result = pytorchjob.launch_training([], launch, "run-4", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+    result = launch_training([], launch, "run-4", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
     assert result == {"run_uri": "r"}
     assert fake_k8s.created == [] and fake_k8s.deleted == [("team-a", name)]
 
 
 def test_retried_launcher_replaces_a_job_kept_failed_by_an_earlier_attempt(fake_k8s, launch, s3_bucket) -> None:
-    name = pytorchjob.job_name("run-9")
+    name = jobs.job_name("run-9")
     fake_k8s.add_job(pytorchjob.build_job(name, "team-a", ["-m", "x"], 1, 1, launch, {}), script=["Failed"])
     fake_k8s.on_success = rank0_writes({"run_uri": "r"})
 
-    result = pytorchjob.launch_training([], launch, "run-9", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+    result = launch_training([], launch, "run-9", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
     assert result == {"run_uri": "r"}
     assert len(fake_k8s.created) == 1 and fake_k8s.deleted == [("team-a", name), ("team-a", name)]
@@ -167,17 +190,17 @@ def test_status_read_failing_once_is_retried_and_the_job_still_succeeds(fake_k8s
     fake_k8s.get_errors = [500]
     fake_k8s.on_success = rank0_writes({"run_uri": "r"})
 
-    result = pytorchjob.launch_training([], launch, "run-10", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+    result = launch_training([], launch, "run-10", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
     assert result == {"run_uri": "r"} and fake_k8s.get_errors == []
-    assert fake_k8s.deleted == [("team-a", pytorchjob.job_name("run-10"))]
+    assert fake_k8s.deleted == [("team-a", jobs.job_name("run-10"))]
 
 
 def test_refused_status_read_leaves_the_job_for_a_retried_launcher(fake_k8s, launch, s3_bucket) -> None:
     fake_k8s.get_errors = [403]
 
     with pytest.raises(PyTorchJobError, match="lacks RBAC for pytorchjobs"):
-        pytorchjob.launch_training([], launch, "run-11", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+        launch_training([], launch, "run-11", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
     assert fake_k8s.deleted == [] and len(fake_k8s.jobs) == 1
 
@@ -185,11 +208,11 @@ def test_refused_status_read_leaves_the_job_for_a_retried_launcher(fake_k8s, lau
 LAUNCHER = """
 import json, sys
 from kubernetes import client
-from pipeline import pytorchjob
+from pipeline import jobs, pytorchjob
 configuration = client.Configuration()
 configuration.host = sys.argv[1]
 api = client.CustomObjectsApi(client.ApiClient(configuration))
-pytorchjob.run_job(api, json.loads(sys.argv[2]), pytorchjob.LaunchSettings(**json.loads(sys.argv[3])))
+jobs.run_job(api, pytorchjob.KIND, json.loads(sys.argv[2]), jobs.LaunchSettings(**json.loads(sys.argv[3])))
 """
 
 
@@ -215,7 +238,7 @@ def test_job_that_never_finishes_times_out_and_is_deleted(fake_k8s, launch, s3_b
     fake_k8s.script = ["Created", "Running"]
 
     with pytest.raises(PyTorchJobError, match="not finished after"):
-        pytorchjob.launch_training([], dataclasses.replace(launch, timeout_s=0), "run-5", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+        launch_training([], dataclasses.replace(launch, timeout_s=0), "run-5", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
     assert len(fake_k8s.deleted) == 1
 
@@ -224,17 +247,17 @@ def test_refused_create_explains_the_missing_rbac(fake_k8s, launch, s3_bucket) -
     fake_k8s.refuse_create = 403
 
     with pytest.raises(PyTorchJobError, match="lacks RBAC for pytorchjobs"):
-        pytorchjob.launch_training([], launch, "run-6", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+        launch_training([], launch, "run-6", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
 
 def test_succeeded_job_without_outputs_is_an_error(fake_k8s, launch, s3_bucket) -> None:
     with pytest.raises(PyTorchJobError, match="wrote no outputs"):
-        pytorchjob.launch_training([], launch, "run-7", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+        launch_training([], launch, "run-7", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
 
 def test_local_store_is_refused_before_creating_a_job(fake_k8s, launch, tmp_path) -> None:
     with pytest.raises(ConfigError, match="shared"):
-        pytorchjob.launch_training([], launch, "run-8", 1, 1, str(tmp_path), {}, api=fake_k8s.api())
+        launch_training([], launch, "run-8", 1, 1, str(tmp_path), {}, api=fake_k8s.api())
 
     assert fake_k8s.created == []
 
@@ -243,10 +266,14 @@ def test_local_store_is_refused_before_creating_a_job(fake_k8s, launch, tmp_path
 def test_only_rank_0_hands_the_step_outputs_back(tmp_path, rank: str, writes: bool) -> None:
     outputs = tmp_path / "outputs.json"
     command = rank_command(
-        "data-prep", ["synthetic.num_videos=2", "synthetic.frames_per_video=2", f"store={tmp_path / 'store'}"], str(outputs)
+        "data-prep",
+        ["synthetic.num_videos=2", "synthetic.frames_per_video=2", f"store={tmp_path / 'store'}"],
+        str(outputs),
     )
 
-    result = subprocess.run([sys.executable, *command], env={**os.environ, "RANK": rank}, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, *command], env={**os.environ, "RANK": rank}, capture_output=True, text=True
+    )
 
     assert result.returncode == 0, result.stderr
     assert outputs.exists() is writes

@@ -41,6 +41,8 @@ class RunSpec:
     config_sha256: str
     # Lineage shared by the parent and the component run: git commit, image, sam3 version, dataset.
     tags: dict[str, str] = field(default_factory=dict)
+    # A sweep's trial: the parent is created nested under the sweep's run.
+    sweep_id: str = ""
 
     @property
     def parent_name(self) -> str:
@@ -79,12 +81,23 @@ def _search(client: MlflowClient, exp_id: str, tags: dict[str, str], newest_firs
     return client.search_runs([exp_id], query, order_by=[f"attributes.start_time {order}"])
 
 
+def _sweep_tags(client: MlflowClient, exp_id: str, spec: RunSpec) -> dict[str, str]:
+    """Tags that nest a trial's parent run under its sweep's run; none outside a sweep."""
+    if not spec.sweep_id:
+        return {}
+    from sam3_core.tracking import sweeps  # imported here: sweeps builds on this module
+
+    sweep_run = sweeps.sweep_run_id(client, exp_id, spec.sweep_id)
+    return {sweeps.TAG_SWEEP_ID: spec.sweep_id, MLFLOW_PARENT_RUN_ID: sweep_run}
+
+
 def _parent_run_id(client: MlflowClient, exp_id: str, spec: RunSpec) -> str:
     """The pipeline run's parent; when two components race to create it, the oldest wins."""
     wanted = {TAG_PIPELINE_RUN_ID: spec.pipeline_run_id, TAG_COMPONENT: PIPELINE}
     found = _search(client, exp_id, wanted, newest_first=False)
     if not found:
-        created = client.create_run(exp_id, tags={**spec.tags, **wanted}, run_name=spec.parent_name)
+        tags = {**spec.tags, **wanted, **_sweep_tags(client, exp_id, spec)}
+        created = client.create_run(exp_id, tags=tags, run_name=spec.parent_name)
         found = _search(client, exp_id, wanted, newest_first=False)
         if found[0].info.run_id != created.info.run_id:
             client.delete_run(created.info.run_id)

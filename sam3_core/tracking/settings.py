@@ -39,6 +39,9 @@ class TrackingConfig:
     pipeline_run_id: str = field(default_factory=lambda: _env("SAM3PIPE_PIPELINE_RUN_ID"))
     # Display name of the parent run; empty means "pipeline-<pipeline_run_id>".
     pipeline_run_name: str = ""
+    # Set for the trials of a sweep: the parent run of this pipeline run (one trial) is nested
+    # under the sweep's run (sam3_core/tracking/sweeps.py). Empty: no sweep.
+    sweep_id: str = field(default_factory=lambda: _env("SAM3PIPE_SWEEP_ID"))
     registered_model_name: str = "sam3-video"
     model_alias: str = "candidate"
     # Metrics are sent in batches from a background thread this often.
@@ -61,6 +64,8 @@ class TrackingConfig:
             raise ConfigError(
                 f"tracking.pipeline_run_id={self.pipeline_run_id!r}: use letters, digits and . _ : @ - only"
             )
+        if not _SAFE_ID.match(self.sweep_id):
+            raise ConfigError(f"tracking.sweep_id={self.sweep_id!r}: use letters, digits and . _ : @ - only")
         if not _SAFE_NAME.match(self.registered_model_name):
             raise ConfigError(
                 f"tracking.registered_model_name={self.registered_model_name!r}: use letters, digits, space and . _ -"

@@ -429,7 +429,8 @@ def component_run(
     params = redact_params(flatten(_plain(config))) if config is not None else {}
     config_sha256 = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     spec = RunSpec(
-        cfg.experiment_name, pipeline_run_id, cfg.pipeline_run_name, component, config_sha256, lineage_tags()
+        cfg.experiment_name, pipeline_run_id, cfg.pipeline_run_name, component, config_sha256, lineage_tags(),
+        sweep_id=cfg.sweep_id,
     )
     client = MlflowClient(uri)
     runs = _open_runs(client, spec, cfg, uri)
