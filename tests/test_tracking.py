@@ -169,6 +169,7 @@ def test_draw_masks_refuses_a_mask_of_another_size() -> None:
 def test_ui_command_serves_the_local_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SAM3PIPE_HOME", raising=False)
     argv = ui_command(port=5123)
     assert argv[1:4] == ["-m", "mlflow", "server"]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / '.sam3pipe' / 'mlflow.db'}"
@@ -204,6 +205,7 @@ def test_a_non_zero_rank_tracks_nothing(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_the_default_store_is_a_local_sqlite_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SAM3PIPE_HOME", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with component_run(fast_tracking(), "data_prep", DemoConfig()) as run:
         run.log_metrics({"data/videos": 3}, step=0)

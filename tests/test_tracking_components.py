@@ -296,6 +296,7 @@ def test_without_a_tracking_server_runs_go_to_a_local_sqlite_store(
     pipeline_run: PipelineRun, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("SAM3PIPE_HOME")
     monkeypatch.chdir(tmp_path)
 
     evaluate.execute(evaluate_overrides(pipeline_run.dataset.uri, pipeline_run.predicted["predictions_uri"], tmp_path))

@@ -28,6 +28,10 @@ TAG_COMPONENT = "sam3pipe.component"
 TAG_CONFIG_SHA256 = "sam3pipe.config_sha256"
 TAG_SUPERSEDED_BY = "sam3pipe.superseded_by"
 PIPELINE = "pipeline"
+# MLflow 3's experiment kind: the UI opens a model-training experiment on its runs table
+# (values from the UI's ExperimentKind enum, mlflow 3.17).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,21 @@ class OpenRuns:
     parent_run_id: str
     run_id: str
     resumed: bool
+    # Params the parent already holds: MLflow refuses to change a param, so these are not resent.
+    parent_params: dict[str, str] = field(default_factory=dict)
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Id of the named experiment, created (or restored from the bin) when needed."""
+    """Id of the named experiment, created as a model-training experiment (or restored) when needed.
+
+    An existing experiment without a kind gets ours; one a user gave another kind keeps it.
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING}
+            )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -70,6 +81,8 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it to log into it", name)
         client.restore_experiment(experiment.experiment_id)
+    if TAG_EXPERIMENT_KIND not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING)
     return experiment.experiment_id
 
 
@@ -79,7 +92,7 @@ def _search(client: MlflowClient, exp_id: str, tags: dict[str, str], newest_firs
     return client.search_runs([exp_id], query, order_by=[f"attributes.start_time {order}"])
 
 
-def _parent_run_id(client: MlflowClient, exp_id: str, spec: RunSpec) -> str:
+def _parent_run(client: MlflowClient, exp_id: str, spec: RunSpec) -> Run:
     """The pipeline run's parent; when two components race to create it, the oldest wins."""
     wanted = {TAG_PIPELINE_RUN_ID: spec.pipeline_run_id, TAG_COMPONENT: PIPELINE}
     found = _search(client, exp_id, wanted, newest_first=False)
@@ -91,13 +104,14 @@ def _parent_run_id(client: MlflowClient, exp_id: str, spec: RunSpec) -> str:
     parent = found[0]
     if parent.info.status != RunStatus.to_string(RunStatus.RUNNING):
         client.update_run(parent.info.run_id, status="RUNNING")
-    return parent.info.run_id
+    return parent
 
 
 def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None = None) -> OpenRuns:
     """Find or create the parent, then resume or replace the component run (see module doc)."""
     exp_id = experiment_id(client, spec.experiment_name, artifact_location)
-    parent_id = _parent_run_id(client, exp_id, spec)
+    parent = _parent_run(client, exp_id, spec)
+    parent_id, parent_params = parent.info.run_id, dict(parent.data.params)
     earlier = _search(
         client, exp_id, {MLFLOW_PARENT_RUN_ID: parent_id, TAG_COMPONENT: spec.component}, newest_first=True
     )
@@ -107,7 +121,7 @@ def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None
         if unfinished and latest.data.tags.get(TAG_CONFIG_SHA256) == spec.config_sha256:
             client.update_run(latest.info.run_id, status="RUNNING")
             logger.info("resuming MLflow run %s of %s", latest.info.run_id, spec.component)
-            return OpenRuns(exp_id, parent_id, latest.info.run_id, resumed=True)
+            return OpenRuns(exp_id, parent_id, latest.info.run_id, resumed=True, parent_params=parent_params)
     tags = {
         **spec.tags,
         TAG_PIPELINE_RUN_ID: spec.pipeline_run_id,
@@ -120,7 +134,7 @@ def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None
         client.set_tag(old.info.run_id, TAG_SUPERSEDED_BY, run.info.run_id)
         client.delete_run(old.info.run_id)
         logger.info("MLflow run %s of %s superseded by %s", old.info.run_id, spec.component, run.info.run_id)
-    return OpenRuns(exp_id, parent_id, run.info.run_id, resumed=False)
+    return OpenRuns(exp_id, parent_id, run.info.run_id, resumed=False, parent_params=parent_params)
 
 
 def close_runs(client: MlflowClient, runs: OpenRuns, status: str) -> None:
