@@ -29,6 +29,8 @@ _SOURCES = {
     "TrackingConfig": "settings",
     "tracking_uri": "settings",
     "ui_command": "settings",
+    "compare_url": "ui",
+    "local_runs_table_url": "ui",
     "runs_table_url": "ui",
     "Tracker": "tracker",
     "component_run": "tracker",

@@ -63,17 +63,19 @@ class OpenRuns:
     parent_params: dict[str, str] = field(default_factory=dict)
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+def experiment_id(
+    client: MlflowClient, name: str, artifact_location: str | None, tags: dict[str, str] | None = None
+) -> str:
     """Id of the named experiment, created as a model-training experiment (or restored) when needed.
 
-    An existing experiment without a kind gets ours; one a user gave another kind keeps it.
+    An existing experiment without a kind gets ours (one a user gave another kind keeps it);
+    `tags` (the UI's saved views) are set where they differ.
     """
+    wanted = {TAG_EXPERIMENT_KIND: MODEL_TRAINING, **(tags or {})}
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(
-                name, artifact_location=artifact_location, tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING}
-            )
+            return client.create_experiment(name, artifact_location=artifact_location, tags=wanted)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -81,8 +83,10 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it to log into it", name)
         client.restore_experiment(experiment.experiment_id)
-    if TAG_EXPERIMENT_KIND not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING)
+    for key, value in wanted.items():
+        held = experiment.tags.get(key)
+        if held is None or (held != value and key != TAG_EXPERIMENT_KIND):
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -107,9 +111,14 @@ def _parent_run(client: MlflowClient, exp_id: str, spec: RunSpec) -> Run:
     return parent
 
 
-def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None = None) -> OpenRuns:
+def open_runs(
+    client: MlflowClient,
+    spec: RunSpec,
+    artifact_location: str | None = None,
+    experiment_tags: dict[str, str] | None = None,
+) -> OpenRuns:
     """Find or create the parent, then resume or replace the component run (see module doc)."""
-    exp_id = experiment_id(client, spec.experiment_name, artifact_location)
+    exp_id = experiment_id(client, spec.experiment_name, artifact_location, experiment_tags)
     parent = _parent_run(client, exp_id, spec)
     parent_id, parent_params = parent.info.run_id, dict(parent.data.params)
     earlier = _search(

@@ -81,6 +81,7 @@ from sam3_core.tracking.settings import (
     rank,
     tracking_uri,
 )
+from sam3_core.tracking.ui import runs_table_url, view_tags
 from sam3_core.tracking.unsent import UNSENT_FILE, record_unsent
 
 if TYPE_CHECKING:
@@ -515,13 +516,10 @@ class Tracker:
             return
         uri = tracking_uri()
         if not is_local_store(uri):
-            logger.info(
-                "View run %s at: %s/#/experiments/%s/runs/%s",
-                f"{self._spec.parent_name}/{self._spec.component}" if self._spec else runs.run_id,
-                redact_text(uri.rstrip("/")),
-                runs.experiment_id,
-                runs.run_id,
-            )
+            base = redact_text(uri.rstrip("/"))
+            name = f"{self._spec.parent_name}/{self._spec.component}" if self._spec else runs.run_id
+            logger.info("View run %s at: %s/#/experiments/%s/runs/%s", name, base, runs.experiment_id, runs.run_id)
+            logger.info("Compare pipeline runs at: %s", runs_table_url(base, runs.experiment_id))
 
     def _record_unsent(self, spec: RunSpec, left: Pending, status: str) -> None:
         """Into the record under the outputs; into `<local state>/unsent/` when the store fails too."""
@@ -582,7 +580,9 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
     """The component's runs; None (tracking offline) when the server stays unreachable."""
     artifact_location = local_artifact_root(uri) if is_local_store(uri) else None
     try:
-        return _retrying(lambda: open_runs(client, spec, artifact_location), cfg, cfg.connect_timeout_s)
+        return _retrying(
+            lambda: open_runs(client, spec, artifact_location, view_tags(cfg)), cfg, cfg.connect_timeout_s
+        )
     except TRACKING_ERRORS as exc:
         if not is_transient(exc):
             raise ConfigError(
