@@ -3,7 +3,7 @@
 Locally, each recorded component run (train, predict, evaluate of a pipeline run, or one of
 them) is rerun as its own process with the exact recorded config, the recorded process count
 and thread settings, into new output folders and a new MLflow pipeline run tagged
-`sam3pipe.reproduces=<original>`; then every model metric is compared with the original's.
+`sam3pipe.reproduces_run_id=<original>`; then every model metric is compared with the original's.
 With `--host`, the whole pipeline run is submitted to Kubeflow Pipelines with the parameters
 rebuilt from the recorded configs (and the recorded image); `--wait` waits for it and compares.
 The checks and command building live in `sam3_core.tracking.reproduce`.
