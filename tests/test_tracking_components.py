@@ -8,6 +8,7 @@ at `models:/<name>@candidate`. These tests read what the server holds about the 
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,11 @@ def test_the_best_checkpoint_is_registered_as_a_version_of_its_logged_model(
     )
 
     (version,) = versions
+    best = client.get_logged_model(runs["train"].data.tags["sam3pipe.checkpoint.best_model_id"])
     assert version.source == pipeline_run.trained["best_checkpoint_uri"]
     assert version.run_id == runs["train"].info.run_id
-    assert version.model_id == runs["train"].data.tags["sam3pipe.checkpoint.best_model_id"]
-    assert client.get_logged_model(version.model_id).tags["sam3pipe.best"] == "true"
+    assert version.tags["sam3pipe.model_id"] == best.model_id and best.tags["sam3pipe.best"] == "true"
+    assert {"name": pipelines.model_name, "version": int(version.version)} in json.loads(best.tags["mlflow.modelVersions"])
 
 
 def test_predict_resolves_the_registry_alias_to_the_best_checkpoint(

@@ -27,6 +27,9 @@ from sam3_core.tracking.settings import TrackingConfig, fail_fast_http, tracking
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# The version's logged model, also where the server's own link (`mlflow.modelVersions` on the
+# logged model) is missing: a local sqlite registry does not keep one.
+TAG_MODEL_ID = "sam3pipe.model_id"
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -62,7 +65,7 @@ def register_checkpoint(
             name,
             checkpoint_uri,
             run_id=run_id,
-            tags={TAG_PIPELINE_RUN_ID: pipeline_run_id},
+            tags={TAG_PIPELINE_RUN_ID: pipeline_run_id, **({TAG_MODEL_ID: model_id} if model_id else {})},
             await_creation_for=0,
             model_id=model_id,
         )
