@@ -96,7 +96,7 @@ def test_searching_logged_models_by_the_validation_metric_returns_the_best_check
 
     ranked = mlflow.search_logged_models(
         experiment_ids=[pipelines.experiment_id()],
-        filter_string=f"source_run_id = '{train_run.info.run_id}'",
+        filter_string=f"tags.`sam3pipe.train_run_id` = '{train_run.info.run_id}'",
         order_by=[{"field_name": f"metrics.{best_metric}", "ascending": ascending}],
         output_format="list",
     )
@@ -117,6 +117,8 @@ def test_a_logged_model_points_at_its_checkpoint_in_the_store(pipelines: Tracked
     assert model.tags["sam3pipe.step"] == str(MAX_STEPS) and model.tags["sam3pipe.last"] == "true"
     assert model.params["lr"] == "0.0001"
     assert {output.model_id for output in train_run.outputs.model_outputs} >= {model.model_id}
+    # Its source is the pipeline run: the runs table lists it in that row's Models column.
+    assert model.source_run_id == pipelines.runs_of(pipelines.runs[0])["pipeline"].info.run_id
 
 
 # ---------------------------------------------------------------------------- reproduce

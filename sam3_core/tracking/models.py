@@ -27,6 +27,7 @@ TAG_URI = "sam3pipe.checkpoint_uri"
 TAG_SHA256 = "sam3pipe.sha256"
 TAG_SIZE = "sam3pipe.size_bytes"
 TAG_STEP = "sam3pipe.step"
+TAG_TRAIN_RUN = "sam3pipe.train_run_id"
 TAG_FILE = "sam3pipe.file.{role}"
 ROLE_TAG = "sam3pipe.{role}"
 RUN_MODEL_TAG = "sam3pipe.checkpoint.{role}_model_id"
@@ -42,8 +43,9 @@ def model_name(run_name: str, step: int) -> str:
 
 
 def find_model(client: MlflowClient, experiment_id: str, run_id: str, name: str) -> LoggedModel | None:
+    """The logged model `name` that train run `run_id` made."""
     found = client.search_logged_models(
-        [experiment_id], filter_string=f"name = '{name}' AND source_run_id = '{run_id}'", max_results=1
+        [experiment_id], filter_string=f"name = '{name}' AND tags.`{TAG_TRAIN_RUN}` = '{run_id}'", max_results=1
     )
     return found[0] if found else None
 
@@ -57,12 +59,15 @@ def _linked_metrics(model_id: str, metrics: Mapping[str, float], step: int, time
     ]
 
 
-def record_checkpoint(client: MlflowClient, experiment_id: str, run_id: str, record: Mapping[str, Any]) -> str:
+def record_checkpoint(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, run_id: str, record: Mapping[str, Any]
+) -> str:
     """Create (or find) the checkpoint's logged model, link its metrics, mark its role; its model id."""
     step, role = int(record["step"]), str(record["role"])
     model = find_model(client, experiment_id, run_id, record["model_name"])
     if model is None:
         tags = {
+            TAG_TRAIN_RUN: run_id,
             TAG_URI: record["uri"],
             TAG_SHA256: record["sha256"],
             TAG_SIZE: str(record["size_bytes"]),
@@ -72,7 +77,7 @@ def record_checkpoint(client: MlflowClient, experiment_id: str, run_id: str, rec
         model = client.create_logged_model(
             experiment_id,
             name=record["model_name"],
-            source_run_id=run_id,
+            source_run_id=parent_run_id,
             tags=tags,
             params={key: str(value) for key, value in record.get("params", {}).items()},
             model_type=MODEL_TYPE,
@@ -103,7 +108,7 @@ def mark(client: MlflowClient, experiment_id: str, run_id: str, model_id: str, r
     """`model_id` becomes the run's `role` (best / last); the model that held it before is unmarked."""
     tag = ROLE_TAG.format(role=role)
     holders = client.search_logged_models(
-        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND tags.`{tag}` = 'true'"
+        [experiment_id], filter_string=f"tags.`{TAG_TRAIN_RUN}` = '{run_id}' AND tags.`{tag}` = 'true'"
     )
     for holder in holders:
         if holder.model_id != model_id:
@@ -111,12 +116,3 @@ def mark(client: MlflowClient, experiment_id: str, run_id: str, model_id: str, r
     client.set_logged_model_tags(model_id, {tag: "true"})
     client.set_tag(run_id, RUN_MODEL_TAG.format(role=role), model_id)
 
-
-def marked_model(client: MlflowClient, experiment_id: str, run_id: str, role: str) -> LoggedModel | None:
-    """The run's current best / last logged model."""
-    found = client.search_logged_models(
-        [experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND tags.`{ROLE_TAG.format(role=role)}` = 'true'",
-        max_results=1,
-    )
-    return found[0] if found else None

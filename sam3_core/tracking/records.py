@@ -113,7 +113,7 @@ def apply_record(client: MlflowClient, target: Target, record: Mapping[str, Any]
     """Send one record; returns what it made (a model id, a registry version) or None."""
     kind = record["kind"]
     if kind == "checkpoint":
-        model_id = models.record_checkpoint(client, target.experiment_id, target.run_id, record)
+        model_id = models.record_checkpoint(client, target.experiment_id, target.parent_run_id, target.run_id, record)
         _artifact(client, target, {"json": record["reference"], "path": f"checkpoints/{record['name']}.json"})
         if record["role"] in models.MARKED_ROLES:
             client.set_tag(target.run_id, f"sam3pipe.checkpoint.{record['role']}", record["uri"])

@@ -11,7 +11,6 @@ carries such a view with the parent-run params and headline metrics as columns, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from urllib.parse import quote
 
 from mlflow import MlflowClient
@@ -22,7 +21,7 @@ VIEW_KEY = "sam3pipe-headline"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 MODEL_TRAINING = "workflowType=machine_learning"
 # The runs table's own attribute columns, kept next to ours.
-ATTRIBUTE_COLUMNS = ("Dataset", "Models", "Source")
+ATTRIBUTE_COLUMNS = ("Dataset", "Models")
 # Lineage params every pipeline run carries (see tracker.LINEAGE_PARAMS and set_dataset_id).
 LINEAGE_COLUMNS = ("dataset_id", "image", "git_commit")
 
@@ -32,16 +31,16 @@ def _column(kind: str, name: str) -> str:
     return f"{kind}.`{name}`"
 
 
-def headline_view(cfg: TrackingConfig, extra_params: Iterable[str] = ()) -> dict[str, object]:
-    """The runs-table view: attributes, headline metrics, comparison params; newest runs first."""
-    params = [*cfg.parent_params, *extra_params, *LINEAGE_COLUMNS]
-    metrics = [*cfg.headline_metrics, "best_step"]
+def headline_view(cfg: TrackingConfig) -> dict[str, object]:
+    """The runs-table view: comparison params, headline metrics, then lineage; newest runs first."""
     columns = [
         *(_column("attributes", name) for name in ATTRIBUTE_COLUMNS),
-        *(_column("metrics", name) for name in dict.fromkeys(metrics)),
-        *(_column("params", name) for name in dict.fromkeys(params)),
+        *(_column("params", name) for name in cfg.parent_params),
+        *(_column("metrics", name) for name in dict.fromkeys([*cfg.headline_metrics, "best_step"])),
+        *(_column("params", name) for name in LINEAGE_COLUMNS),
     ]
-    return {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    # Without an order the grid puts every metric column before the params, sorted by name.
+    return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
 
 
 def view_tags(cfg: TrackingConfig) -> dict[str, str]:
