@@ -312,7 +312,7 @@ class Tracker:
         The bytes never go through the tracking server. Without `sha256`/`size_bytes` they are
         computed here (a remote checkpoint is read for that). `role` is best / last / step
         (default: `name` when it is best or last, else step); `metrics` are the validation
-        metrics of its step (default: the `val/*` metrics this run logged at that step).
+        metrics of its step, added to the `val/*` metrics this run logged at that step.
         """
         if self._buffer is None:
             return
@@ -322,7 +322,7 @@ class Tracker:
             size_bytes = path.stat().st_size if size_bytes is None else size_bytes
         role = role or (name if name in ("best", "last") else "step")
         logged = self._val_by_step.get(int(step), {})
-        values = dict(metrics) if metrics else {key: m.value for key, m in logged.items()}
+        values = {**{key: m.value for key, m in logged.items()}, **(metrics or {})}
         reference = {"name": name, "uri": uri, "step": int(step), "size_bytes": int(size_bytes), "sha256": sha256}
         spec_name = self._spec.parent_name if self._spec else "run"
         record = {
@@ -463,6 +463,7 @@ class Tracker:
         values = {key: m for key, m in self._latest.items() if key in wanted}
         record: dict[str, Any] = {"kind": "parent"}
         if self._best is not None:
+            values = {key: m for key, m in values.items() if not key.startswith("val/")}
             now = int(time.time() * 1000)
             step = self._best["step"]
             for key, value in self._best["metrics"].items():
