@@ -31,7 +31,7 @@ from sam3_core.tracking import (
     resolve_model_uri,
     ui_command,
 )
-from sam3_core.tracking.redact import MASK, redact_params, redact_value
+from sam3_core.tracking.redact import MASK, redact_params, redact_text, redact_value
 from sam3_core.tracking.unsent import UNSENT_FILE
 from tests.fixtures.network import free_port
 
@@ -141,6 +141,14 @@ def test_a_url_keeps_its_user_and_host_but_not_its_password() -> None:
 )
 def test_lineage_values_are_not_mistaken_for_credentials(key: str, value: str) -> None:
     assert redact_value(key, value) == value
+
+
+# Not a speed test: a bound that only a quadratic (backtracking) pattern could reach.
+@pytest.mark.timeout(30)
+def test_masking_a_megabyte_of_letters_does_not_backtrack() -> None:
+    text = "x" * 1_000_000 + " https://alice:hunter2@host/x"
+
+    assert redact_text(text).endswith("https://alice:***@host/x")
 
 
 def test_long_param_values_are_cut_to_the_mlflow_limit() -> None:
