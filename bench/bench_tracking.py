@@ -108,7 +108,9 @@ def main() -> None:
             print(f"|{'-' * 48}|{'-' * 10}|{'-' * 10}|")
             on = _row("server, system metrics on, 4 upload threads", url, files, system_metrics=True)
             off = _row("server, system metrics off, 4 upload threads", url, files, system_metrics=False)
-            serial = _row("server, system metrics on, 1 upload thread", url, files, system_metrics=True, upload_workers=1)
+            serial = _row(
+                "server, system metrics on, 1 upload thread", url, files, system_metrics=True, upload_workers=1
+            )
             local = f"sqlite:///{root / 'local.db'}"
             _row("local sqlite, system metrics on", local, files, system_metrics=True)
             _row("local sqlite, system metrics off", local, files, system_metrics=False)

@@ -224,7 +224,9 @@ def _submit(
     arguments = pipeline_arguments(plan_)
     pairs = [f"{name}={value if isinstance(value, str) else json.dumps(value)}" for name, value in arguments.items()]
     pairs += parameters  # the user's name=value pairs come last and win
-    result = submit(load_settings([f"image={image}"]), host, pairs, run_name=plan_.parent_name, existing_token=existing_token)
+    result = submit(
+        load_settings([f"image={image}"]), host, pairs, run_name=plan_.parent_name, existing_token=existing_token
+    )
     out: dict[str, Any] = {"original": plan_.original_id, "kfp_run_id": result["run_id"], "url": result["url"]}
     if wait:
         _wait(host, result["run_id"], existing_token)

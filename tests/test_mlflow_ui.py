@@ -86,7 +86,9 @@ def test_the_runs_table_shows_each_pipeline_run_with_its_lr_and_eval_metrics(
     page.close()
 
     assert "/runs" in landed and "workflowType=machine_learning" in landed
-    assert [name for name in ("Run Name", "Dataset", "Models", *EVAL_COLUMNS, "lr", "max_steps") if name not in text] == []
+    assert [
+        name for name in ("Run Name", "Dataset", "Models", *EVAL_COLUMNS, "lr", "max_steps") if name not in text
+    ] == []
     assert "0.0001" in text and "0.0003" in text
     names = [pipelines.runs_of(run)["pipeline"].info.run_name for run in pipelines.runs]
     assert [name for name in names if name not in text] == []

@@ -541,7 +541,9 @@ def test_retry_max_below_retry_initial_is_refused() -> None:
 def test_the_artifacts_of_a_local_store_live_next_to_its_database(tmp_path: Path) -> None:
     from sam3_core.tracking.settings import local_artifact_root
 
-    assert local_artifact_root(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}") == (tmp_path / "db" / "mlartifacts").as_uri()
+    assert (
+        local_artifact_root(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}") == (tmp_path / "db" / "mlartifacts").as_uri()
+    )
 
 
 def test_the_local_state_folder_follows_sam3pipe_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -668,7 +670,9 @@ def test_a_look_up_retries_transient_errors_only(status: int, calls: int) -> Non
     def look_up() -> str:
         attempts.append(1)
         if len(attempts) < 3:
-            raise MlflowException("no", error_code=RESOURCE_DOES_NOT_EXIST if status == 404 else TEMPORARILY_UNAVAILABLE)
+            raise MlflowException(
+                "no", error_code=RESOURCE_DOES_NOT_EXIST if status == 404 else TEMPORARILY_UNAVAILABLE
+            )
         return "found"
 
     cfg = fast_tracking(retry_initial_s=0.01, retry_max_s=0.01, lookup_timeout_s=30.0)

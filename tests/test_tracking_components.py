@@ -119,7 +119,9 @@ def test_the_best_checkpoint_is_registered_as_a_version_of_its_logged_model(
     assert version.source == pipeline_run.trained["best_checkpoint_uri"]
     assert version.run_id == runs["train"].info.run_id
     assert version.tags["sam3pipe.model_id"] == best.model_id and best.tags["sam3pipe.best"] == "true"
-    assert {"name": pipelines.model_name, "version": int(version.version)} in json.loads(best.tags["mlflow.modelVersions"])
+    assert {"name": pipelines.model_name, "version": int(version.version)} in json.loads(
+        best.tags["mlflow.modelVersions"]
+    )
 
 
 def test_predict_resolves_the_registry_alias_to_the_best_checkpoint(

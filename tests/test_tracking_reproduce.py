@@ -132,7 +132,10 @@ def test_reproducing_a_pipeline_run_gives_identical_metrics(pipelines: TrackedPi
     assert result["identical"], result["differences"]
     reproduced = pipelines.runs_of_id(result["pipeline_run_id"])
     assert sorted(reproduced) == ["evaluate", "pipeline", "predict", "train"]
-    assert reproduced["pipeline"].data.tags["sam3pipe.reproduces_run_id"] == pipelines.runs_of(original)["pipeline"].info.run_id
+    assert (
+        reproduced["pipeline"].data.tags["sam3pipe.reproduces_run_id"]
+        == pipelines.runs_of(original)["pipeline"].info.run_id
+    )
     train_metrics = pipelines.runs_of(original)["train"].data.metrics
     assert reproduced["train"].data.metrics["train/loss"] == train_metrics["train/loss"]
     assert reproduced["predict"].data.params["model.uri"] != original.trained["best_checkpoint_uri"]
@@ -140,7 +143,9 @@ def test_reproducing_a_pipeline_run_gives_identical_metrics(pipelines: TrackedPi
 
 def test_reproduce_refuses_a_run_whose_dataset_bytes_changed(pipelines: TrackedPipelines, tmp_path: Path) -> None:
     run = pipelines.runs[1]
-    frame = next(rel for rel in storage.read_json(f"{run.dataset_uri}/manifest.json")["files"] if rel.startswith("frames/"))
+    frame = next(
+        rel for rel in storage.read_json(f"{run.dataset_uri}/manifest.json")["files"] if rel.startswith("frames/")
+    )
     target = Path(run.dataset_uri) / frame
     runs_before = pipelines.run_count()
     shutil.copy2(target, tmp_path / "original")

@@ -50,7 +50,9 @@ def find_model(client: MlflowClient, experiment_id: str, run_id: str, name: str)
     return found[0] if found else None
 
 
-def _linked_metrics(model_id: str, metrics: Mapping[str, float], step: int, timestamps: Mapping[str, int]) -> list[Metric]:
+def _linked_metrics(
+    model_id: str, metrics: Mapping[str, float], step: int, timestamps: Mapping[str, int]
+) -> list[Metric]:
     """The step's metrics tied to the model; the trainer's own timestamps keep the run's history free of copies."""
     now = int(time.time() * 1000)
     return [
@@ -115,4 +117,3 @@ def mark(client: MlflowClient, experiment_id: str, run_id: str, model_id: str, r
             client.set_logged_model_tags(holder.model_id, {tag: "false"})
     client.set_logged_model_tags(model_id, {tag: "true"})
     client.set_tag(run_id, RUN_MODEL_TAG.format(role=role), model_id)
-

@@ -85,7 +85,9 @@ def _parent(client: MlflowClient, target: Target, record: Mapping[str, Any]) -> 
     if best:
         found = models.find_model(client, target.experiment_id, target.run_id, best)
         if found is not None:
-            client.log_outputs(target.parent_run_id, [LoggedModelOutput(found.model_id, int(record.get("best_step", 0)))])
+            client.log_outputs(
+                target.parent_run_id, [LoggedModelOutput(found.model_id, int(record.get("best_step", 0)))]
+            )
 
 
 def _register(client: MlflowClient, target: Target, record: Mapping[str, Any]) -> str:

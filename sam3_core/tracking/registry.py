@@ -108,7 +108,9 @@ def resolve_model_uri(uri: str, client: MlflowClient | None = None, cfg: Trackin
     name, alias, version = match["name"], match["alias"], match["version"]
     try:
         found = within_deadline(
-            lambda: client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version),
+            lambda: (
+                client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+            ),
             cfg,
         )
     except TRACKING_ERRORS as exc:

@@ -199,7 +199,9 @@ def check(plan_: Plan, allow_other_commit: bool = False) -> None:
                     f"{what} used sam3 {record.sam3_version}, this environment has {here_sam3} "
                     "(install the locked versions, or pass --allow-other-commit)"
                 )
-        masked = sorted(key for key, value in flatten(record.config).items() if isinstance(value, str) and MASK in value)
+        masked = sorted(
+            key for key, value in flatten(record.config).items() if isinstance(value, str) and MASK in value
+        )
         if masked:
             problems.append(
                 f"{what} has config values masked as credentials when recorded ({', '.join(masked)}); "
@@ -247,7 +249,9 @@ def hydra_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        return (
+            repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        )
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_value(item) for item in value) + "]"
     if isinstance(value, dict):
@@ -278,7 +282,9 @@ def _rewire(value: Any, moved: Mapping[str, str]) -> Any:
     return value
 
 
-def overrides_for(run: RecordedRun, moved: Mapping[str, str], suffix: str, pipeline_run_id: str, name: str) -> list[str]:
+def overrides_for(
+    run: RecordedRun, moved: Mapping[str, str], suffix: str, pipeline_run_id: str, name: str
+) -> list[str]:
     """The rerun's Hydra overrides: every leaf of the recorded config, outputs and tracking moved."""
     flat = flatten(run.record.config)
     flat = {key: _rewire(value, moved) for key, value in flat.items()}
@@ -307,7 +313,15 @@ def command(run: RecordedRun, overrides: list[str], python: str) -> list[str]:
     """argv of the rerun: one process, or torchrun over as many processes as were recorded."""
     module = f"components.{COMPONENT_MODULES[run.component]}"
     if run.record.world_size > 1:
-        return [python, "-m", "torch.distributed.run", f"--nproc_per_node={run.record.world_size}", "-m", module, *overrides]
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={run.record.world_size}",
+            "-m",
+            module,
+            *overrides,
+        ]
     return [python, "-m", module, *overrides]
 
 

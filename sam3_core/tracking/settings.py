@@ -129,7 +129,9 @@ class TrackingConfig:
             )
         for name, key in dict(self.parent_params).items():
             if not isinstance(name, str) or not _METRIC_NAME.match(name) or not isinstance(key, str):
-                raise ConfigError(f"tracking.parent_params.{name}={key!r}: the param name may hold letters, digits, _ - . / :")
+                raise ConfigError(
+                    f"tracking.parent_params.{name}={key!r}: the param name may hold letters, digits, _ - . / :"
+                )
             if not _DOTTED_KEY.match(key):
                 raise ConfigError(f"tracking.parent_params.{name}={key!r}: must be a dotted config key, e.g. optim.lr")
         for name in self.headline_metrics:

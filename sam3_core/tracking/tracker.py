@@ -135,7 +135,9 @@ def parent_params(flat: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[s
         if key in flat:
             params[name] = flat[key]
         else:
-            params.update({name + leaf[len(key) :]: value for leaf, value in flat.items() if leaf.startswith(key + ".")})
+            params.update(
+                {name + leaf[len(key) :]: value for leaf, value in flat.items() if leaf.startswith(key + ".")}
+            )
     return params
 
 
@@ -279,7 +281,9 @@ class Tracker:
         while self._records:
             record = self._records[0]
             try:
-                results[id(record)] = _retrying(lambda: apply_record(client, target, record), self._cfg, timeout_s)
+                results[id(record)] = _retrying(
+                    lambda record=record: apply_record(client, target, record), self._cfg, timeout_s
+                )
             except TRACKING_ERRORS as exc:
                 if is_transient(exc):
                     if not self._server_down:
@@ -527,7 +531,9 @@ class Tracker:
         fallback = str((home() / "unsent" / f"{spec.pipeline_run_id}-{spec.component}.jsonl").resolve())
         records, self._records = self._records, []
         what = ", ".join(
-            part for part in (f"{len(left)} metric/param/tag values" if len(left) else "", describe_pending(records)) if part
+            part
+            for part in (f"{len(left)} metric/param/tag values" if len(left) else "", describe_pending(records))
+            if part
         )
         for uri in dict.fromkeys([self._unsent_uri or fallback, fallback]):
             try:
@@ -581,9 +587,7 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
     """The component's runs; None (tracking offline) when the server stays unreachable."""
     artifact_location = local_artifact_root(uri) if is_local_store(uri) else None
     try:
-        return _retrying(
-            lambda: open_runs(client, spec, artifact_location, view_tags(cfg)), cfg, cfg.connect_timeout_s
-        )
+        return _retrying(lambda: open_runs(client, spec, artifact_location, view_tags(cfg)), cfg, cfg.connect_timeout_s)
     except TRACKING_ERRORS as exc:
         if not is_transient(exc):
             raise ConfigError(

@@ -40,7 +40,12 @@ def headline_view(cfg: TrackingConfig) -> dict[str, object]:
         *(_column("params", name) for name in LINEAGE_COLUMNS),
     ]
     # Without an order the grid puts every metric column before the params, sorted by name.
-    return {"selectedColumns": columns, "columnOrder": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    return {
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+    }
 
 
 def view_tags(cfg: TrackingConfig) -> dict[str, str]:

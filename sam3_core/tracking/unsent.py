@@ -135,7 +135,9 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
             sent += len(pending.metrics)
     except TRACKING_ERRORS as exc:
         hint = "retry when it is reachable" if is_transient(exc) else "it refused them"
-        raise Sam3PipeError(f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}") from exc
+        raise Sam3PipeError(
+            f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}"
+        ) from exc
     storage.delete(uri)
     logger.info("replayed %d metrics from %s; record removed", sent, uri)
     return sent
