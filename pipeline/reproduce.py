@@ -21,8 +21,10 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from sam3_core import storage
 from sam3_core.config import flatten
 from sam3_core.tracking import TrackingConfig, tracking_uri
+from sam3_core.tracking.datasets import MANIFEST
 from sam3_core.tracking.lineage import REPRODUCES_ENV
 from sam3_core.tracking.reproduce import (
     Difference,
@@ -167,9 +169,6 @@ def _extra(run: RecordedRun) -> list[str]:
 
 def _data_prep_arguments(train: RecordedRun) -> dict[str, Any]:
     """Data prep's pipeline parameters, from the dataset's manifest (synthetic sources only)."""
-    from sam3_core import storage
-    from sam3_core.tracking.datasets import MANIFEST
-
     dataset = train.record.dataset or {}
     manifest = storage.read_json(storage.join(dataset["uri"], MANIFEST)) if dataset else {}
     source = manifest.get("source") or {}
@@ -188,8 +187,11 @@ def _data_prep_arguments(train: RecordedRun) -> dict[str, Any]:
     return {"source": "synthetic", "data_prep_overrides": overrides}
 
 
-def pipeline_arguments(plan_: Plan) -> dict[str, Any]:
-    """The pipeline parameters that rerun the recorded pipeline run on Kubeflow."""
+def pipeline_arguments(plan_: Plan, given: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The pipeline parameters that rerun the recorded pipeline run on Kubeflow.
+
+    Data prep's come from the dataset's manifest unless the user `given` `source` (and its inputs).
+    """
     if not plan_.whole_pipeline:
         raise ReproduceError("--host reproduces a whole pipeline run; pass its id (or rerun this component here)")
     train, predict, evaluate = plan_.runs
@@ -207,8 +209,9 @@ def pipeline_arguments(plan_: Plan) -> dict[str, Any]:
         "train_overrides": _extra(train),
         "predict_overrides": _extra(predict),
         "evaluate_overrides": _extra(evaluate),
-        **_data_prep_arguments(train),
     }
+    if "source" not in given:
+        arguments.update(_data_prep_arguments(train))
     return arguments
 
 
@@ -221,7 +224,7 @@ def _submit(
     image = plan_.runs[0].record.image
     if not image:
         raise ReproduceError("the recorded run names no container image (SAM3PIPE_IMAGE); it did not run from one")
-    arguments = pipeline_arguments(plan_)
+    arguments = pipeline_arguments(plan_, {pair.partition("=")[0] for pair in parameters})
     pairs = [f"{name}={value if isinstance(value, str) else json.dumps(value)}" for name, value in arguments.items()]
     pairs += parameters  # the user's name=value pairs come last and win
     result = submit(

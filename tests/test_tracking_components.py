@@ -174,12 +174,15 @@ def train_reruns(tracked_pipelines: TrackedPipelines) -> tuple[dict[str, Any], R
     """The pipeline's train command run twice more by hand: no pipeline run id, a model name of its own."""
     pipeline_run = tracked_pipelines.runs[0]
     overrides = [*pipeline_run.train_overrides, f"tracking.registered_model_name={tracked_pipelines.model_name}-rerun"]
+    experiment_name = f"test-{uuid.uuid4().hex[:12]}"
     with pytest.MonkeyPatch.context() as env:
         tracked_pipelines.use(env)
+        # An experiment of their own, so the session's experiment keeps its two pipeline rows.
+        env.setenv("MLFLOW_EXPERIMENT_NAME", experiment_name)
         first = train.execute(overrides)
         train.execute(overrides)
         client = MlflowClient()
-        experiment_id = tracked_pipelines.experiment_id()
+        experiment_id = client.get_experiment_by_name(experiment_name).experiment_id
         runs = client.search_runs(
             [experiment_id],
             f"tags.`{TAG_COMPONENT}` = 'train' and tags.`{TAG_PIPELINE_RUN_ID}` = 'pipeline-{pipeline_run.pipeline_run_id}'",
