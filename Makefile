@@ -26,8 +26,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
+# Prints the runs-table link (headline columns shown), then serves the local store.
+UI_PORT ?= 5000
 ui: $(STAMP)
-	$(VENV)/bin/sam3pipe ui
+	$(VENV)/bin/sam3pipe ui --port $(UI_PORT)
 
 image:
 	bash docker/build.sh

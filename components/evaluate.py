@@ -57,9 +57,12 @@ def flags_to_overrides(argv: list[str]) -> list[str]:
 
 def execute(overrides: list[str]) -> dict[str, Any]:
     """Compose the config, evaluate, publish, track; return the metrics URI and the metrics."""
-    cfg = load_config("evaluate", EvaluateConfig, flags_to_overrides(overrides))
+    overrides = flags_to_overrides(overrides)
+    cfg = load_config("evaluate", EvaluateConfig, overrides)
     check_config(cfg)
-    with component_run(cfg.tracking, "evaluate", cfg, output_uri=output_folder(cfg.output)) as run:
+    with component_run(
+        cfg.tracking, "evaluate", cfg, overrides=overrides, dataset_uri=cfg.gt, output_uri=output_folder(cfg.output)
+    ) as run:
         report = run_evaluation(cfg)
         metrics_uri = publish_report(report, cfg.output)
         run.log_eval(report.metrics)
@@ -71,6 +74,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
             f"Evaluation of {cfg.predictions}",
             {name: f"{value:.4f}" for name, value in sorted(eval_metrics(report.metrics).items())},
         )
+        run.set_outputs({"metrics_uri": metrics_uri})
     return {"metrics_uri": metrics_uri, "metrics": report.metrics}
 
 

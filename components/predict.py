@@ -30,12 +30,15 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     """Compose the config, resolve the model, predict and dump; track the run on rank 0."""
     requested = load_config("predict", PredictConfig, overrides)
     cfg = with_resolved_model(requested)
-    dataset_id = FrameReader(cfg.data.uri, cfg.data.cache_dir).dataset_id
+    FrameReader(cfg.data.uri, cfg.data.cache_dir)  # a clear error before any work when the dataset is not there
     try:
-        with component_run(cfg.tracking, "predict", cfg, dataset_id=dataset_id, output_uri=output_uri_for(cfg)) as run:
+        with component_run(
+            cfg.tracking, "predict", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=output_uri_for(cfg)
+        ) as run:
             run.set_tags({TAG_MODEL_URI: requested.model.uri})
             result = predict(cfg)
             run.set_tags({TAG_PREDICTIONS_URI: result.predictions_uri})
+            run.set_outputs({"predictions_uri": result.predictions_uri})
             for name, image in result.previews.items():
                 run.log_image(image, f"previews/{name}.png")
     finally:

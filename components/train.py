@@ -36,11 +36,6 @@ def grouped_by_run_folder(cfg: TrainJobConfig, run_uri: str) -> TrainJobConfig:
     return replace(cfg, tracking=replace(cfg.tracking, pipeline_run_id=folder_id))
 
 
-def checkpoint_name(kind: str, uri: str) -> str:
-    """`best` or `last` as the trainer says; a periodic one by its file (`step_0000100`), so none overwrites another."""
-    return kind if kind != "step" else posixpath.splitext(posixpath.basename(uri))[0]
-
-
 def log_history(run: Tracker, result: TrainResult, logged_steps: set[int]) -> None:
     """Metrics of steps trained before this process (a resumed training) that this MLflow run lacks."""
     if run.resumed:
@@ -56,10 +51,12 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     cfg = load_config("train", TrainJobConfig, overrides)
     run_uri = run_uri_for(cfg)
     cfg = grouped_by_run_folder(cfg, run_uri)
-    dataset_id = FrameReader(cfg.data.uri, cfg.data.cache_dir).dataset_id
+    FrameReader(cfg.data.uri, cfg.data.cache_dir)  # a clear error before any work when the dataset is not there
     logged_steps: set[int] = set()
     try:
-        with component_run(cfg.tracking, "train", cfg, dataset_id=dataset_id, output_uri=run_uri) as run:
+        with component_run(
+            cfg.tracking, "train", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=run_uri
+        ) as run:
             run.log_file(storage.join(cfg.data.uri, MANIFEST), "dataset")
 
             def on_metrics(step: int, metrics: dict[str, float]) -> None:
@@ -67,18 +64,20 @@ def execute(overrides: list[str]) -> dict[str, Any]:
                 run.log_metrics(metrics, step)
 
             def on_checkpoint(kind: str, ref: CheckpointRef) -> None:
-                run.log_checkpoint(checkpoint_name(kind, ref.uri), ref.uri, ref.step, ref.sha256, ref.size)
+                run.log_checkpoint_ref(kind, ref)
 
             result = train(cfg, on_metrics, on_checkpoint)
             log_history(run, result, logged_steps)
             run.register_model(result.best_checkpoint_uri)
+            outputs = {
+                "run_uri": result.run_uri,
+                "best_checkpoint_uri": result.best_checkpoint_uri,
+                "last_checkpoint_uri": result.last_checkpoint_uri,
+            }
+            run.set_outputs(outputs)
     finally:
         shutdown()
-    return {
-        "run_uri": result.run_uri,
-        "best_checkpoint_uri": result.best_checkpoint_uri,
-        "last_checkpoint_uri": result.last_checkpoint_uri,
-    }
+    return outputs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@
     sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
     sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
+    sam3pipe reproduce <MLflow run id | pipeline run id> [--allow-other-commit] [--dry-run] [--host URL [--wait]]
 
 Pipeline parameters are `name=value` pairs (lists as JSON); compile-time settings (image,
 secret names, GPU placement, timeouts) are `--set key=value` (see pipeline/settings.py).
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
+    _add_reproduce(commands)
     return parser
 
 
@@ -167,13 +169,44 @@ def _run_sweep(args: argparse.Namespace, settings: PipelineSettings) -> None:
     print(storage.read_text(outcome["summary_uri"]))
     print(_mlflow_hint())
     print(json.dumps(outcome, sort_keys=True))
+def _add_reproduce(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    reproduce = commands.add_parser(
+        "reproduce", help="rerun a run exactly as MLflow recorded it and report the metric differences"
+    )
+    reproduce.add_argument("run", help="MLflow run id (a pipeline run or a train/predict/evaluate run) or pipeline run id")
+    reproduce.add_argument(
+        "--allow-other-commit", action="store_true", help="rerun although the code (git commit, sam3) differs"
+    )
+    reproduce.add_argument("--dry-run", action="store_true", help="check and print the commands, run nothing")
+    reproduce.add_argument("--host", default=None, help="submit the pipeline run to this Kubeflow Pipelines API")
+    reproduce.add_argument("--wait", action="store_true", help="with --host: wait for the run and compare metrics")
+    reproduce.add_argument("--existing-token", default=None, help="with --host: bearer token (env KFP_EXISTING_TOKEN)")
+    reproduce.add_argument("parameters", nargs="*", metavar="name=value", help="with --host: pipeline parameters to set")
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from pipeline.reproduce import reproduce
+
+    result = reproduce(
+        args.run,
+        allow_other_commit=args.allow_other_commit,
+        dry_run=args.dry_run,
+        host=args.host,
+        wait=args.wait,
+        parameters=args.parameters,
+        existing_token=args.existing_token,
+    )
+    print(json.dumps(result))
+    return 0
 
 
 def _ui(port: int) -> NoReturn:
     from sam3_core import tracking
 
     command = tracking.ui_command(port)
+    url = tracking.local_runs_table_url(port)
     logger.info("starting: %s", " ".join(command))
+    print(f"Runs table with the headline columns (open once the server is up): {url}", flush=True)
     os.execvp(command[0], command)
 
 
@@ -184,6 +217,8 @@ def _run(args: argparse.Namespace) -> int:
         return component_module(args.step).main(args.overrides)
     if args.command == "ui":
         _ui(args.port)
+    if args.command == "reproduce":
+        return _reproduce(args)
 
     from pipeline.settings import load_settings
 

@@ -1,10 +1,20 @@
-"""Shared fixtures live in tests/fixtures/, one module per real service or data set the tests use."""
+"""Shared fixtures live in tests/fixtures/, one module per real service or data set the tests use.
+
+Every test session runs in an isolated environment (tests/fixtures/isolation.py): the MLflow
+store, the object store, the local state folder and the download cache of this process and of
+every subprocess live in one temporary folder. The session fails if the checkout's own
+`.sam3pipe/` changed while it ran.
+"""
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
+
+from tests.fixtures import isolation
 
 pytest_plugins = [
     "tests.fixtures.s3",
@@ -13,14 +23,27 @@ pytest_plugins = [
     "tests.fixtures.fake_k8s",
 ]
 
+CHECKOUT_STATE = Path(__file__).resolve().parents[1] / ".sam3pipe"
+_STATE = pytest.StashKey[tuple[Path, isolation.Snapshot]]()
 
-@pytest.fixture(autouse=True)
-def isolated_local_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never write MLflow runs or store objects into the checkout's `.sam3pipe/`.
 
-    A test that needs a server or an S3 store sets its own values over these.
-    """
-    root = tmp_path_factory.getbasetemp() / "local-state"
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    monkeypatch.setenv("SAM3PIPE_STORE", str(root / "store"))
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module, fixture or subprocess: all default state goes to a temporary folder."""
+    root = Path(tempfile.mkdtemp(prefix="sam3pipe-test-state-"))
+    isolation.apply(root)
+    config.stash[_STATE] = (root, isolation.snapshot(CHECKOUT_STATE))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when the checkout's `.sam3pipe/` is not as it was at the start."""
+    root, before = session.config.stash[_STATE]
+    changed = isolation.changes(before, isolation.snapshot(CHECKOUT_STATE))
+    if changed:
+        shown = "\n  ".join(changed[:20])
+        session.config.get_terminal_writer().line(
+            f"\nERROR: the test session changed {CHECKOUT_STATE} (tests must keep state in tmp folders):\n  {shown}",
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(root, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -30,7 +31,7 @@ from sam3_core.tracking import (
     resolve_model_uri,
     ui_command,
 )
-from sam3_core.tracking.redact import MASK, redact_params, redact_value
+from sam3_core.tracking.redact import MASK, redact_params, redact_text, redact_value
 from sam3_core.tracking.unsent import UNSENT_FILE
 from tests.fixtures.network import free_port
 
@@ -142,6 +143,14 @@ def test_lineage_values_are_not_mistaken_for_credentials(key: str, value: str) -
     assert redact_value(key, value) == value
 
 
+# Not a speed test: a bound that only a quadratic (backtracking) pattern could reach.
+@pytest.mark.timeout(30)
+def test_masking_a_megabyte_of_letters_does_not_backtrack() -> None:
+    text = "x" * 1_000_000 + " https://alice:hunter2@host/x"
+
+    assert redact_text(text).endswith("https://alice:***@host/x")
+
+
 def test_long_param_values_are_cut_to_the_mlflow_limit() -> None:
     params = redact_params({"data.videos": [f"video_{i:05d}" for i in range(2000)]})
     assert len(params["data.videos"]) == 6000
@@ -169,6 +178,7 @@ def test_draw_masks_refuses_a_mask_of_another_size() -> None:
 def test_ui_command_serves_the_local_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SAM3PIPE_HOME", raising=False)
     argv = ui_command(port=5123)
     assert argv[1:4] == ["-m", "mlflow", "server"]
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / '.sam3pipe' / 'mlflow.db'}"
@@ -204,6 +214,7 @@ def test_a_non_zero_rank_tracks_nothing(monkeypatch: pytest.MonkeyPatch, tmp_pat
 def test_the_default_store_is_a_local_sqlite_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SAM3PIPE_HOME", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with component_run(fast_tracking(), "data_prep", DemoConfig()) as run:
         run.log_metrics({"data/videos": 3}, step=0)
@@ -494,3 +505,383 @@ def test_error_descriptions_mask_the_credentials_mlflow_puts_in_its_messages() -
     assert "Zq8vLw3pRt6yNc1x" not in text
     assert text.startswith("API request to https://")
     assert "Traceback" not in text
+
+
+# ---------------------------------------------------------------------------- settings, views, state folders
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("flush_interval_s", 0.0, "tracking.flush_interval_s=0.0"),
+        ("lookup_timeout_s", float("nan"), "tracking.lookup_timeout_s=nan"),
+        ("final_flush_timeout_s", float("inf"), "tracking.final_flush_timeout_s=inf"),
+        ("connect_timeout_s", -1, "tracking.connect_timeout_s=-1"),
+        ("request_timeout_s", "10", "tracking.request_timeout_s='10'"),
+        ("system_metrics", "yes", "tracking.system_metrics='yes'"),
+        ("upload_workers", 0, "tracking.upload_workers=0"),
+        ("experiment_name", " ", "tracking.experiment_name=' '"),
+        ("model_alias", "", "tracking.model_alias"),
+        ("headline_metrics", ["eval/segm AP", "val[loss]"], "'val[loss]' is not an MLflow metric name"),
+        ("parent_params", {"lr": "optim lr"}, "tracking.parent_params.lr='optim lr'"),
+    ],
+)
+def test_every_tracking_value_is_checked_when_the_config_is_built(key: str, value: object, says: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        TrackingConfig(**{key: value})  # type: ignore[arg-type]
+
+    assert says in str(refused.value)
+
+
+def test_retry_max_below_retry_initial_is_refused() -> None:
+    with pytest.raises(ConfigError, match="tracking.retry_max_s=0.5: must be >= tracking.retry_initial_s=1.0"):
+        TrackingConfig(retry_initial_s=1.0, retry_max_s=0.5)
+
+
+def test_the_artifacts_of_a_local_store_live_next_to_its_database(tmp_path: Path) -> None:
+    from sam3_core.tracking.settings import local_artifact_root
+
+    assert (
+        local_artifact_root(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}") == (tmp_path / "db" / "mlartifacts").as_uri()
+    )
+
+
+def test_the_local_state_folder_follows_sam3pipe_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sam3_core.tracking.settings import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SAM3PIPE_HOME", str(tmp_path / "state"))
+
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'state' / 'mlflow.db'}"
+
+
+def test_the_parent_params_are_picked_from_the_config_and_sections_give_one_param_per_leaf() -> None:
+    from sam3_core.tracking.tracker import parent_params
+
+    flat = {"optim.lr": 3e-4, "train.max_steps": 50, "model.lora.rank": 8, "model.lora.alpha": 16, "data.uri": "x"}
+    mapping = {"lr": "optim.lr", "max_steps": "train.max_steps", "lora": "model.lora", "frames": "data.clips.frames"}
+
+    assert parent_params(flat, mapping) == {"lr": 3e-4, "max_steps": 50, "lora.rank": 8, "lora.alpha": 16}
+
+
+def test_the_runs_table_view_shows_the_comparison_params_then_the_headline_metrics() -> None:
+    from sam3_core.tracking.ui import headline_view, runs_table_url
+
+    cfg = TrackingConfig(parent_params={"lr": "optim.lr"}, headline_metrics=["eval/segm_AP"])
+    view = headline_view(cfg)
+
+    assert view["selectedColumns"] == [
+        "attributes.`Dataset`",
+        "attributes.`Models`",
+        "params.`lr`",
+        "metrics.`eval/segm_AP`",
+        "metrics.`best_step`",
+        "params.`dataset_id`",
+        "params.`image`",
+        "params.`git_commit`",
+    ]
+    assert view["columnOrder"] == view["selectedColumns"]
+    assert runs_table_url("http://h:5000/", "7") == (
+        "http://h:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=sam3pipe-headline"
+    )
+
+
+def test_the_session_check_names_what_changed_in_a_state_folder(tmp_path: Path) -> None:
+    from tests.fixtures.isolation import changes, snapshot
+
+    (tmp_path / "kept.db").write_bytes(b"1")
+    (tmp_path / "edited.db").write_bytes(b"1")
+    (tmp_path / "gone.db").write_bytes(b"1")
+    before = snapshot(tmp_path)
+    (tmp_path / "gone.db").unlink()
+    (tmp_path / "edited.db").write_bytes(b"22")
+    (tmp_path / "unsent").mkdir()
+    (tmp_path / "unsent" / "run.jsonl").write_text("{}")
+
+    assert changes(before, snapshot(tmp_path)) == ["added unsent/run.jsonl", "removed gone.db", "changed edited.db"]
+    assert changes(before, before) == []
+
+
+def test_a_missing_state_folder_snapshots_as_empty(tmp_path: Path) -> None:
+    from tests.fixtures.isolation import snapshot
+
+    assert snapshot(tmp_path / "absent") == {}
+
+
+def test_the_test_session_keeps_all_default_state_outside_the_checkout() -> None:
+    from tests.conftest import CHECKOUT_STATE
+
+    for name in ("MLFLOW_TRACKING_URI", "SAM3PIPE_STORE", "SAM3PIPE_HOME", "SAM3PIPE_CACHE"):
+        assert str(CHECKOUT_STATE) not in os.environ[name], name
+        assert "sam3pipe-test-state-" in os.environ[name], name
+
+
+# ---------------------------------------------------------------------------- datasets, look-ups, console
+
+
+def test_a_loose_ground_truth_file_is_a_dataset_named_by_its_own_digest(tmp_path: Path) -> None:
+    from sam3_core.tracking.datasets import changed_files, describe
+
+    gt = tmp_path / "val.json"
+    gt.write_text('{"videos": []}')
+    ref = describe(str(gt))
+
+    assert (ref.name, ref.published, ref.dataset_id) == ("val.json", False, storage.sha256_bytes(gt.read_bytes())[:16])
+    assert changed_files(ref) == []
+    gt.write_text('{"videos": [1]}')
+    assert changed_files(ref) and "recorded" in changed_files(ref)[0]
+
+
+def test_a_file_of_a_published_dataset_is_that_dataset(tiny_dataset) -> None:  # type: ignore[no-untyped-def]
+    from sam3_core.tracking.datasets import describe
+
+    ref = describe(storage.join(tiny_dataset.uri, "val.json"))
+
+    assert (ref.dataset_id, ref.uri, ref.file) == (tiny_dataset.dataset_id, tiny_dataset.uri, "val.json")
+    assert ref.name == f"synthetic-{tiny_dataset.dataset_id}" and ref.counts["videos"] == 4
+
+
+@pytest.mark.timeout(60)
+def test_a_registry_look_up_with_the_server_down_gives_up_at_the_configured_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sam3_core.errors import Sam3PipeError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    cfg = fast_tracking(lookup_timeout_s=1.0)
+
+    with pytest.raises(Sam3PipeError, match=r"did not answer within tracking.lookup_timeout_s=1s") as refused:
+        resolve_model_uri("models:/sam3-video@candidate", cfg=cfg)
+
+    assert not isinstance(refused.value, InputError)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+
+
+@pytest.mark.parametrize(("status", "calls"), [(404, 1), (503, 3)])
+def test_a_look_up_retries_transient_errors_only(status: int, calls: int) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    from sam3_core.tracking.registry import within_deadline
+
+    attempts = []
+
+    def look_up() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise MlflowException(
+                "no", error_code=RESOURCE_DOES_NOT_EXIST if status == 404 else TEMPORARILY_UNAVAILABLE
+            )
+        return "found"
+
+    cfg = fast_tracking(retry_initial_s=0.01, retry_max_s=0.01, lookup_timeout_s=30.0)
+    if status == 404:
+        with pytest.raises(MlflowException):
+            within_deadline(look_up, cfg)
+    else:
+        assert within_deadline(look_up, cfg) == "found"
+    assert len(attempts) == calls
+
+
+def test_mlflow_s_own_console_lines_mask_the_tracking_password(
+    mlflow_tracking: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    password = "pw-" + random_token(string.ascii_letters + string.digits, 16)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{password}@127.0.0.1:{mlflow_tracking.port}")
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    tracking = fast_tracking()
+    with caplog.at_level(logging.INFO), component_run(tracking, "evaluate", DemoConfig()) as run:
+        run.log_eval({"bbox_AP": 0.5})
+    logging.getLogger("mlflow.system_metrics.system_metrics_monitor").warning(
+        "Failed to get mlflow run: %s/api/2.0/mlflow/runs/get", os.environ["MLFLOW_TRACKING_URI"]
+    )
+
+    out, err = capfd.readouterr()
+    assert password not in out + err + caplog.text
+    assert "View run" not in out  # stdout holds only a component's JSON line
+    assert f"View run pipeline-{tracking.pipeline_run_id}/evaluate at: http://alice:***@127.0.0.1" in caplog.text
+    assert f"/runs/{run.run_id}" in caplog.text
+    assert "Failed to get mlflow run: http://alice:***@" in err
+
+
+# ---------------------------------------------------------------------------- the pipeline run's row and its checkpoints
+
+
+def test_the_experiment_is_a_model_training_experiment_with_the_headline_view(mlflow_tracking: MlflowServer) -> None:
+    with component_run(fast_tracking(), "evaluate", DemoConfig()):
+        pass
+    tags = MlflowClient().get_experiment(experiment_id()).tags
+
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "params.`lr`" in json.loads(tags["mlflow.sharedViewState.sam3pipe-headline"])["selectedColumns"]
+
+
+def test_the_parent_row_gets_the_comparison_params_and_code_of_its_components(
+    mlflow_tracking: MlflowServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAM3PIPE_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("SAM3PIPE_IMAGE", "ghcr.io/example/sam3pipe:1.2.3")
+    tracking = fast_tracking()
+    with component_run(tracking, "train", DemoConfig(optim=Optim(lr=3e-4), tracking=tracking)) as run:
+        pass
+
+    params = MlflowClient().get_run(run.parent_run_id).data.params
+    assert params == {
+        "lr": "0.0003",
+        "git_commit": "0123456789abcdef0123456789abcdef01234567",
+        "image": "ghcr.io/example/sam3pipe:1.2.3",
+    }
+
+
+def test_a_rerun_with_another_value_keeps_the_parents_param_and_says_so(
+    mlflow_tracking: MlflowServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracking = fast_tracking()
+    with component_run(tracking, "train", DemoConfig(optim=Optim(lr=1e-4), tracking=tracking)) as first:
+        pass
+    with caplog.at_level(logging.WARNING), component_run(tracking, "train", DemoConfig(optim=Optim(lr=2e-4))):
+        pass
+
+    assert MlflowClient().get_run(first.parent_run_id).data.params["lr"] == "0.0001"
+    assert "pipeline run keeps param lr=0.0001; this component ran with 0.0002" in caplog.text
+
+
+def test_only_the_headline_metrics_of_a_finished_component_reach_the_parent(mlflow_tracking: MlflowServer) -> None:
+    tracking = fast_tracking(headline_metrics=["eval/segm_AP"])
+    with component_run(tracking, "evaluate", DemoConfig(tracking=tracking)) as run:
+        run.log_eval({"segm_AP": 0.25, "bbox_AP": 0.5}, step=3)
+    with pytest.raises(RuntimeError), component_run(tracking, "predict", DemoConfig(tracking=tracking)) as failed:
+        failed.log_eval({"segm_AP": 0.75})
+        raise RuntimeError("lost the node")
+
+    assert MlflowClient().get_run(run.parent_run_id).data.metrics == {"eval/segm_AP": 0.25}
+
+
+def checkpoint_at(bucket: str, step: int) -> tuple[str, bytes]:
+    uri = storage.join(bucket, "runs", "r", "checkpoints", f"step_{step:07d}.pt")
+    data = f"weights of step {step}".encode()
+    storage.write_bytes(uri, data)
+    return uri, data
+
+
+@dataclass
+class Ref:
+    """What the trainer hands `on_checkpoint` (contract 2's CheckpointRef)."""
+
+    uri: str
+    size: int
+    sha256: str
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def log_checkpoints(run: object, bucket: str, scores: dict[int, float], with_metrics: bool = True) -> dict[int, Ref]:
+    """Steps with their val/segm_AP, as the trainer reports them: step, last, and best when it improves."""
+    refs, best = {}, -1.0
+    for step, score in scores.items():
+        uri, data = checkpoint_at(bucket, step)
+        ref = Ref(uri, len(data), storage.sha256_bytes(data), step, {"val/segm_AP": score} if with_metrics else {})
+        run.log_metrics({"val/segm_AP": score, "val/loss": 1 - score}, step)  # type: ignore[attr-defined]
+        run.log_checkpoint_ref("step", ref)  # type: ignore[attr-defined]
+        run.log_checkpoint_ref("last", ref)  # type: ignore[attr-defined]
+        if score > best:
+            best = score
+            run.log_checkpoint_ref("best", ref)  # type: ignore[attr-defined]
+        refs[step] = ref
+    return refs
+
+
+def test_checkpoints_are_logged_models_ranked_by_their_validation_metric(
+    mlflow_tracking: MlflowServer, s3_bucket: str
+) -> None:
+    with component_run(fast_tracking(), "train", DemoConfig()) as run:
+        refs = log_checkpoints(run, s3_bucket, {10: 0.2, 20: 0.5, 30: 0.4})
+
+    ranked = mlflow.search_logged_models(
+        experiment_ids=[experiment_id()],
+        order_by=[{"field_name": "metrics.val/segm_AP", "ascending": False}],
+        output_format="list",
+    )
+    assert [int(m.tags["sam3pipe.step"]) for m in ranked] == [20, 30, 10]
+    best, last = ranked[0], ranked[1]
+    assert (best.tags["sam3pipe.best"], best.tags["sam3pipe.last"]) == ("true", "false")
+    assert (last.tags["sam3pipe.best"], last.tags["sam3pipe.last"]) == ("false", "true")
+    assert best.tags["sam3pipe.checkpoint_uri"] == refs[20].uri and best.tags["sam3pipe.sha256"] == refs[20].sha256
+    assert best.tags["sam3pipe.size_bytes"] == str(refs[20].size)
+    assert best.source_run_id == run.parent_run_id and best.tags["sam3pipe.train_run_id"] == run.run_id
+
+
+def test_the_best_checkpoints_validation_metric_lands_on_the_parent_at_its_step(
+    mlflow_tracking: MlflowServer, s3_bucket: str
+) -> None:
+    with component_run(fast_tracking(), "train", DemoConfig()) as run:
+        log_checkpoints(run, s3_bucket, {10: 0.2, 20: 0.5, 30: 0.4})
+
+    client = MlflowClient()
+    assert client.get_run(run.parent_run_id).data.metrics == {"val/segm_AP": 0.5, "val/loss": 0.5, "best_step": 20}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.parent_run_id, "val/segm_AP")] == [(20, 0.5)]
+
+
+def test_a_checkpoint_without_metrics_takes_the_validation_metrics_logged_at_its_step(
+    mlflow_tracking: MlflowServer, s3_bucket: str
+) -> None:
+    with component_run(fast_tracking(), "train", DemoConfig()) as run:
+        log_checkpoints(run, s3_bucket, {10: 0.2}, with_metrics=False)
+
+    (model,) = mlflow.search_logged_models(experiment_ids=[experiment_id()], output_format="list")
+    assert {m.key: m.value for m in model.metrics} == {"val/segm_AP": 0.2, "val/loss": 0.8}
+    history = MlflowClient().get_metric_history(run.run_id, "val/segm_AP")
+    assert len(history) == 1  # linking the metric to the model added no copy to the run's curve
+
+
+def test_checkpoint_and_registry_records_made_during_an_outage_are_sent_when_the_server_is_back(
+    mlflow_tracking: MlflowServer, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"sam3-test-{uuid.uuid4().hex[:8]}"
+    tracking = fast_tracking(registered_model_name=name, final_flush_timeout_s=120.0)
+    with caplog.at_level(logging.WARNING), component_run(tracking, "train", DemoConfig(tracking=tracking)) as run:
+        mlflow_tracking.stop()
+        refs = log_checkpoints(run, s3_bucket, {10: 0.3})
+        assert run.register_model(refs[10].uri) is None
+        assert [r["kind"] for r in run.pending] == ["checkpoint"] * 3 + ["register"]
+        mlflow_tracking.start()
+
+    assert "pending until it is back: 1 checkpoint record" in caplog.text
+    assert "MLflow reachable again; pending tracking records sent" in caplog.text
+    version = MlflowClient().get_model_version_by_alias(name, "candidate")
+    (model,) = mlflow.search_logged_models(experiment_ids=[experiment_id()], output_format="list")
+    assert version.source == refs[10].uri and version.tags["sam3pipe.model_id"] == model.model_id
+
+
+def test_records_the_server_never_got_are_written_down_and_replayed(
+    mlflow_tracking: MlflowServer,
+    monkeypatch: pytest.MonkeyPatch,
+    s3_bucket: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    name = f"sam3-test-{uuid.uuid4().hex[:8]}"
+    tracking = fast_tracking(registered_model_name=name, final_flush_timeout_s=1.0, connect_timeout_s=1.0)
+    output = str(tmp_path / "run-output")
+    with component_run(tracking, "train", DemoConfig(tracking=tracking), output_uri=output) as run:
+        mlflow_tracking.pause()
+        try:
+            with caplog.at_level(logging.WARNING):
+                refs = log_checkpoints(run, s3_bucket, {10: 0.3})
+                run.register_model(refs[10].uri)
+                run.finish()
+        finally:
+            mlflow_tracking.resume()
+
+    record = storage.join(output, UNSENT_FILE)
+    assert "3 checkpoint records, 1 model registration" in caplog.text and record in caplog.text
+    replay_unsent(record)
+    assert MlflowClient().get_model_version_by_alias(name, "candidate").source == refs[10].uri
+    (model,) = mlflow.search_logged_models(experiment_ids=[experiment_id()], output_format="list")
+    assert model.tags["sam3pipe.best"] == "true" and {m.key for m in model.metrics} == {"val/segm_AP", "val/loss"}
+    assert not storage.exists(record)

@@ -108,7 +108,7 @@ def with_resolved_model(cfg: PredictConfig) -> PredictConfig:
     """The config with `model.uri` naming a checkpoint (a `models:/` registry URI looked up)."""
     if not cfg.model.uri:
         raise InputError("predict config", "model.uri", "no checkpoint given; pass model.uri=<checkpoint URI>")
-    return replace(cfg, model=replace(cfg.model, uri=resolve_model_uri(cfg.model.uri)))
+    return replace(cfg, model=replace(cfg.model, uri=resolve_model_uri(cfg.model.uri, cfg=cfg.tracking)))
 
 
 def output_uri_for(cfg: PredictConfig) -> str:

@@ -2,7 +2,9 @@
 
 A component opens its run with `component_run` (parent per pipeline run, nested run per
 component, found again by tags), logs through the returned `Tracker`, and predict turns
-`models:/<name>@candidate` into a checkpoint URI with `resolve_model_uri`.
+`models:/<name>@candidate` into a checkpoint URI with `resolve_model_uri`. Checkpoints are
+LoggedModels (models.py), datasets are dataset inputs (datasets.py), and what a run needs to
+be reproduced is its `reproduce.json` (lineage.py; `sam3pipe reproduce` reads it).
 
 Names resolve lazily (PEP 562): configs embed `TrackingConfig` without importing mlflow, which
 costs seconds at the start of every training process.
@@ -14,7 +16,10 @@ import importlib
 from typing import Any
 
 _SOURCES = {
+    "DatasetRef": "datasets",
     "eval_metrics": "metrics",
+    "git_commit": "lineage",
+    "lineage_tags": "lineage",
     "redact_params": "redact",
     "redact_text": "redact",
     "redact_tree": "redact",
@@ -24,6 +29,9 @@ _SOURCES = {
     "TrackingConfig": "settings",
     "tracking_uri": "settings",
     "ui_command": "settings",
+    "compare_url": "ui",
+    "local_runs_table_url": "ui",
+    "runs_table_url": "ui",
     "Tracker": "tracker",
     "component_run": "tracker",
     "replay_unsent": "unsent",

@@ -8,6 +8,7 @@ when the value itself looks like one wherever it sits.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 from collections import Counter
@@ -53,7 +54,11 @@ _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # user:password@ in any URL keeps the user and hides the password.
-    (re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):[^/\s@]+@"), rf"\g<head>:{MASK}@"),
+    # (The scheme is bounded and must start a word: an unbounded one made long letter runs quadratic.)
+    (
+        re.compile(r"(?P<head>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^/\s:@]+):[^/\s@]+@"),
+        rf"\g<head>:{MASK}@",
+    ),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S), MASK),
     # JSON Web Tokens: base64url header and payload both start with '{"'.
     (re.compile(r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), MASK),
@@ -135,3 +140,35 @@ def truncate(value: str, limit: int = MAX_PARAM_VAL_LENGTH) -> str:
 def redact_params(flat: Mapping[str, Any]) -> dict[str, str]:
     """Flattened config -> MLflow params: masked, stringified, cut to MLflow's length limit."""
     return {key: truncate(str(redact_tree(value, key))) for key, value in flat.items()}
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials in a log record's final text (MLflow puts `user:password@` URLs in its lines)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        masked = redact_text(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+# MLflow's loggers write through their own handler (propagation off); urllib3 logs the URLs it retries.
+_MLFLOW_LOGGERS = ("mlflow", "urllib3.connectionpool")
+
+
+def mask_console() -> None:
+    """Route MLflow's own console lines through `redact_text`, as ours are. Idempotent.
+
+    The filter sits on the handlers of MLflow's logger (records of every `mlflow.*` logger
+    pass them) and on the loggers themselves (records that propagate to the root's handlers).
+    Importing mlflow (this module does) has already set MLflow's handler up.
+    """
+    for name in _MLFLOW_LOGGERS:
+        logger = logging.getLogger(name)
+        for target in [logger, *logger.handlers]:
+            if not any(isinstance(f, RedactingFilter) for f in target.filters):
+                target.addFilter(RedactingFilter())

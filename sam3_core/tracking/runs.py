@@ -28,6 +28,10 @@ TAG_COMPONENT = "sam3pipe.component"
 TAG_CONFIG_SHA256 = "sam3pipe.config_sha256"
 TAG_SUPERSEDED_BY = "sam3pipe.superseded_by"
 PIPELINE = "pipeline"
+# MLflow 3's experiment kind: the UI opens a model-training experiment on its runs table
+# (values from the UI's ExperimentKind enum, mlflow 3.17).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,23 @@ class OpenRuns:
     parent_run_id: str
     run_id: str
     resumed: bool
+    # Params the parent already holds: MLflow refuses to change a param, so these are not resent.
+    parent_params: dict[str, str] = field(default_factory=dict)
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Id of the named experiment, created (or restored from the bin) when needed."""
+def experiment_id(
+    client: MlflowClient, name: str, artifact_location: str | None, tags: dict[str, str] | None = None
+) -> str:
+    """Id of the named experiment, created as a model-training experiment (or restored) when needed.
+
+    An existing experiment without a kind gets ours (one a user gave another kind keeps it);
+    `tags` (the UI's saved views) are set where they differ.
+    """
+    wanted = {TAG_EXPERIMENT_KIND: MODEL_TRAINING, **(tags or {})}
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=wanted)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -72,6 +85,10 @@ def experiment_id(client: MlflowClient, name: str, artifact_location: str | None
     if experiment.lifecycle_stage == "deleted":
         logger.warning("MLflow experiment %r was deleted; restoring it to log into it", name)
         client.restore_experiment(experiment.experiment_id)
+    for key, value in wanted.items():
+        held = experiment.tags.get(key)
+        if held is None or (held != value and key != TAG_EXPERIMENT_KIND):
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -91,7 +108,7 @@ def _sweep_tags(client: MlflowClient, exp_id: str, spec: RunSpec) -> dict[str, s
     return {sweeps.TAG_SWEEP_ID: spec.sweep_id, MLFLOW_PARENT_RUN_ID: sweep_run}
 
 
-def _parent_run_id(client: MlflowClient, exp_id: str, spec: RunSpec) -> str:
+def _parent_run(client: MlflowClient, exp_id: str, spec: RunSpec) -> Run:
     """The pipeline run's parent; when two components race to create it, the oldest wins."""
     wanted = {TAG_PIPELINE_RUN_ID: spec.pipeline_run_id, TAG_COMPONENT: PIPELINE}
     found = _search(client, exp_id, wanted, newest_first=False)
@@ -104,13 +121,19 @@ def _parent_run_id(client: MlflowClient, exp_id: str, spec: RunSpec) -> str:
     parent = found[0]
     if parent.info.status != RunStatus.to_string(RunStatus.RUNNING):
         client.update_run(parent.info.run_id, status="RUNNING")
-    return parent.info.run_id
+    return parent
 
 
-def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None = None) -> OpenRuns:
+def open_runs(
+    client: MlflowClient,
+    spec: RunSpec,
+    artifact_location: str | None = None,
+    experiment_tags: dict[str, str] | None = None,
+) -> OpenRuns:
     """Find or create the parent, then resume or replace the component run (see module doc)."""
-    exp_id = experiment_id(client, spec.experiment_name, artifact_location)
-    parent_id = _parent_run_id(client, exp_id, spec)
+    exp_id = experiment_id(client, spec.experiment_name, artifact_location, experiment_tags)
+    parent = _parent_run(client, exp_id, spec)
+    parent_id, parent_params = parent.info.run_id, dict(parent.data.params)
     earlier = _search(
         client, exp_id, {MLFLOW_PARENT_RUN_ID: parent_id, TAG_COMPONENT: spec.component}, newest_first=True
     )
@@ -120,7 +143,7 @@ def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None
         if unfinished and latest.data.tags.get(TAG_CONFIG_SHA256) == spec.config_sha256:
             client.update_run(latest.info.run_id, status="RUNNING")
             logger.info("resuming MLflow run %s of %s", latest.info.run_id, spec.component)
-            return OpenRuns(exp_id, parent_id, latest.info.run_id, resumed=True)
+            return OpenRuns(exp_id, parent_id, latest.info.run_id, resumed=True, parent_params=parent_params)
     tags = {
         **spec.tags,
         TAG_PIPELINE_RUN_ID: spec.pipeline_run_id,
@@ -133,7 +156,7 @@ def open_runs(client: MlflowClient, spec: RunSpec, artifact_location: str | None
         client.set_tag(old.info.run_id, TAG_SUPERSEDED_BY, run.info.run_id)
         client.delete_run(old.info.run_id)
         logger.info("MLflow run %s of %s superseded by %s", old.info.run_id, spec.component, run.info.run_id)
-    return OpenRuns(exp_id, parent_id, run.info.run_id, resumed=False)
+    return OpenRuns(exp_id, parent_id, run.info.run_id, resumed=False, parent_params=parent_params)
 
 
 def close_runs(client: MlflowClient, runs: OpenRuns, status: str) -> None:

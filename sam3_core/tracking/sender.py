@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -24,6 +25,9 @@ from sam3_core.tracking.redact import describe_error
 from sam3_core.tracking.settings import TrackingConfig
 
 logger = logging.getLogger(__name__)
+
+# What a call to the tracking server may raise when the server, not our data, is the problem.
+TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -62,6 +66,14 @@ class Pending:
         del self.metrics[: len(batch.metrics)]
         del self.params[: len(batch.params)]
         del self.tags[: len(batch.tags)]
+
+    def batches(self) -> Iterator[Pending]:
+        """Everything, in MLflow-sized batches (this object is left as it is)."""
+        rest = Pending(list(self.metrics), list(self.params), list(self.tags))
+        while len(rest):
+            batch = rest.head()
+            yield batch
+            rest.drop_head(batch)
 
 
 class OfflineBuffer:

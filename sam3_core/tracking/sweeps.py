@@ -37,6 +37,7 @@ from sam3_core.tracking.redact import (
     redact_text,
     truncate,
 )
+from sam3_core.tracking.models import RUN_MODEL_TAG
 from sam3_core.tracking.registry import register_checkpoint
 from sam3_core.tracking.runs import (
     PIPELINE,
@@ -51,6 +52,7 @@ from sam3_core.tracking.settings import (
     local_artifact_root,
     tracking_uri,
 )
+from sam3_core.tracking.ui import view_tags
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ def _client() -> tuple[MlflowClient, str]:
 
 
 def _experiment(client: MlflowClient, uri: str, name: str) -> str:
-    return experiment_id(client, name, local_artifact_root() if is_local_store(uri) else None)
+    cfg = TrackingConfig()
+    return experiment_id(client, name, local_artifact_root(uri) if is_local_store(uri) else None, view_tags(cfg))
 
 
 def _find(client: MlflowClient, exp_id: str, tags: Mapping[str, str], newest_first: bool = False) -> list[Run]:
@@ -236,8 +239,10 @@ def record_sweep(
                 client.log_metric(sweep_run, name, value)
             trial_run = trial_runs[best.trial_id]
             source_run = _train_run_id(client, exp_id, trial_run, best.pipeline_run_id) or trial_run
+            # the train run names its best checkpoint's logged model: the version links to it
+            model_id = client.get_run(source_run).data.tags.get(RUN_MODEL_TAG.format(role="best"))
             version = register_checkpoint(
-                client, model_name, alias, best.checkpoint_uri, source_run, best.pipeline_run_id
+                client, model_name, alias, best.checkpoint_uri, source_run, best.pipeline_run_id, model_id
             ).version
         client.set_terminated(sweep_run, "FINISHED" if best is not None else "FAILED")
     except (MlflowException, RequestException, OSError) as exc:

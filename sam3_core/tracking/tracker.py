@@ -1,66 +1,87 @@
 """A component's handle on its MLflow run.
 
-    with component_run(cfg.tracking, "train", cfg, dataset_id=ds_id, output_uri=run_uri) as run:
+    with component_run(cfg.tracking, "train", cfg, overrides=argv, dataset_uri=cfg.data.uri,
+                       output_uri=run_uri) as run:
         run.log_metrics(train_step_metrics(loss, terms, lr, clips, frames, seconds), step)
-        run.log_checkpoint("best", best_uri, step)
-        run.register_model(best_uri)
+        run.log_checkpoint_ref("best", ref)        # a LoggedModel per checkpoint
+        run.register_model(best_uri)               # the registry version of the best logged model
+        run.set_outputs(outputs)
 
 Tracking never stops a component: off (disabled, or rank != 0) every call is a no-op;
-metrics go through a background sender; an MLflow failure is a warning; values that
-never reached the server are recorded next to the outputs (`mlflow_unsent.jsonl`).
-If the server cannot be reached at start, the component runs with tracking offline.
+metrics go through a background sender, artifacts through a small upload pool; checkpoint
+records, registrations, dataset inputs and the pipeline run's summary are records that are
+kept while the server is away and sent when it is back; an MLflow failure is a warning;
+whatever never reached the server is recorded next to the outputs (`mlflow_unsent.jsonl`)
+and the component says what is pending. If the server cannot be reached at start, the
+component runs with tracking offline.
+
+The pipeline (parent) run gets what comparing pipeline runs needs: the params named by
+`tracking.parent_params` (lr, max_steps, ...) plus dataset id, image and git commit, and,
+when a component finishes, its `tracking.headline_metrics` (the best checkpoint's `val/*`
+at its step, the evaluation's `eval/*`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
-import importlib.util
+import io
 import json
 import logging
-import os
 import posixpath
-import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import requests
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from sam3_core import storage
 from sam3_core.config import flatten
 from sam3_core.errors import ConfigError, StorageError
+from sam3_core.tracking import datasets
+from sam3_core.tracking.lineage import (
+    RECORD_FILE,
+    TAG_DATASET_ID,
+    TAG_GIT_COMMIT,
+    TAG_IMAGE,
+    TAG_OUTPUT,
+    checkpoint_input,
+    lineage_tags,
+    run_record,
+)
 from sam3_core.tracking.metrics import eval_metrics
+from sam3_core.tracking.models import model_name
+from sam3_core.tracking.records import Target, apply_record, describe_pending
 from sam3_core.tracking.redact import (
     describe_error,
+    mask_console,
     redact_params,
     redact_text,
     redact_tree,
     redact_value,
     truncate,
 )
-from sam3_core.tracking.registry import register_checkpoint
 from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
-from sam3_core.tracking.sender import OfflineBuffer, Pending, Sender, is_transient
+from sam3_core.tracking.sender import TRACKING_ERRORS, OfflineBuffer, Pending, Sender, is_transient
 from sam3_core.tracking.settings import (
-    HOME,
     TrackingConfig,
     fail_fast_http,
+    home,
     is_local_store,
     local_artifact_root,
     rank,
     tracking_uri,
 )
+from sam3_core.tracking.ui import runs_table_url, view_tags
 from sam3_core.tracking.unsent import UNSENT_FILE, record_unsent
 
 if TYPE_CHECKING:
@@ -69,48 +90,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TAG_GIT_COMMIT = "sam3pipe.git_commit"
-TAG_IMAGE = "sam3pipe.image"
-TAG_DATASET_ID = "sam3pipe.dataset_id"
-TAG_SAM3_VERSION = "sam3pipe.sam3_version"
-CHECKPOINT_TAG = "sam3pipe.checkpoint.{name}"
-# Checkpoints that get a pointer tag; periodic ones are only referenced as artifacts.
-POINTER_CHECKPOINTS = ("best", "last")
-TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+# The config key naming the checkpoint a component starts from (train) or predicts with.
+CHECKPOINT_INPUT_KEY = "model.uri"
+# The parent param of each lineage tag, so the runs table shows them as columns.
+LINEAGE_PARAMS = {TAG_GIT_COMMIT: "git_commit", TAG_IMAGE: "image"}
+BEST_STEP = "best_step"
+# A short component must not wait for a system-metrics sample; joined this long at most at the end.
+MONITOR_JOIN_S = 2.0
 
 
-def git_commit() -> str:
-    """The code's commit: SAM3PIPE_GIT_COMMIT (set in the image), else git, else 'unknown'."""
-    if os.environ.get("SAM3PIPE_GIT_COMMIT"):
-        return os.environ["SAM3PIPE_GIT_COMMIT"]
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
-def sam3_version() -> str:
-    try:
-        return importlib.metadata.version("sam3")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def lineage_tags() -> dict[str, str]:
-    """Tags that say what code produced a run: commit, image, model library."""
-    commit = git_commit()
-    tags = {TAG_GIT_COMMIT: commit, MLFLOW_GIT_COMMIT: commit, TAG_SAM3_VERSION: sam3_version()}
-    if os.environ.get("SAM3PIPE_IMAGE"):
-        tags[TAG_IMAGE] = os.environ["SAM3PIPE_IMAGE"]
-    return {key: truncate(str(redact_value(key, value))) for key, value in tags.items()}
+def _metric_json(metric: Metric) -> dict[str, Any]:
+    return {"key": metric.key, "value": metric.value, "step": metric.step, "timestamp": metric.timestamp}
 
 
 def _plain(config: Any) -> dict[str, Any]:
@@ -134,6 +124,23 @@ def _retrying(fn: Callable[[], T], cfg: TrackingConfig, timeout_s: float) -> T:
             delay = min(delay * 2, cfg.retry_max_s)
 
 
+def parent_params(flat: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
+    """The comparison params of a component's flattened config: `mapping` is param -> config key.
+
+    A key naming a section gives one param per leaf (`lora` -> `lora.rank`, `lora.alpha`);
+    keys this component's config lacks are skipped.
+    """
+    params: dict[str, Any] = {}
+    for name, key in mapping.items():
+        if key in flat:
+            params[name] = flat[key]
+        else:
+            params.update(
+                {name + leaf[len(key) :]: value for leaf, value in flat.items() if leaf.startswith(key + ".")}
+            )
+    return params
+
+
 class Tracker:
     """One component run; see the module doc. Build it with `component_run`."""
 
@@ -145,9 +152,12 @@ class Tracker:
         runs: OpenRuns | None = None,
         unsent_uri: str = "",
         monitor: SystemMetricsMonitor | None = None,
+        model_params: Mapping[str, str] | None = None,
     ) -> None:
         self._cfg, self._spec, self._client, self._runs = cfg, spec, client, runs
         self._unsent_uri, self._monitor = unsent_uri, monitor
+        # params of every checkpoint's logged model: the run's comparison params (lr, ...)
+        self._model_params = dict(model_params or {})
         self._buffer: Sender | OfflineBuffer | None = None
         if runs is not None and client is not None:
             self._buffer = Sender(client, runs.run_id, cfg)
@@ -156,8 +166,15 @@ class Tracker:
         self._active = self._buffer is not None
         self._warned_offline = False
         # After a call failed for good, the next ones try once: a down server must not add a
-        # full retry window per artifact.
+        # full retry window per artifact or record.
         self._server_down = False
+        self._records: list[dict[str, Any]] = []
+        self._uploads: ThreadPoolExecutor | None = None
+        self._futures: list[Future[Any]] = []
+        self._latest: dict[str, Metric] = {}
+        # val/* metrics by step: what a checkpoint of that step scored, when its ref has no metrics
+        self._val_by_step: dict[int, dict[str, Metric]] = {}
+        self._best: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -177,6 +194,11 @@ class Tracker:
         """True when this continues an unfinished run of the same config, so it holds the earlier values."""
         return self._runs is not None and self._runs.resumed
 
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        """Records not yet on the server (checkpoints, registrations, ...), oldest first."""
+        return list(self._records)
+
     # ------------------------------------------------------------------ values (buffered)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -184,7 +206,12 @@ class Tracker:
         if self._buffer is None:
             return
         now = int(time.time() * 1000)
-        self._buffer.add(metrics=[Metric(key, float(value), now, int(step)) for key, value in metrics.items()])
+        batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        for metric in batch:
+            self._latest[metric.key] = metric
+            if metric.key.startswith("val/"):
+                self._val_by_step.setdefault(metric.step, {})[metric.key] = metric
+        self._buffer.add(metrics=batch)
 
     def log_eval(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Evaluator results as `eval/<name>`."""
@@ -205,14 +232,143 @@ class Tracker:
         """Tag this run and its pipeline's parent with the dataset (data prep knows it only at the end)."""
         value = str(redact_value(TAG_DATASET_ID, dataset_id))
         self.set_tags({TAG_DATASET_ID: value})
-        parent = self.parent_run_id
-        if parent is not None:
-            self._call("tagging the parent run", lambda c, r: c.set_tag(parent, TAG_DATASET_ID, value))
+        self.log_parent(params={"dataset_id": value}, tags={TAG_DATASET_ID: value})
 
-    # ------------------------------------------------------------------ artifacts (sent now)
+    def log_dataset(self, ref: datasets.DatasetRef, context: str) -> None:
+        """The dataset as an MLflow dataset input of this run and its parent (the Dataset column)."""
+        self.set_dataset_id(ref.dataset_id)
+        self.submit_record({"kind": "dataset", "dataset": ref.to_json(), "context": context})
 
-    def _call(self, what: str, fn: Callable[[MlflowClient, str], Any]) -> Any:
-        """Run one artifact / registry call; a failure is a warning, never the component's end."""
+    def set_outputs(self, outputs: Mapping[str, Any]) -> None:
+        """The component's outputs as `sam3pipe.output.<name>` tags (what `reproduce` rewires)."""
+        self.set_tags(
+            {TAG_OUTPUT.format(name=k): v for k, v in outputs.items() if isinstance(v, str | int | float | bool)}
+        )
+
+    def log_parent(
+        self,
+        params: Mapping[str, Any] | None = None,
+        metrics: Sequence[Metric] = (),
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """Values for the pipeline (parent) run: params it lacks, metrics, tags."""
+        record: dict[str, Any] = {"kind": "parent"}
+        if params:
+            record["params"] = redact_params(params)
+        if metrics:
+            record["metrics"] = [_metric_json(m) for m in metrics]
+        if tags:
+            record["tags"] = {key: truncate(str(redact_value(key, value))) for key, value in tags.items()}
+        self.submit_record(record)
+
+    # ------------------------------------------------------------------ records (kept while the server is away)
+
+    def submit_record(self, record: dict[str, Any]) -> Any:
+        """Send a record after those still pending; kept when the server is away. What it made, or None."""
+        if self._buffer is None:
+            return None
+        self._records.append(record)
+        if self._runs is None or self._client is None:
+            return None
+        results = self._drain(0 if self._server_down else self._cfg.connect_timeout_s)
+        return results.get(id(record))
+
+    def _drain(self, timeout_s: float) -> dict[int, Any]:
+        """Apply pending records in order until one fails transiently; results by record id."""
+        assert self._runs is not None and self._client is not None
+        client, target = self._client, Target(self._runs.experiment_id, self._runs.parent_run_id, self._runs.run_id)
+        results: dict[int, Any] = {}
+        while self._records:
+            record = self._records[0]
+            try:
+                results[id(record)] = _retrying(
+                    lambda record=record: apply_record(client, target, record), self._cfg, timeout_s
+                )
+            except TRACKING_ERRORS as exc:
+                if is_transient(exc):
+                    if not self._server_down:
+                        logger.warning(
+                            "MLflow unreachable (%s); pending until it is back: %s",
+                            describe_error(exc),
+                            describe_pending(self._records),
+                        )
+                    self._server_down = True
+                    return results
+                logger.warning("MLflow refused a %s (%s); dropped", record["kind"], describe_error(exc))
+            self._records.pop(0)
+            if self._server_down:
+                logger.warning("MLflow reachable again; pending tracking records sent")
+            self._server_down = False
+        return results
+
+    def log_checkpoint(
+        self,
+        name: str,
+        uri: str,
+        step: int,
+        sha256: str | None = None,
+        size_bytes: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        role: str | None = None,
+    ) -> None:
+        """A checkpoint already in the object store as a LoggedModel + `checkpoints/<name>.json`.
+
+        The bytes never go through the tracking server. Without `sha256`/`size_bytes` they are
+        computed here (a remote checkpoint is read for that). `role` is best / last / step
+        (default: `name` when it is best or last, else step); `metrics` are the validation
+        metrics of its step, added to the `val/*` metrics this run logged at that step.
+        """
+        if self._buffer is None:
+            return
+        if sha256 is None or size_bytes is None:
+            path = storage.cached_path(uri)
+            sha256 = sha256 or storage.sha256_file(path)
+            size_bytes = path.stat().st_size if size_bytes is None else size_bytes
+        role = role or (name if name in ("best", "last") else "step")
+        logged = self._val_by_step.get(int(step), {})
+        values = {**{key: m.value for key, m in logged.items()}, **(metrics or {})}
+        reference = {"name": name, "uri": uri, "step": int(step), "size_bytes": int(size_bytes), "sha256": sha256}
+        spec_name = self._spec.parent_name if self._spec else "run"
+        record = {
+            "kind": "checkpoint",
+            **reference,
+            "role": role,
+            "reference": reference,
+            "model_name": model_name(f"{spec_name}/{self._spec.component if self._spec else ''}", step),
+            "metrics": values,
+            "timestamps": {key: m.timestamp for key, m in logged.items() if key in values},
+            "params": self._model_params,
+        }
+        if role == "best":
+            self._best = {"model_name": record["model_name"], "step": int(step), "metrics": values}
+        self.submit_record(record)
+
+    def log_checkpoint_ref(self, kind: str, ref: Any) -> None:
+        """What the trainer's `on_checkpoint(kind, ref)` gives (a CheckpointRef: uri, size, sha256, step, metrics)."""
+        name = kind if kind != "step" else posixpath.splitext(posixpath.basename(ref.uri))[0]
+        self.log_checkpoint(name, ref.uri, ref.step, ref.sha256, ref.size, getattr(ref, "metrics", None), role=kind)
+
+    def register_model(self, checkpoint_uri: str) -> str | None:
+        """Register the checkpoint as this pipeline run's model version (linked to the best logged model).
+
+        Returns the version, or None when tracking is off or the registration is pending.
+        """
+        if self._spec is None:
+            return None
+        record = {
+            "kind": "register",
+            "model_name": self._cfg.registered_model_name,
+            "alias": self._cfg.model_alias,
+            "checkpoint_uri": checkpoint_uri,
+            "pipeline_run_id": self._spec.pipeline_run_id,
+            "best_model_name": self._best["model_name"] if self._best else "",
+        }
+        return self.submit_record(record)
+
+    # ------------------------------------------------------------------ artifacts (uploaded in the background)
+
+    def _call(self, what: str, fn: Callable[[MlflowClient, str], Any]) -> Future[Any] | None:
+        """Upload one artifact on the pool; a failure is a warning, never the component's end."""
         if self._buffer is None:
             return None
         if self._runs is None or self._client is None:
@@ -223,24 +379,38 @@ class Tracker:
                 self._warned_offline = True
             return None
         client, run_id = self._client, self._runs.run_id
-        try:
-            result = _retrying(
-                lambda: fn(client, run_id), self._cfg, 0 if self._server_down else self._cfg.connect_timeout_s
-            )
-        except TRACKING_ERRORS as exc:
-            self._server_down = is_transient(exc)
-            logger.warning("MLflow: %s failed (%s); the component goes on without it", what, describe_error(exc))
-            return None
-        self._server_down = False
-        return result
+
+        def upload() -> Any:
+            try:
+                result = _retrying(
+                    lambda: fn(client, run_id), self._cfg, 0 if self._server_down else self._cfg.connect_timeout_s
+                )
+            except TRACKING_ERRORS as exc:
+                self._server_down = is_transient(exc)
+                logger.warning("MLflow: %s failed (%s); the component goes on without it", what, describe_error(exc))
+                return None
+            return result
+
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(self._cfg.upload_workers, thread_name_prefix="mlflow-upload")
+        future = self._uploads.submit(upload)
+        self._futures.append(future)
+        return future
+
+    def _log_bytes(self, data: bytes, artifact_file: str) -> None:
+        def upload(client: MlflowClient, run_id: str) -> None:
+            with tempfile.TemporaryDirectory(prefix="sam3pipe-artifact-") as tmp:
+                local = Path(tmp) / posixpath.basename(artifact_file)
+                local.write_bytes(data)
+                client.log_artifact(run_id, str(local), posixpath.dirname(artifact_file) or None)
+
+        self._call(f"logging {artifact_file}", upload)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        masked = redact_text(text)
-        self._call(f"logging {artifact_file}", lambda c, r: c.log_text(r, masked, artifact_file))
+        self._log_bytes(redact_text(text).encode("utf-8"), artifact_file)
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
-        masked = redact_tree(obj)
-        self._call(f"logging {artifact_file}", lambda c, r: c.log_dict(r, masked, artifact_file))
+        self._log_bytes(json.dumps(redact_tree(obj), indent=2).encode("utf-8"), artifact_file)
 
     def log_config(self, config: Any) -> None:
         """The resolved config as `config.yaml`, credentials masked."""
@@ -260,12 +430,19 @@ class Tracker:
         self._call(f"logging {artifact_file}", lambda c, r: c.log_table(r, data=data, artifact_file=artifact_file))
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """A matplotlib figure (the PR plot) as an image artifact."""
-        self._call(f"logging {artifact_file}", lambda c, r: c.log_figure(r, figure, artifact_file))
+        """A matplotlib figure (the PR plot) as an image artifact, rendered here, uploaded in the background."""
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=posixpath.splitext(artifact_file)[1].lstrip(".") or "png")
+        self._log_bytes(buffer.getvalue(), artifact_file)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """A PIL image or array, e.g. a frame from `draw_masks`."""
-        self._call(f"logging {artifact_file}", lambda c, r: c.log_image(r, image, artifact_file=artifact_file))
+        from PIL import Image
+
+        picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        self._log_bytes(buffer.getvalue(), artifact_file)
 
     def log_file(self, uri: str, artifact_path: str | None = None) -> None:
         """A file from the store (dataset manifest, metrics.json); text is checked for credentials."""
@@ -276,78 +453,99 @@ class Tracker:
             data = redact_text(data.decode("utf-8")).encode("utf-8")
         except UnicodeDecodeError:
             logger.debug("%s is binary; logged as is", uri)
-        with tempfile.TemporaryDirectory(prefix="sam3pipe-artifact-") as tmp:
-            local = Path(tmp) / posixpath.basename(uri.rstrip("/"))
-            local.write_bytes(data)
-            self._call(f"logging {uri}", lambda c, r: c.log_artifact(r, str(local), artifact_path))
-
-    # ------------------------------------------------------------------ checkpoints and registry
-
-    def log_checkpoint(
-        self, name: str, uri: str, step: int, sha256: str | None = None, size_bytes: int | None = None
-    ) -> None:
-        """Reference a checkpoint already in the object store: `checkpoints/<name>.json` + pointer tag.
-
-        The bytes never go through the tracking server. Without `sha256`/`size_bytes` they are
-        computed here (a remote checkpoint is fetched into the local cache for that).
-        """
-        if self._buffer is None:
-            return
-        if sha256 is None or size_bytes is None:
-            path = storage.cached_path(uri)
-            sha256 = sha256 or storage.sha256_file(path)
-            size_bytes = path.stat().st_size if size_bytes is None else size_bytes
-        reference = {"name": name, "uri": uri, "step": int(step), "size_bytes": int(size_bytes), "sha256": sha256}
-        self.log_json(reference, f"checkpoints/{name}.json")
-        if name in POINTER_CHECKPOINTS:
-            self.set_tags({CHECKPOINT_TAG.format(name=name): uri})
-
-    def register_model(self, checkpoint_uri: str) -> str | None:
-        """Register the checkpoint as this pipeline run's model version with the alias; its version."""
-        if self._spec is None:
-            return None
-        cfg, pipeline_run_id = self._cfg, self._spec.pipeline_run_id
-        version = self._call(
-            f"registering {checkpoint_uri} as {cfg.registered_model_name}",
-            lambda c, r: register_checkpoint(
-                c, cfg.registered_model_name, cfg.model_alias, checkpoint_uri, r, pipeline_run_id
-            ),
-        )
-        return version.version if version is not None else None
+        name = posixpath.basename(uri.rstrip("/"))
+        self._log_bytes(data, posixpath.join(artifact_path, name) if artifact_path else name)
 
     # ------------------------------------------------------------------ end
+
+    def _summary(self) -> list[dict[str, Any]]:
+        """The parent's record of this finished component: headline metrics, the best checkpoint.
+
+        Headline values are the latest ones, except `val/*`: those of the best checkpoint, at its step.
+        """
+        wanted = set(self._cfg.headline_metrics)
+        values = {key: m for key, m in self._latest.items() if key in wanted}
+        record: dict[str, Any] = {"kind": "parent"}
+        if self._best is not None:
+            values = {key: m for key, m in values.items() if not key.startswith("val/")}
+            now = int(time.time() * 1000)
+            step = self._best["step"]
+            for key, value in self._best["metrics"].items():
+                if key in wanted:
+                    values[key] = Metric(key, float(value), now, step)
+            values[BEST_STEP] = Metric(BEST_STEP, float(step), now, step)
+            record.update(best_model_name=self._best["model_name"], best_step=step)
+        if not values:
+            return []
+        record["metrics"] = [_metric_json(m) for m in values.values()]
+        return [record]
+
+    def _stop_monitor(self) -> threading.Thread | None:
+        """Stop the system-metrics sampler in the background: its last flush must not hold the end."""
+        if self._monitor is None:
+            return None
+        thread = threading.Thread(target=self._monitor.finish, name="mlflow-monitor-stop", daemon=True)
+        thread.start()
+        return thread
 
     def finish(self, status: str = "FINISHED") -> None:
         """Flush (bounded by `final_flush_timeout_s`), record what did not arrive, end the runs."""
         if self._buffer is None or self._spec is None:
             return
+        deadline = time.monotonic() + self._cfg.final_flush_timeout_s
+        monitor = self._stop_monitor()
+        if status == "FINISHED":
+            self._records.extend(self._summary())
         buffer, self._buffer = self._buffer, None
-        if self._monitor is not None:
-            self._monitor.finish()
         left = buffer.close(self._cfg.final_flush_timeout_s)
-        if len(left):
-            self._record(self._spec, left, status)
-        if self._runs is not None and self._client is not None:
-            client, runs = self._client, self._runs
-            try:
-                _retrying(lambda: close_runs(client, runs, status), self._cfg, self._cfg.final_flush_timeout_s)
-            except TRACKING_ERRORS as exc:
-                logger.warning("MLflow: could not mark run %s %s (%s)", runs.run_id, status, describe_error(exc))
+        if self._futures:
+            wait_futures(self._futures, timeout=max(0.0, deadline - time.monotonic()))
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=False, cancel_futures=True)
+        if self._records and self._runs is not None and self._client is not None:
+            self._drain(max(0.0, deadline - time.monotonic()))
+        if len(left) or self._records:
+            self._record_unsent(self._spec, left, status)
+        self._close(status, deadline)
+        if monitor is not None:
+            monitor.join(timeout=max(0.0, min(MONITOR_JOIN_S, deadline - time.monotonic())))
 
-    def _record(self, spec: RunSpec, left: Pending, status: str) -> None:
-        """Into the record under the outputs; into `.sam3pipe/unsent/` when the store fails too."""
-        fallback = str((HOME / "unsent" / f"{spec.pipeline_run_id}-{spec.component}.jsonl").resolve())
+    def _close(self, status: str, deadline: float) -> None:
+        if self._runs is None or self._client is None:
+            return
+        client, runs = self._client, self._runs
+        try:
+            _retrying(lambda: close_runs(client, runs, status), self._cfg, max(0.0, deadline - time.monotonic()))
+        except TRACKING_ERRORS as exc:
+            logger.warning("MLflow: could not mark run %s %s (%s)", runs.run_id, status, describe_error(exc))
+            return
+        uri = tracking_uri()
+        if not is_local_store(uri):
+            base = redact_text(uri.rstrip("/"))
+            name = f"{self._spec.parent_name}/{self._spec.component}" if self._spec else runs.run_id
+            logger.info("View run %s at: %s/#/experiments/%s/runs/%s", name, base, runs.experiment_id, runs.run_id)
+            logger.info("Compare pipeline runs at: %s", runs_table_url(base, runs.experiment_id))
+
+    def _record_unsent(self, spec: RunSpec, left: Pending, status: str) -> None:
+        """Into the record under the outputs; into `<local state>/unsent/` when the store fails too."""
+        fallback = str((home() / "unsent" / f"{spec.pipeline_run_id}-{spec.component}.jsonl").resolve())
+        records, self._records = self._records, []
+        what = ", ".join(
+            part
+            for part in (f"{len(left)} metric/param/tag values" if len(left) else "", describe_pending(records))
+            if part
+        )
         for uri in dict.fromkeys([self._unsent_uri or fallback, fallback]):
             try:
-                record_unsent(uri, spec, self.run_id, status, left)
+                record_unsent(uri, spec, self.run_id, status, left, records)
             except StorageError as exc:
                 logger.error("could not record unsent tracking values at %s: %s", uri, exc)
                 continue
             logger.warning(
-                "%d values of %s never reached the MLflow tracking server; recorded in %s. "
+                "pending for MLflow (%s): %s never reached the tracking server; recorded in %s. "
                 "Send them once it is back with: MLFLOW_TRACKING_URI=<server> python -m sam3_core.tracking replay %s",
-                len(left),
                 spec.component,
+                what,
                 uri,
                 uri,
             )
@@ -367,6 +565,8 @@ class Tracker:
 
 def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> SystemMetricsMonitor | None:
     """MLflow's own system-metrics sampler on the component run, where psutil is installed."""
+    import importlib.util
+
     if not cfg.system_metrics or importlib.util.find_spec("psutil") is None:
         return None
     # Imported here: the module needs psutil at import time.
@@ -385,9 +585,9 @@ def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> SystemMetr
 
 def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: str) -> OpenRuns | None:
     """The component's runs; None (tracking offline) when the server stays unreachable."""
-    artifact_location = local_artifact_root() if is_local_store(uri) else None
+    artifact_location = local_artifact_root(uri) if is_local_store(uri) else None
     try:
-        return _retrying(lambda: open_runs(client, spec, artifact_location), cfg, cfg.connect_timeout_s)
+        return _retrying(lambda: open_runs(client, spec, artifact_location, view_tags(cfg)), cfg, cfg.connect_timeout_s)
     except TRACKING_ERRORS as exc:
         if not is_transient(exc):
             raise ConfigError(
@@ -403,18 +603,47 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
         return None
 
 
+def _lineage_record(
+    tracker: Tracker,
+    component: str,
+    flat: dict[str, Any],
+    plain: dict[str, Any],
+    overrides: Sequence[str],
+    dataset: datasets.DatasetRef | None,
+) -> None:
+    """`reproduce.json`: what `sam3pipe reproduce` needs to rebuild and check this run."""
+    checkpoint = None
+    if isinstance(flat.get(CHECKPOINT_INPUT_KEY), str) and flat[CHECKPOINT_INPUT_KEY]:
+        try:
+            checkpoint = checkpoint_input(CHECKPOINT_INPUT_KEY, flat[CHECKPOINT_INPUT_KEY])
+        except StorageError as exc:
+            logger.warning("the checkpoint %s is not pinned in the lineage record: %s", flat[CHECKPOINT_INPUT_KEY], exc)
+    record = run_record(
+        component,
+        [redact_text(o) for o in overrides],
+        redact_tree(plain),
+        dataset.to_json() if dataset else None,
+        checkpoint,
+    )
+    tracker.submit_record({"kind": "artifact", "path": RECORD_FILE, "json": redact_tree(record.to_json())})
+
+
 def component_run(
     cfg: TrackingConfig,
     component: str,
     config: Any = None,
     *,
+    overrides: Sequence[str] = (),
+    dataset_uri: str = "",
     dataset_id: str = "",
     output_uri: str | None = None,
 ) -> Tracker:
     """Open (or resume) the component's nested run under its pipeline run; use it with `with`.
 
-    `config` (the component's resolved config) becomes params and `config.yaml`; values
-    that never reached the server are recorded under `output_uri`.
+    `config` (the component's resolved config) becomes params, `config.yaml` and the parent's
+    comparison params; `overrides` (its command line) and the dataset at `dataset_uri` (a
+    published dataset, or a file in one) go into `reproduce.json` and the dataset input.
+    Values that never reached the server are recorded under `output_uri`.
     """
     if not cfg.enabled:
         logger.info("MLflow tracking disabled (tracking.enabled=false)")
@@ -422,16 +651,27 @@ def component_run(
     if rank() != 0:
         return Tracker(cfg)
     fail_fast_http(cfg)
+    mask_console()
     uri = tracking_uri()
     pipeline_run_id = cfg.pipeline_run_id or uuid.uuid4().hex
     if not cfg.pipeline_run_id:
         logger.info("no tracking.pipeline_run_id given; this %s run starts pipeline run %s", component, pipeline_run_id)
-    params = redact_params(flatten(_plain(config))) if config is not None else {}
+    plain = _plain(config) if config is not None else {}
+    flat = flatten(plain)
+    params = redact_params(flat)
     config_sha256 = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    tags = lineage_tags()
     spec = RunSpec(
-        cfg.experiment_name, pipeline_run_id, cfg.pipeline_run_name, component, config_sha256, lineage_tags(),
+        cfg.experiment_name,
+        pipeline_run_id,
+        cfg.pipeline_run_name,
+        component,
+        config_sha256,
+        tags,
         sweep_id=cfg.sweep_id,
     )
+    dataset = datasets.describe(dataset_uri) if dataset_uri else None
+    comparison = parent_params(flat, cfg.parent_params)
     client = MlflowClient(uri)
     runs = _open_runs(client, spec, cfg, uri)
     tracker = Tracker(
@@ -441,14 +681,20 @@ def component_run(
         runs,
         unsent_uri=storage.join(output_uri, UNSENT_FILE) if output_uri else "",
         monitor=_system_monitor(cfg, runs, uri) if runs else None,
+        model_params=redact_params(comparison),
     )
     if runs:
         logger.info(
             "MLflow run %s (%s) of pipeline run %s at %s", runs.run_id, component, pipeline_run_id, redact_text(uri)
         )
     tracker.log_params(params)
-    if dataset_id:
+    lineage = {LINEAGE_PARAMS[key]: value for key, value in tags.items() if key in LINEAGE_PARAMS}
+    tracker.log_parent(params={**comparison, **lineage})
+    if dataset is not None:
+        tracker.log_dataset(dataset, datasets.CONTEXTS.get(component, component))
+    elif dataset_id:
         tracker.set_dataset_id(dataset_id)
     if config is not None:
         tracker.log_config(config)
+        _lineage_record(tracker, component, flat, plain, overrides, dataset)
     return tracker

@@ -2,7 +2,8 @@
 
 The record is JSON Lines next to the component's outputs (in the object store, so it
 survives the pod): sections, each a `run` line (the run id, or how to find the run when
-the server was down from the start) followed by its metric / param / tag lines.
+the server was down from the start) followed by its metric / param / tag lines and its
+tracking records (checkpoints, registrations, datasets, parent values; see records.py).
 `python -m sam3_core.tracking replay <uri>` sends it once the server is back.
 """
 
@@ -10,18 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sam3_core import storage
 from sam3_core.errors import InputError, Sam3PipeError
+from sam3_core.tracking.records import Target, apply_record
 from sam3_core.tracking.redact import describe_error, redact_text
 from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
-from sam3_core.tracking.sender import Pending, is_transient
+from sam3_core.tracking.sender import TRACKING_ERRORS, Pending, is_transient
 from sam3_core.tracking.settings import (
     is_local_store,
     local_artifact_root,
@@ -33,7 +35,18 @@ logger = logging.getLogger(__name__)
 UNSENT_FILE = "mlflow_unsent.jsonl"
 
 
-def _lines(spec: RunSpec, run_id: str | None, status: str, pending: Pending) -> list[dict[str, Any]]:
+@dataclass
+class Section:
+    """One component run's unsent values."""
+
+    header: dict[str, Any]
+    pending: Pending = field(default_factory=Pending)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _lines(
+    spec: RunSpec, run_id: str | None, status: str, pending: Pending, records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = [{"kind": "run", "run_id": run_id, "status": status, "spec": asdict(spec)}]
     lines += [
         {"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
@@ -41,32 +54,42 @@ def _lines(spec: RunSpec, run_id: str | None, status: str, pending: Pending) -> 
     ]
     lines += [{"kind": "param", "key": p.key, "value": p.value} for p in pending.params]
     lines += [{"kind": "tag", "key": t.key, "value": t.value} for t in pending.tags]
+    lines += [{"kind": "record", "record": record} for record in records]
     return lines
 
 
-def record_unsent(uri: str, spec: RunSpec, run_id: str | None, status: str, pending: Pending) -> None:
+def record_unsent(
+    uri: str,
+    spec: RunSpec,
+    run_id: str | None,
+    status: str,
+    pending: Pending,
+    records: list[dict[str, Any]] | None = None,
+) -> None:
     """Append a section to the record at `uri` (a run may be recorded more than once)."""
-    text = "".join(json.dumps(line) + "\n" for line in _lines(spec, run_id, status, pending))
+    text = "".join(json.dumps(line) + "\n" for line in _lines(spec, run_id, status, pending, records or []))
     earlier = storage.read_text(uri) if storage.exists(uri) else ""
     storage.write_text(uri, earlier + text)
 
 
-def _sections(uri: str, text: str) -> list[tuple[dict[str, Any], Pending]]:
-    sections: list[tuple[dict[str, Any], Pending]] = []
+def _sections(uri: str, text: str) -> list[Section]:
+    sections: list[Section] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         try:
             line = json.loads(raw)
             kind = line["kind"]
             if kind == "run":
-                sections.append((line, Pending()))
+                sections.append(Section(line))
             elif not sections:
                 raise KeyError("run")
             elif kind == "metric":
                 metric = Metric(line["key"], float(line["value"]), int(line["timestamp"]), int(line["step"]))
-                sections[-1][1].metrics.append(metric)
+                sections[-1].pending.metrics.append(metric)
             elif kind in ("param", "tag"):
-                target = sections[-1][1].params if kind == "param" else sections[-1][1].tags
+                target = sections[-1].pending.params if kind == "param" else sections[-1].pending.tags
                 target.append((Param if kind == "param" else RunTag)(line["key"], str(line["value"])))
+            elif kind == "record" and isinstance(line["record"], dict) and "kind" in line["record"]:
+                sections[-1].records.append(line["record"])
             else:
                 raise KeyError(kind)
         except (ValueError, KeyError, TypeError) as exc:
@@ -82,24 +105,39 @@ def _open(client: MlflowClient, header: dict[str, Any]) -> OpenRuns | None:
     return open_runs(client, RunSpec(**header["spec"]), artifact_location)
 
 
+def _target(client: MlflowClient, run_id: str) -> Target:
+    run = client.get_run(run_id)
+    return Target(run.info.experiment_id, run.data.tags.get(MLFLOW_PARENT_RUN_ID, run_id), run_id)
+
+
 def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
-    """Send every recorded value to its run; remove the record when all arrived. Returns the metric count."""
+    """Send every recorded value and record to its run; remove the record when all arrived.
+
+    Returns the metric count.
+    """
     sections = _sections(uri, storage.read_text(uri))
     client = client or MlflowClient(tracking_uri())
     sent = 0
     try:
-        for header, pending in sections:
+        for section in sections:
+            header, pending = section.header, section.pending
             opened = _open(client, header)
             run_id = opened.run_id if opened else header["run_id"]
-            client.log_batch(run_id, metrics=pending.metrics, params=pending.params, tags=pending.tags)
+            for batch in pending.batches():
+                client.log_batch(run_id, metrics=batch.metrics, params=batch.params, tags=batch.tags)
+            target = _target(client, run_id)
+            for record in section.records:
+                apply_record(client, target, record)
             if opened:
                 close_runs(client, opened, header["status"])
             elif client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, header["status"])
             sent += len(pending.metrics)
-    except MlflowException as exc:
+    except TRACKING_ERRORS as exc:
         hint = "retry when it is reachable" if is_transient(exc) else "it refused them"
-        raise Sam3PipeError(f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}") from exc
+        raise Sam3PipeError(
+            f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}"
+        ) from exc
     storage.delete(uri)
     logger.info("replayed %d metrics from %s; record removed", sent, uri)
     return sent
