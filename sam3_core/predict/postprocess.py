@@ -17,6 +17,7 @@ import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
 
+from sam3_core.config_checks import check_bool, check_float, check_int
 from sam3_core.errors import ConfigError, InputError
 
 
@@ -24,18 +25,20 @@ from sam3_core.errors import ConfigError, InputError
 class PostprocessConfig:
     """Knobs that decide which detections of a frame survive and how masks are binarised."""
 
+    # detections kept per frame, best first, over all prompts
     top_k: int = 100
+    # detections scoring below this are dropped
     score_threshold: float = 0.0
+    # a mask pixel is on where the upsampled mask probability exceeds this
     mask_threshold: float = 0.5
+    # score = query probability x the prompt's presence probability, as sam3 does
     use_presence: bool = True
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ConfigError(f"postprocess.top_k must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ConfigError(f"postprocess.score_threshold must be in [0, 1], got {self.score_threshold}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise ConfigError(f"postprocess.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        check_int("postprocess.top_k", self.top_k, minimum=1)
+        check_float("postprocess.score_threshold", self.score_threshold, 0.0, 1.0)
+        check_float("postprocess.mask_threshold", self.mask_threshold, 0.0, 1.0, low_open=True, high_open=True)
+        check_bool("postprocess.use_presence", self.use_presence)
 
 
 @dataclass
