@@ -60,8 +60,10 @@ def user_error_message(exc: BaseException) -> str | None:
         hint = _OS_HINTS.get(exc.errno or 0, "")
         return one_line(f"{where}{what}{'; ' + hint if hint else ''}")
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return one_line(f"out of memory ({exc or type(exc).__name__}); lower the batch size, image size or "
-                        "number of frames, or run on a bigger machine")
+        return one_line(
+            f"out of memory ({exc or type(exc).__name__}); lower the batch size, image size or "
+            "number of frames, or run on a bigger machine"
+        )
     return None
 
 

@@ -153,8 +153,10 @@ def explain(exc: BaseException, overrides: list[str], schema: type) -> str:
     if isinstance(cause, MissingMandatoryValue) and key:
         return f"{key}: required; pass {key}=<value>"
     if "Ambiguous value" in str(exc):
-        return (f"{_first_line(exc)}: write key=[a,b] for a list, or key='a,b' for a string with a comma "
-                "(in a shell: \"key='a,b'\")")
+        return (
+            f"{_first_line(exc)}: write key=[a,b] for a list, or key='a,b' for a string with a comma "
+            "(in a shell: \"key='a,b'\")"
+        )
     if cause is not None and key:
         return f"{key}: {_first_line(cause)}"
     return _first_line(exc)

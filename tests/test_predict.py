@@ -52,7 +52,13 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 def _overrides(checkpoint: str, dataset_uri: str, out: Path) -> list[str]:
-    return [f"model.uri={checkpoint}", f"data.uri={dataset_uri}", f"output.uri={out}", "postprocess.top_k=5", *TINY_MODEL]
+    return [
+        f"model.uri={checkpoint}",
+        f"data.uri={dataset_uri}",
+        f"output.uri={out}",
+        "postprocess.top_k=5",
+        *TINY_MODEL,
+    ]
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -96,10 +102,22 @@ def test_video_results_have_one_entry_per_frame(one_rank, tiny_dataset):
 
 def test_two_ranks_write_the_same_predictions_as_one(one_rank, checkpoint, tiny_dataset, tmp_path):
     out = tmp_path / "pred2"
-    proc = _run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "components.predict", *_overrides(checkpoint, tiny_dataset.uri, out),
-    ])
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "components.predict",
+            *_overrides(checkpoint, tiny_dataset.uri, out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in PREDICTION_FILES.values():
         assert storage.read_json(str(out / name)) == storage.read_json(str(one_rank / name)), name
@@ -121,8 +139,7 @@ def _predict_here(args: list[str]) -> int:
     return predict_cli.main([*args, "tracking.enabled=false"])
 
 
-def test_predict_refuses_to_replace_predictions_made_with_other_settings(one_rank, checkpoint, tiny_dataset,
-                                                                          caplog):
+def test_predict_refuses_to_replace_predictions_made_with_other_settings(one_rank, checkpoint, tiny_dataset, caplog):
     before = _snapshot(one_rank)
     overrides = [o for o in _overrides(checkpoint, tiny_dataset.uri, one_rank) if not o.startswith("postprocess")]
     status = _predict_here([*overrides, "postprocess.top_k=3"])
@@ -152,12 +169,20 @@ def test_overwrite_replaces_them_and_records_the_new_settings(one_rank, checkpoi
     assert max(sum(r["image_id"] == i for r in bbox) for i in {r["image_id"] for r in bbox}) == 3
 
 
-def test_predictions_with_other_post_processing_land_in_folders_of_their_own(checkpoint, tiny_dataset, tmp_path,
-                                                                              capsys):
+def test_predictions_with_other_post_processing_land_in_folders_of_their_own(
+    checkpoint, tiny_dataset, tmp_path, capsys
+):
     uris = []
     for top_k in (5, 3, 5):
-        status = _predict_here([f"model.uri={checkpoint}", f"data.uri={tiny_dataset.uri}", *TINY_MODEL,
-                                f"output.store={tmp_path}", f"postprocess.top_k={top_k}"])
+        status = _predict_here(
+            [
+                f"model.uri={checkpoint}",
+                f"data.uri={tiny_dataset.uri}",
+                *TINY_MODEL,
+                f"output.store={tmp_path}",
+                f"postprocess.top_k={top_k}",
+            ]
+        )
         assert status == 0
         uris.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions_uri"])
     assert uris[0] != uris[1] and uris[0] == uris[2]
@@ -165,17 +190,34 @@ def test_predictions_with_other_post_processing_land_in_folders_of_their_own(che
 
 
 SHAPING = [
-    "postprocess.top_k=7", "postprocess.score_threshold=0.1", "postprocess.mask_threshold=0.4",
-    "postprocess.use_presence=false", "detection.nms=true", "detection.nms_iou_threshold=0.5",
-    "detection.nms_prob_threshold=0.2", "detection.reverse=true", "association.matcher=greedy",
-    "association.iou_threshold=0.3", "association.max_missed_frames=1", "association.score_reduction=max",
-    "association.top_k=3", "dumper.maxdets=10", "model.image_size=56", "model.num_queries=8",
-    "data.split=train", "data.uri=/elsewhere",
+    "postprocess.top_k=7",
+    "postprocess.score_threshold=0.1",
+    "postprocess.mask_threshold=0.4",
+    "postprocess.use_presence=false",
+    "detection.nms=true",
+    "detection.nms_iou_threshold=0.5",
+    "detection.nms_prob_threshold=0.2",
+    "detection.reverse=true",
+    "association.matcher=greedy",
+    "association.iou_threshold=0.3",
+    "association.max_missed_frames=1",
+    "association.score_reduction=max",
+    "association.top_k=3",
+    "dumper.maxdets=10",
+    "model.image_size=56",
+    "model.num_queries=8",
+    "data.split=train",
+    "data.uri=/elsewhere",
 ]
 NEUTRAL = [
-    "detection.async_gather=false", "dumper.gather=filesystem,dumper.shared_dir=/shared",
-    "dumper.gather=store,dumper.store_uri=/parts", "dumper.timeout_s=5,dumper.poll_interval_s=1",
-    "data.cache_dir=/cache", "preview.frames=1", "tracking.enabled=false", "output.overwrite=true",
+    "detection.async_gather=false",
+    "dumper.gather=filesystem,dumper.shared_dir=/shared",
+    "dumper.gather=store,dumper.store_uri=/parts",
+    "dumper.timeout_s=5,dumper.poll_interval_s=1",
+    "data.cache_dir=/cache",
+    "preview.frames=1",
+    "tracking.enabled=false",
+    "output.overwrite=true",
 ]
 
 

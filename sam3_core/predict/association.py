@@ -86,8 +86,9 @@ def match(iou: np.ndarray, threshold: float, matcher: str) -> list[tuple[int, in
     return pairs
 
 
-def _iou_to_last(frames: Sequence[FrameDetections], masklets: list[_Masklet], frame_index: int,
-                 detections: list[int]) -> np.ndarray:
+def _iou_to_last(
+    frames: Sequence[FrameDetections], masklets: list[_Masklet], frame_index: int, detections: list[int]
+) -> np.ndarray:
     """[masklets, detections] IoU between each masklet's last detection and this frame's detections."""
     current = frames[frame_index]
     last = [(frames[m.last_frame], m.hits[m.last_frame]) for m in masklets]
@@ -122,8 +123,9 @@ def _track_category(frames: Sequence[FrameDetections], category_id: int, cfg: As
     return masklets
 
 
-def _ytvis_result(masklet: _Masklet, frames: Sequence[FrameDetections], video_id: int, category_id: int,
-                  score_reduction: str) -> dict:
+def _ytvis_result(
+    masklet: _Masklet, frames: Sequence[FrameDetections], video_id: int, category_id: int, score_reduction: str
+) -> dict:
     bboxes: list[list[float] | None] = []
     segmentations: list[dict | None] = []
     areas: list[float | None] = []
@@ -161,6 +163,11 @@ def associate(frames: Sequence[FrameDetections], video_id: int, cfg: Association
         entries = [_ytvis_result(m, frames, video_id, category_id, cfg.score_reduction) for m in masklets]
         entries.sort(key=lambda entry: entry["score"], reverse=True)
         results.extend(entries[: cfg.top_k])
-        logger.debug("video %s category %s: %d masklets, kept %d", video_id, category_id, len(entries),
-                     min(len(entries), cfg.top_k))
+        logger.debug(
+            "video %s category %s: %d masklets, kept %d",
+            video_id,
+            category_id,
+            len(entries),
+            min(len(entries), cfg.top_k),
+        )
     return results

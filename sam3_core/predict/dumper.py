@@ -65,11 +65,12 @@ class DumperConfig:
         if self.gather == "filesystem" and not self.shared_dir:
             raise ConfigError("dumper.gather=filesystem needs dumper.shared_dir: a directory every rank mounts")
         if self.gather == "filesystem" and storage.is_remote(self.shared_dir):
-            raise ConfigError(f"dumper.shared_dir must be a local path, got {self.shared_dir!r}; "
-                              "use dumper.gather=store with dumper.store_uri for an object store")
+            raise ConfigError(
+                f"dumper.shared_dir must be a local path, got {self.shared_dir!r}; "
+                "use dumper.gather=store with dumper.store_uri for an object store"
+            )
         if self.gather == "store" and not self.store_uri:
-            raise ConfigError("dumper.gather=store needs dumper.store_uri: an object-store prefix every rank "
-                              "can write")
+            raise ConfigError("dumper.gather=store needs dumper.store_uri: an object-store prefix every rank can write")
 
 
 def round_result(result: dict) -> dict:
@@ -84,7 +85,7 @@ def round_result(result: dict) -> dict:
 class _ByScore:
     """Heap entry ordered by score alone, so ties move exactly as in upstream's heap."""
 
-    __slots__ = ("score", "result")
+    __slots__ = ("result", "score")
 
     def __init__(self, result: dict) -> None:
         self.result = result
@@ -173,9 +174,11 @@ def wait_for_objects(uris: list[str], timeout_s: float, poll_interval_s: float) 
         if not missing:
             return
         if time.monotonic() >= deadline:
-            raise StorageError(f"{missing[0]}: {len(missing)} prediction part(s) still missing after "
-                               f"{timeout_s:g}s; "
-                               "check the other ranks' logs, or raise dumper.timeout_s if they are just slow")
+            raise StorageError(
+                f"{missing[0]}: {len(missing)} prediction part(s) still missing after "
+                f"{timeout_s:g}s; "
+                "check the other ranks' logs, or raise dumper.timeout_s if they are just slow"
+            )
         time.sleep(poll_interval_s)
 
 
@@ -243,8 +246,13 @@ class PredictionDumper:
 
         part = self._part
         self.reset()
-        logger.info("rank %d/%d gathering %s predictions via %s", rank, world,
-                    ", ".join(f"{len(v)} {k}" for k, v in part.items()), self.cfg.gather)
+        logger.info(
+            "rank %d/%d gathering %s predictions via %s",
+            rank,
+            world,
+            ", ".join(f"{len(v)} {k}" for k, v in part.items()),
+            self.cfg.gather,
+        )
         if world == 1:
             sink(part)
         elif self.cfg.gather == "collective":
@@ -270,4 +278,3 @@ class PredictionDumper:
             written[kind] = uri
             logger.info("wrote %d %s predictions to %s", len(merged[kind]), kind, uri)
         return written
-

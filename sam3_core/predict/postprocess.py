@@ -98,8 +98,9 @@ def upsample_and_encode(mask_logits: torch.Tensor, height: int, width: int, thre
     """Low-res mask logits [N, h, w] -> RLEs of (bilinear upsample, sigmoid > threshold)."""
     rles = []
     for logits in mask_logits:
-        upsampled = F.interpolate(logits[None, None].float(), size=(height, width), mode="bilinear",
-                                  align_corners=False)
+        upsampled = F.interpolate(
+            logits[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
+        )
         rles.append(encode_mask(upsampled[0, 0].sigmoid() > threshold))
     return rles
 
@@ -110,11 +111,17 @@ def _check_outputs(outputs: Mapping[str, torch.Tensor], num_prompts: int, image_
         if key not in outputs:
             raise InputError(source, key, "missing from the detector's outputs")
     if use_presence and "presence_logit_dec" not in outputs:
-        raise InputError(source, "presence_logit_dec", "missing; set postprocess.use_presence=false for a model "
-                         "without a presence head")
+        raise InputError(
+            source,
+            "presence_logit_dec",
+            "missing; set postprocess.use_presence=false for a model without a presence head",
+        )
     if outputs["pred_logits"].shape[0] != num_prompts:
-        raise InputError(source, "pred_logits", f"has {outputs['pred_logits'].shape[0]} prompts but "
-                         f"{num_prompts} category ids were given")
+        raise InputError(
+            source,
+            "pred_logits",
+            f"has {outputs['pred_logits'].shape[0]} prompts but {num_prompts} category ids were given",
+        )
 
 
 @torch.no_grad()
@@ -173,17 +180,22 @@ def coco_segm_results(frames: Iterable[FrameDetections]) -> list[dict]:
     results = []
     for frame in frames:
         if frame.rles is None or frame.areas is None:
-            raise ConfigError(f"segm results need masks but the detector returned no pred_masks for image "
-                              f"{frame.image_id}; use a model with a mask head or evaluate bbox only")
+            raise ConfigError(
+                f"segm results need masks but the detector returned no pred_masks for image "
+                f"{frame.image_id}; use a model with a mask head or evaluate bbox only"
+            )
         frame_pixels = frame.height * frame.width
-        for cat, rle, score, area, box in zip(frame.category_ids, frame.rles, frame.scores, frame.areas,
-                                              frame.boxes_xywh):
-            results.append({
-                "image_id": frame.image_id,
-                "category_id": cat,
-                "segmentation": rle,
-                "score": score,
-                "area": area / frame_pixels,
-                "bbox": box,
-            })
+        for cat, rle, score, area, box in zip(
+            frame.category_ids, frame.rles, frame.scores, frame.areas, frame.boxes_xywh
+        ):
+            results.append(
+                {
+                    "image_id": frame.image_id,
+                    "category_id": cat,
+                    "segmentation": rle,
+                    "score": score,
+                    "area": area / frame_pixels,
+                    "bbox": box,
+                }
+            )
     return results

@@ -70,15 +70,17 @@ SETTINGS_FILE = "predict_settings.json"
 # Config sections whose values can change the prediction files ...
 CONTENT_SECTIONS = ("model", "data", "detection", "postprocess", "association", "dumper")
 # ... except these, which change how they are computed or gathered, never what they hold.
-CONTENT_NEUTRAL_KEYS = frozenset({
-    "data.cache_dir",
-    "detection.async_gather",
-    "dumper.gather",
-    "dumper.shared_dir",
-    "dumper.store_uri",
-    "dumper.timeout_s",
-    "dumper.poll_interval_s",
-})
+CONTENT_NEUTRAL_KEYS = frozenset(
+    {
+        "data.cache_dir",
+        "detection.async_gather",
+        "dumper.gather",
+        "dumper.shared_dir",
+        "dumper.store_uri",
+        "dumper.timeout_s",
+        "dumper.poll_interval_s",
+    }
+)
 
 
 @dataclass
@@ -242,7 +244,9 @@ def prepare_output(cfg: PredictConfig, checkpoint: LocalCheckpoint) -> str:
 def _frame_image_ids(reader: FrameReader, split: str) -> dict[tuple[int, int], int]:
     rel = f"{split}_frames_coco.json"
     if rel not in reader.manifest["files"]:
-        raise InputError(reader.dataset_uri, rel, f"no frame-level COCO file for split {split!r}; predict the 'val' split")
+        raise InputError(
+            reader.dataset_uri, rel, f"no frame-level COCO file for split {split!r}; predict the 'val' split"
+        )
     coco = json.loads(reader.local_path(rel).read_text())
     return {(int(im["video_id"]), int(im["frame_index"])): int(im["id"]) for im in coco["images"]}
 
