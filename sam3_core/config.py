@@ -100,7 +100,7 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
+def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
     """Keys of `node` that the dataclass behind `schema` does not have (added with `+key=...`)."""
     if not (isinstance(node, DictConfig) and isinstance(schema, DictConfig)):
         return []
@@ -112,7 +112,7 @@ def _unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
         if key not in known:
             unknown.append(f"{prefix}{key}")
         else:
-            unknown.extend(_unknown_keys(node._get_node(key), schema._get_node(key), f"{prefix}{key}."))
+            unknown.extend(unknown_keys(node._get_node(key), schema._get_node(key), f"{prefix}{key}."))
     return unknown
 
 
@@ -169,7 +169,7 @@ def load_config(name: str, schema: type[T], overrides: list[str] | tuple[str, ..
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=name, overrides=overrides)
-        unknown = _unknown_keys(cfg, OmegaConf.structured(schema))
+        unknown = unknown_keys(cfg, OmegaConf.structured(schema))
         if unknown:
             raise ConfigError(f"config '{name}': {_no_such_key(unknown[0], schema)}")
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
