@@ -151,7 +151,8 @@ def explain(exc: BaseException, overrides: list[str], schema: type) -> str:
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
         return _no_such_key(str(key), schema)
     if isinstance(cause, MissingMandatoryValue) and key:
-        return f"{key}: required; pass {key}=<value>"
+        # OmegaConf's words kept: scripts and tests look for "missing mandatory value"
+        return f"{key}: missing mandatory value: {str(key).rsplit('.', 1)[-1]}; pass {key}=<value>"
     if "Ambiguous value" in str(exc):
         return (
             f"{_first_line(exc)}: write key=[a,b] for a list, or key='a,b' for a string with a comma "

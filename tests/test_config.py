@@ -67,7 +67,7 @@ def test_a_misspelt_key_is_refused_with_the_closest_keys(override):
 
 
 def test_a_missing_required_value_says_which_key_to_pass():
-    with pytest.raises(ConfigError, match=r"data\.uri: required; pass data\.uri=<value>"):
+    with pytest.raises(ConfigError, match=r"data\.uri: missing mandatory value: uri; pass data\.uri=<value>"):
         load_config("predict", PredictConfig, [])
 
 
