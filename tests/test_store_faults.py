@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from components import data_prep, predict, train
+from sam3_core import storage
 from sam3_core.data.frames import FrameReader
 from sam3_core.errors import Sam3PipeError
 from sam3_core.predict.predictor import SETTINGS_FILE
@@ -185,9 +186,26 @@ def test_the_pipeline_makes_the_same_content_through_a_store_that_fails_5_percen
         k: PRED_FOLDER.sub("pred-<key>", v) for k, v in direct.items()
     }
     assert bucket_content(s3_server, bucket) == expected
-    # the drill really met every kind of fault (seeded: the same 7 in every run, of about 100 requests)
+    # the drill really met faults (seeded: the same ones in every run of this code, about 5 in 100 requests);
+    # that each kind is survived is shown on its own below, independent of how many requests the pipeline makes
+    assert sum(proxy.faults.values()) >= 1, proxy.faults
+
+
+def test_every_kind_of_fault_is_injected_and_retried_through(drill_env: None, s3_server: str) -> None:
+    store = f"{fresh_bucket(s3_server, 'fault-kinds')}/objects"
+    # seed 0 at 15%: the writes alone meet all three kinds, no request more than twice in a row
+    proxy = FaultProxy(s3_server, seed=0, fault_rate=0.15, max_latency_s=0.0)
+    proxy.start()
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AWS_ENDPOINT_URL", proxy.url)
+            payloads = {f"object-{i:02d}.bin": hashlib.sha256(str(i).encode()).digest() * (i + 1) for i in range(20)}
+            for name, data in payloads.items():
+                storage.write_bytes(storage.join(store, name), data)
+            assert {name: storage.read_bytes(storage.join(store, name)) for name in payloads} == payloads
+    finally:
+        proxy.stop()
     assert set(proxy.faults) == set(FAULTS), proxy.faults
-    assert sum(proxy.faults.values()) <= 0.1 * proxy.forwarded
 
 
 def test_stopping_the_store_mid_training_ends_with_one_clear_error_and_keeps_the_last_good_checkpoint(
@@ -209,7 +227,7 @@ def test_stopping_the_store_mid_training_ends_with_one_clear_error_and_keeps_the
         # every frame in the local cache, so what meets the stopped store is the next checkpoint's upload
         reader = FrameReader(dataset)
         for rel in reader.manifest["files"]:
-            reader.local_path(rel)
+            reader.image(rel) if rel.startswith("frames/") else reader.local_path(rel)
         # the store stops right after the first checkpoint is complete (metrics.jsonl is its last write)
         proxy.stop_after(lambda method, path: method == "PUT" and path.endswith("/metrics.jsonl"))
         caplog.set_level(logging.WARNING)
