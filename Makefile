@@ -6,7 +6,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test demo bench ui image clean
+.PHONY: venv lint test demo bench ui image clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(UV) pip install --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (pinned in requirements.lock): lint rules and the format check, configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -15,8 +15,9 @@ from sam3_core.config import load_config
 from sam3_core.data.frames import FrameReader
 from sam3_core.predict.predictor import (
     PredictConfig,
-    output_uri_for,
+    fetched_checkpoint,
     predict,
+    prepare_output,
     with_resolved_model,
 )
 from sam3_core.tracking import component_run
@@ -27,20 +28,25 @@ TAG_PREDICTIONS_URI = "sam3pipe.predictions_uri"
 
 
 def execute(overrides: list[str]) -> dict[str, Any]:
-    """Compose the config, resolve the model, predict and dump; track the run on rank 0."""
+    """Compose the config, resolve the model, predict and dump; track the run on rank 0.
+
+    Every input is checked (dataset, checkpoint, a free output folder) before the MLflow run opens.
+    """
     requested = load_config("predict", PredictConfig, overrides)
     cfg = with_resolved_model(requested)
     FrameReader(cfg.data.uri, cfg.data.cache_dir)  # a clear error before any work when the dataset is not there
     try:
-        with component_run(
-            cfg.tracking, "predict", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=output_uri_for(cfg)
-        ) as run:
-            run.set_tags({TAG_MODEL_URI: requested.model.uri})
-            result = predict(cfg)
-            run.set_tags({TAG_PREDICTIONS_URI: result.predictions_uri})
-            run.set_outputs({"predictions_uri": result.predictions_uri})
-            for name, image in result.previews.items():
-                run.log_image(image, f"previews/{name}.png")
+        with fetched_checkpoint(cfg.model.uri) as checkpoint:
+            out_uri = prepare_output(cfg, checkpoint)
+            with component_run(
+                cfg.tracking, "predict", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=out_uri
+            ) as run:
+                run.set_tags({TAG_MODEL_URI: requested.model.uri})
+                result = predict(cfg, checkpoint)
+                run.set_tags({TAG_PREDICTIONS_URI: result.predictions_uri})
+                run.set_outputs({"predictions_uri": result.predictions_uri})
+                for name, image in result.previews.items():
+                    run.log_image(image, f"previews/{name}.png")
     finally:
         shutdown()
     return {"predictions_uri": result.predictions_uri}

@@ -24,11 +24,14 @@ def _frame(image_id: int, detections: list[Detection], with_masks: bool = True) 
         rles.append(encode_mask(mask))
         areas.append((x1 - x0) * (y1 - y0))
     return FrameDetections(
-        image_id=image_id, height=HEIGHT, width=WIDTH,
+        image_id=image_id,
+        height=HEIGHT,
+        width=WIDTH,
         scores=[score for _, score, _ in detections],
         category_ids=[cat for cat, _, _ in detections],
         boxes_xyxy=[[float(v) for v in box] for _, _, box in detections],
-        rles=rles if with_masks else None, areas=areas if with_masks else None,
+        rles=rles if with_masks else None,
+        areas=areas if with_masks else None,
     )
 
 
@@ -102,8 +105,11 @@ def test_categories_are_tracked_separately() -> None:
 
 
 def test_top_k_keeps_the_best_masklets_per_category() -> None:
-    frames = [_frame(0, [(1, 0.2, (0, 0, 5, 5)), (1, 0.9, (20, 20, 25, 25)), (1, 0.5, (40, 0, 45, 5)),
-                         (3, 0.1, (0, 30, 5, 35))])]
+    frames = [
+        _frame(
+            0, [(1, 0.2, (0, 0, 5, 5)), (1, 0.9, (20, 20, 25, 25)), (1, 0.5, (40, 0, 45, 5)), (3, 0.1, (0, 30, 5, 35))]
+        )
+    ]
     results = associate(frames, video_id=0, cfg=AssociationConfig(top_k=2))
     assert [(r["category_id"], r["score"]) for r in results] == [(1, 0.9), (1, 0.5), (3, 0.1)]
 
@@ -120,8 +126,16 @@ def test_matching_never_pairs_below_the_threshold() -> None:
     assert match(iou, 0.5, "greedy") == [(1, 1)]
 
 
-@pytest.mark.parametrize("field, value", [("matcher", "nearest"), ("iou_threshold", 0.0), ("top_k", 0),
-                                          ("score_reduction", "median"), ("max_missed_frames", -1)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("matcher", "nearest"),
+        ("iou_threshold", 0.0),
+        ("top_k", 0),
+        ("score_reduction", "median"),
+        ("max_missed_frames", -1),
+    ],
+)
 def test_invalid_knobs_are_config_errors(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"association.{field}"):
         AssociationConfig(**{field: value})

@@ -106,7 +106,7 @@ def test_mask_nms_lowers_the_logit_of_a_duplicate_detection():
         }
 
     cfg = DetectionConfig(nms=True, nms_prob_threshold=0.5, nms_iou_threshold=0.5)
-    (_, out), = ChunkedVideoDetector(detect, cfg).run(1)
+    ((_, out),) = ChunkedVideoDetector(detect, cfg).run(1)
     logits = out["pred_logits"][0, :, 0]
     assert logits[0] == 3.0  # the best of the duplicates is kept
     assert logits[1] < -1e3  # its duplicate is suppressed

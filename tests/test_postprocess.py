@@ -58,7 +58,7 @@ def test_presence_can_be_ignored() -> None:
 def test_missing_presence_logits_name_the_field_and_the_fix() -> None:
     outputs = _outputs([[0.8]], presence=[0.5])
     del outputs["presence_logit_dec"]
-    with pytest.raises(InputError, match="presence_logit_dec.*use_presence=false"):
+    with pytest.raises(InputError, match=r"presence_logit_dec.*use_presence=false"):
         frame_detections(outputs, [7], image_id=1, original_size=(HEIGHT, WIDTH), cfg=PostprocessConfig())
 
 
@@ -89,8 +89,9 @@ def test_rle_decodes_to_the_upsampled_thresholded_mask() -> None:
     outputs = _outputs([[0.9, 0.6]], presence=[0.9])
     cfg = PostprocessConfig(mask_threshold=0.7)
     dets = frame_detections(outputs, [4], image_id=1, original_size=(HEIGHT, WIDTH), cfg=cfg)
-    upsampled = F.interpolate(outputs["pred_masks"][0][:, None], size=(HEIGHT, WIDTH), mode="bilinear",
-                              align_corners=False)[:, 0]
+    upsampled = F.interpolate(
+        outputs["pred_masks"][0][:, None], size=(HEIGHT, WIDTH), mode="bilinear", align_corners=False
+    )[:, 0]
     expected = (upsampled.sigmoid() > 0.7).numpy()
     assert 0 < expected.sum() < expected.size
     assert dets.rles is not None and dets.areas is not None
@@ -118,8 +119,16 @@ def test_prompt_count_must_match_category_ids() -> None:
 def _frame() -> FrameDetections:
     rle = mask_utils.encode(np.asfortranarray(np.ones((10, 20), dtype=np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
-    return FrameDetections(image_id=3, height=40, width=50, scores=[0.75], category_ids=[2],
-                           boxes_xyxy=[[1.0, 2.0, 21.0, 12.0]], rles=[rle], areas=[200])
+    return FrameDetections(
+        image_id=3,
+        height=40,
+        width=50,
+        scores=[0.75],
+        category_ids=[2],
+        boxes_xyxy=[[1.0, 2.0, 21.0, 12.0]],
+        rles=[rle],
+        areas=[200],
+    )
 
 
 def test_coco_bbox_results_use_xywh_boxes() -> None:

@@ -17,18 +17,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sam3_core.config_checks import check_bool, check_float
+
 # detector outputs kept per frame: all a post-processor needs
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit_dec")
 
 
 @dataclass
 class DetectionConfig:
+    # overlap the all-gather of a chunk with the next chunk's compute (same outputs either way)
     async_gather: bool = True
     # mask NMS among one prompt's detections: suppressed ones get their logit lowered by 1e4
     nms: bool = False
+    # detections scoring below this take no part in NMS
     nms_prob_threshold: float = 0.5
+    # a detection overlapping a better one by more than this mask IoU is suppressed
     nms_iou_threshold: float = 0.7
+    # walk the video from its last frame to its first
     reverse: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("async_gather", "nms", "reverse"):
+            check_bool(f"detection.{name}", getattr(self, name))
+        check_float("detection.nms_prob_threshold", self.nms_prob_threshold, 0.0, 1.0)
+        check_float("detection.nms_iou_threshold", self.nms_iou_threshold, 0.0, 1.0)
 
 
 class _Pending:
@@ -118,7 +130,9 @@ class ChunkedVideoDetector:
         return sorted(self._buffer)
 
 
-def frame_detector(model: nn.Module, text_batch: list[str], image_for: Callable[[int], torch.Tensor]) -> Callable[[int], dict[str, torch.Tensor]]:
+def frame_detector(
+    model: nn.Module, text_batch: list[str], image_for: Callable[[int], torch.Tensor]
+) -> Callable[[int], dict[str, torch.Tensor]]:
     """`detect_frame` for a SAM3 detector: every prompt of `text_batch` on one frame, text encoded once."""
     from sam3.model.data_misc import FindStage
     from sam3.model.geometry_encoders import Prompt

@@ -18,7 +18,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
-from sam3_core.errors import ConfigError
+from sam3_core.config_checks import check_choice, check_float, check_int
 from sam3_core.predict.postprocess import FrameDetections, xyxy_to_xywh
 
 logger = logging.getLogger(__name__)
@@ -31,24 +31,23 @@ SCORE_REDUCTIONS = ("mean", "max")
 class AssociationConfig:
     """How detections are linked across frames and which masklets are reported."""
 
+    # "hungarian": best total IoU per frame; "greedy": best pair first
     matcher: str = "hungarian"
+    # a detection continues a masklet when their IoU reaches this
     iou_threshold: float = 0.5
+    # frames a masklet may go unmatched and still be continued
     max_missed_frames: int = 5
+    # a masklet's score from its detections' scores
     score_reduction: str = "mean"
+    # masklets reported per (video, category), best first
     top_k: int = 100
 
     def __post_init__(self) -> None:
-        if self.matcher not in MATCHERS:
-            raise ConfigError(f"association.matcher must be one of {', '.join(MATCHERS)}, got {self.matcher!r}")
-        if not 0.0 < self.iou_threshold <= 1.0:
-            raise ConfigError(f"association.iou_threshold must be in (0, 1], got {self.iou_threshold}")
-        if self.max_missed_frames < 0:
-            raise ConfigError(f"association.max_missed_frames must be >= 0, got {self.max_missed_frames}")
-        if self.score_reduction not in SCORE_REDUCTIONS:
-            raise ConfigError(f"association.score_reduction must be one of {', '.join(SCORE_REDUCTIONS)}, "
-                              f"got {self.score_reduction!r}")
-        if self.top_k < 1:
-            raise ConfigError(f"association.top_k must be >= 1, got {self.top_k}")
+        check_choice("association.matcher", self.matcher, MATCHERS)
+        check_float("association.iou_threshold", self.iou_threshold, 0.0, 1.0, low_open=True)
+        check_int("association.max_missed_frames", self.max_missed_frames, minimum=0)
+        check_choice("association.score_reduction", self.score_reduction, SCORE_REDUCTIONS)
+        check_int("association.top_k", self.top_k, minimum=1)
 
 
 @dataclass
@@ -87,8 +86,9 @@ def match(iou: np.ndarray, threshold: float, matcher: str) -> list[tuple[int, in
     return pairs
 
 
-def _iou_to_last(frames: Sequence[FrameDetections], masklets: list[_Masklet], frame_index: int,
-                 detections: list[int]) -> np.ndarray:
+def _iou_to_last(
+    frames: Sequence[FrameDetections], masklets: list[_Masklet], frame_index: int, detections: list[int]
+) -> np.ndarray:
     """[masklets, detections] IoU between each masklet's last detection and this frame's detections."""
     current = frames[frame_index]
     last = [(frames[m.last_frame], m.hits[m.last_frame]) for m in masklets]
@@ -123,8 +123,9 @@ def _track_category(frames: Sequence[FrameDetections], category_id: int, cfg: As
     return masklets
 
 
-def _ytvis_result(masklet: _Masklet, frames: Sequence[FrameDetections], video_id: int, category_id: int,
-                  score_reduction: str) -> dict:
+def _ytvis_result(
+    masklet: _Masklet, frames: Sequence[FrameDetections], video_id: int, category_id: int, score_reduction: str
+) -> dict:
     bboxes: list[list[float] | None] = []
     segmentations: list[dict | None] = []
     areas: list[float | None] = []
@@ -162,6 +163,11 @@ def associate(frames: Sequence[FrameDetections], video_id: int, cfg: Association
         entries = [_ytvis_result(m, frames, video_id, category_id, cfg.score_reduction) for m in masklets]
         entries.sort(key=lambda entry: entry["score"], reverse=True)
         results.extend(entries[: cfg.top_k])
-        logger.debug("video %s category %s: %d masklets, kept %d", video_id, category_id, len(entries),
-                     min(len(entries), cfg.top_k))
+        logger.debug(
+            "video %s category %s: %d masklets, kept %d",
+            video_id,
+            category_id,
+            len(entries),
+            min(len(entries), cfg.top_k),
+        )
     return results

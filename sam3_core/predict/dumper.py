@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from sam3_core import storage
 from sam3_core.artifacts import PREDICTION_FILES
+from sam3_core.config_checks import check_choice, check_float, check_int, check_uri
 from sam3_core.errors import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -42,28 +43,34 @@ Part = dict[str, list[dict]]
 class DumperConfig:
     """How many predictions per image to keep and how the ranks' parts reach rank 0."""
 
+    # predictions kept per image in the COCO files (upstream's maxdets)
     maxdets: int = 100
+    # how the ranks' parts reach rank 0: collective, filesystem or store
     gather: str = "collective"
+    # gather=filesystem: a folder every rank mounts
     shared_dir: str = ""
+    # gather=store: an object-store prefix every rank can write
     store_uri: str = ""
+    # how long rank 0 waits for the other ranks' parts
     timeout_s: float = 600.0
     poll_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.maxdets < 1:
-            raise ConfigError(f"dumper.maxdets must be >= 1, got {self.maxdets}")
-        if self.gather not in ROUTES:
-            raise ConfigError(f"dumper.gather must be one of {', '.join(ROUTES)}, got {self.gather!r}")
+        check_int("dumper.maxdets", self.maxdets, minimum=1)
+        check_choice("dumper.gather", self.gather, ROUTES)
+        check_uri("dumper.shared_dir", self.shared_dir)
+        check_uri("dumper.store_uri", self.store_uri)
+        check_float("dumper.timeout_s", self.timeout_s, 0.0, low_open=True)
+        check_float("dumper.poll_interval_s", self.poll_interval_s, 0.0, self.timeout_s, low_open=True)
         if self.gather == "filesystem" and not self.shared_dir:
             raise ConfigError("dumper.gather=filesystem needs dumper.shared_dir: a directory every rank mounts")
         if self.gather == "filesystem" and storage.is_remote(self.shared_dir):
-            raise ConfigError(f"dumper.shared_dir must be a local path, got {self.shared_dir!r}; "
-                              "use dumper.gather=store with dumper.store_uri for an object store")
+            raise ConfigError(
+                f"dumper.shared_dir must be a local path, got {self.shared_dir!r}; "
+                "use dumper.gather=store with dumper.store_uri for an object store"
+            )
         if self.gather == "store" and not self.store_uri:
-            raise ConfigError("dumper.gather=store needs dumper.store_uri: an object-store prefix every rank "
-                              "can write")
-        if self.timeout_s <= 0 or self.poll_interval_s <= 0:
-            raise ConfigError("dumper.timeout_s and dumper.poll_interval_s must be positive")
+            raise ConfigError("dumper.gather=store needs dumper.store_uri: an object-store prefix every rank can write")
 
 
 def round_result(result: dict) -> dict:
@@ -78,7 +85,7 @@ def round_result(result: dict) -> dict:
 class _ByScore:
     """Heap entry ordered by score alone, so ties move exactly as in upstream's heap."""
 
-    __slots__ = ("score", "result")
+    __slots__ = ("result", "score")
 
     def __init__(self, result: dict) -> None:
         self.result = result
@@ -167,9 +174,11 @@ def wait_for_objects(uris: list[str], timeout_s: float, poll_interval_s: float) 
         if not missing:
             return
         if time.monotonic() >= deadline:
-            raise StorageError(f"{missing[0]}: {len(missing)} prediction part(s) still missing after "
-                               f"{timeout_s:g}s; "
-                               "check the other ranks' logs, or raise dumper.timeout_s if they are just slow")
+            raise StorageError(
+                f"{missing[0]}: {len(missing)} prediction part(s) still missing after "
+                f"{timeout_s:g}s; "
+                "check the other ranks' logs, or raise dumper.timeout_s if they are just slow"
+            )
         time.sleep(poll_interval_s)
 
 
@@ -237,8 +246,13 @@ class PredictionDumper:
 
         part = self._part
         self.reset()
-        logger.info("rank %d/%d gathering %s predictions via %s", rank, world,
-                    ", ".join(f"{len(v)} {k}" for k, v in part.items()), self.cfg.gather)
+        logger.info(
+            "rank %d/%d gathering %s predictions via %s",
+            rank,
+            world,
+            ", ".join(f"{len(v)} {k}" for k, v in part.items()),
+            self.cfg.gather,
+        )
         if world == 1:
             sink(part)
         elif self.cfg.gather == "collective":
@@ -264,4 +278,3 @@ class PredictionDumper:
             written[kind] = uri
             logger.info("wrote %d %s predictions to %s", len(merged[kind]), kind, uri)
         return written
-

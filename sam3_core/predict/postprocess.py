@@ -17,6 +17,7 @@ import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
 
+from sam3_core.config_checks import check_bool, check_float, check_int
 from sam3_core.errors import ConfigError, InputError
 
 
@@ -24,18 +25,20 @@ from sam3_core.errors import ConfigError, InputError
 class PostprocessConfig:
     """Knobs that decide which detections of a frame survive and how masks are binarised."""
 
+    # detections kept per frame, best first, over all prompts
     top_k: int = 100
+    # detections scoring below this are dropped
     score_threshold: float = 0.0
+    # a mask pixel is on where the upsampled mask probability exceeds this
     mask_threshold: float = 0.5
+    # score = query probability x the prompt's presence probability, as sam3 does
     use_presence: bool = True
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise ConfigError(f"postprocess.top_k must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ConfigError(f"postprocess.score_threshold must be in [0, 1], got {self.score_threshold}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise ConfigError(f"postprocess.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        check_int("postprocess.top_k", self.top_k, minimum=1)
+        check_float("postprocess.score_threshold", self.score_threshold, 0.0, 1.0)
+        check_float("postprocess.mask_threshold", self.mask_threshold, 0.0, 1.0, low_open=True, high_open=True)
+        check_bool("postprocess.use_presence", self.use_presence)
 
 
 @dataclass
@@ -95,8 +98,9 @@ def upsample_and_encode(mask_logits: torch.Tensor, height: int, width: int, thre
     """Low-res mask logits [N, h, w] -> RLEs of (bilinear upsample, sigmoid > threshold)."""
     rles = []
     for logits in mask_logits:
-        upsampled = F.interpolate(logits[None, None].float(), size=(height, width), mode="bilinear",
-                                  align_corners=False)
+        upsampled = F.interpolate(
+            logits[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
+        )
         rles.append(encode_mask(upsampled[0, 0].sigmoid() > threshold))
     return rles
 
@@ -107,11 +111,17 @@ def _check_outputs(outputs: Mapping[str, torch.Tensor], num_prompts: int, image_
         if key not in outputs:
             raise InputError(source, key, "missing from the detector's outputs")
     if use_presence and "presence_logit_dec" not in outputs:
-        raise InputError(source, "presence_logit_dec", "missing; set postprocess.use_presence=false for a model "
-                         "without a presence head")
+        raise InputError(
+            source,
+            "presence_logit_dec",
+            "missing; set postprocess.use_presence=false for a model without a presence head",
+        )
     if outputs["pred_logits"].shape[0] != num_prompts:
-        raise InputError(source, "pred_logits", f"has {outputs['pred_logits'].shape[0]} prompts but "
-                         f"{num_prompts} category ids were given")
+        raise InputError(
+            source,
+            "pred_logits",
+            f"has {outputs['pred_logits'].shape[0]} prompts but {num_prompts} category ids were given",
+        )
 
 
 @torch.no_grad()
@@ -170,17 +180,22 @@ def coco_segm_results(frames: Iterable[FrameDetections]) -> list[dict]:
     results = []
     for frame in frames:
         if frame.rles is None or frame.areas is None:
-            raise ConfigError(f"segm results need masks but the detector returned no pred_masks for image "
-                              f"{frame.image_id}; use a model with a mask head or evaluate bbox only")
+            raise ConfigError(
+                f"segm results need masks but the detector returned no pred_masks for image "
+                f"{frame.image_id}; use a model with a mask head or evaluate bbox only"
+            )
         frame_pixels = frame.height * frame.width
-        for cat, rle, score, area, box in zip(frame.category_ids, frame.rles, frame.scores, frame.areas,
-                                              frame.boxes_xywh):
-            results.append({
-                "image_id": frame.image_id,
-                "category_id": cat,
-                "segmentation": rle,
-                "score": score,
-                "area": area / frame_pixels,
-                "bbox": box,
-            })
+        for cat, rle, score, area, box in zip(
+            frame.category_ids, frame.rles, frame.scores, frame.areas, frame.boxes_xywh
+        ):
+            results.append(
+                {
+                    "image_id": frame.image_id,
+                    "category_id": cat,
+                    "segmentation": rle,
+                    "score": score,
+                    "area": area / frame_pixels,
+                    "bbox": box,
+                }
+            )
     return results

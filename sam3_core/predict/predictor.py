@@ -7,16 +7,24 @@ owners' parts to rank 0, which writes `coco_predictions_bbox.json`, `coco_predic
 and `video_predictions.json` under the output URI.
 
 `model.uri` may name a registry entry (`models:/<name>@candidate`); it is resolved to its
-checkpoint first, and the predictions folder is named after that checkpoint. Rank 0 also draws a
-few frames of the first video with their predicted masks, for a reviewer to look at in MLflow.
+checkpoint first. The predictions folder is keyed by every setting that shapes its files (the
+checkpoint by the sha256 of its bytes), and records them in `predict_settings.json`: a folder
+given as `output.uri` that holds predictions of other settings is never replaced without
+`output.overwrite=true`. Rank 0 also draws a few frames of the first video with their predicted
+masks, for a reviewer to look at in MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,10 +34,13 @@ from tqdm import tqdm
 
 from sam3_core import storage
 from sam3_core.artifacts import PREDICTION_FILES
+from sam3_core.config import flatten
+from sam3_core.config_checks import MISSING, check_bool, check_choice, check_float, check_int, check_str, check_uri
 from sam3_core.data.datapoints import frame_to_tensor
 from sam3_core.data.frames import FrameReader
+from sam3_core.data.prep import SPLITS
 from sam3_core.data.ytvis import Video
-from sam3_core.errors import ConfigError, InputError
+from sam3_core.errors import InputError
 from sam3_core.model.build import build_detector
 from sam3_core.model.checkpoint import load_model_weights
 from sam3_core.model.chunked_detection import (
@@ -54,19 +65,50 @@ from sam3_core.train import distributed as dist
 
 log = logging.getLogger(__name__)
 
+# Written into every predictions folder: the settings that made its files (see prediction_settings).
+SETTINGS_FILE = "predict_settings.json"
+# Config sections whose values can change the prediction files ...
+CONTENT_SECTIONS = ("model", "data", "detection", "postprocess", "association", "dumper")
+# ... except these, which change how they are computed or gathered, never what they hold.
+CONTENT_NEUTRAL_KEYS = frozenset(
+    {
+        "data.cache_dir",
+        "detection.async_gather",
+        "dumper.gather",
+        "dumper.shared_dir",
+        "dumper.store_uri",
+        "dumper.timeout_s",
+        "dumper.poll_interval_s",
+    }
+)
+
 
 @dataclass
 class PredictDataConfig:
-    uri: str = "???"
+    # URI of a dataset published by data_prep (`<store>/datasets/<id>`)
+    uri: str = MISSING
     split: str = "val"
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_uri("data.uri", self.uri, required=True)
+        check_choice("data.split", self.split, SPLITS)
+        check_str("data.cache_dir", self.cache_dir, optional=True)
 
 
 @dataclass
 class PredictOutputConfig:
     store: str = ".sam3pipe/store"
-    # folder for the three prediction files; empty: <store>/predictions/<name derived from inputs>
+    # folder for the three prediction files; empty: <store>/predictions/pred-<hash of every setting that
+    # shapes them>, so predictions made with other settings never land on each other
     uri: str = ""
+    # replace predictions that output.uri holds from other settings (refused otherwise)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_uri("output.store", self.store, required=True)
+        check_uri("output.uri", self.uri)
+        check_bool("output.overwrite", self.overwrite)
 
 
 @dataclass
@@ -80,8 +122,9 @@ class PreviewConfig:
     min_score: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.frames < 0 or self.max_masks < 0:
-            raise ConfigError(f"preview.frames and preview.max_masks must be >= 0, got {self.frames}, {self.max_masks}")
+        check_int("preview.frames", self.frames, minimum=0)
+        check_int("preview.max_masks", self.max_masks, minimum=0)
+        check_float("preview.min_score", self.min_score, 0.0, 1.0)
 
 
 @dataclass
@@ -111,17 +154,99 @@ def with_resolved_model(cfg: PredictConfig) -> PredictConfig:
     return replace(cfg, model=replace(cfg.model, uri=resolve_model_uri(cfg.model.uri, cfg=cfg.tracking)))
 
 
-def output_uri_for(cfg: PredictConfig) -> str:
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """The checkpoint read once: its URI, a local copy of its bytes and their sha256."""
+
+    uri: str
+    path: Path
+    sha256: str
+
+
+@contextlib.contextmanager
+def fetched_checkpoint(uri: str) -> Iterator[LocalCheckpoint]:
+    """A private copy of the checkpoint for this run, so the weights used are the bytes hashed.
+
+    `last.pt` is replaced while a training goes on; hashing and loading one copy keeps the
+    predictions folder's key true to the weights that made them.
+    """
+    with tempfile.TemporaryDirectory(prefix="sam3pipe-predict-") as tmp:
+        path = Path(tmp) / "checkpoint.pt"
+        storage.download_file(uri, path)
+        yield LocalCheckpoint(uri, path, storage.sha256_file(path))
+
+
+def prediction_settings(cfg: PredictConfig, checkpoint_sha256: str) -> dict[str, Any]:
+    """Every setting that shapes the prediction files, as dotted keys (the checkpoint by its sha256).
+
+    New config keys count by default; only keys known to leave the files unchanged are left out.
+    """
+    settings = {
+        key: value
+        for key, value in flatten(cfg).items()
+        if key.split(".", 1)[0] in CONTENT_SECTIONS and key not in CONTENT_NEUTRAL_KEYS
+    }
+    settings["model.sha256"] = checkpoint_sha256
+    return settings
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def output_uri_for(cfg: PredictConfig, checkpoint_sha256: str) -> str:
+    """`output.uri`, or `<store>/predictions/pred-<key>` keyed by everything that shapes the files."""
     if cfg.output.uri:
         return cfg.output.uri
-    key = json.dumps([cfg.model.uri, cfg.model.preset, cfg.data.uri, cfg.data.split], sort_keys=True)
-    return storage.join(cfg.output.store, "predictions", "pred-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+    key = settings_key(prediction_settings(cfg, checkpoint_sha256))
+    return storage.join(cfg.output.store, "predictions", "pred-" + key[:16])
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, "(unset)") != after.get(k, "(unset)"))
+    shown = ", ".join(f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys[:4])
+    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def check_output(out_uri: str, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace predictions that `out_uri` holds from other settings, unless told to.
+
+    The same settings may write again (a retried step makes the same files).
+    """
+    if overwrite:
+        return
+    record_uri = storage.join(out_uri, SETTINGS_FILE)
+    if storage.exists(record_uri):
+        recorded = storage.read_json(record_uri)
+        before = recorded.get("settings", {}) if isinstance(recorded, dict) else {}
+        if before == json.loads(json.dumps(settings, default=str)):
+            return
+        what = f"predictions made with other settings ({_changed(before, settings)})"
+    elif any(storage.exists(storage.join(out_uri, name)) for name in PREDICTION_FILES.values()):
+        what = f"predictions of unknown settings (no {SETTINGS_FILE})"
+    else:
+        return
+    raise InputError(
+        out_uri,
+        "output.uri",
+        f"already holds {what}; pass output.overwrite=true to replace them, or leave output.uri empty "
+        "for a folder of their own",
+    )
+
+
+def prepare_output(cfg: PredictConfig, checkpoint: LocalCheckpoint) -> str:
+    """The predictions folder for this config and checkpoint, checked to be free for these settings."""
+    out_uri = output_uri_for(cfg, checkpoint.sha256)
+    check_output(out_uri, prediction_settings(cfg, checkpoint.sha256), cfg.output.overwrite)
+    return out_uri
 
 
 def _frame_image_ids(reader: FrameReader, split: str) -> dict[tuple[int, int], int]:
     rel = f"{split}_frames_coco.json"
     if rel not in reader.manifest["files"]:
-        raise InputError(reader.dataset_uri, rel, f"no frame-level COCO file for split {split!r}; predict the 'val' split")
+        raise InputError(
+            reader.dataset_uri, rel, f"no frame-level COCO file for split {split!r}; predict the 'val' split"
+        )
     coco = json.loads(reader.local_path(rel).read_text())
     return {(int(im["video_id"]), int(im["frame_index"])): int(im["id"]) for im in coco["images"]}
 
@@ -153,13 +278,28 @@ def _previews(
     }
 
 
-def predict(cfg: PredictConfig) -> PredictResult:
-    """Run prediction on every video of the split; returns the predictions folder and the previews."""
+def _load_weights(model: torch.nn.Module, checkpoint: LocalCheckpoint) -> None:
+    """Weights from the local copy; errors name the checkpoint's URI, not the copy."""
+    try:
+        load_model_weights(model, str(checkpoint.path))
+    except InputError as exc:
+        raise InputError(checkpoint.uri, exc.field, exc.message.replace(str(checkpoint.path), checkpoint.uri)) from exc
+
+
+def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> PredictResult:
+    """Run prediction on every video of the split; returns the predictions folder and the previews.
+
+    `checkpoint`: the model's checkpoint already fetched (see `fetched_checkpoint`); else fetched here.
+    """
+    cfg = with_resolved_model(cfg)
+    if checkpoint is None:
+        with fetched_checkpoint(cfg.model.uri) as fetched:
+            return predict(cfg, fetched)
+    out_uri = prepare_output(cfg, checkpoint)
     env = dist.init_process_group()
     device = dist.device_for(env)
-    cfg = with_resolved_model(cfg)
     model = VideoClipDetector(build_detector(cfg.model))
-    load_model_weights(model, cfg.model.uri)
+    _load_weights(model, checkpoint)
     model.to(device).eval()
 
     reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
@@ -171,6 +311,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
     previews: dict[str, Image.Image] = {}
 
     for index, video in enumerate(tqdm(dataset.videos, desc="predict", unit="video", disable=not env.is_main)):
+
         def image_for(frame: int, names: tuple[str, ...] = video.file_names) -> torch.Tensor:
             return frame_to_tensor(np.array(reader.image(names[frame])), cfg.model.image_size)
 
@@ -194,7 +335,10 @@ def predict(cfg: PredictConfig) -> PredictResult:
         if index == 0 and env.is_main:
             previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
 
-    out_uri = output_uri_for(cfg)
+    if env.is_main:
+        # the settings go first: a folder is claimed for them before its files change
+        settings = prediction_settings(cfg, checkpoint.sha256)
+        storage.write_json(storage.join(out_uri, SETTINGS_FILE), {"key": settings_key(settings), "settings": settings})
     dumper.dump(out_uri)
     dist.barrier()
     if env.is_main:
