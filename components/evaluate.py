@@ -20,6 +20,7 @@ from typing import Any
 
 from components.runner import run_cli
 from sam3_core.config import load_config
+from sam3_core.errors import ConfigError
 from sam3_core.evaluate.report import (
     EvaluateConfig,
     category_rows,
@@ -46,10 +47,13 @@ def hydra_quote(value: str) -> str:
 
 def flags_to_overrides(argv: list[str]) -> list[str]:
     """`--gt X` style flags become `gt='X'` overrides; everything else passes through as overrides."""
-    parser = argparse.ArgumentParser(prog="evaluate", add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="evaluate", add_help=False, allow_abbrev=False, exit_on_error=False)
     for flag in FLAGS:
         parser.add_argument(flag)
-    known, rest = parser.parse_known_args(argv)
+    try:
+        known, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(f"evaluate: {exc}; write {exc.argument_name} <uri>") from exc
     values = {key: getattr(known, key) for key in FLAGS.values()}
     flagged = [f"{key}={hydra_quote(value)}" for key, value in values.items() if value is not None]
     return rest + flagged

@@ -19,5 +19,10 @@ class StorageError(Sam3PipeError):
     """An object-store operation failed or was refused (bad key, missing object, checksum)."""
 
 
+class StoreUnreachableError(StorageError):
+    """The store did not answer (refused or dropped connections, timeouts): the data may be intact,
+    so callers must not advise re-creating it."""
+
+
 class ConfigError(Sam3PipeError, ValueError):
     """A Hydra override or config value is invalid (a ValueError too, as callers of pure code expect)."""

@@ -371,7 +371,6 @@ CASES = [
         ("model.uri=models:/sam3-video@candidate", "tracking.enabled=true"),
         "models:/sam3-video@candidate",
         env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed}"},
-        owner="mlflow",
         subprocess=True,
         timeout_s=HANG_TIMEOUT_S,
     ),
@@ -392,7 +391,7 @@ CASES = [
         "nope.json",
         subprocess=True,
     ),
-    case("ev-flag-without-its-value", "evaluate", "--gt", "--gt", owner="eval"),
+    case("ev-flag-without-its-value", "evaluate", "--gt", "--gt"),
     case(
         "ev-gt-malformed-json", "evaluate", ("--gt", "{files}/broken.json", "--predictions", "{preds}"), "broken.json"
     ),

@@ -258,7 +258,6 @@ def test_stopping_the_store_mid_training_ends_with_one_clear_error_and_keeps_the
     assert final["last.pt"]["step"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="owner: data (FrameReader calls any unreadable file a dataset to re-prepare)")
 def test_a_frame_that_cannot_be_fetched_while_the_store_is_down_is_not_blamed_on_the_dataset(
     drill_env: None, s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from sam3_core import storage
 from sam3_core.data.prep import MANIFEST, SPLITS
 from sam3_core.data.ytvis import VideoDataset, read_annotation_json, validate
-from sam3_core.errors import InputError, StorageError
+from sam3_core.errors import InputError, StorageError, StoreUnreachableError
 
 
 class FrameReader:
@@ -55,6 +55,8 @@ class FrameReader:
                 self._paths[rel] = storage.cached_path(
                     storage.join(self.dataset_uri, rel), self.cache_dir, entry["sha256"]
                 )
+            except StoreUnreachableError:
+                raise
             except StorageError as exc:
                 raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); re-run data_prep") from exc
         return self._paths[rel]
@@ -64,6 +66,8 @@ class FrameReader:
         entry = self._entry(rel)
         try:
             return self.cache.read_bytes(storage.join(self.dataset_uri, rel), entry["sha256"])
+        except StoreUnreachableError:
+            raise
         except StorageError as exc:
             raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); re-run data_prep") from exc
 

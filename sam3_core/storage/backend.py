@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
-from sam3_core.errors import StorageError
+from sam3_core.errors import StorageError, StoreUnreachableError
 
 
 class Backend(ABC):
@@ -85,6 +85,10 @@ class Backend(ABC):
     def failures(self) -> tuple[type[BaseException], ...]:
         """The exception types of this backend that ``explain`` understands."""
 
+    def unreachable(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the store did not answer at all (a local disk always does)."""
+        return False
+
 
 _BACKENDS: dict[str, Backend] = {}
 
@@ -122,4 +126,5 @@ def errors(uri: str, action: str, backend: Backend | None = None) -> Iterator[No
     except StorageError:
         raise
     except backend.failures() as exc:
-        raise StorageError(f"{uri}: {action} failed: {backend.explain(exc)}") from exc
+        kind = StoreUnreachableError if backend.unreachable(exc) else StorageError
+        raise kind(f"{uri}: {action} failed: {backend.explain(exc)}") from exc

@@ -33,7 +33,10 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     EndpointConnectionError,
+    ConnectionClosedError,
+    ConnectionError as BotoConnectionError,
     NoCredentialsError,
+    ReadTimeoutError,
 )
 from botocore.retries.standard import (
     OrRetryChecker,
@@ -381,3 +384,14 @@ class S3Backend(Backend):
 
     def failures(self) -> tuple[type[BaseException], ...]:
         return (ClientError, BotoCoreError, S3UploadFailedError, S3TransferFailedError, RetriesExceededError, OSError)
+
+    def unreachable(self, exc: BaseException) -> bool:
+        # boto3's transfer manager wraps the connection error (last_exception, or the cause)
+        seen: BaseException | None = exc
+        for _ in range(8):
+            if seen is None:
+                return False
+            if isinstance(seen, (BotoConnectionError, ConnectionClosedError, ReadTimeoutError)):
+                return True
+            seen = getattr(seen, "last_exception", None) or seen.__cause__ or seen.__context__
+        return False
