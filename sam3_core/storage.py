@@ -290,6 +290,25 @@ def _atomic_local(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_partial_writes(folder: str) -> list[str]:
+    """Delete the hidden temp files that killed local writes left directly in ``folder``; their paths.
+
+    An interrupted ``_atomic_local`` leaves ``.<name>.<random>.sam3pipe-tmp`` behind; listings
+    skip them, so only this finds them. Object stores have no such leftovers (a killed
+    multipart upload never becomes an object).
+    """
+    if is_remote(folder):
+        return []
+    root = _local(folder)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.glob(f".*{_TMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed.append(str(path))
+    return removed
+
+
 def _write_local(path: Path, data: bytes) -> None:
     with _atomic_local(path) as tmp:
         with open(tmp, "wb") as handle:

@@ -24,7 +24,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from sam3_core import storage
+from sam3_core import comm, storage
 from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.data.datapoints import frame_to_tensor
 from sam3_core.data.frames import FrameReader
@@ -50,7 +50,6 @@ from sam3_core.predict.postprocess import (
 )
 from sam3_core.tracking import draw_masks, resolve_model_uri
 from sam3_core.tracking.settings import TrackingConfig
-from sam3_core.train import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +154,8 @@ def _previews(
 
 def predict(cfg: PredictConfig) -> PredictResult:
     """Run prediction on every video of the split; returns the predictions folder and the previews."""
-    env = dist.init_process_group()
-    device = dist.device_for(env)
+    env = comm.init_process_group()
+    device = comm.device()
     cfg = with_resolved_model(cfg)
     model = VideoClipDetector(build_detector(cfg.model))
     load_model_weights(model, cfg.model.uri)
@@ -196,7 +195,7 @@ def predict(cfg: PredictConfig) -> PredictResult:
 
     out_uri = output_uri_for(cfg)
     dumper.dump(out_uri)
-    dist.barrier()
+    comm.barrier()
     if env.is_main:
         log.info("predictions written to %s (%s)", out_uri, ", ".join(PREDICTION_FILES.values()))
     return PredictResult(out_uri, previews)

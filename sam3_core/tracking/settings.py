@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sam3_core import comm
 from sam3_core.errors import ConfigError
 
 HOME = Path(".sam3pipe")
@@ -87,11 +88,7 @@ def local_artifact_root() -> str:
 
 def rank() -> int:
     """This process's rank under torchrun / PyTorchJob; only rank 0 tracks."""
-    raw = _env("RANK", "0")
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable RANK={raw!r}: expected an integer") from None
+    return comm.rank()
 
 
 def fail_fast_http(cfg: TrackingConfig) -> None:

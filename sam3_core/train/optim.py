@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sam3_core import checks
 from sam3_core.errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -26,8 +27,16 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        checks.number("optim.lr", self.lr, above=0.0, maximum=10.0)
+        checks.number("optim.weight_decay", self.weight_decay, 0.0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas!r}: expected two numbers, e.g. [0.9, 0.999]")
+        for beta in self.betas:
+            checks.number("optim.betas", beta, 0.0, below=1.0)
+        checks.integer("optim.warmup_steps", self.warmup_steps, 0)
+        checks.one_of("optim.schedule", self.schedule, SCHEDULES)
+        checks.number("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        checks.number("optim.grad_clip", self.grad_clip, 0.0)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
