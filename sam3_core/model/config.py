@@ -26,10 +26,9 @@ class LoraConfig:
     dropout: float = 0.0
     # parameter-name prefixes (of the detector) under which layers get adapters
     modules: list[str] = field(default_factory=lambda: ["backbone.vision_backbone.trunk", "transformer"])
-    # names of the layers that get adapters, matched against the last part of a module name:
-    # linears (the ViT's qkv / proj / fc1 / fc2, the transformer's linear1 / linear2) or attention
-    # modules (nn.MultiheadAttention: self_attn, cross_attn, cross_attn_image, ca_text), whose
-    # in- and out-projections peft adapts together
+    # names of the linears that get adapters, matched against the last part of a module name:
+    # the ViT's qkv / proj / fc1 / fc2, the encoder's and decoder's linear1 / linear2, the text
+    # blocks' c_fc / c_proj (attention modules cannot be targets: see sam3_core.model.lora)
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "linear1", "linear2"])
     # parameter-name prefixes that stay fully trainable next to the adapters, e.g. ["dot_prod_scoring"]
     trainable: list[str] = field(default_factory=list)
@@ -46,7 +45,7 @@ class LoraConfig:
         if "out_proj" in self.targets:
             raise ConfigError(
                 "model.lora.targets: out_proj is read by nn.MultiheadAttention without calling it, so an adapter "
-                "on it would never act; target the attention module itself (e.g. self_attn)"
+                "on it would never act; target linears such as qkv, proj, fc1, fc2, linear1, linear2"
             )
 
 

@@ -1,20 +1,22 @@
 """LoRA adapters on the SAM3 detector through `peft`, and their merge back into plain weights.
 
-Which layers peft can adapt in sam3 (see `LoraConfig.targets`):
-- `nn.Linear` layers that are *called*: the ViT blocks' `attn.qkv`, `attn.proj`, `mlp.fc1`,
-  `mlp.fc2`; the encoder / decoder layers' `linear1`, `linear2`; the text blocks' `mlp.c_fc`,
-  `mlp.c_proj`; heads' MLP layers.
-- attention modules (`nn.MultiheadAttention`, and sam3's `MultiheadAttentionWrapper` subclass):
-  their projections are fused parameters that `F.multi_head_attention_forward` reads directly,
-  so peft adapts the whole module (in_proj and out_proj together) by merging the adapter into
-  the weights around each forward. The `out_proj` linear alone can never be a target: its
-  forward is never called, an adapter on it would silently do nothing.
+Which layers peft can adapt in sam3 (see `LoraConfig.targets`): `nn.Linear` layers that are
+*called*: the ViT blocks' `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`; the encoder / decoder
+layers' `linear1`, `linear2`; the text blocks' `mlp.c_fc`, `mlp.c_proj`; heads' MLP layers.
+
+Not the attention modules of the fusion encoder, decoder and text encoder
+(`nn.MultiheadAttention` and sam3's `MultiheadAttentionWrapper`): their projections are a fused
+`in_proj_weight` parameter and an `out_proj` linear that `F.multi_head_attention_forward` reads
+without calling it, so an adapter on `out_proj` alone would never act. peft 0.21.2 adapts such a
+module as a whole by merging the adapter into the weights around every forward, but applies the
+out_proj delta twice (huggingface/peft#3774, open) and rewrites the frozen weights on every call;
+these are refused with a ConfigError until that is fixed.
 
 Adapters live inside the training model (state-dict keys gain `.base_layer.` and `.lora_A/B.`),
 so training checkpoints hold them and resume exactly. `merged_state_dict` folds them into the
 base weights with peft's own `get_delta_weight`, giving the official `detector.*` layout that
-predict and the model registry use; `load_adapted_weights` does the same for a checkpoint saved
-with adapters.
+predict and the model registry use; `merge_adapted_state` does the same for a checkpoint saved
+with adapters, through peft's `merge_and_unload`.
 """
 
 from __future__ import annotations
@@ -35,23 +37,24 @@ ADAPTER = "default"
 _ADAPTER_KEY = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
-def _attention_out_projections(model: nn.Module) -> set[str]:
-    return {f"{name}.out_proj" for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
-
-
 def target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Full names of the layers `cfg` adapts: linears or attention modules under `cfg.modules` named in `cfg.targets`."""
-    skipped = _attention_out_projections(model)
+    """Full names of the linears `cfg` adapts: those under `cfg.modules` whose last name part is in `cfg.targets`."""
+    attention = {name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
     names = []
     for name, module in model.named_modules():
-        if name in skipped or not isinstance(module, (nn.Linear, nn.MultiheadAttention)):
-            continue
         under = any(name == prefix or name.startswith(prefix + ".") for prefix in cfg.modules)
-        if under and name.rsplit(".", 1)[-1] in cfg.targets:
+        if not under or name.rsplit(".", 1)[-1] not in cfg.targets:
+            continue
+        if name in attention:
+            raise ConfigError(
+                f"model.lora.targets: {name} is an attention module (nn.MultiheadAttention); peft 0.21.2 adapts those "
+                "wrongly (huggingface/peft#3774). Target linears: qkv, proj, fc1, fc2, linear1, linear2"
+            )
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[0] not in attention:
             names.append(name)
     if not names:
         raise ConfigError(
-            f"model.lora: no linear or attention layer named {list(cfg.targets)} under {list(cfg.modules)}; "
+            f"model.lora: no linear named {list(cfg.targets)} under {list(cfg.modules)}; "
             "check model.lora.modules and model.lora.targets against the detector's module names"
         )
     return names
@@ -88,7 +91,7 @@ def has_adapters(state: dict[str, Any]) -> bool:
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The peft LoRA layers of `model` by name (an adapted attention module and its out_proj both count)."""
+    """The peft LoRA layers of `model` by name."""
     from peft.tuners.lora import LoraLayer
 
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
@@ -107,10 +110,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     merged = dict(state)
     with torch.no_grad():
         for name, layer in layers.items():
-            if ADAPTER not in layer.lora_A:
-                continue
-            weight = "in_proj_weight" if isinstance(layer.get_base_layer(), nn.MultiheadAttention) else "weight"
-            key = f"{name}.base_layer.{weight}"
+            key = f"{name}.base_layer.weight"
             merged[key] = state[key] + layer.get_delta_weight(ADAPTER).to(state[key].dtype)
     return {key.replace(".base_layer.", "."): value for key, value in merged.items() if not _ADAPTER_KEY.search(key)}
 
