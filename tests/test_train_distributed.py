@@ -51,6 +51,16 @@ def test_both_ranks_join_one_process_group(two_ranks: dict[str, Any]) -> None:
     assert [record["world_size"] for record in two_ranks["records"]] == [RANKS] * RANKS
 
 
+def test_only_rank_zero_reports_metrics_and_validation_is_reported_once_at_the_last_step(
+    two_ranks: dict[str, Any],
+) -> None:
+    reported = [record["metrics"] for record in two_ranks["records"]]
+    assert reported[1] == [] and reported[0]
+    # both ranks validated their share of the val clips and frames; rank 0 reports the result once
+    assert [m["step"] for m in reported[0] if "val/loss" in m] == [STEPS]
+    assert [m["step"] for m in reported[0] if "val/segm_AP" in m] == [STEPS]
+
+
 def test_weights_are_identical_on_every_rank_after_training(two_ranks: dict[str, Any]) -> None:
     first, second = two_ranks["weights"]
     assert first.keys() == second.keys()

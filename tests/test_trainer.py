@@ -9,8 +9,10 @@ killed and the missing-input test run `python -m components.train` as a real sub
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +246,25 @@ def test_a_model_uri_that_is_no_checkpoint_exits_2_with_one_line_naming_it(
     assert "mmap" not in errors[0] and "Traceback" not in errors[0]
 
 
+def test_a_lora_run_checkpoints_its_adapters_and_exports_merged_weights_in_the_official_layout(
+    tiny_train_overrides: list[str], train_store: str
+) -> None:
+    overrides = [
+        *tiny_train_overrides, f"output.store={train_store}", "train.max_steps=2", "train.val_max_frames=1",
+        "model.lora.rank=4", *NO_TRACKING,
+    ]
+    result = train(config(overrides))
+    last = load_checkpoint(result.last_checkpoint_uri)
+    adapters = [key for key in last["model"] if ".lora_A." in key or ".lora_B." in key]
+    assert last["lora"]["rank"] == 4 and adapters
+    assert len(last["optimizer"]["state"]) == len(adapters)
+    plain = VideoClipDetector(build_detector(config(overrides).model)).state_dict()
+    assert set(load_checkpoint(result.best_checkpoint_uri)["model"]) == set(plain)
+    sizes = next(record for record in result.history if "model/trainable_params" in record)
+    assert 0 < sizes["model/trainable_params"] < sizes["model/total_params"] / 10
+    assert sizes["model/optimizer_state_mb"] > 0
+
+
 def kill_when_exists(path: Path, proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL `proc` as soon as `path` exists; give up when it exits or the timeout passes."""
     deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
@@ -299,6 +320,49 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
     assert resumed_state["step"] == straight_state["step"] == 6
     different = [k for k, v in straight_state["model"].items() if not torch.equal(v, resumed_state["model"][k])]
     assert different == []
+
+
+RESUME_EVERY_STEPS = 8
+
+
+def test_resuming_from_every_checkpoint_in_a_fresh_process_ends_with_the_uninterrupted_weights(
+    tiny_train_overrides: list[str], train_store: str
+) -> None:
+    """The uninterrupted run trains in this process; the resumed runs in a new one, as a restart does.
+
+    A new process matters: TorchScript differentiates a scripted function (sam3's GIoU loss) one
+    way on its first call in a process and another way later; the trainer turns that off.
+    """
+    common = [
+        *tiny_train_overrides, f"output.store={train_store}", f"train.max_steps={RESUME_EVERY_STEPS}",
+        "train.checkpoint_every=2", "train.val_every=4", "model.dropout=0.1", *NO_TRACKING,
+    ]
+    straight = execute([*common, "output.run_name=straight"])
+    runs = Path(train_store) / "runs"
+    resumed_runs = []
+    for stop in range(2, RESUME_EVERY_STEPS, 2):
+        folder = runs / f"from-{stop}"
+        (folder / "checkpoints").mkdir(parents=True)
+        shutil.copy(runs / "straight" / "checkpoints" / f"step_{stop:07d}.pt", folder / "checkpoints" / "last.pt")
+        shutil.copy(runs / "straight" / "config.yaml", folder / "config.yaml")
+        resumed_runs.append([*common, f"output.run_name=from-{stop}"])
+    script = "import json, sys\nfrom components.train import execute\nfor a in sys.argv[1:]: execute(json.loads(a))"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *(json.dumps(r) for r in resumed_runs)], cwd=REPO, env=single_thread_env(),
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = load_checkpoint(straight["last_checkpoint_uri"])
+    for stop in range(2, RESUME_EVERY_STEPS, 2):
+        resumed = load_checkpoint(str(runs / f"from-{stop}" / "checkpoints" / "last.pt"))
+        assert resumed["step"] == RESUME_EVERY_STEPS
+        different = [k for k, v in expected["model"].items() if not torch.equal(v, resumed["model"][k])]
+        assert different == [], f"resumed from step {stop}"
+        assert _without_speed(resumed["history"]) == _without_speed(expected["history"])
+
+
+def _without_speed(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in history]
 
 
 def test_trains_with_the_dataset_and_the_outputs_on_s3(

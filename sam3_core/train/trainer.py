@@ -287,18 +287,26 @@ class Trainer:
             hook.after_step()
 
     def fit(self) -> Trainer:
-        """Run the hooks' `before_train`, steps up to `max_steps`, then `after_train`."""
-        for hook in self.hooks:
-            hook.before_train()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not comm.is_main(), unit="step")
-        try:
-            while self.step < self.max_steps:
-                self.train_step()
-                bar.update(1)
-                if "train/loss" in self.step_metrics:
-                    bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
-        finally:
-            bar.close()
-        for hook in self.hooks:
-            hook.after_train()
+        """Run the hooks' `before_train`, steps up to `max_steps`, then `after_train`.
+
+        TorchScript's graph executor differentiates a scripted function's first (profiling) call
+        as eager autograd does and later calls through its own symbolic derivatives: the same
+        step gives gradients a rounding apart depending on whether it is the first of the
+        process. sam3's GIoU loss is scripted, so a resumed run drifted from an uninterrupted
+        one. With that optimisation off every call differentiates alike, and resume is exact.
+        """
+        with torch.jit.optimized_execution(False):
+            for hook in self.hooks:
+                hook.before_train()
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not comm.is_main(), unit="step")
+            try:
+                while self.step < self.max_steps:
+                    self.train_step()
+                    bar.update(1)
+                    if "train/loss" in self.step_metrics:
+                        bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
+            finally:
+                bar.close()
+            for hook in self.hooks:
+                hook.after_train()
         return self
