@@ -96,7 +96,10 @@ class MetricLogger(HookBase):
 
 
 class ModelStats(HookBase):
-    """Trainable / total parameters at the start, the optimizer's state size after its first step."""
+    """Trainable / total parameters, and the optimizer's state size after the first step of a run.
+
+    Logged once per run (a resumed run has them in its history already), at step 1.
+    """
 
     def __init__(self) -> None:
         self._pending: dict[str, float] | None = None
@@ -109,7 +112,8 @@ class ModelStats(HookBase):
         self._pending = {"model/trainable_params": float(trainable), "model/total_params": float(total)}
 
     def after_step(self) -> None:
-        if self._pending is None:
+        if self._pending is None or self.trainer.step != 1:
+            self._pending = None
             return
         state_bytes = sum(
             value.numel() * value.element_size()
