@@ -112,12 +112,25 @@ def _dataset(store: Path, bench: TrainBench) -> str:
 
 def _launch(processes: int, overrides: list[str], out: Path, bench: TrainBench) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "bench.bench_train", "--worker", str(out), *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "bench.bench_train",
+        "--worker",
+        str(out),
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(bench.threads), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=bench.timeout_s)
+    proc = subprocess.run(
+        command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=bench.timeout_s
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{processes}-process bench failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())

@@ -21,7 +21,12 @@ from sam3_core.errors import ConfigError, InputError
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_checkpoint, load_model_weights
 from sam3_core.model.config import LoraConfig, ModelConfig
-from sam3_core.model.lora import add_adapters, lora_settings, merged_state_dict, target_modules
+from sam3_core.model.lora import (
+    add_adapters,
+    lora_settings,
+    merged_state_dict,
+    target_modules,
+)
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainJobConfig
 from sam3_core.train.loss import LossConfig, build_loss

@@ -32,13 +32,26 @@ def two_ranks(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("two-ranks")
     store = out / "store"
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "tests" / "train_worker.py"), str(out),
-        *tiny_train_overrides, f"output.store={store}", "output.run_name=ddp",
-        f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(RANKS),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "train_worker.py"),
+        str(out),
+        *tiny_train_overrides,
+        f"output.store={store}",
+        "output.run_name=ddp",
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_every={STEPS}",
     ]
-    proc = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command, check=False, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {
         "weights": [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(RANKS)],

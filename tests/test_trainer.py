@@ -66,7 +66,9 @@ def sha256_of(uri: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], TrainResult]:
+def finished_run(
+    tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[str], TrainResult]:
     """A complete 12-step run (log window 4, checkpoint and validation every 6) and the overrides that made it."""
     store = tmp_path_factory.mktemp("train-store")
     overrides = [
@@ -89,7 +91,14 @@ def test_training_loss_falls_clearly_within_twelve_steps(finished_run: tuple[lis
 
 
 def test_every_log_window_reports_all_six_loss_terms(finished_run: tuple[list[str], TrainResult]) -> None:
-    terms = {"train/loss_bbox", "train/loss_giou", "train/loss_ce", "train/presence_loss", "train/loss_mask", "train/loss_dice"}
+    terms = {
+        "train/loss_bbox",
+        "train/loss_giou",
+        "train/loss_ce",
+        "train/presence_loss",
+        "train/loss_mask",
+        "train/loss_dice",
+    }
     for record in finished_run[1].history:
         if "train/loss" not in record:
             continue
@@ -165,7 +174,11 @@ def test_rerunning_the_same_command_resumes_and_does_no_extra_step(finished_run:
     last_before = sha256_of(first.last_checkpoint_uri)
     logged: list[int] = []
     saved: list[str] = []
-    again = train(config(overrides), on_metrics=lambda step, _: logged.append(step), on_checkpoint=lambda kind, _: saved.append(kind))
+    again = train(
+        config(overrides),
+        on_metrics=lambda step, _: logged.append(step),
+        on_checkpoint=lambda kind, _: saved.append(kind),
+    )
     assert again.run_uri == first.run_uri
     assert again.steps == STEPS
     assert (logged, saved) == ([], [])
@@ -179,7 +192,10 @@ def test_a_run_with_another_max_steps_gets_its_own_folder(finished_run: tuple[li
 
 def test_tracking_settings_do_not_change_the_run_folder(finished_run: tuple[list[str], TrainResult]) -> None:
     overrides, first = finished_run
-    assert run_uri_for(config([*overrides, "tracking.experiment_name=elsewhere", "tracking.enabled=false"])) == first.run_uri
+    assert (
+        run_uri_for(config([*overrides, "tracking.experiment_name=elsewhere", "tracking.enabled=false"]))
+        == first.run_uri
+    )
 
 
 def test_a_named_run_with_another_config_is_refused_naming_the_keys_that_differ(
@@ -196,10 +212,22 @@ def test_a_named_run_with_another_config_is_refused_naming_the_keys_that_differ(
     assert sha256_of(first.last_checkpoint_uri) == last_before
 
 
-def test_a_named_run_resumes_when_only_keys_that_shape_nothing_differ(finished_run: tuple[list[str], TrainResult]) -> None:
+def test_a_named_run_resumes_when_only_keys_that_shape_nothing_differ(
+    finished_run: tuple[list[str], TrainResult],
+) -> None:
     overrides, first = finished_run
-    again = train(config([*overrides, f"output.run_name={Path(first.run_uri).name}", "train.log_every=3",
-                          "train.checkpoint_every=5", "data.num_workers=0", "train.num_threads=1"]))
+    again = train(
+        config(
+            [
+                *overrides,
+                f"output.run_name={Path(first.run_uri).name}",
+                "train.log_every=3",
+                "train.checkpoint_every=5",
+                "data.num_workers=0",
+                "train.num_threads=1",
+            ]
+        )
+    )
     assert (again.run_uri, again.steps) == (first.run_uri, STEPS)
 
 
@@ -212,9 +240,7 @@ def test_the_best_checkpoint_loads_into_a_plain_model_as_predict_loads_it(
     assert (report.missing, report.unexpected) == ([], [])
 
 
-def test_model_uri_may_name_a_registered_model(
-    finished_run: tuple[list[str], TrainResult], tmp_path: Path
-) -> None:
+def test_model_uri_may_name_a_registered_model(finished_run: tuple[list[str], TrainResult], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from sam3_core.tracking.registry import register_checkpoint
@@ -224,15 +250,20 @@ def test_model_uri_may_name_a_registered_model(
     client = MlflowClient(tracking_uri())
     run = client.create_run(client.create_experiment(f"registry-{tmp_path.name}"))
     register_checkpoint(client, "tiny-registered", "candidate", first.best_checkpoint_uri, run.info.run_id, "p1")
-    trainer = build_trainer(config([*overrides, f"output.store={tmp_path}", "model.uri=models:/tiny-registered@candidate"]))
+    trainer = build_trainer(
+        config([*overrides, f"output.store={tmp_path}", "model.uri=models:/tiny-registered@candidate"])
+    )
     best = load_checkpoint(first.best_checkpoint_uri)["model"]
     assert all(torch.equal(value, best[key]) for key, value in trainer.module.state_dict().items())
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "list"], ids=["empty", "text", "list"])
 def test_a_model_uri_that_is_no_checkpoint_exits_2_with_one_line_naming_it(
-    tiny_train_overrides: list[str], tmp_path: Path, content: bytes | str,
-    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+    tiny_train_overrides: list[str],
+    tmp_path: Path,
+    content: bytes | str,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     bad = tmp_path / "weights.pt"
     if content == "list":
@@ -250,8 +281,12 @@ def test_a_lora_run_checkpoints_its_adapters_and_exports_merged_weights_in_the_o
     tiny_train_overrides: list[str], train_store: str
 ) -> None:
     overrides = [
-        *tiny_train_overrides, f"output.store={train_store}", "train.max_steps=2", "train.val_max_frames=1",
-        "model.lora.rank=4", *NO_TRACKING,
+        *tiny_train_overrides,
+        f"output.store={train_store}",
+        "train.max_steps=2",
+        "train.val_max_frames=1",
+        "model.lora.rank=4",
+        *NO_TRACKING,
     ]
     result = train(config(overrides))
     last = load_checkpoint(result.last_checkpoint_uri)
@@ -334,8 +369,13 @@ def test_resuming_from_every_checkpoint_in_a_fresh_process_ends_with_the_uninter
     way on its first call in a process and another way later; the trainer turns that off.
     """
     common = [
-        *tiny_train_overrides, f"output.store={train_store}", f"train.max_steps={RESUME_EVERY_STEPS}",
-        "train.checkpoint_every=2", "train.val_every=4", "model.dropout=0.1", *NO_TRACKING,
+        *tiny_train_overrides,
+        f"output.store={train_store}",
+        f"train.max_steps={RESUME_EVERY_STEPS}",
+        "train.checkpoint_every=2",
+        "train.val_every=4",
+        "model.dropout=0.1",
+        *NO_TRACKING,
     ]
     straight = execute([*common, "output.run_name=straight"])
     runs = Path(train_store) / "runs"
@@ -348,8 +388,13 @@ def test_resuming_from_every_checkpoint_in_a_fresh_process_ends_with_the_uninter
         resumed_runs.append([*common, f"output.run_name=from-{stop}"])
     script = "import json, sys\nfrom components.train import execute\nfor a in sys.argv[1:]: execute(json.loads(a))"
     proc = subprocess.run(
-        [sys.executable, "-c", script, *(json.dumps(r) for r in resumed_runs)], cwd=REPO, env=single_thread_env(),
-        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+        [sys.executable, "-c", script, *(json.dumps(r) for r in resumed_runs)],
+        check=False,
+        cwd=REPO,
+        env=single_thread_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = load_checkpoint(straight["last_checkpoint_uri"])
@@ -372,8 +417,12 @@ def test_trains_with_the_dataset_and_the_outputs_on_s3(
     dataset = prepare_dataset(DataPrepConfig(source="synthetic", synthetic=TINY_VIDEOS, store=store, val_fraction=0.25))
     cache = tmp_path / "cache"
     overrides = [
-        f"data.uri={dataset.uri}", f"data.cache_dir={cache}", *TINY_MODEL, *TINY_TRAIN,
-        f"output.store={store}", "train.max_steps=2",
+        f"data.uri={dataset.uri}",
+        f"data.cache_dir={cache}",
+        *TINY_MODEL,
+        *TINY_TRAIN,
+        f"output.store={store}",
+        "train.max_steps=2",
     ]
     result = train(config(overrides))
     assert result.run_uri.startswith(f"{store}/runs/")
@@ -383,7 +432,9 @@ def test_trains_with_the_dataset_and_the_outputs_on_s3(
     assert cached_frames, "frames were not read through the local cache"
 
 
-def test_a_dataset_uri_with_no_published_dataset_is_an_input_error(tiny_train_overrides: list[str], tmp_path: Path) -> None:
+def test_a_dataset_uri_with_no_published_dataset_is_an_input_error(
+    tiny_train_overrides: list[str], tmp_path: Path
+) -> None:
     nowhere = str(tmp_path / "nowhere")
     with pytest.raises(InputError, match="manifest.json") as raised:
         build_trainer(config([*tiny_train_overrides, f"data.uri={nowhere}", f"output.store={tmp_path}"]))
@@ -393,7 +444,13 @@ def test_a_dataset_uri_with_no_published_dataset_is_an_input_error(tiny_train_ov
 def test_a_missing_data_uri_exits_2_with_a_one_line_error(tmp_path: Path) -> None:
     env = single_thread_env({k: v for k, v in os.environ.items() if k != "SAM3PIPE_STORE"})
     proc = subprocess.run(
-        train_command([]), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
+        train_command([]),
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert proc.returncode == 2
     assert proc.stdout == ""

@@ -110,8 +110,14 @@ def test_a_segm_metric_without_a_mask_head_is_refused() -> None:
 
 def test_keys_that_shape_nothing_leave_the_run_name_alone() -> None:
     base = run_name_for(config([]))
-    neutral = ["train.log_every=3", "train.num_threads=1", "tracking.enabled=false", "data.num_workers=2",
-               "train.checkpoint_every=7", "output.store=/elsewhere"]
+    neutral = [
+        "train.log_every=3",
+        "train.num_threads=1",
+        "tracking.enabled=false",
+        "data.num_workers=2",
+        "train.checkpoint_every=7",
+        "output.store=/elsewhere",
+    ]
     assert run_name_for(config(neutral)) == base
     assert run_name_for(config(["optim.lr=0.001"])) != base
 
@@ -119,7 +125,10 @@ def test_keys_that_shape_nothing_leave_the_run_name_alone() -> None:
 def test_config_differences_name_each_shaping_key_with_both_values() -> None:
     stored = {"optim.lr": 0.0005, "train.log_every": 10, "model.lora.rank": 0}
     current = {"optim.lr": 0.001, "train.log_every": 5, "model.lora.rank": 0, "train.best_metric": "val/loss"}
-    assert config_differences(stored, current) == ["optim.lr: 0.0005 -> 0.001", 'train.best_metric: absent -> "val/loss"']
+    assert config_differences(stored, current) == [
+        "optim.lr: 0.0005 -> 0.001",
+        'train.best_metric: absent -> "val/loss"',
+    ]
 
 
 def test_bad_launcher_variables_are_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

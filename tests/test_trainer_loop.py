@@ -154,9 +154,17 @@ def toy_trainer(
         PeriodicCheckpoint(checkpoint_every, run, resume=resume, extra={"config": "toy"}, on_checkpoint=on_checkpoint),
     ]
     return Trainer(
-        model=model, module=module, task=task or ToyTask(), optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg, max_steps), data=data, max_steps=max_steps,
-        grad_accum_steps=grad_accum_steps, grad_clip=1.0, hooks=hooks, on_metrics=on_metrics,
+        model=model,
+        module=module,
+        task=task or ToyTask(),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg, max_steps),
+        data=data,
+        max_steps=max_steps,
+        grad_accum_steps=grad_accum_steps,
+        grad_clip=1.0,
+        hooks=hooks,
+        on_metrics=on_metrics,
     )
 
 
@@ -191,7 +199,10 @@ def test_any_combination_of_log_val_and_checkpoint_periods_acts_at_its_multiples
 ) -> None:
     saved: list[tuple[str, int]] = []
     trainer = toy_trainer(
-        tmp_path, log_every=log_every, val_every=val_every, checkpoint_every=checkpoint_every,
+        tmp_path,
+        log_every=log_every,
+        val_every=val_every,
+        checkpoint_every=checkpoint_every,
         validators=[lambda module, val_set, step: {"score": float(step)}],
         on_checkpoint=lambda kind, ref: saved.append((kind, ref.step)),
     ).fit()
@@ -222,8 +233,12 @@ VALUES = {2: 0.3, 4: 0.5, 6: 0.4, 8: 0.5, 10: 0.1, 12: 0.2}
 def test_best_checkpoint_is_the_step_where_the_named_metric_was_best(tmp_path: Path, mode: str, best_step: int) -> None:
     # max: 0.5 at steps 4 and 8, a tie keeps the earlier step; min: 0.1 at step 10
     trainer = toy_trainer(
-        tmp_path, val_every=2, checkpoint_every=2, validators=[scripted(VALUES)],
-        best_metric="val/score", best_mode=mode,
+        tmp_path,
+        val_every=2,
+        checkpoint_every=2,
+        validators=[scripted(VALUES)],
+        best_metric="val/score",
+        best_mode=mode,
     ).fit()
     run = RunFolder(str(tmp_path / "runs" / "run"))
     best = load_checkpoint(run.best_uri)
@@ -238,13 +253,20 @@ def test_best_checkpoint_is_the_step_where_the_named_metric_was_best(tmp_path: P
 def test_the_best_checkpoint_ref_carries_the_validation_metrics_of_its_step(tmp_path: Path) -> None:
     refs: list[tuple[str, CheckpointRef]] = []
     toy_trainer(
-        tmp_path, val_every=2, checkpoint_every=4, validators=[scripted(VALUES), scripted({s: -s for s in VALUES}, "diag/x")],
-        best_metric="val/score", best_mode="max", on_checkpoint=lambda kind, ref: refs.append((kind, ref)),
+        tmp_path,
+        val_every=2,
+        checkpoint_every=4,
+        validators=[scripted(VALUES), scripted({s: -s for s in VALUES}, "diag/x")],
+        best_metric="val/score",
+        best_mode="max",
+        on_checkpoint=lambda kind, ref: refs.append((kind, ref)),
     ).fit()
     best = [ref for kind, ref in refs if kind == "best"]
     assert [ref.step for ref in best] == [2, 4]
     assert best[-1].metrics == {"val/score": 0.5, "diag/x": -4.0}
-    assert [ref.metrics for kind, ref in refs if kind == "last"] == [{"val/score": VALUES[s], "diag/x": -s} for s in (4, 8, 12)]
+    assert [ref.metrics for kind, ref in refs if kind == "last"] == [
+        {"val/score": VALUES[s], "diag/x": -s} for s in (4, 8, 12)
+    ]
 
 
 def test_best_by_train_loss_follows_the_logged_window_means(tmp_path: Path) -> None:
@@ -278,7 +300,9 @@ def test_validators_see_the_unwrapped_module_in_eval_mode_without_gradients(tmp_
 def test_validators_names_without_a_group_are_logged_under_val_and_others_as_given(tmp_path: Path) -> None:
     logged: dict[int, dict[str, float]] = {}
     toy_trainer(
-        tmp_path, val_every=6, validators=[lambda m, v, s: {"loss": 1.0, "diag/query_cosine": 0.5}],
+        tmp_path,
+        val_every=6,
+        validators=[lambda m, v, s: {"loss": 1.0, "diag/query_cosine": 0.5}],
         on_metrics=lambda step, metrics: logged.setdefault(step, {}).update(metrics),
     ).fit()
     assert {"val/loss": 1.0, "diag/query_cosine": 0.5}.items() <= logged[6].items()
@@ -303,8 +327,13 @@ RESUME_VALUES = {4: 0.2, 8: 0.6, 12: 0.4}
 def resumable_toy(store: Path, run_name: str) -> Trainer:
     """Validation every 4 steps (best at step 8), a checkpoint after every step, a recorder last."""
     trainer = toy_trainer(
-        store, run_name=run_name, checkpoint_every=1, val_every=4, validators=[scripted(RESUME_VALUES)],
-        best_metric="val/score", best_mode="max",
+        store,
+        run_name=run_name,
+        checkpoint_every=1,
+        val_every=4,
+        validators=[scripted(RESUME_VALUES)],
+        best_metric="val/score",
+        best_mode="max",
     )
     trainer.register(Recorder())
     return trainer
@@ -395,7 +424,11 @@ def _two_rank_run(local_rank: int, store: Path, poison: bool) -> dict[str, Any]:
     # each rank its own loss scale, so the ranks' losses differ
     task = ToyTask(scale=1.0 + local_rank, poison={5: math.nan} if poison and local_rank == 1 else None)
     trainer = toy_trainer(
-        store, max_steps=6, log_every=1, grad_accum_steps=1, task=task,
+        store,
+        max_steps=6,
+        log_every=1,
+        grad_accum_steps=1,
+        task=task,
         on_metrics=lambda step, metrics: logged.append({"step": step, **metrics}),
     )
     recorder = Recorder()
@@ -406,8 +439,12 @@ def _two_rank_run(local_rank: int, store: Path, poison: bool) -> dict[str, Any]:
     except TrainingDiverged as exc:
         error = str(exc)
     return {
-        "logged": logged, "step": trainer.step, "error": error, "local_losses": task.local_losses,
-        "counts": recorder.counts, "weights": [p.sum().item() for p in trainer.module.parameters()],
+        "logged": logged,
+        "step": trainer.step,
+        "error": error,
+        "local_losses": task.local_losses,
+        "counts": recorder.counts,
+        "weights": [p.sum().item() for p in trainer.module.parameters()],
     }
 
 
@@ -416,12 +453,18 @@ def _two_rank_worker(local_rank: int, port: int, out: str) -> None:
     import os
 
     os.environ.update(
-        RANK=str(local_rank), WORLD_SIZE="2", LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     comm.init_process_group(120)
-    record = {name: _two_rank_run(local_rank, Path(out) / name, poison) for name, poison in (("clean", False), ("nan", True))}
+    record = {
+        name: _two_rank_run(local_rank, Path(out) / name, poison) for name, poison in (("clean", False), ("nan", True))
+    }
     Path(out, f"rank{local_rank}.json").write_text(json.dumps(record))
     comm.shutdown()
 

@@ -72,7 +72,9 @@ def remove_stale_writes(folder_uri: str) -> list[str]:
     return removed
 
 
-def save_checkpoint(state: dict[str, Any], uri: str, step: int, metrics: dict[str, float] | None = None) -> CheckpointRef:
+def save_checkpoint(
+    state: dict[str, Any], uri: str, step: int, metrics: dict[str, float] | None = None
+) -> CheckpointRef:
     """Serialise to the staging folder, then upload: the object appears complete or not at all."""
     folder, _, name = uri.rstrip("/").rpartition("/")
     staging = staging_dir(folder)
@@ -98,8 +100,10 @@ def _read(path: Path, uri: str, mmap: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises several types for a damaged or foreign file
         raise InputError(
-            uri, "checkpoint", f"not a torch checkpoint ({type(exc).__name__} from torch.load); "
-            "point model.uri at a file written by torch.save"
+            uri,
+            "checkpoint",
+            f"not a torch checkpoint ({type(exc).__name__} from torch.load); "
+            "point model.uri at a file written by torch.save",
         ) from exc
 
 
@@ -131,7 +135,9 @@ def detector_state_dict(checkpoint: dict[str, Any], uri: str = "checkpoint") -> 
     return {DETECTOR_PREFIX + k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _merged_adapters(model: nn.Module, state: dict[str, torch.Tensor], checkpoint: dict[str, Any], uri: str) -> dict[str, torch.Tensor]:
+def _merged_adapters(
+    model: nn.Module, state: dict[str, torch.Tensor], checkpoint: dict[str, Any], uri: str
+) -> dict[str, torch.Tensor]:
     from sam3_core.model import lora
 
     settings = checkpoint.get("lora")
@@ -156,7 +162,9 @@ def load_model_weights(model: nn.Module, uri: str) -> LoadReport:
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise InputError(
-                uri, key, f"shape {tuple(value.shape)} does not fit the model's {tuple(own[key].shape)}; check model preset"
+                uri,
+                key,
+                f"shape {tuple(value.shape)} does not fit the model's {tuple(own[key].shape)}; check model preset",
             )
     result = model.load_state_dict(state, strict=False)
     report = LoadReport(
@@ -168,7 +176,10 @@ def load_model_weights(model: nn.Module, uri: str) -> LoadReport:
         raise InputError(uri, "model", "no parameter of the checkpoint matches the model; check model preset")
     log.info(
         "loaded %d tensors from %s (%d missing, %d unexpected)",
-        report.loaded, uri, len(report.missing), len(report.unexpected),
+        report.loaded,
+        uri,
+        len(report.missing),
+        len(report.unexpected),
     )
     for key in report.missing[:20]:
         log.warning("missing in checkpoint: %s", key)

@@ -41,7 +41,9 @@ class LoraConfig:
         checks.string_list("model.lora.targets", self.targets)
         checks.string_list("model.lora.trainable", self.trainable)
         if self.rank > 0 and not self.targets:
-            raise ConfigError("model.lora.targets: empty; name the layers to adapt (e.g. [qkv, proj]) or set model.lora.rank=0")
+            raise ConfigError(
+                "model.lora.targets: empty; name the layers to adapt (e.g. [qkv, proj]) or set model.lora.rank=0"
+            )
         if "out_proj" in self.targets:
             raise ConfigError(
                 "model.lora.targets: out_proj is read by nn.MultiheadAttention without calling it, so an adapter "
@@ -101,17 +103,27 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{key}={getattr(self, key)}: must be a multiple of model.patch_size={self.patch_size}"
                 )
-        for key in ("vit_embed_dim", "vit_depth", "vit_heads", "vit_window_size", "text_width", "text_heads",
-                    "text_layers", "text_context_length", "heads", "ffn_dim", "decoder_layers", "num_queries"):
+        for key in (
+            "vit_embed_dim",
+            "vit_depth",
+            "vit_heads",
+            "vit_window_size",
+            "text_width",
+            "text_heads",
+            "text_layers",
+            "text_context_length",
+            "heads",
+            "ffn_dim",
+            "decoder_layers",
+            "num_queries",
+        ):
             checks.integer(f"model.{key}", getattr(self, key), 1)
         for key in ("encoder_layers", "geometry_layers", "init_seed"):
             checks.integer(f"model.{key}", getattr(self, key), 0)
         # the pixel decoder's GroupNorm(8) and the position encoding need d_model in multiples of 8
         checks.integer("model.d_model", self.d_model, 8)
         if self.d_model % 8 or self.d_model % self.heads:
-            raise ConfigError(
-                f"model.d_model={self.d_model}: must be a multiple of 8 and of model.heads={self.heads}"
-            )
+            raise ConfigError(f"model.d_model={self.d_model}: must be a multiple of 8 and of model.heads={self.heads}")
         for dim, heads in (("vit_embed_dim", "vit_heads"), ("text_width", "text_heads")):
             if getattr(self, dim) % getattr(self, heads):
                 raise ConfigError(

@@ -115,7 +115,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key.replace(".base_layer.", "."): value for key, value in merged.items() if not _ADAPTER_KEY.search(key)}
 
 
-def merge_adapted_state(model: nn.Module, state: dict[str, torch.Tensor], lora: dict[str, Any]) -> dict[str, torch.Tensor]:
+def merge_adapted_state(
+    model: nn.Module, state: dict[str, torch.Tensor], lora: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """Plain weights from a state dict saved with adapters (`lora`: the saved `LoraConfig` fields).
 
     peft injects those adapters into `model.detector` (a plain detector), the state is loaded,

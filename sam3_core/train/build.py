@@ -51,7 +51,12 @@ from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write_config
 from sam3_core.train.task import ClipTask
-from sam3_core.train.trainer import MetricsCallback, Trainer, TrainResult, seed_everything
+from sam3_core.train.trainer import (
+    MetricsCallback,
+    Trainer,
+    TrainResult,
+    seed_everything,
+)
 from sam3_core.train.validation import DetectionMetrics, ValidationLoss
 
 log = logging.getLogger(__name__)

@@ -90,7 +90,8 @@ class LoopConfig:
         checks.string("train.best_metric", self.best_metric, non_empty=True)
         if not _METRIC_NAME.match(self.best_metric):
             raise ConfigError(
-                f"train.best_metric={self.best_metric!r}: name a logged metric, e.g. val/segm_AP, val/loss or train/loss"
+                f"train.best_metric={self.best_metric!r}: name a logged metric, "
+                "e.g. val/segm_AP, val/loss or train/loss"
             )
         self._check_best_metric_is_computed()
 
@@ -109,7 +110,8 @@ class LoopConfig:
         if group == "val" and iou_type in ("bbox", "segm"):
             if stat not in DETECTION_STATS:
                 raise ConfigError(
-                    f"train.best_metric={self.best_metric}: unknown COCO stat {stat!r}; use one of {', '.join(DETECTION_STATS)}"
+                    f"train.best_metric={self.best_metric}: unknown COCO stat {stat!r}; "
+                    f"use one of {', '.join(DETECTION_STATS)}"
                 )
             if self.val_max_frames == 0:
                 raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_frames > 0")
@@ -125,7 +127,9 @@ class OutputConfig:
     def __post_init__(self) -> None:
         checks.string("output.store", self.store, non_empty=True)
         checks.string("output.run_name", self.run_name)
-        if self.run_name and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name) or len(self.run_name) > 128):
+        if self.run_name and (
+            not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name) or len(self.run_name) > 128
+        ):
             raise ConfigError(
                 f"output.run_name={self.run_name!r}: use up to 128 letters, digits, '.', '_' or '-', starting with a "
                 "letter or digit"

@@ -15,7 +15,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def build_loader(
-    dataset: Dataset, indices: Sequence[int], batch_size: int, collate: Callable[[list[Any]], Any], num_workers: int,
+    dataset: Dataset,
+    indices: Sequence[int],
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+    num_workers: int,
     seed: int,
 ) -> DataLoader:
     """The one place a training DataLoader is made: `indices` in order, batched.

@@ -44,7 +44,9 @@ class NonFiniteGuard(HookBase):
         self.last_checkpoint_uri = last_checkpoint_uri
 
     def after_backward(self, stats: dict[str, float]) -> None:
-        bad = {name: value for name, value in stats.items() if name in ("loss", "grad_norm") and not math.isfinite(value)}
+        bad = {
+            name: value for name, value in stats.items() if name in ("loss", "grad_norm") and not math.isfinite(value)
+        }
         if not bad:
             return
         step = self.trainer.step + 1
@@ -192,7 +194,9 @@ class BestCheckpoint(HookBase):
         group = self.metric.split("/", 1)[0] + "/"
         siblings = sorted(name for name in logged if name.startswith(group))
         if siblings and self.metric not in logged:
-            raise ConfigError(f"train.best_metric={self.metric}: not logged; {group}* metrics are {', '.join(siblings)}")
+            raise ConfigError(
+                f"train.best_metric={self.metric}: not logged; {group}* metrics are {', '.join(siblings)}"
+            )
 
     def after_step(self) -> None:
         logged = self.trainer.step_metrics
@@ -277,4 +281,3 @@ class PeriodicCheckpoint(HookBase):
         if self.on_checkpoint:
             for kind, checkpoint in refs.items():
                 self.on_checkpoint(kind, checkpoint)
-

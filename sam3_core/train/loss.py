@@ -35,8 +35,17 @@ class LossConfig:
     frame_reduction: str = "mean"
 
     def __post_init__(self) -> None:
-        for key in ("loss_bbox", "loss_giou", "loss_ce", "presence_loss", "loss_mask", "loss_dice", "pos_weight",
-                    "focal_gamma", "o2m_weight"):
+        for key in (
+            "loss_bbox",
+            "loss_giou",
+            "loss_ce",
+            "presence_loss",
+            "loss_mask",
+            "loss_dice",
+            "pos_weight",
+            "focal_gamma",
+            "o2m_weight",
+        ):
             checks.number(f"loss.{key}", getattr(self, key), 0.0)
         for key in ("focal_alpha", "o2m_alpha", "o2m_threshold"):
             checks.number(f"loss.{key}", getattr(self, key), 0.0, 1.0)

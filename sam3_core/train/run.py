@@ -96,8 +96,12 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
     """`key: stored -> current` for every shaping key whose value differs (or exists on one side only)."""
     old, new = shaping_values(stored), shaping_values(current)
     missing = object()
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return _short(values[key]) if key in values else "absent"
+
     return [
-        f"{key}: {_short(old.get(key)) if key in old else 'absent'} -> {_short(new.get(key)) if key in new else 'absent'}"
+        f"{key}: {shown(old, key)} -> {shown(new, key)}"
         for key in sorted(set(old) | set(new))
         if old.get(key, missing) != new.get(key, missing)
     ]

@@ -217,7 +217,8 @@ class Trainer:
         if state["world_size"] != comm.world_size():
             log.warning(
                 "resuming a %d-process run on %d processes: data order and random streams change",
-                state["world_size"], comm.world_size(),
+                state["world_size"],
+                comm.world_size(),
             )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -263,10 +264,12 @@ class Trainer:
         names = list(sums)
         # one collective and one device sync per step: means of the losses, sums of the counts
         world = comm.world_size()
-        packed = torch.cat([
-            torch.stack([sums[name].to(self.device) for name in names]) / world,
-            torch.tensor([float(counts[name]) for name in counts], device=self.device),
-        ])
+        packed = torch.cat(
+            [
+                torch.stack([sums[name].to(self.device) for name in names]) / world,
+                torch.tensor([float(counts[name]) for name in counts], device=self.device),
+            ]
+        )
         reduced = comm.all_reduce_sum(packed).tolist()
         stats = dict(zip(names, reduced[: len(names)]))
         stats["lr"] = self.scheduler.get_last_lr()[0]

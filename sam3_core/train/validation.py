@@ -105,7 +105,11 @@ class DetectionMetrics:
             for index, image in enumerate(mine):
                 outputs = {k: v.float().cpu() for k, v in detect(index).items() if k in OUTPUT_KEYS}
                 found = frame_detections(
-                    outputs, self.category_ids, int(image["id"]), (int(image["height"]), int(image["width"])), self.postprocess
+                    outputs,
+                    self.category_ids,
+                    int(image["id"]),
+                    (int(image["height"]), int(image["width"])),
+                    self.postprocess,
                 )
                 results["bbox"].extend(coco_bbox_results([found]))
                 if "segm" in results:
@@ -117,7 +121,11 @@ class DetectionMetrics:
         for iou_type in self.iou_types:
             merged = [result for part in parts for result in part[iou_type]]
             evaluation = evaluate_frames(
-                self.gt, merged, iou_type, backend=COCO_BACKEND, max_dets=MAX_DETS,
+                self.gt,
+                merged,
+                iou_type,
+                backend=COCO_BACKEND,
+                max_dets=MAX_DETS,
                 predictions_source=f"in-loop validation at step {step}",
             )
             metrics.update(evaluation.metrics)
