@@ -365,8 +365,8 @@ def test_resuming_from_every_checkpoint_in_a_fresh_process_ends_with_the_uninter
 ) -> None:
     """The uninterrupted run trains in this process; the resumed runs in a new one, as a restart does.
 
-    A new process matters: TorchScript differentiates a scripted function (sam3's GIoU loss) one
-    way on its first call in a process and another way later; the trainer turns that off.
+    A new process starts with fresh lazily-initialised state (TorchScript's executor among it: see
+    test_trainer_loop.py for the scripted-loss case, which these few tiny steps do not happen to show).
     """
     common = [
         *tiny_train_overrides,

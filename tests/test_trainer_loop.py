@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from sam3_core.train.run import RunFolder
 from sam3_core.train.trainer import HookBase, Trainer, TrainingDiverged, seed_everything
 from tests.fixtures.network import free_port
 
+REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 10
 BATCH = 3
 MAX_STEPS = 12
@@ -387,6 +391,63 @@ def test_without_resume_a_run_starts_again_from_step_zero(tmp_path: Path) -> Non
     fresh = toy_trainer(tmp_path, resume=False, max_steps=3).fit()
     assert (fresh.start_step, fresh.step) == (0, 3)
     assert load_checkpoint(str(tmp_path / "runs" / "run" / "checkpoints" / "last.pt"))["step"] == 3
+
+
+FIRST_CALL_SCRIPT = """
+import torch
+from torch import nn
+from sam3.model.box_ops import fast_diag_generalized_box_iou
+from sam3_core.train.optim import OptimConfig, build_optimizer, build_scheduler
+from sam3_core.train.trainer import Trainer
+
+g = torch.Generator().manual_seed(0)
+x = torch.rand(64, 4, generator=g)
+corner = torch.rand(64, 2, generator=g)
+target = torch.cat([corner, corner + 0.5 * torch.rand(64, 2, generator=g)], 1)
+
+class Fixed:
+    def __next__(self):
+        return x
+    def state_dict(self):
+        return {}
+    def load_state_dict(self, state):
+        pass
+
+class Giou:
+    def to_device(self, batch):
+        return batch
+    def losses(self, model, batch):
+        box = model(batch).sigmoid()
+        xyxy = torch.cat([box[:, :2], box[:, :2] + box[:, 2:]], 1)
+        return {"loss": (1 - fast_diag_generalized_box_iou(xyxy, target)).sum()}
+    def counts(self, batch):
+        return {}
+
+def one_step():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    cfg = OptimConfig(lr=0.1, warmup_steps=0)
+    optimizer = build_optimizer(model, cfg)
+    trainer = Trainer(model=model, module=model, task=Giou(), optimizer=optimizer,
+                      scheduler=build_scheduler(optimizer, cfg, 1), data=Fixed(), max_steps=1)
+    trainer.run_step()
+    return [p.detach().clone() for p in model.parameters()]
+
+first, later = one_step(), one_step()
+print("same" if all(torch.equal(a, b) for a, b in zip(first, later)) else "differ")
+"""
+
+
+def test_a_step_through_a_scripted_loss_updates_alike_whether_or_not_it_is_the_first_of_the_process() -> None:
+    # sam3's GIoU is a TorchScript function: with the executor's optimisation on, its first call in a
+    # process is differentiated differently from later ones (a resumed run drifted); a fresh process
+    # makes this step the first GIoU call
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL_SCRIPT], check=False, cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "same"
 
 
 # ---------------------------------------------------------------------------- NaN / Inf

@@ -252,14 +252,22 @@ class Trainer:
         return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     def run_step(self) -> tuple[dict[str, float], dict[str, float]]:
-        """One optimizer step; returns its statistics (means over ranks) and item counts (sums over ranks)."""
+        """One optimizer step; returns its statistics (means over ranks) and item counts (sums over ranks).
+
+        TorchScript's graph executor differentiates a scripted function's first (profiling) call
+        as eager autograd does and later calls through its own symbolic derivatives: the same
+        step gave gradients a rounding apart depending on whether it was the first of the
+        process. sam3's GIoU loss is scripted, so a resumed run drifted from an uninterrupted
+        one. With that optimisation off every call differentiates alike, and resume is exact.
+        """
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        for losses, batch_counts in self._micro_batches():
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() / self.grad_accum_steps
-            for name, count in batch_counts.items():
-                counts[name] = counts.get(name, 0) + count
+        with torch.jit.optimized_execution(False):
+            for losses, batch_counts in self._micro_batches():
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() / self.grad_accum_steps
+                for name, count in batch_counts.items():
+                    counts[name] = counts.get(name, 0) + count
         sums["grad_norm"] = self._grad_norm().detach().float()
         names = list(sums)
         # one collective and one device sync per step: means of the losses, sums of the counts
@@ -290,26 +298,18 @@ class Trainer:
             hook.after_step()
 
     def fit(self) -> Trainer:
-        """Run the hooks' `before_train`, steps up to `max_steps`, then `after_train`.
-
-        TorchScript's graph executor differentiates a scripted function's first (profiling) call
-        as eager autograd does and later calls through its own symbolic derivatives: the same
-        step gives gradients a rounding apart depending on whether it is the first of the
-        process. sam3's GIoU loss is scripted, so a resumed run drifted from an uninterrupted
-        one. With that optimisation off every call differentiates alike, and resume is exact.
-        """
-        with torch.jit.optimized_execution(False):
-            for hook in self.hooks:
-                hook.before_train()
-            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not comm.is_main(), unit="step")
-            try:
-                while self.step < self.max_steps:
-                    self.train_step()
-                    bar.update(1)
-                    if "train/loss" in self.step_metrics:
-                        bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
-            finally:
-                bar.close()
-            for hook in self.hooks:
-                hook.after_train()
+        """Run the hooks' `before_train`, steps up to `max_steps`, then `after_train`."""
+        for hook in self.hooks:
+            hook.before_train()
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not comm.is_main(), unit="step")
+        try:
+            while self.step < self.max_steps:
+                self.train_step()
+                bar.update(1)
+                if "train/loss" in self.step_metrics:
+                    bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
+        finally:
+            bar.close()
+        for hook in self.hooks:
+            hook.after_train()
         return self
