@@ -63,7 +63,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def launch_env() -> LaunchEnv:
-    """The launcher's variables, checked: a rank outside [0, WORLD_SIZE) is a ConfigError."""
+    """The launcher's variables, checked: a rank outside [0, WORLD_SIZE) is a ConfigError.
+
+    A variable the launcher did not set takes its single-process default, and is not checked
+    against the others (a lone RANK=1 is a non-zero rank of an unknown world).
+    """
     world = _env_int("WORLD_SIZE", 1)
     env = LaunchEnv(
         rank=_env_int("RANK", 0),
@@ -71,9 +75,11 @@ def launch_env() -> LaunchEnv:
         local_rank=_env_int("LOCAL_RANK", 0),
         local_world_size=_env_int("LOCAL_WORLD_SIZE", world),
     )
-    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+    if env.world_size < 1 or env.rank < 0 or ("WORLD_SIZE" in os.environ and env.rank >= env.world_size):
         raise ConfigError(f"environment: RANK={env.rank} WORLD_SIZE={env.world_size}: need 0 <= RANK < WORLD_SIZE")
-    if env.local_world_size < 1 or not 0 <= env.local_rank < env.local_world_size:
+    if env.local_world_size < 1 or env.local_rank < 0 or (
+        "LOCAL_WORLD_SIZE" in os.environ and env.local_rank >= env.local_world_size
+    ):
         raise ConfigError(
             f"environment: LOCAL_RANK={env.local_rank} LOCAL_WORLD_SIZE={env.local_world_size}: "
             "need 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE"
