@@ -1,7 +1,8 @@
 """Training step time: sam3pipe's trainer next to a bare forward/backward/step loop, 1 and 2 processes.
 
-The trainer's step (`Trainer._optimizer_step`: clip loading and collation, the loss, backward,
-gradient clipping, AdamW, the schedule, the loss read-out) is timed against the least a step
+The trainer's step (`Trainer.train_step`: clip loading and collation, the loss, backward,
+gradient clipping, the NaN/Inf guard, the per-step all-reduce of the statistics, AdamW, the
+schedule, and the per-step hooks) is timed against the least a step
 can do on the same model: forward, loss, backward and AdamW on one batch collated up front,
 with no data loading, logging or checkpoints. Their ratio is the trainer's overhead. Each
 process count runs under torchrun (gloo on CPU, DDP for 2) on one synthetic dataset; the two
@@ -61,27 +62,30 @@ def _timed_steps(step: Callable[[], Any], count: int) -> list[float]:
 
 def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
     """One torchrun process: build the trainer, then time its step and the bare step in turns."""
+    from sam3_core import comm
     from sam3_core.config import load_config
     from sam3_core.data.datapoints import collate_clips
-    from sam3_core.train import distributed
+    from sam3_core.train.build import build_trainer
     from sam3_core.train.config import TrainJobConfig
-    from sam3_core.train.trainer import Trainer
 
-    torch.set_num_threads(bench.threads)
-    trainer = Trainer(load_config("train", TrainJobConfig, overrides))
-    cfg = trainer.cfg
+    # no validation or checkpoint falls inside the timed steps: what is timed is the step itself
+    quiet = ["train.val_every=0", "train.best_metric=train/loss", "train.best_mode=min", "train.max_steps=100000"]
+    cfg = load_config("train", TrainJobConfig, [*overrides, *quiet, f"train.num_threads={bench.threads}"])
+    trainer = build_trainer(cfg)
+    for hook in trainer.hooks:
+        hook.before_train()
     trainer.model.train()
-    batches = trainer._micro_batches()
-    mine = range(trainer.env.rank, len(trainer.train_set), trainer.env.world_size)[: cfg.data.batch_size]
-    fixed = trainer._to_device(collate_clips([trainer.train_set[i] for i in mine], with_masks=cfg.data.clips.with_masks))
+    train_set = trainer.data.dataset
+    mine = range(comm.rank(), len(train_set), comm.world_size())[: cfg.data.batch_size]
+    fixed = trainer.task.to_device(collate_clips([train_set[i] for i in mine], with_masks=cfg.data.clips.with_masks))
     targets = [trainer.module.detector.back_convert(t) for t in fixed.find_targets]
 
     def ours() -> None:
-        trainer._optimizer_step(batches)
+        trainer.train_step()
 
     def bare() -> None:
-        with trainer._autocast():
-            losses = trainer.loss_fn(trainer.model(fixed), targets)
+        with trainer.autocast():
+            losses = trainer.task.loss_fn(trainer.model(fixed), targets)
         losses["core_loss"].backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -92,10 +96,10 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
     for _ in range(bench.rounds):
         times["trainer"] += _timed_steps(ours, bench.steps_per_round)
         times["bare"] += _timed_steps(bare, bench.steps_per_round)
-    if trainer.env.is_main:
-        Path(out_path).write_text(json.dumps({"world_size": trainer.env.world_size, **times}))
-    distributed.barrier()
-    distributed.shutdown()
+    if comm.is_main():
+        Path(out_path).write_text(json.dumps({"world_size": comm.world_size(), **times}))
+    comm.barrier()
+    comm.shutdown()
 
 
 def _dataset(store: Path, bench: TrainBench) -> str:
@@ -108,12 +112,25 @@ def _dataset(store: Path, bench: TrainBench) -> str:
 
 def _launch(processes: int, overrides: list[str], out: Path, bench: TrainBench) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "bench.bench_train", "--worker", str(out), *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "bench.bench_train",
+        "--worker",
+        str(out),
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(bench.threads), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=bench.timeout_s)
+    proc = subprocess.run(
+        command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=bench.timeout_s
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{processes}-process bench failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(out.read_text())

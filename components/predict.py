@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from components.runner import run_cli
+from sam3_core.comm import shutdown
 from sam3_core.config import load_config
 from sam3_core.data.frames import FrameReader
 from sam3_core.predict.predictor import (
@@ -21,7 +22,6 @@ from sam3_core.predict.predictor import (
     with_resolved_model,
 )
 from sam3_core.tracking import component_run
-from sam3_core.train.distributed import shutdown
 
 TAG_MODEL_URI = "sam3pipe.model_uri"
 TAG_PREDICTIONS_URI = "sam3pipe.predictions_uri"

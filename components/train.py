@@ -16,16 +16,20 @@ from typing import Any
 
 from components.runner import run_cli
 from sam3_core import storage
+from sam3_core.comm import shutdown
 from sam3_core.config import load_config
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import MANIFEST
 from sam3_core.model.checkpoint import CheckpointRef
 from sam3_core.tracking import Tracker, component_run
+from sam3_core.train.build import train
 from sam3_core.train.config import TrainJobConfig
-from sam3_core.train.distributed import shutdown
-from sam3_core.train.trainer import TrainResult, run_uri_for, train
+from sam3_core.train.run import run_uri_for
+from sam3_core.train.trainer import TrainResult
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:@-]+")
+TAG_BEST_METRIC = "sam3pipe.best_metric"
+TAG_BEST_STEP = "sam3pipe.best_step"
 
 
 def grouped_by_run_folder(cfg: TrainJobConfig, run_uri: str) -> TrainJobConfig:
@@ -47,7 +51,11 @@ def log_history(run: Tracker, result: TrainResult, logged_steps: set[int]) -> No
 
 
 def execute(overrides: list[str]) -> dict[str, Any]:
-    """Compose the config, train (rank 0 tracks metrics and checkpoints), register the best checkpoint."""
+    """Compose the config, train (rank 0 tracks metrics and checkpoints), register the best checkpoint.
+
+    best.pt is the weights of the step where `train.best_metric` was best (LoRA adapters merged):
+    the registered model. Its metric name and step are tagged on the run.
+    """
     cfg = load_config("train", TrainJobConfig, overrides)
     run_uri = run_uri_for(cfg)
     cfg = grouped_by_run_folder(cfg, run_uri)
@@ -68,6 +76,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
 
             result = train(cfg, on_metrics, on_checkpoint)
             log_history(run, result, logged_steps)
+            run.set_tags({TAG_BEST_METRIC: result.best_metric, TAG_BEST_STEP: result.best_step})
             run.register_model(result.best_checkpoint_uri)
             outputs = {
                 "run_uri": result.run_uri,

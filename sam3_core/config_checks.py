@@ -69,6 +69,21 @@ def check_str(key: str, value: Any, *, required: bool = False, optional: bool = 
         fail(key, value, "a non-empty string")
 
 
+def check_str_list(key: str, value: Any) -> None:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        fail(key, value, "a list of strings")
+
+
+def check_int_list(key: str, value: Any, minimum: int | None = None) -> None:
+    """A list of integers, each >= minimum where given."""
+    expected = _range_text("a list of integers", minimum, None, False, False)
+    if not isinstance(value, (list, tuple)):
+        fail(key, value, expected)
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or (minimum is not None and item < minimum):
+            fail(key, value, expected)
+
+
 def _range_text(kind: str, low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if low is not None and high is not None:
         return f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"

@@ -1,4 +1,5 @@
-"""The SAM3 detector presets, the multi-frame training forward through sam3's own loss, and checkpoint loading."""
+"""The SAM3 detector presets, the multi-frame training forward through sam3's own loss, checkpoint loading,
+and LoRA adapters (through peft): only they train, and merging them gives the adapted model's outputs."""
 
 from __future__ import annotations
 
@@ -16,13 +17,20 @@ from sam3_core.data.clips import ClipConfig, ClipDataset
 from sam3_core.data.datapoints import collate_clips
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import PreparedDataset
-from sam3_core.errors import InputError
+from sam3_core.errors import ConfigError, InputError
 from sam3_core.model.build import build_detector, freeze
-from sam3_core.model.checkpoint import load_model_weights
-from sam3_core.model.config import ModelConfig
+from sam3_core.model.checkpoint import load_checkpoint, load_model_weights
+from sam3_core.model.config import LoraConfig, ModelConfig
+from sam3_core.model.lora import (
+    add_adapters,
+    lora_settings,
+    merged_state_dict,
+    target_modules,
+)
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainJobConfig
 from sam3_core.train.loss import LossConfig, build_loss
+from sam3_core.train.optim import OptimConfig, build_optimizer
 
 LOSS_TERMS = ("loss_bbox", "loss_giou", "loss_ce", "presence_loss", "loss_mask", "loss_dice")
 TINY = ModelConfig(image_size=56, vit_pretrain_img_size=56)
@@ -227,3 +235,114 @@ def test_a_shape_mismatch_raises_input_error_naming_the_key(source_detector: Vid
     with pytest.raises(InputError, match=key.replace(".", r"\.")) as raised:
         load_model_weights(tiny_model(), uri)
     assert raised.value.source == uri
+
+
+# ---------------------------------------------------------------------------- LoRA adapters
+
+LORA = LoraConfig(rank=4, modules=["backbone.vision_backbone.trunk", "transformer", "backbone.language_backbone"],
+                  targets=["qkv", "proj", "fc1", "fc2", "linear1", "linear2", "c_fc"])
+
+
+def adapted_model(cfg: LoraConfig = LORA) -> VideoClipDetector:
+    model = tiny_model()
+    add_adapters(model.detector, cfg)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_step(tiny_dataset: PreparedDataset, torch_single_thread: None) -> dict[str, Any]:
+    """Weights before and after one AdamW step of a LoRA-adapted tiny model on a 2-frame clip."""
+    model = adapted_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+    _, losses = clip_losses(model, clip_batch(tiny_dataset, 2), build_loss(LossConfig(), TINY.num_queries, True))
+    losses["core_loss"].backward()
+    optimizer.step()
+    return {"model": model, "before": before, "after": model.state_dict(), "optimizer": optimizer}
+
+
+def test_lora_adapts_the_named_linears_under_the_chosen_prefixes() -> None:
+    names = target_modules(tiny_model().detector, LORA)
+    assert "backbone.vision_backbone.trunk.blocks.0.attn.qkv" in names
+    assert "backbone.vision_backbone.trunk.blocks.1.mlp.fc2" in names
+    assert "transformer.encoder.layers.1.linear2" in names
+    assert "backbone.language_backbone.encoder.transformer.resblocks.0.mlp.c_fc" in names
+    assert not [n for n in names if n.startswith(("segmentation_head", "geometry", "dot_prod_scoring"))]
+
+
+def test_lora_targets_that_match_nothing_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="model.lora: no linear named"):
+        target_modules(tiny_model().detector, LoraConfig(rank=4, targets=["nothing_here"]))
+
+
+def test_lora_on_an_attention_module_is_refused_naming_the_peft_bug() -> None:
+    # peft 0.21.2 adds the out_proj delta twice in MultiheadAttention.merge (huggingface/peft#3774)
+    with pytest.raises(ConfigError, match=r"transformer.encoder.layers.0.self_attn is an attention module.*peft#3774"):
+        target_modules(tiny_model().detector, LoraConfig(rank=4, modules=["transformer"], targets=["self_attn"]))
+
+
+def test_with_lora_only_the_adapters_are_trainable_and_change(lora_step: dict[str, Any]) -> None:
+    model, before, after = lora_step["model"], lora_step["before"], lora_step["after"]
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(".lora_" in key for key in changed)
+    optimised = sum(len(group["params"]) for group in lora_step["optimizer"].param_groups)
+    assert optimised == len(trainable)
+
+
+def test_merged_weights_have_the_official_layout_and_give_the_adapted_models_outputs(
+    lora_step: dict[str, Any], tiny_dataset: PreparedDataset
+) -> None:
+    adapted = lora_step["model"].eval()
+    merged = merged_state_dict(adapted)
+    plain = tiny_model(init_seed=1).eval()
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    batch = clip_batch(tiny_dataset, 2)
+    with torch.no_grad():
+        ours, theirs = adapted(batch)[-1], plain(batch)[-1]
+    # (W + BA)x against Wx + B(Ax): the same sums in another order, float32 rounding only
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_saved_with_adapters_loads_merged_into_a_plain_model(
+    lora_step: dict[str, Any], tmp_path: Path
+) -> None:
+    adapted = lora_step["model"]
+    uri = put({"model": adapted.state_dict(), "lora": lora_settings(LORA)}, str(tmp_path / "adapted.pt"), tmp_path)
+    target = tiny_model(init_seed=1)
+    report = load_model_weights(target, uri)
+    assert (report.missing, report.unexpected) == ([], [])
+    expected = merged_state_dict(adapted)
+    assert all(torch.equal(value, expected[key]) for key, value in target.state_dict().items())
+
+
+def test_adapters_without_their_settings_are_an_input_error(lora_step: dict[str, Any], tmp_path: Path) -> None:
+    uri = put({"model": lora_step["model"].state_dict()}, str(tmp_path / "bare-adapters.pt"), tmp_path)
+    with pytest.raises(InputError, match="lacks their settings"):
+        load_model_weights(tiny_model(), uri)
+
+
+# ---------------------------------------------------------------------------- unreadable checkpoints
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(b"", "empty"), (b"\x00garbage\xff" * 10, "not a torch checkpoint"), ("list", "holds a list")],
+    ids=["empty", "garbage", "list"],
+)
+def test_an_unreadable_checkpoint_is_a_one_line_input_error_naming_the_uri(
+    tmp_path: Path, content: bytes | str, says: str
+) -> None:
+    path = tmp_path / "weights.pt"
+    if content == "list":
+        torch.save([torch.zeros(2)], path)
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=says) as raised:
+        load_checkpoint(str(path))
+    assert raised.value.source == str(path)
+    assert "\n" not in str(raised.value) and "mmap" not in str(raised.value)

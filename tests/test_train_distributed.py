@@ -32,13 +32,26 @@ def two_ranks(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("two-ranks")
     store = out / "store"
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(RANKS), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "tests" / "train_worker.py"), str(out),
-        *tiny_train_overrides, f"output.store={store}", "output.run_name=ddp",
-        f"train.max_steps={STEPS}", f"train.checkpoint_every={STEPS}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(RANKS),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "train_worker.py"),
+        str(out),
+        *tiny_train_overrides,
+        f"output.store={store}",
+        "output.run_name=ddp",
+        f"train.max_steps={STEPS}",
+        f"train.checkpoint_every={STEPS}",
     ]
-    proc = subprocess.run(command, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command, check=False, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {
         "weights": [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(RANKS)],
@@ -49,6 +62,16 @@ def two_ranks(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPath
 
 def test_both_ranks_join_one_process_group(two_ranks: dict[str, Any]) -> None:
     assert [record["world_size"] for record in two_ranks["records"]] == [RANKS] * RANKS
+
+
+def test_only_rank_zero_reports_metrics_and_validation_is_reported_once_at_the_last_step(
+    two_ranks: dict[str, Any],
+) -> None:
+    reported = [record["metrics"] for record in two_ranks["records"]]
+    assert reported[1] == [] and reported[0]
+    # both ranks validated their share of the val clips and frames; rank 0 reports the result once
+    assert [m["step"] for m in reported[0] if "val/loss" in m] == [STEPS]
+    assert [m["step"] for m in reported[0] if "val/segm_AP" in m] == [STEPS]
 
 
 def test_weights_are_identical_on_every_rank_after_training(two_ranks: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 `python -m torch.distributed.run --nproc_per_node N tests/train_worker.py OUT_DIR key=value ...`
 trains with the `train` overrides and writes, per rank, `OUT_DIR/rank<r>.pt` (the final model
-state dict) and `OUT_DIR/rank<r>.json` (the train-clip indices this rank loaded, per epoch).
+state dict) and `OUT_DIR/rank<r>.json` (the train-clip indices this rank loaded, per epoch, and the
+metrics it reported: only rank 0 reports).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any
 
 import torch
 
+from sam3_core import comm
 from sam3_core.config import load_config
 from sam3_core.data.clips import ClipDataset
-from sam3_core.train import distributed
+from sam3_core.train.build import build_trainer
 from sam3_core.train.config import TrainJobConfig
-from sam3_core.train.trainer import Trainer
 
 
 class RecordingClips(torch.utils.data.Dataset):
@@ -41,14 +42,18 @@ class RecordingClips(torch.utils.data.Dataset):
 
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
-    trainer = Trainer(load_config("train", TrainJobConfig, argv[1:]))
-    recorder = RecordingClips(trainer.train_set)
-    trainer.train_set = recorder  # type: ignore[assignment]
+    metrics: list[dict[str, float]] = []
+    trainer = build_trainer(
+        load_config("train", TrainJobConfig, argv[1:]), on_metrics=lambda step, m: metrics.append({"step": step, **m})
+    )
+    recorder = RecordingClips(trainer.data.dataset)
+    trainer.data.dataset = recorder
     trainer.fit()
-    rank = trainer.env.rank
+    rank = comm.rank()
     torch.save(trainer.module.state_dict(), out / f"rank{rank}.pt")
-    (out / f"rank{rank}.json").write_text(json.dumps({"world_size": trainer.env.world_size, "seen": recorder.seen}))
-    distributed.shutdown()
+    record = {"world_size": comm.world_size(), "seen": recorder.seen, "metrics": metrics}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    comm.shutdown()
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sam3_core import comm
 from sam3_core.config_checks import check_bool, check_float
 
 # detector outputs kept per frame: all a post-processor needs
@@ -62,9 +63,7 @@ class ChunkedVideoDetector:
     def __init__(self, detect_frame: Callable[[int], dict[str, torch.Tensor]], cfg: DetectionConfig) -> None:
         self.detect_frame = detect_frame
         self.cfg = cfg
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if distributed else 0
-        self.world_size = dist.get_world_size() if distributed else 1
+        self.rank, self.world_size = comm.rank(), comm.world_size()
         self._buffer: dict[int, dict[str, tuple[_Pending, int]]] = {}
 
     def _chunk_start(self, frame: int) -> int:

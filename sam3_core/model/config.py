@@ -4,6 +4,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sam3_core.config_checks import check_bool, check_float, check_int, check_int_list, check_str, check_str_list
+from sam3_core.errors import ConfigError
+
+# a frame's ViT activations grow with the square of the side; past this one 1-frame step of the
+# full preset no longer fits in the memory of any current accelerator
+MAX_IMAGE_SIZE = 4032
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (through `peft`) on chosen linears; `rank: 0` turns them off.
+
+    With adapters on, everything else is frozen except the `trainable` prefixes: only the
+    adapters (and those) train, and the optimizer holds state for them alone.
+    """
+
+    rank: int = 0
+    # the adapter's output is scaled by alpha / rank
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # parameter-name prefixes (of the detector) under which layers get adapters
+    modules: list[str] = field(default_factory=lambda: ["backbone.vision_backbone.trunk", "transformer"])
+    # names of the linears that get adapters, matched against the last part of a module name:
+    # the ViT's qkv / proj / fc1 / fc2, the encoder's and decoder's linear1 / linear2, the text
+    # blocks' c_fc / c_proj (attention modules cannot be targets: see sam3_core.model.lora)
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2", "linear1", "linear2"])
+    # parameter-name prefixes that stay fully trainable next to the adapters, e.g. ["dot_prod_scoring"]
+    trainable: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_int("model.lora.rank", self.rank, 0, 1024)
+        check_float("model.lora.alpha", self.alpha, 0.0, low_open=True)
+        check_float("model.lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_str_list("model.lora.modules", self.modules)
+        check_str_list("model.lora.targets", self.targets)
+        check_str_list("model.lora.trainable", self.trainable)
+        if self.rank > 0 and not self.targets:
+            raise ConfigError(
+                "model.lora.targets: empty; name the layers to adapt (e.g. [qkv, proj]) or set model.lora.rank=0"
+            )
+        if "out_proj" in self.targets:
+            raise ConfigError(
+                "model.lora.targets: out_proj is read by nn.MultiheadAttention without calling it, so an adapter "
+                "on it would never act; target linears such as qkv, proj, fc1, fc2, linear1, linear2"
+            )
+
 
 @dataclass
 class ModelConfig:
@@ -39,8 +85,61 @@ class ModelConfig:
     num_queries: int = 16
     dropout: float = 0.0
     enable_segmentation: bool = True
-    # weights to start from: a checkpoint URI (ours or the official `detector.*` layout)
+    # weights to start from: a checkpoint URI (ours or the official `detector.*` layout) or a
+    # registry entry `models:/<name>@<alias>` / `models:/<name>/<version>`
     uri: str | None = None
     # parameter-name prefixes to freeze, e.g. ["backbone.vision_backbone", "backbone.language_backbone"]
     freeze: list[str] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_str("model.preset", self.preset, required=True)
+        check_int("model.patch_size", self.patch_size, 1)
+        check_int("model.image_size", self.image_size, self.patch_size, MAX_IMAGE_SIZE)
+        check_int("model.vit_pretrain_img_size", self.vit_pretrain_img_size, self.patch_size, MAX_IMAGE_SIZE)
+        for key in ("image_size", "vit_pretrain_img_size"):
+            if getattr(self, key) % self.patch_size:
+                raise ConfigError(
+                    f"model.{key}={getattr(self, key)}: must be a multiple of model.patch_size={self.patch_size}"
+                )
+        for key in (
+            "vit_embed_dim",
+            "vit_depth",
+            "vit_heads",
+            "vit_window_size",
+            "text_width",
+            "text_heads",
+            "text_layers",
+            "text_context_length",
+            "heads",
+            "ffn_dim",
+            "decoder_layers",
+            "num_queries",
+        ):
+            check_int(f"model.{key}", getattr(self, key), 1)
+        for key in ("encoder_layers", "geometry_layers", "init_seed"):
+            check_int(f"model.{key}", getattr(self, key), 0)
+        # the pixel decoder's GroupNorm(8) and the position encoding need d_model in multiples of 8
+        check_int("model.d_model", self.d_model, 8)
+        if self.d_model % 8 or self.d_model % self.heads:
+            raise ConfigError(f"model.d_model={self.d_model}: must be a multiple of 8 and of model.heads={self.heads}")
+        for dim, heads in (("vit_embed_dim", "vit_heads"), ("text_width", "text_heads")):
+            if getattr(self, dim) % getattr(self, heads):
+                raise ConfigError(
+                    f"model.{dim}={getattr(self, dim)}: must be a multiple of model.{heads}={getattr(self, heads)}"
+                )
+        check_float("model.vit_mlp_ratio", self.vit_mlp_ratio, 0.0, low_open=True)
+        check_float("model.vit_drop_path_rate", self.vit_drop_path_rate, 0.0, 1.0, high_open=True)
+        check_float("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_int_list("model.vit_global_att_blocks", self.vit_global_att_blocks, 0)
+        if self.vit_depth - 1 not in self.vit_global_att_blocks or max(self.vit_global_att_blocks) >= self.vit_depth:
+            raise ConfigError(
+                f"model.vit_global_att_blocks={list(self.vit_global_att_blocks)}: block indices must be below "
+                f"model.vit_depth={self.vit_depth} and include the last block ({self.vit_depth - 1})"
+            )
+        check_bool("model.enable_segmentation", self.enable_segmentation)
+        check_str("model.uri", self.uri, optional=True)
+        check_str_list("model.freeze", self.freeze)
+        if not isinstance(self.lora, LoraConfig):
+            raise ConfigError(f"model.lora={self.lora!r}: expected a mapping of LoRA settings")

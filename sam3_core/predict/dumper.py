@@ -23,9 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
-
-from sam3_core import storage
+from sam3_core import comm, storage
 from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.config_checks import check_choice, check_float, check_int, check_uri
 from sam3_core.errors import ConfigError, StorageError
@@ -159,12 +157,6 @@ class VideoMerger:
         return self._merged
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def wait_for_objects(uris: list[str], timeout_s: float, poll_interval_s: float) -> None:
     """Block until every URI exists; a rank that never delivers becomes an error, not a hang."""
     deadline = time.monotonic() + timeout_s
@@ -183,8 +175,7 @@ def wait_for_objects(uris: list[str], timeout_s: float, poll_interval_s: float) 
 
 
 def _gather_collective(part: Part, rank: int, world: int, sink: Callable[[Part], None]) -> None:
-    received: list[Part | None] | None = [None] * world if rank == 0 else None
-    dist.gather_object(part, received, dst=0)
+    received = comm.gather_object(part, dst=0)
     if received is None:
         return
     for index in range(world):
@@ -196,9 +187,8 @@ def _gather_via_storage(
     root: str, part: Part, rank: int, world: int, cfg: DumperConfig, sink: Callable[[Part], None]
 ) -> None:
     """Each rank writes its part under a folder unique to this gather; rank 0 reads them in rank order."""
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    folder = storage.join(root, f"gather-{token[0]}")
+    token = comm.broadcast_object(uuid.uuid4().hex if rank == 0 else None, src=0)
+    folder = storage.join(root, f"gather-{token}")
     part_uris = [storage.join(folder, f"part-{r:05d}.json") for r in range(world)]
     storage.write_json(part_uris[rank], part)
     if rank == 0:
@@ -206,7 +196,7 @@ def _gather_via_storage(
         for uri in part_uris:
             sink(storage.read_json(uri))
         storage.delete_prefix(folder)
-    dist.barrier()
+    comm.barrier()
 
 
 class PredictionDumper:
@@ -235,7 +225,7 @@ class PredictionDumper:
 
         Every rank of the default process group must call this, in the same order.
         """
-        rank, world = _rank_and_world()
+        rank, world = comm.rank(), comm.world_size()
         coco = {iou_type: TopKMerger(self.cfg.maxdets) for iou_type in IOU_TYPES}
         video = VideoMerger()
 

@@ -32,7 +32,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from sam3_core import storage
+from sam3_core import comm, storage
 from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.config import flatten
 from sam3_core.config_checks import MISSING, check_bool, check_choice, check_float, check_int, check_str, check_uri
@@ -61,7 +61,6 @@ from sam3_core.predict.postprocess import (
 )
 from sam3_core.tracking import draw_masks, resolve_model_uri
 from sam3_core.tracking.settings import TrackingConfig
-from sam3_core.train import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +295,8 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
         with fetched_checkpoint(cfg.model.uri) as fetched:
             return predict(cfg, fetched)
     out_uri = prepare_output(cfg, checkpoint)
-    env = dist.init_process_group()
-    device = dist.device_for(env)
+    env = comm.init_process_group()
+    device = comm.device()
     model = VideoClipDetector(build_detector(cfg.model))
     _load_weights(model, checkpoint)
     model.to(device).eval()
@@ -340,7 +339,7 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
         settings = prediction_settings(cfg, checkpoint.sha256)
         storage.write_json(storage.join(out_uri, SETTINGS_FILE), {"key": settings_key(settings), "settings": settings})
     dumper.dump(out_uri)
-    dist.barrier()
+    comm.barrier()
     if env.is_main:
         log.info("predictions written to %s (%s)", out_uri, ", ".join(PREDICTION_FILES.values()))
     return PredictResult(out_uri, previews)

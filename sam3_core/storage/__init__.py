@@ -23,7 +23,7 @@ from sam3_core.errors import InputError, StorageError
 from sam3_core.storage.backend import Backend, backend_for, register_backend
 from sam3_core.storage.backend import errors as _errors
 from sam3_core.storage.cache import DEFAULT_CACHE_DIR, ReadCache, cached_path
-from sam3_core.storage.local import LocalBackend, local_path
+from sam3_core.storage.local import TMP_SUFFIX, LocalBackend, local_path
 from sam3_core.storage.s3 import S3Backend, max_concurrency
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "read_json",
     "read_text",
     "register_backend",
+    "remove_partial_writes",
     "sha256_bytes",
     "sha256_file",
     "size",
@@ -235,6 +236,25 @@ def delete_prefix(prefix: str) -> None:
 
 
 # ---------------------------------------------------------------------------- checksums
+
+
+def remove_partial_writes(folder: str) -> list[str]:
+    """Delete the hidden temp files that killed local writes left directly in ``folder``; their paths.
+
+    An interrupted atomic local write leaves ``.<name>.<random>.sam3pipe-tmp`` behind and listings
+    skip it, so only this finds it. Object stores have no such leftovers (a killed upload never
+    becomes an object).
+    """
+    if is_remote(folder):
+        return []
+    root = local_path(folder)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in root.glob(f".*{TMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        removed.append(str(path))
+    return removed
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from sam3_core import comm
 from sam3_core.errors import ConfigError
 
 DEFAULT_EXPERIMENT = "sam3pipe"
@@ -202,11 +203,7 @@ def local_artifact_root(uri: str | None = None) -> str:
 
 def rank() -> int:
     """This process's rank under torchrun / PyTorchJob; only rank 0 tracks."""
-    raw = _env("RANK", "0")
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable RANK={raw!r}: expected an integer") from None
+    return comm.rank()
 
 
 def fail_fast_http(cfg: TrackingConfig) -> None:

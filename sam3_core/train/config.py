@@ -1,9 +1,15 @@
-"""The train component's config: model, data, optimiser, loss, loop, output, tracking."""
+"""The train component's config: model, data, optimiser, loss, loop, output, tracking.
+
+Every value is checked when the config is built (`__post_init__`), so a bad override stops the
+run before any data is read, with a one-line `ConfigError` naming the key.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from sam3_core.config_checks import check_bool, check_choice, check_int, check_str
 from sam3_core.data.clips import ClipConfig
 from sam3_core.errors import ConfigError
 from sam3_core.model.config import ModelConfig
@@ -27,17 +33,19 @@ class DataConfig:
     prefetch_factor: int = 2
 
     def __post_init__(self) -> None:
-        for key in ("cache_bytes", "prefetch_factor"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"config train: data.{key}: must be an integer, got {value!r}")
-        if self.cache_bytes < 0:
-            raise ConfigError(f"config train: data.cache_bytes: must be >= 0 (0 = no limit), got {self.cache_bytes}")
-        if self.prefetch_factor < 1:
-            raise ConfigError(f"config train: data.prefetch_factor: must be >= 1, got {self.prefetch_factor}")
+        check_str("data.uri", self.uri, required=True)
+        check_str("data.cache_dir", self.cache_dir, optional=True)
+        check_int("data.batch_size", self.batch_size, 1, 4096)
+        check_int("data.num_workers", self.num_workers, 0, 256)
+        check_int("data.cache_bytes", self.cache_bytes, 0)
+        check_int("data.prefetch_factor", self.prefetch_factor, 1)
 
 
 AMP_MODES = ("auto", "bf16", "off")
+BEST_MODES = ("max", "min")
+# detection metrics the in-loop validation computes (`val/<iou type>_<stat>`)
+DETECTION_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_METRIC_NAME = re.compile(r"^(train|val|diag)/[\w.\-]+$")
 
 
 @dataclass
@@ -52,28 +60,86 @@ class LoopConfig:
     checkpoint_every: int = 100
     # also keep checkpoints/step_XXXXXXX.pt at every checkpoint (else only last.pt / best.pt)
     keep_step_checkpoints: bool = True
-    # validation loss every N steps on val clips (0: never); best.pt follows it, else train loss
-    val_every: int = 0
-    val_max_clips: int = 16
+    # validate every N steps and at the last step (0: never)
+    val_every: int = 50
+    # val/loss: the mean loss over the first N val clips (0: no validation loss)
+    val_max_clips: int = 8
+    # val/bbox_* and val/segm_* (COCO, through the predict path): N val frames spread over the
+    # split (0: no detection metrics)
+    val_max_frames: int = 16
+    # best.pt is the checkpoint of the step where this metric was best: `val/<name>` (a detection
+    # metric such as val/segm_AP, or val/loss), `diag/<name>` or `train/<name>`
+    best_metric: str = "val/segm_AP"
+    # "max" for scores (AP, AR), "min" for losses
+    best_mode: str = "max"
+    # also log learn's training diagnostics (`diag/*`) at every validation
+    diagnostics: bool = False
     resume: bool = True
     dist_timeout_s: int = 1800
-    # torch CPU threads per process; 0 keeps torch's default (one per core). Processes sharing
-    # cores (several ranks on one CPU machine) run far faster with 1
+    # torch CPU threads per process; 0: OMP_NUM_THREADS if set, else cores / processes on this
+    # machine (torch's own default, one per core in every process, oversubscribes shared cores)
     num_threads: int = 0
 
     def __post_init__(self) -> None:
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.max_steps < 1 or self.grad_accum_steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("train.max_steps, grad_accum_steps, log_every and checkpoint_every must be >= 1")
+        check_int("train.max_steps", self.max_steps, 1)
+        check_int("train.grad_accum_steps", self.grad_accum_steps, 1, 4096)
+        check_int("train.seed", self.seed, 0, 2**31 - 1)
+        check_choice("train.amp", self.amp, AMP_MODES)
+        for key in ("log_every", "checkpoint_every"):
+            check_int(f"train.{key}", getattr(self, key), 1)
+        for key in ("val_every", "val_max_clips", "val_max_frames", "num_threads"):
+            check_int(f"train.{key}", getattr(self, key), 0)
+        check_int("train.dist_timeout_s", self.dist_timeout_s, 1)
+        for key in ("keep_step_checkpoints", "diagnostics", "resume"):
+            check_bool(f"train.{key}", getattr(self, key))
+        check_choice("train.best_mode", self.best_mode, BEST_MODES)
+        check_str("train.best_metric", self.best_metric, required=True)
+        if not _METRIC_NAME.match(self.best_metric):
+            raise ConfigError(
+                f"train.best_metric={self.best_metric!r}: name a logged metric, "
+                "e.g. val/segm_AP, val/loss or train/loss"
+            )
+        self._check_best_metric_is_computed()
+
+    def _check_best_metric_is_computed(self) -> None:
+        group, name = self.best_metric.split("/", 1)
+        if group == "train":
+            return
+        if self.val_every == 0:
+            raise ConfigError(
+                f"train.best_metric={self.best_metric} needs validation: set train.val_every > 0 "
+                "or choose a train/ metric (train.best_metric=train/loss train.best_mode=min)"
+            )
+        if group == "val" and name == "loss" and self.val_max_clips == 0:
+            raise ConfigError("train.best_metric=val/loss needs train.val_max_clips > 0")
+        iou_type, _, stat = name.partition("_")
+        if group == "val" and iou_type in ("bbox", "segm"):
+            if stat not in DETECTION_STATS:
+                raise ConfigError(
+                    f"train.best_metric={self.best_metric}: unknown COCO stat {stat!r}; "
+                    f"use one of {', '.join(DETECTION_STATS)}"
+                )
+            if self.val_max_frames == 0:
+                raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_frames > 0")
 
 
 @dataclass
 class OutputConfig:
     store: str = ".sam3pipe/store"
     # run folder name under <store>/runs/; empty: derived from the config, so rerunning the
-    # same command resumes the same run
+    # same command resumes the same run. A named run resumes only with the config it was started with
     run_name: str = ""
+
+    def __post_init__(self) -> None:
+        check_str("output.store", self.store, required=True)
+        check_str("output.run_name", self.run_name)
+        if self.run_name and (
+            not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name) or len(self.run_name) > 128
+        ):
+            raise ConfigError(
+                f"output.run_name={self.run_name!r}: use up to 128 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
 
 
 @dataclass
@@ -86,3 +152,10 @@ class TrainJobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the run is tracked in MLflow; leaves the run folder name alone (see run_name_for)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.best_metric.startswith("val/segm_") and not self.model.enable_segmentation:
+            raise ConfigError(
+                f"train.best_metric={self.train.best_metric} needs masks but model.enable_segmentation=false; "
+                "use a val/bbox_ metric"
+            )

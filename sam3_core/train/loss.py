@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sam3_core.errors import ConfigError
+from sam3_core.config_checks import check_choice, check_float, check_int
 from sam3_core.model import cpu_compat
 from sam3_core.model.build import hungarian_matcher
 
@@ -35,8 +35,22 @@ class LossConfig:
     frame_reduction: str = "mean"
 
     def __post_init__(self) -> None:
-        if self.frame_reduction not in ("mean", "sum"):
-            raise ConfigError(f"loss.frame_reduction must be 'mean' or 'sum', got {self.frame_reduction!r}")
+        for key in (
+            "loss_bbox",
+            "loss_giou",
+            "loss_ce",
+            "presence_loss",
+            "loss_mask",
+            "loss_dice",
+            "pos_weight",
+            "focal_gamma",
+            "o2m_weight",
+        ):
+            check_float(f"loss.{key}", getattr(self, key), 0.0)
+        for key in ("focal_alpha", "o2m_alpha", "o2m_threshold"):
+            check_float(f"loss.{key}", getattr(self, key), 0.0, 1.0)
+        check_int("loss.o2m_topk", self.o2m_topk, 1)
+        check_choice("loss.frame_reduction", self.frame_reduction, ("mean", "sum"))
 
 
 def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool) -> nn.Module:

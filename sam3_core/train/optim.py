@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sam3_core.config_checks import check_choice, check_float, check_int
 from sam3_core.errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -26,8 +27,16 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_float("optim.lr", self.lr, 0.0, 10.0, low_open=True)
+        check_float("optim.weight_decay", self.weight_decay, 0.0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas!r}: expected two numbers, e.g. [0.9, 0.999]")
+        for beta in self.betas:
+            check_float("optim.betas", beta, 0.0, 1.0, high_open=True)
+        check_int("optim.warmup_steps", self.warmup_steps, 0)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check_float("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_float("optim.grad_clip", self.grad_clip, 0.0)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -54,5 +63,7 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

@@ -1,54 +1,65 @@
-"""Video-clip training of the SAM3 detector: one process per GPU (or CPU), DDP, resumable.
+"""The training loop: optimizer steps, and hooks around them for everything else.
 
-Everything a run writes goes to `<store>/runs/<run_name>/`: `config.yaml`, `metrics.jsonl`,
-`checkpoints/{last,best,step_XXXXXXX}.pt`. Rerunning the same command resumes from `last.pt`
-with the model, optimiser, schedule, RNG states and data position it saved, so an interrupted
-run ends with the same weights as an uninterrupted one.
+Shaped like detectron2's `TrainerBase` + hooks and torchtitan's small components: `Trainer`
+knows nothing of SAM3, of files or of MLflow. It takes ready objects (the model to call, its
+unwrapped module, a `Task` that turns a batch into losses, optimizer, scheduler, a resumable
+micro-batch stream) and runs optimizer steps; logging, validation, best selection,
+checkpointing and the NaN/Inf guard are hooks (`sam3_core.train.hooks`). `build_trainer`
+(`sam3_core.train.build`) assembles the SAM3 one; a toy model and task drive it in tests.
+
+Under DDP every rank runs the same loop: the per-step statistics (losses, gradient norm,
+item counts) are all-reduced once per step, so what is logged is the mean over ranks and
+throughput counts every rank's items, and every rank takes the same decisions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
 import logging
-import math
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Any
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch import nn
 from tqdm import tqdm
 
-from sam3_core import storage
-from sam3_core.config import to_yaml
-from sam3_core.data.clips import ClipDataset
-from sam3_core.data.datapoints import collate_clips
-from sam3_core.data.frames import FrameReader
-from sam3_core.data.loading import PinningCollate
-from sam3_core.model.build import build_detector, freeze
-from sam3_core.model.checkpoint import (
-    CheckpointRef,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-)
-from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train import distributed as dist
-from sam3_core.train.config import TrainJobConfig
-from sam3_core.train.loss import build_loss
-from sam3_core.train.optim import build_optimizer, build_scheduler
+from sam3_core import comm
+from sam3_core.errors import Sam3PipeError
 
 log = logging.getLogger(__name__)
-LOSS_TERMS = ("loss_bbox", "loss_giou", "loss_ce", "presence_loss", "loss_mask", "loss_dice")
 MetricsCallback = Callable[[int, dict[str, float]], None]
-CheckpointCallback = Callable[[str, CheckpointRef], None]
+H = TypeVar("H", bound="HookBase")
+
+
+class TrainingDiverged(Sam3PipeError):
+    """The loss or the gradient became NaN/Inf: the run stops before that update is applied."""
+
+
+class Task(Protocol):
+    """What the loop needs from a model family."""
+
+    def to_device(self, batch: Any) -> Any: ...
+
+    def losses(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """`loss` (what is minimised) and any other scalar terms to log."""
+        ...
+
+    def counts(self, batch: Any) -> dict[str, int]:
+        """Items in the batch by kind (e.g. clips, frames); each is logged as `<kind>_per_s`."""
+        ...
+
+
+class Stream(Protocol):
+    """An endless, resumable iterator of micro-batches."""
+
+    def __next__(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -58,322 +69,247 @@ class TrainResult:
     best_checkpoint_uri: str
     steps: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # the metric best.pt was chosen by, its value there and that step
+    best_metric: str = ""
+    best_value: float = float("nan")
+    best_step: int = 0
 
 
-def run_name_for(cfg: TrainJobConfig) -> str:
-    """A name derived from everything that shapes the run, so the same command finds its run again.
+class HookBase:
+    """Called by `Trainer.fit` at fixed points; `self.trainer` is set when the hook is registered.
 
-    Tracking settings shape no weights: under another experiment or pipeline run id the
-    same command still resumes the same folder.
+    A hook with state worth resuming returns it from `state_dict` (saved in every checkpoint)
+    and takes it back in `load_state_dict`.
     """
-    shaped = replace(cfg, output=replace(cfg.output, run_name=""), train=replace(cfg.train, resume=True))
-    node = OmegaConf.structured(shaped)
-    untracked = OmegaConf.masked_copy(node, [key for key in node if key != "tracking"])
-    return "train-" + hashlib.sha256(OmegaConf.to_yaml(untracked).encode()).hexdigest()[:12]
+
+    trainer: Trainer
+
+    def before_train(self) -> None:
+        """Once, before the first step (after a resume, before the first new step)."""
+
+    def after_backward(self, stats: dict[str, float]) -> None:
+        """Every step, gradients ready and statistics reduced over ranks, before the optimizer step."""
+
+    def after_step(self) -> None:
+        """Every step, after the optimizer step; `trainer.step` is the number of steps done."""
+
+    def after_train(self) -> None:
+        """Once, after the last step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` gave."""
 
 
-def run_uri_for(cfg: TrainJobConfig) -> str:
-    return storage.join(cfg.output.store, "runs", cfg.output.run_name or run_name_for(cfg))
-
-
-class _FrameArrays:
-    """Picklable frame loader for DataLoader workers: file name -> uint8 HxWx3."""
-
-    def __init__(self, reader: FrameReader) -> None:
-        self.reader = reader
-
-    def __call__(self, file_name: str) -> np.ndarray:
-        return np.array(self.reader.image(file_name))
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+def rng_state() -> dict[str, Any]:
+    """torch's, numpy's and Python's global generator states, in types `torch.load(weights_only=True)` reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    """torch, numpy and Python's global generators, so every random choice of a run follows `seed`."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 class Trainer:
+    """Optimizer steps with gradient accumulation, clipping, AMP and DDP; everything else in hooks."""
+
     def __init__(
         self,
-        cfg: TrainJobConfig,
+        *,
+        model: nn.Module,
+        module: nn.Module,
+        task: Task,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        data: Stream,
+        max_steps: int,
+        grad_accum_steps: int = 1,
+        grad_clip: float = 0.0,
+        amp_dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        hooks: Sequence[HookBase] = (),
         on_metrics: MetricsCallback | None = None,
-        on_checkpoint: CheckpointCallback | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.model, self.module, self.task = model, module, task
+        self.optimizer, self.scheduler, self.data = optimizer, scheduler, data
+        self.max_steps, self.grad_accum_steps, self.grad_clip = max_steps, grad_accum_steps, grad_clip
+        self.amp_dtype = amp_dtype
+        self.device = device or torch.device("cpu")
         self.on_metrics = on_metrics
-        self.on_checkpoint = on_checkpoint
-        self.env = dist.init_process_group(cfg.train.dist_timeout_s)
-        self.device = dist.device_for(self.env)
-        self.run_uri = run_uri_for(cfg)
-        self.ckpt_dir = storage.join(self.run_uri, "checkpoints")
-        torch.manual_seed(cfg.train.seed + self.env.rank)
-        if cfg.train.num_threads > 0:
-            torch.set_num_threads(cfg.train.num_threads)
-
-        self.reader = FrameReader(cfg.data.uri, cfg.data.cache_dir, cfg.data.cache_bytes)
-        frames = _FrameArrays(self.reader)
-        self.train_set = ClipDataset(
-            self.reader.dataset("train"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True
-        )
-        self.val_set = (
-            ClipDataset(self.reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
-            if cfg.train.val_every > 0
-            else None
-        )
-
-        self.module = VideoClipDetector(build_detector(cfg.model))
-        if cfg.model.uri:
-            load_model_weights(self.module, cfg.model.uri)
-        if cfg.model.freeze:
-            n = freeze(self.module.detector, cfg.model.freeze)
-            log.info("froze %.2fM parameters under %s", n / 1e6, cfg.model.freeze)
-        self.module.to(self.device)
-        self.model: torch.nn.Module = self.module
-        if self.env.distributed:
-            self.model = DistributedDataParallel(
-                self.module,
-                device_ids=[self.env.local_rank] if self.device.type == "cuda" else None,
-                # not static_graph: its first-step all-reduce hooks onto output tensors found by
-                # pytree, which cannot see into SAM3Output (a list subclass), so gradients were
-                # never averaged. Some parameters (e.g. the unused 0.5x neck level) get no gradient.
-                find_unused_parameters=True,
-            )
-        self.loss_fn = build_loss(cfg.loss, cfg.model.num_queries, cfg.model.enable_segmentation and cfg.data.clips.with_masks)
-        self.optimizer = build_optimizer(self.module, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and self.device.type == "cuda")
-
         self.step = 0
-        self.epoch = 0
-        self.micro_in_epoch = 0
-        self.best = math.inf
+        self.start_step = 0
+        # every logged record, on the main rank: {"step": n, name: value, ...}
         self.history: list[dict[str, float]] = []
+        # what was logged at the current step (on every rank): hooks read each other's results here
+        self.step_metrics: dict[str, float] = {}
+        # the last step's statistics: means over ranks (losses, grad_norm, lr) and item counts summed over ranks
+        self.last_stats: dict[str, float] = {}
+        self.last_counts: dict[str, float] = {}
+        self.hooks: list[HookBase] = []
+        for hook in hooks:
+            self.register(hook)
+
+    def register(self, hook: HookBase) -> None:
+        hook.trainer = self
+        self.hooks.append(hook)
+
+    def find_hook(self, kind: type[H]) -> H | None:
+        return next((hook for hook in self.hooks if isinstance(hook, kind)), None)
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step == self.max_steps
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ---------------------------------------------------------------- metrics
+    def log(self, metrics: dict[str, float]) -> None:
+        """Record metrics of the current step: kept for the other hooks on every rank, reported on rank 0."""
+        self.step_metrics.update(metrics)
+        if not comm.is_main():
+            return
+        if self.history and self.history[-1]["step"] == self.step:
+            self.history[-1].update(metrics)
+        else:
+            self.history.append({"step": self.step, **metrics})
+        log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if self.on_metrics:
+            self.on_metrics(self.step, metrics)
 
     # ---------------------------------------------------------------- state
-    def _state(self) -> dict[str, Any]:
-        rng_states = dist.all_gather_object(_rng_state())
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to go on exactly; a collective (gathers every rank's RNG)."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
-            "epoch": self.epoch,
-            "micro_in_epoch": self.micro_in_epoch,
-            "best": self.best,
-            "rng": rng_states,
-            "world_size": self.env.world_size,
-            "history": json.dumps(self.history),
-            "config": to_yaml(self.cfg),
+            "data": self.data.state_dict(),
+            "rng": comm.all_gather_object(rng_state()),
+            "world_size": comm.world_size(),
+            "hooks": {type(hook).__name__: hook.state_dict() for hook in self.hooks},
+            "history": list(self.history),
         }
 
-    def _resume(self) -> None:
-        last = storage.join(self.ckpt_dir, "last.pt")
-        if not (self.cfg.train.resume and storage.exists(last)):
-            return
-        state = load_checkpoint(last)
-        if state["world_size"] != self.env.world_size:
-            log.warning("resuming a %d-process run on %d processes: data order changes", state["world_size"], self.env.world_size)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != comm.world_size():
+            log.warning(
+                "resuming a %d-process run on %d processes: data order and random streams change",
+                state["world_size"],
+                comm.world_size(),
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self.micro_in_epoch, self.best = int(state["micro_in_epoch"]), float(state["best"])
-        self.history = json.loads(state["history"])
-        rng = state["rng"]
-        _set_rng_state(rng[self.env.rank] if self.env.rank < len(rng) else rng[0])
-        log.info("resumed %s at step %d", last, self.step)
-
-    def _checkpoint(self, score: float) -> None:
-        state = self._state()  # collective: every rank takes part
-        if self.env.is_main:
-            improved = score < self.best
-            if improved:
-                self.best = state["best"] = score
-            step_uri = storage.join(self.ckpt_dir, f"step_{self.step:07d}.pt")
-            last_uri = storage.join(self.ckpt_dir, "last.pt")
-            first_uri = step_uri if self.cfg.train.keep_step_checkpoints else last_uri
-            ref = save_checkpoint(state, first_uri, self.step)
-            refs = {"step" if first_uri == step_uri else "last": ref}
-            if first_uri != last_uri:
-                storage.copy(first_uri, last_uri)
-                refs["last"] = replace(ref, uri=last_uri)
-            if improved:
-                best_uri = storage.join(self.ckpt_dir, "best.pt")
-                storage.copy(first_uri, best_uri)
-                refs["best"] = replace(ref, uri=best_uri)
-            storage.write_text(
-                storage.join(self.run_uri, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in self.history)
-            )
-            if self.on_checkpoint:
-                for kind, r in refs.items():
-                    self.on_checkpoint(kind, r)
-        self.best = dist.broadcast_object(self.best)
-        dist.barrier()
-
-    # ---------------------------------------------------------------- data
-    def _micro_batches(self) -> Iterator[Any]:
-        """Endless micro-batches; (epoch, micro_in_epoch) always points at the next one."""
-        bs = self.cfg.data.batch_size
-        collate: Any = functools.partial(collate_clips, with_masks=self.cfg.data.clips.with_masks)
-        pin = self.device.type == "cuda"
-        if pin:
-            collate = PinningCollate(collate)
-        while True:
-            sampler = DistributedSampler(
-                self.train_set,
-                num_replicas=self.env.world_size,
-                rank=self.env.rank,
-                shuffle=True,
-                seed=self.cfg.train.seed,
-                drop_last=False,
-            )
-            sampler.set_epoch(self.epoch)
-            self.train_set.set_epoch(self.epoch)
-            indices = list(sampler)[self.micro_in_epoch * bs :]
-            # its own generator: a loader draws a seed when iterated, and a resumed run iterates a
-            # new loader mid-epoch, so drawing from the global stream would shift dropout after a resume
-            loader = DataLoader(
-                self.train_set,
-                batch_size=bs,
-                sampler=indices,
-                collate_fn=collate,
-                num_workers=self.cfg.data.num_workers,
-                prefetch_factor=self.cfg.data.prefetch_factor if self.cfg.data.num_workers > 0 else None,
-                pin_memory=pin,
-                generator=torch.Generator().manual_seed(self.cfg.train.seed + self.epoch),
-            )
-            for batch in loader:
-                self.micro_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.micro_in_epoch = 0
-
-    def _to_device(self, batch: Any) -> Any:
-        from sam3.model.utils.misc import copy_data_to_device
-
-        return batch if self.device.type == "cpu" else copy_data_to_device(batch, self.device, non_blocking=True)
+        self.step = self.start_step = int(state["step"])
+        self.data.load_state_dict(state["data"])
+        rngs = state["rng"]
+        set_rng_state(rngs[comm.rank()] if comm.rank() < len(rngs) else rngs[0])
+        for hook in self.hooks:
+            hook.load_state_dict(state["hooks"].get(type(hook).__name__, {}))
+        self.history = list(state["history"])
 
     # ---------------------------------------------------------------- steps
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-
-    def _losses(self, model: torch.nn.Module, batch: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        with self._autocast():
-            out = model(batch, **kwargs)
-            targets = [self.module.detector.back_convert(t) for t in batch.find_targets]
-            return self.loss_fn(out, targets)
-
-    def _optimizer_step(self, batches: Iterator[Any]) -> dict[str, float]:
-        accum = self.cfg.train.grad_accum_steps
-        totals = {k: 0.0 for k in ("loss", *LOSS_TERMS)}
-        clips = frames = 0
-        for micro in range(accum):
-            batch = self._to_device(next(batches))
-            sync = micro == accum - 1 or not self.env.distributed
+    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
+        distributed = comm.world_size() > 1 and hasattr(self.model, "no_sync")
+        for micro in range(self.grad_accum_steps):
+            batch = self.task.to_device(next(self.data))
+            sync = micro == self.grad_accum_steps - 1 or not distributed
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                losses = self._losses(self.model, batch)
-                (losses["core_loss"] / accum).backward()
-            totals["loss"] += losses["core_loss"].item() / accum
-            for k in LOSS_TERMS:
-                if k in losses:
-                    totals[k] += losses[k].item() / accum
-            frames += batch.img_batch.shape[0]
-            clips += batch.img_batch.shape[0] // len(batch.find_inputs)
-        if self.cfg.optim.grad_clip > 0:
-            totals["grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
-            )
-        totals["lr"] = self.scheduler.get_last_lr()[0]
+                with self.autocast():
+                    losses = self.task.losses(self.model, batch)
+                (losses["loss"] / self.grad_accum_steps).backward()
+            yield losses, self.task.counts(batch)
+
+    def _grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        if self.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def run_step(self) -> tuple[dict[str, float], dict[str, float]]:
+        """One optimizer step; returns its statistics (means over ranks) and item counts (sums over ranks).
+
+        TorchScript's graph executor differentiates a scripted function's first (profiling) call
+        as eager autograd does and later calls through its own symbolic derivatives: the same
+        step gave gradients a rounding apart depending on whether it was the first of the
+        process. sam3's GIoU loss is scripted, so a resumed run drifted from an uninterrupted
+        one. With that optimisation off every call differentiates alike, and resume is exact.
+        """
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        with torch.jit.optimized_execution(False):
+            for losses, batch_counts in self._micro_batches():
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() / self.grad_accum_steps
+                for name, count in batch_counts.items():
+                    counts[name] = counts.get(name, 0) + count
+        sums["grad_norm"] = self._grad_norm().detach().float()
+        names = list(sums)
+        # one collective and one device sync per step: means of the losses, sums of the counts
+        world = comm.world_size()
+        packed = torch.cat(
+            [
+                torch.stack([sums[name].to(self.device) for name in names]) / world,
+                torch.tensor([float(counts[name]) for name in counts], device=self.device),
+            ]
+        )
+        reduced = comm.all_reduce_sum(packed).tolist()
+        stats = dict(zip(names, reduced[: len(names)]))
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        totals = dict(zip(counts, reduced[len(names) :]))
+        for hook in self.hooks:
+            hook.after_backward(stats)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        totals["clips"], totals["frames"] = clips, frames
-        return totals
+        return stats, totals
 
-    @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Mean loss over the first val clips, split across ranks, dropout off."""
-        assert self.val_set is not None
-        n = min(len(self.val_set), self.cfg.train.val_max_clips)
-        mine = list(range(self.env.rank, n, self.env.world_size))
-        self.module.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for i in mine:
-            batch = self._to_device(collate_clips([self.val_set[i]], with_masks=self.cfg.data.clips.with_masks))
-            total[0] += self._losses(self.module, batch, with_targets=True)["core_loss"].item()
-            total[1] += 1
-        self.module.train()
-        dist.all_reduce_sum(total)
-        return float(total[0] / max(total[1], 1))
+    def train_step(self) -> None:
+        """One step of `fit`: the optimizer step, then every hook's `after_step`."""
+        self.step_metrics = {}
+        self.last_stats, self.last_counts = self.run_step()
+        self.step += 1
+        for hook in self.hooks:
+            hook.after_step()
 
-    # ---------------------------------------------------------------- run
-    def fit(self) -> TrainResult:
-        cfg = self.cfg.train
-        self._resume()
-        if self.env.is_main and self.step == 0:
-            storage.write_text(storage.join(self.run_uri, "config.yaml"), to_yaml(self.cfg))
-        self.module.train()
-        batches = self._micro_batches()
-        window: dict[str, float] = {}
-        window_start = time.perf_counter()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.env.is_main, unit="step")
-        while self.step < cfg.max_steps:
-            stats = self._optimizer_step(batches)
-            self.step += 1
-            bar.update(1)
-            for k, v in stats.items():
-                window[k] = window.get(k, 0.0) + v
-            window["n"] = window.get("n", 0) + 1
-            last = self.step == cfg.max_steps
-            if self.step % cfg.log_every == 0 or last:
-                elapsed = time.perf_counter() - window_start
-                n = window.pop("n")
-                metrics = {f"train/{k}": v / n for k, v in window.items() if k not in ("clips", "frames")}
-                metrics["train/clips_per_s"] = window["clips"] * self.env.world_size / elapsed
-                metrics["train/frames_per_s"] = window["frames"] * self.env.world_size / elapsed
-                if self.device.type == "cuda":
-                    metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                self._log(metrics)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
-                window, window_start = {}, time.perf_counter()
-            score = self.history[-1]["train/loss"] if self.history else math.inf
-            if self.val_set is not None and (self.step % cfg.val_every == 0 or last):
-                score = self.validation_loss()
-                self._log({"val/loss": score})
-            if self.step % cfg.checkpoint_every == 0 or last:
-                self._checkpoint(score)
-        bar.close()
-        return TrainResult(
-            run_uri=self.run_uri,
-            last_checkpoint_uri=storage.join(self.ckpt_dir, "last.pt"),
-            best_checkpoint_uri=storage.join(self.ckpt_dir, "best.pt"),
-            steps=self.step,
-            history=self.history,
-        )
-
-    def _log(self, metrics: dict[str, float]) -> None:
-        if not self.env.is_main:
-            return
-        record = {"step": self.step, **metrics}
-        if self.history and self.history[-1]["step"] == self.step:
-            self.history[-1].update(metrics)
-        else:
-            self.history.append(record)
-        log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if self.on_metrics:
-            self.on_metrics(self.step, metrics)
-
-
-def train(
-    cfg: TrainJobConfig,
-    on_metrics: MetricsCallback | None = None,
-    on_checkpoint: CheckpointCallback | None = None,
-) -> TrainResult:
-    return Trainer(cfg, on_metrics, on_checkpoint).fit()
+    def fit(self) -> Trainer:
+        """Run the hooks' `before_train`, steps up to `max_steps`, then `after_train`."""
+        for hook in self.hooks:
+            hook.before_train()
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not comm.is_main(), unit="step")
+        try:
+            while self.step < self.max_steps:
+                self.train_step()
+                bar.update(1)
+                if "train/loss" in self.step_metrics:
+                    bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
+        finally:
+            bar.close()
+        for hook in self.hooks:
+            hook.after_train()
+        return self

@@ -1,0 +1,250 @@
+"""`build_trainer`: the SAM3 video-clip trainer assembled from a `TrainJobConfig`; `train` runs it.
+
+Building is where every decision about the run is taken, in this order: threads and process
+group (via `sam3_core.comm`), the run folder (refused if it holds another config; leftovers of
+a killed checkpoint write removed), data, model (initial weights, LoRA adapters, frozen
+prefixes), DDP, loss, optimizer and schedule, validators, and the hooks. The `Trainer` then
+only runs steps.
+
+Everything a run writes goes to `<store>/runs/<run_name>/`: `config.yaml`, `metrics.jsonl`,
+`checkpoints/{last,step_XXXXXXX}.pt` (full training state) and `checkpoints/best.pt` (the
+exported weights of the best step, adapters merged). Rerunning the same command resumes from
+`last.pt` with the model, optimizer, schedule, RNG states, data position and hook states it
+saved, so an interrupted run ends with the same weights as an uninterrupted one (bit for bit
+with `train.num_threads=1` on CPU, or deterministic kernels on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from sam3_core import comm, storage
+from sam3_core.config import to_yaml
+from sam3_core.data.clips import ClipDataset
+from sam3_core.data.datapoints import collate_clips
+from sam3_core.data.frames import FrameReader
+from sam3_core.data.loading import PinningCollate
+from sam3_core.model import lora
+from sam3_core.model.build import build_detector, freeze
+from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
+from sam3_core.model.video_detector import VideoClipDetector
+from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.data import MicroBatches
+from sam3_core.train.hooks import (
+    BestCheckpoint,
+    CheckpointCallback,
+    MetricLogger,
+    ModelStats,
+    NonFiniteGuard,
+    PeriodicCheckpoint,
+    Validation,
+    Validator,
+)
+from sam3_core.train.loss import build_loss
+from sam3_core.train.optim import build_optimizer, build_scheduler
+from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write_config
+from sam3_core.train.task import ClipTask
+from sam3_core.train.trainer import (
+    MetricsCallback,
+    Trainer,
+    TrainResult,
+    seed_everything,
+)
+from sam3_core.train.validation import DetectionMetrics, ValidationLoss
+
+log = logging.getLogger(__name__)
+
+
+class _FrameArrays:
+    """Picklable frame loader for DataLoader workers: file name -> uint8 HxWx3."""
+
+    def __init__(self, reader: FrameReader) -> None:
+        self.reader = reader
+
+    def __call__(self, file_name: str) -> np.ndarray:
+        return np.array(self.reader.image(file_name))
+
+
+def _prepare_run(cfg: TrainJobConfig, run: RunFolder) -> bool:
+    """Check the folder may hold this run, clear leftovers, write config.yaml; True when resuming."""
+    check_same_config(cfg, run)
+    resuming = cfg.train.resume and storage.exists(run.last_uri)
+    if comm.is_main():
+        remove_stale_writes(run.checkpoints_uri)
+        if not resuming:
+            write_config(cfg, run)
+    return resuming
+
+
+def _initial_weights(module: VideoClipDetector, uri: str) -> None:
+    """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first)."""
+    from sam3_core.tracking import resolve_model_uri
+
+    load_model_weights(module, resolve_model_uri(uri))
+
+
+def _build_module(cfg: TrainJobConfig, resuming: bool) -> VideoClipDetector:
+    module = VideoClipDetector(build_detector(cfg.model))
+    if cfg.model.uri and not resuming:
+        _initial_weights(module, cfg.model.uri)
+    if cfg.model.lora.rank > 0:
+        lora.add_adapters(module.detector, cfg.model.lora)
+    if cfg.model.freeze:
+        frozen = freeze(module.detector, cfg.model.freeze)
+        log.info("froze %.2fM parameters under %s", frozen / 1e6, cfg.model.freeze)
+    return module
+
+
+def _autocast(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
+    on = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+    return torch.bfloat16 if on else None
+
+
+def _validators(
+    cfg: TrainJobConfig, reader: FrameReader, task: ClipTask, amp: torch.dtype | None, device: torch.device
+) -> list[Validator]:
+    loop = cfg.train
+    validators: list[Validator] = []
+    if loop.val_max_clips > 0:
+        autocast = (
+            functools.partial(torch.autocast, device.type, dtype=amp) if amp is not None else contextlib.nullcontext
+        )
+        validators.append(ValidationLoss(task, loop.val_max_clips, cfg.data.clips.with_masks, autocast))
+    if loop.val_max_frames > 0:
+        validators.append(
+            DetectionMetrics(
+                reader, loop.val_max_frames, cfg.model.image_size, with_masks=cfg.model.enable_segmentation
+            )
+        )
+    if loop.diagnostics:
+        from sam3_core.train.diagnostics import diagnose
+
+        validators.append(diagnose)
+    return validators
+
+
+def build_trainer(
+    cfg: TrainJobConfig,
+    on_metrics: MetricsCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    validators: Sequence[Validator] = (),
+) -> Trainer:
+    """The trainer of `cfg`, ready to `fit()`; `validators` run after the built-in ones at validation."""
+    threads = comm.set_num_threads(cfg.train.num_threads)
+    env = comm.init_process_group(cfg.train.dist_timeout_s)
+    device = comm.device()
+    log.info("rank %d/%d on %s, %d torch thread(s)", env.rank, env.world_size, device, threads)
+    run = RunFolder(run_uri_for(cfg))
+    resuming = _prepare_run(cfg, run)
+    seed_everything(cfg.train.seed + env.rank)
+
+    reader = FrameReader(cfg.data.uri, cfg.data.cache_dir, cfg.data.cache_bytes)
+    frames = _FrameArrays(reader)
+    train_set = ClipDataset(
+        reader.dataset("train"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True
+    )
+    pin = device.type == "cuda"
+    collate: Any = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
+    data = MicroBatches(
+        train_set,
+        cfg.data.batch_size,
+        PinningCollate(collate) if pin else collate,
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+        pin_memory=pin,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
+
+    module = _build_module(cfg, resuming).to(device)
+    model: torch.nn.Module = module
+    if env.distributed:
+        model = DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # not static_graph: its first-step all-reduce hooks onto output tensors found by
+            # pytree, which cannot see into SAM3Output (a list subclass), so gradients were
+            # never averaged. Some parameters (e.g. the unused 0.5x neck level) get no gradient.
+            find_unused_parameters=True,
+        )
+    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+    task = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
+    optimizer = build_optimizer(module, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    amp = _autocast(cfg, device)
+
+    all_validators = [*_validators(cfg, reader, task, amp, device), *validators] if cfg.train.val_every else []
+    val_set = (
+        ClipDataset(reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
+        if all_validators
+        else None
+    )
+    extra: dict[str, Any] = {"config": to_yaml(cfg), "lora": lora.lora_settings(cfg.model.lora)}
+    export = functools.partial(lora.merged_state_dict, module)
+    hooks = [
+        NonFiniteGuard(run.last_uri),
+        ModelStats(),
+        MetricLogger(cfg.train.log_every),
+        Validation(cfg.train.val_every, all_validators, val_set),
+        BestCheckpoint(
+            cfg.train.best_metric, cfg.train.best_mode, run, export, {"config": extra["config"]}, on_checkpoint
+        ),
+        PeriodicCheckpoint(
+            cfg.train.checkpoint_every,
+            run,
+            keep_steps=cfg.train.keep_step_checkpoints,
+            resume=cfg.train.resume,
+            extra=extra,
+            on_checkpoint=on_checkpoint,
+        ),
+    ]
+    trainer = Trainer(
+        model=model,
+        module=module,
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=data,
+        max_steps=cfg.train.max_steps,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_clip=cfg.optim.grad_clip,
+        amp_dtype=amp,
+        device=device,
+        hooks=hooks,
+        on_metrics=on_metrics,
+    )
+    return trainer
+
+
+def result_of(trainer: Trainer, run: RunFolder) -> TrainResult:
+    best = trainer.find_hook(BestCheckpoint)
+    return TrainResult(
+        run_uri=run.uri,
+        last_checkpoint_uri=run.last_uri,
+        best_checkpoint_uri=run.best_uri,
+        steps=trainer.step,
+        history=trainer.history,
+        best_metric=best.metric if best else "",
+        best_value=best.value if best else float("nan"),
+        best_step=best.step if best else 0,
+    )
+
+
+def train(
+    cfg: TrainJobConfig,
+    on_metrics: MetricsCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    validators: Sequence[Validator] = (),
+) -> TrainResult:
+    """Build the trainer of `cfg` and run it to `train.max_steps`."""
+    trainer = build_trainer(cfg, on_metrics, on_checkpoint, validators)
+    return result_of(trainer.fit(), RunFolder(run_uri_for(cfg)))
