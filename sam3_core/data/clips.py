@@ -1,18 +1,20 @@
 """Clip sampling: which frames of which video, which prompts, for every training item.
 
 Items are fixed anchors (video, start frame) so a DistributedSampler can cover every clip; the
-random choices of an item (frame stride, time reversal, negative prompts) come from a generator
-seeded by (seed, epoch, index), so a clip is the same on any rank, worker or rerun.
+random choices of an item (frame stride, time reversal, negative prompts, the augmentation view)
+come from a generator seeded by (seed, epoch, index), so a clip is the same on any rank, worker or
+rerun.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch.utils.data
 
+from sam3_core.data.augment import AugmentConfig, augment_clip
 from sam3_core.data.datapoints import FrameObject, Prompt, make_datapoint
 from sam3_core.data.ytvis import Track, VideoDataset, rle_to_mask
 from sam3_core.errors import ConfigError
@@ -31,10 +33,32 @@ class ClipConfig:
     # cap on prompts per clip; positives first
     max_prompts: int = 8
     with_masks: bool = True
+    # geometric augmentation of training clips (one random view per clip)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if self.frames_per_clip < 1 or self.stride_min < 1 or self.stride_max < self.stride_min:
-            raise ConfigError("data.clips needs frames_per_clip >= 1 and 1 <= stride_min <= stride_max")
+        def bad(name: str, what: str) -> ConfigError:
+            return ConfigError(f"data.clips.{name}={getattr(self, name)!r}: {what}")
+
+        for name in ("frames_per_clip", "stride_min", "stride_max", "num_negatives", "max_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(name, "must be an integer")
+        if self.frames_per_clip < 1:
+            raise bad("frames_per_clip", "must be >= 1")
+        if self.stride_min < 1:
+            raise bad("stride_min", "must be >= 1")
+        if self.stride_max < self.stride_min:
+            raise bad("stride_max", f"must be >= stride_min ({self.stride_min})")
+        if isinstance(self.reverse_prob, bool) or not isinstance(self.reverse_prob, (int, float)) \
+                or not 0.0 <= self.reverse_prob <= 1.0:
+            raise bad("reverse_prob", "must be a probability in [0, 1]")
+        if self.num_negatives < 0:
+            raise bad("num_negatives", "must be >= 0")
+        if self.max_prompts < 1:
+            raise bad("max_prompts", "must be >= 1")
+        if not isinstance(self.with_masks, bool):
+            raise bad("with_masks", "must be true or false")
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,22 @@ def enumerate_clips(dataset: VideoDataset, frames_per_clip: int) -> list[ClipRef
             starts.append(video.length - frames_per_clip)
         refs.extend(ClipRef(video.id, s) for s in starts)
     return refs
+
+
+def check_clip_length(dataset: VideoDataset, frames_per_clip: int) -> None:
+    """A clip longer than every video could only repeat frames; say so instead of training on copies.
+
+    Videos shorter than the clip (when some other video is long enough) give clips whose last
+    frame repeats, see `clip_frame_indices`.
+    """
+    if not dataset.videos:
+        raise ConfigError("data.uri: the dataset split has no videos to sample clips from")
+    longest = max(video.length for video in dataset.videos)
+    if frames_per_clip > longest:
+        raise ConfigError(
+            f"data.clips.frames_per_clip={frames_per_clip} is longer than every video of the dataset "
+            f"({len(dataset.videos)} videos, the longest has {longest} frames); use at most {longest}"
+        )
 
 
 def clip_frame_indices(start: int, length: int, frames: int, stride: int) -> list[int]:
@@ -88,6 +128,7 @@ class ClipDataset(torch.utils.data.Dataset):
     ) -> None:
         self.dataset, self.load_frame, self.cfg = dataset, load_frame, cfg
         self.image_size, self.seed, self.train = image_size, seed, train
+        check_clip_length(dataset, cfg.frames_per_clip)
         self.refs = enumerate_clips(dataset, cfg.frames_per_clip)
         self.epoch = 0
 
@@ -117,9 +158,8 @@ class ClipDataset(torch.utils.data.Dataset):
             frames.reverse()
         tracks = self.dataset.tracks_of(video.id)
         prompts = self._prompts(tracks, frames, rng)
-        return make_datapoint(
-            frames=[self.load_frame(video.file_names[f]) for f in frames],
-            objects=[_frame_objects(tracks, f, self.cfg.with_masks) for f in frames],
-            prompts=prompts,
-            image_size=self.image_size,
-        )
+        pixels = [self.load_frame(video.file_names[f]) for f in frames]
+        objects = [_frame_objects(tracks, f, self.cfg.with_masks) for f in frames]
+        if self.train and self.cfg.augment.enabled:
+            pixels, objects = augment_clip(pixels, objects, self.cfg.augment, rng)
+        return make_datapoint(frames=pixels, objects=objects, prompts=prompts, image_size=self.image_size)

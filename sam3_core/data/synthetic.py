@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 from tqdm import tqdm
 
@@ -50,6 +53,15 @@ def _default_categories() -> list[str]:
     return ["red circle", "blue square", "green triangle", "yellow square"]
 
 
+# frame side limit: a 4K frame; the model sees at most 1008 px, and drawing bigger frames takes minutes each
+MAX_SIDE = 4096
+# one video is rendered in memory at a time; it may use at most this share of the available memory
+MEMORY_SHARE = 0.5
+# float64 working arrays of one frame being drawn: pixel grid (2), distances (2), image, noise and
+# their temporaries (about 4 x 3 channels)
+_WORK_BYTES_PER_PIXEL = 8 * (2 + 2 + 4 * 3)
+
+
 @dataclass
 class SyntheticConfig:
     """What to generate; the defaults train in minutes on a CPU."""
@@ -71,6 +83,44 @@ class SyntheticConfig:
     noise: float = 0.05
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("num_videos", "frames_per_video", "height", "width", "min_objects", "max_objects", "min_size",
+                     "max_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _bad(name, value, "must be an integer")
+        for name in ("num_videos", "frames_per_video", "height", "width", "min_objects", "min_size"):
+            if getattr(self, name) < 1:
+                raise _bad(name, getattr(self, name), "must be >= 1")
+        for name in ("height", "width"):
+            if getattr(self, name) > MAX_SIDE:
+                raise _bad(name, getattr(self, name), f"must be <= {MAX_SIDE} (frames are drawn on the CPU)")
+        if self.seed < 0:
+            raise _bad("seed", self.seed, "must be >= 0 (numpy seeds are non-negative)")
+        if self.max_objects < self.min_objects:
+            raise _bad("max_objects", self.max_objects, f"must be >= min_objects ({self.min_objects})")
+        upper = min(self.height, self.width)
+        if not self.min_size <= self.max_size <= upper:
+            raise _bad("max_size", self.max_size, f"must be in [min_size, min(height, width)] = [{self.min_size}, {upper}]")
+        for name in ("max_speed", "noise"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise _bad(name, value, "must be a finite number")
+        if not 0 <= self.max_speed <= max(self.height, self.width):
+            raise _bad("max_speed", self.max_speed, f"must be in [0, max(height, width)] = [0, {max(self.height, self.width)}]")
+        if not 0 <= self.noise <= 1:
+            raise _bad("noise", self.noise, "must be in [0, 1] (a fraction of the 0-255 range)")
+        if not self.categories:
+            raise _bad("categories", self.categories, "needs at least one '<colour> <shape>' name")
+        if len(set(self.categories)) != len(self.categories):
+            raise _bad("categories", self.categories, "has duplicates")
+        for name in self.categories:
+            parse_category(name)
+
+
+def _bad(name: str, value: object, what: str) -> ConfigError:
+    return ConfigError(f"config data_prep: synthetic.{name}={value!r}: {what}")
+
 
 @dataclass(frozen=True)
 class RenderedObject:
@@ -87,30 +137,43 @@ class RenderedVideo:
     objects: list[RenderedObject]
 
 
-def check_config(cfg: SyntheticConfig) -> None:
-    """Reject values the generator cannot honour, naming the field to change."""
+def video_memory_bytes(cfg: SyntheticConfig) -> int:
+    """Peak memory of rendering one video: its frames, a full and a visible mask per object and frame, work arrays."""
+    pixels = cfg.height * cfg.width
+    return cfg.frames_per_video * pixels * (3 + 2 * cfg.max_objects) + pixels * _WORK_BYTES_PER_PIXEL
 
-    def bad(name: str, message: str) -> ConfigError:
-        return ConfigError(f"config synthetic.{name}: {message}")
 
-    for name in ("num_videos", "frames_per_video", "height", "width", "min_objects", "min_size"):
-        if getattr(cfg, name) < 1:
-            raise bad(name, f"must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_objects < cfg.min_objects:
-        raise bad("max_objects", f"must be >= min_objects ({cfg.min_objects}), got {cfg.max_objects}")
-    if not cfg.min_size <= cfg.max_size <= min(cfg.height, cfg.width):
-        upper = min(cfg.height, cfg.width)
-        raise bad("max_size", f"must be in [min_size, min(height, width)] = [{cfg.min_size}, {upper}]")
-    if cfg.max_speed < 0:
-        raise bad("max_speed", f"must be >= 0, got {cfg.max_speed}")
-    if cfg.noise < 0:
-        raise bad("noise", f"must be >= 0, got {cfg.noise}")
-    if not cfg.categories:
-        raise bad("categories", "needs at least one '<colour> <shape>' name")
-    if len(set(cfg.categories)) != len(cfg.categories):
-        raise bad("categories", f"has duplicates: {cfg.categories}")
-    for name in cfg.categories:
-        parse_category(name)
+def frames_disk_bytes(cfg: SyntheticConfig) -> int:
+    """Disk the PNG frames take at most: noisy frames barely compress, so their raw size."""
+    return cfg.num_videos * cfg.frames_per_video * cfg.height * cfg.width * 3
+
+
+def check_config(cfg: SyntheticConfig, available_memory: int | None = None) -> None:
+    """Reject a config whose single video does not fit in memory (values are checked when it is built).
+
+    Videos are rendered one at a time, so memory bounds the frame size, frames per video and
+    objects, not the number of videos (the disk does: see `generate`).
+    """
+    available = psutil.virtual_memory().available if available_memory is None else available_memory
+    need = video_memory_bytes(cfg)
+    if need > MEMORY_SHARE * available:
+        raise ConfigError(
+            f"config data_prep: synthetic.height x width x frames_per_video x max_objects = {cfg.height} x {cfg.width} "
+            f"x {cfg.frames_per_video} x {cfg.max_objects} needs {need / 2**30:.1f} GiB to render one video, more than "
+            f"half of the {available / 2**30:.1f} GiB available; lower them"
+        )
+
+
+def _check_disk(cfg: SyntheticConfig, out_dir: Path) -> None:
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    need = frames_disk_bytes(cfg)
+    if need > free:
+        raise ConfigError(
+            f"config data_prep: synthetic.num_videos={cfg.num_videos}: {cfg.num_videos} x {cfg.frames_per_video} frames "
+            f"of {cfg.height} x {cfg.width} need up to {need / 2**30:.1f} GiB, but {existing} has {free / 2**30:.1f} GiB "
+            "free; lower num_videos or frames_per_video"
+        )
 
 
 def parse_category(name: str) -> tuple[tuple[int, int, int], str]:
@@ -218,9 +281,13 @@ def track_from_masks(track_id: int, video_id: int, category_id: int, masks: list
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> Path:
-    """Write PNG frames under `out_dir/frames/` and return the annotation file (frames root = `out_dir`)."""
-    check_config(cfg)
+    """Write PNG frames under `out_dir/frames/` and return the annotation file (frames root = `out_dir`).
+
+    Checks memory and disk first, so a config too big for this machine fails before anything is written.
+    """
     out = Path(out_dir)
+    check_config(cfg)
+    _check_disk(cfg, out)
     videos: list[Video] = []
     tracks: list[Track] = []
     for index in tqdm(range(cfg.num_videos), desc="synthetic videos", unit="video"):
