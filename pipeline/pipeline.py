@@ -94,8 +94,8 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         frames_root: str = "",
         model_preset: str = "tiny",
         checkpoint: str = "",
-        max_steps: int = 150,
-        lr: float = 5e-4,
+        max_steps: int = 400,
+        lr: float = 1e-3,
         batch_size: int = 2,
         frames_per_clip: int = 2,
         freeze_prefixes: list = [],  # noqa: B006 (KFP reads defaults from the signature)

@@ -194,7 +194,8 @@ def test_component_cli_prints_the_dataset_uri_and_id(tmp_path: Path) -> None:
     env = {**os.environ, "SAM3PIPE_STORE": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "components.data_prep", "source=synthetic", "synthetic.num_videos=2",
-         "synthetic.frames_per_video=2", "synthetic.height=32", "synthetic.width=32", "synthetic.max_size=16"],
+         "synthetic.frames_per_video=2", "synthetic.height=32", "synthetic.width=32", "synthetic.min_size=8",
+         "synthetic.max_size=16"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     )
     outputs = json.loads(result.stdout.strip().splitlines()[-1])

@@ -64,9 +64,15 @@ _WORK_BYTES_PER_PIXEL = 8 * (2 + 2 + 4 * 3)
 
 @dataclass
 class SyntheticConfig:
-    """What to generate; the defaults train in minutes on a CPU."""
+    """What to generate; the defaults are the demo's data set.
 
-    num_videos: int = 16
+    Objects of 28-56 px in 128 px frames cover 2-4 of the tiny model's 8 x 8 image tokens: with
+    16-40 px objects (mostly background tokens) the same training reached bbox_AP50 0.39 instead
+    of 0.6 in 400 steps. 64 videos, each with its own background level, keep a model from
+    recognising the video instead of its objects (as it did on 16).
+    """
+
+    num_videos: int = 64
     frames_per_video: int = 8
     height: int = 128
     width: int = 128
@@ -75,8 +81,8 @@ class SyntheticConfig:
     # "<colour> <shape>" noun phrases; colours from COLORS, shapes from SHAPES
     categories: list[str] = field(default_factory=_default_categories)
     # side of an object's bounding square, pixels
-    min_size: int = 16
-    max_size: int = 40
+    min_size: int = 28
+    max_size: int = 56
     # pixels per frame; every object moves at between half and all of this speed
     max_speed: float = 6.0
     # standard deviation of per-pixel Gaussian noise, as a fraction of the 0-255 range

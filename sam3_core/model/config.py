@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sam3_core.model.anchors import AnchorConfig
+
 
 @dataclass
 class ModelConfig:
@@ -37,6 +39,8 @@ class ModelConfig:
     decoder_layers: int = 2
     geometry_layers: int = 1
     num_queries: int = 16
+    # how the decoder's reference boxes and box attention start when no checkpoint is loaded
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
     dropout: float = 0.0
     enable_segmentation: bool = True
     # weights to start from: a checkpoint URI (ours or the official `detector.*` layout)

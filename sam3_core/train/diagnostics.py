@@ -80,7 +80,7 @@ def matched_is_top(scores: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
 
 def _matched_queries(indices: Any, num_boxes: torch.Tensor) -> list[torch.Tensor]:
     """Per prompt, the query index of each of its targets (in target order) from sam3's matcher output."""
-    batch_idx, src_idx, tgt_idx = indices
+    batch_idx, src_idx, tgt_idx = (None if t is None else t.cpu() for t in indices)
     offsets = torch.cumsum(num_boxes, 0) - num_boxes
     out = []
     for prompt, count in enumerate(num_boxes.tolist()):
@@ -89,7 +89,7 @@ def _matched_queries(indices: Any, num_boxes: torch.Tensor) -> list[torch.Tensor
         if tgt_idx is not None:
             order = (tgt_idx[rows] - offsets[prompt]).argsort()
             queries = queries[order]
-        out.append(queries[:count].cpu())
+        out.append(queries[:count])
     return out
 
 
@@ -122,15 +122,20 @@ def frame_diagnostics(outputs: dict[str, Any], targets: dict[str, Any]) -> dict[
 @torch.no_grad()
 def split_diagnostics(module: torch.nn.Module, clips: Sequence[Any], max_clips: int = DEFAULT_MAX_CLIPS) -> dict[str, float]:
     """Means of `frame_diagnostics` over the first `max_clips` clips of a `ClipDataset`, dropout off."""
+    from sam3.model.utils.misc import copy_data_to_device
+
     from sam3_core.data.datapoints import collate_clips
 
     detector = module.detector
+    device = next(module.parameters()).device
     was_training = module.training
     module.eval()
     totals: dict[str, list[float]] = {}
     try:
         for index in range(min(len(clips), max_clips)):
             batch = collate_clips([clips[index]], with_masks=False)
+            if device.type != "cpu":
+                batch = copy_data_to_device(batch, device, non_blocking=True)
             stages = module(batch, with_targets=True)
             for stage, target in zip(stages.output, batch.find_targets):
                 for key, vals in frame_diagnostics(stage[-1], detector.back_convert(target)).items():
