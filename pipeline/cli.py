@@ -259,10 +259,22 @@ def _mlflow_hint() -> str:
         return f"Compare runs in the MLflow UI at {tracking.redact_text(tracking.tracking_uri())}"
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; `name=value` parameters may come before and after a command's options."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse takes a command's positionals in one run, so parameters after an option land in `rest`
+    if rest and hasattr(args, "parameters") and all("=" in arg and not arg.startswith("-") for arg in rest):
+        args.parameters = [*args.parameters, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # argparse already printed the usage error (status 2) or the help (0)
         return int(exc.code or 0)
     try:

@@ -44,8 +44,8 @@ TRIAL_NAME = "trialName"
 BASE_PARAMETERS = {
     "model_preset": "tiny",
     "checkpoint": "",
-    "max_steps": 150,
-    "lr": 5e-4,
+    "max_steps": steps.DEFAULT_MAX_STEPS,
+    "lr": steps.DEFAULT_LR,
     "batch_size": 2,
     "frames_per_clip": 2,
     "freeze_prefixes": [],

@@ -33,10 +33,9 @@ from typing import Any, NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl.graph_component import GraphComponent
-from kfp.dsl.pipeline_channel import PipelineChannel
 from kfp.dsl.pipeline_task import PipelineTask
 
-from pipeline import sweep
+from pipeline import steps, sweep
 from pipeline.jobs import LaunchSettings
 from pipeline.kfp_components import Components, build_components
 from pipeline.settings import PipelineSettings, StepSettings
@@ -200,8 +199,8 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         frames_root: str = "",
         model_preset: str = "tiny",
         checkpoint: str = "",
-        max_steps: int = 150,
-        lr: float = 5e-4,
+        max_steps: int = steps.DEFAULT_MAX_STEPS,
+        lr: float = steps.DEFAULT_LR,
         batch_size: int = 2,
         frames_per_clip: int = 2,
         freeze_prefixes: list = [],  # noqa: B006 (KFP reads defaults from the signature)
@@ -304,7 +303,7 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
 
 
 # The sweep's default spec: the demo's learning rate and half of it.
-DEFAULT_SWEEP_GRID = {"lr": [2.5e-4, 5e-4]}
+DEFAULT_SWEEP_GRID = {"lr": [steps.DEFAULT_LR / 2, steps.DEFAULT_LR]}
 
 
 def build_sweep_pipeline(
@@ -335,8 +334,8 @@ def build_sweep_pipeline(
         frames_root: str = "",
         model_preset: str = "tiny",
         checkpoint: str = "",
-        max_steps: int = 150,
-        lr: float = 5e-4,
+        max_steps: int = steps.DEFAULT_MAX_STEPS,
+        lr: float = steps.DEFAULT_LR,
         batch_size: int = 2,
         frames_per_clip: int = 2,
         freeze_prefixes: list = [],  # noqa: B006 (KFP reads defaults from the signature)

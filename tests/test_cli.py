@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from kfp import components
 
-from pipeline.cli import main
+from pipeline.cli import main, parse_args
 from pipeline.local import metrics_table
 from pipeline.submit import auth_kwargs
 from sam3_core.errors import InputError
@@ -99,6 +99,24 @@ def test_unknown_subcommand_exits_2(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "invalid choice: 'deploy'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["reproduce", "run-1", "--host", "http://127.0.0.1:1", "lr=0.1", "max_steps=5"],
+        ["reproduce", "run-1", "lr=0.1", "--host", "http://127.0.0.1:1", "max_steps=5"],
+        ["submit", "lr=0.1", "--host", "http://127.0.0.1:1", "max_steps=5"],
+    ],
+)
+def test_pipeline_parameters_may_follow_the_options(argv: list[str]) -> None:
+    assert parse_args(argv).parameters == ["lr=0.1", "max_steps=5"]
+
+
+def test_an_unknown_option_after_the_parameters_is_still_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as raised:
+        parse_args(["submit", "lr=0.1", "--bogus"])
+    assert raised.value.code == 2
 
 
 def test_unknown_setting_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys, caplog) -> None:

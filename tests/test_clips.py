@@ -14,9 +14,10 @@ from sam3_core.data.clips import (
     clip_frame_indices,
     enumerate_clips,
 )
-from sam3_core.data.datapoints import NORM_MEAN, NORM_STD, collate_clips
+from sam3_core.data.datapoints import NORM_MEAN, NORM_STD, collate_clips, resize_mask
 from sam3_core.data.synthetic import track_from_masks
 from sam3_core.data.ytvis import Category, Video, VideoDataset
+from sam3_core.errors import ConfigError
 
 SIZE = 32
 IMAGE_SIZE = 28
@@ -166,3 +167,53 @@ def test_collate_gives_one_find_stage_per_frame_and_batch_times_frames_images() 
 def test_bad_clip_config_is_rejected() -> None:
     with pytest.raises(ValueError, match="stride_min"):
         clips(video_dataset([6]), stride_min=3, stride_max=2)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"frames_per_clip": 0}, "frames_per_clip"),
+        ({"frames_per_clip": 2.5}, "frames_per_clip"),
+        ({"stride_min": 0}, "stride_min"),
+        ({"stride_min": 3, "stride_max": 2}, "stride_max"),
+        ({"reverse_prob": 1.5}, "reverse_prob"),
+        ({"reverse_prob": float("nan")}, "reverse_prob"),
+        ({"num_negatives": -1}, "num_negatives"),
+        ({"max_prompts": 0}, "max_prompts"),
+        ({"with_masks": "no"}, "with_masks"),
+    ],
+)
+def test_bad_clip_values_are_config_errors_naming_the_key(changes: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"data\.clips\.{key} must be "):
+        dataclasses.replace(ClipConfig(), **changes)
+
+
+def test_clips_longer_than_every_video_are_a_config_error_naming_the_longest() -> None:
+    with pytest.raises(ConfigError, match=r"data\.clips\.frames_per_clip=9 .* the longest has 7 frames\); use at most 7"):
+        clips(video_dataset([5, 7]), frames_per_clip=9)
+
+
+def test_clips_longer_than_some_videos_repeat_those_videos_last_frame() -> None:
+    dataset = clips(video_dataset([2, 6]), frames_per_clip=4, stride_max=1, reverse_prob=0.0)
+    assert frames_of(dataset[0]) == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(("source", "target"), [(128, 112), (160, 112), (100, 112), (96, 56)])
+def test_resized_target_masks_stay_centred_on_their_boxes(source: int, target: int) -> None:
+    """torch's "nearest" moved masks ~0.45 output pixels against the image and box; they must not move.
+
+    One mask's edges round to whole output pixels either way, so the test averages the signed
+    offset of the mask's centre from its box's centre over 64 boxes at different sub-pixel phases:
+    unbiased resizing leaves only rounding ties (measured <= 0.07 px for these ratios).
+    """
+    height, width = source // 5, source // 3
+    offsets = []
+    for start in range(64):
+        x, y = start % (source - width), start % (source - height)
+        mask = np.zeros((source, source), dtype=bool)
+        mask[y : y + height, x : x + width] = True
+        ys, xs = np.nonzero(resize_mask(mask, target).numpy())
+        centre = np.array([(xs.mean() + 0.5) / target, (ys.mean() + 0.5) / target])
+        expected = np.array([x + width / 2, y + height / 2]) / source
+        offsets.append((centre - expected) * target)
+    assert np.abs(np.mean(offsets, axis=0)).max() < 0.15  # output pixels

@@ -227,6 +227,7 @@ def test_component_cli_prints_the_dataset_uri_and_id(tmp_path: Path) -> None:
             "synthetic.frames_per_video=2",
             "synthetic.height=32",
             "synthetic.width=32",
+            "synthetic.min_size=8",
             "synthetic.max_size=16",
         ],
         cwd=tmp_path,

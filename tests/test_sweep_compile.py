@@ -138,7 +138,7 @@ def test_the_sweep_pipeline_shares_the_pipeline_parameters_and_their_defaults() 
 def test_without_a_spec_the_sweep_is_the_demo_grid() -> None:
     params = build_sweep_pipeline(load_settings()).component_spec.inputs
 
-    assert params["sweep_grid"].default == {"lr": [2.5e-4, 5e-4]}
+    assert params["sweep_grid"].default == {"lr": [5e-4, 1e-3]}
 
 
 def test_a_negative_parallelism_is_refused() -> None:

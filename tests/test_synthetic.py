@@ -14,6 +14,8 @@ from PIL import Image
 from sam3_core.data.synthetic import (
     COLORS,
     SyntheticConfig,
+    check_config,
+    video_memory_bytes,
     composite,
     generate,
     render_video,
@@ -147,3 +149,40 @@ def test_impossible_settings_are_rejected(tmp_path: Path, changes: dict[str, obj
     with pytest.raises(ConfigError, match=field):
         generate(tiny(**changes), tmp_path)
     assert not (tmp_path / "annotations.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"num_videos": -3}, "num_videos"),
+        ({"frames_per_video": 0}, "frames_per_video"),
+        ({"height": 0}, "height"),
+        ({"width": 5000}, "width"),
+        ({"min_size": 0}, "min_size"),
+        ({"seed": -1}, "seed"),
+        ({"noise": float("nan")}, "noise"),
+        ({"noise": 2.0}, "noise"),
+        ({"max_speed": float("inf")}, "max_speed"),
+        ({"max_speed": -1.0}, "max_speed"),
+        ({"num_videos": 2.5}, "num_videos"),
+        ({"categories": []}, "categories"),
+        ({"categories": ["red circle", "red circle"]}, "categories"),
+    ],
+)
+def test_bad_values_are_config_errors_naming_the_key_when_the_config_is_built(changes: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"synthetic\.{key} must be "):
+        tiny(**changes)
+
+
+def test_a_video_too_big_for_the_available_memory_is_a_config_error_naming_the_keys() -> None:
+    big = tiny(height=2048, width=2048, frames_per_video=200, max_objects=8)
+    assert video_memory_bytes(big) > 2**30
+    with pytest.raises(ConfigError, match=r"synthetic\.height x width x frames_per_video x max_objects"):
+        check_config(big, available_memory=2 * 2**30)
+    check_config(tiny(), available_memory=2 * 2**30)
+
+
+def test_more_frames_than_the_disk_holds_is_a_config_error_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"synthetic\.num_videos=10000000000000: .* GiB free"):
+        generate(tiny(num_videos=10**13), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

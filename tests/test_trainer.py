@@ -154,6 +154,25 @@ def test_validation_logs_the_loss_and_coco_metrics_of_the_predict_path_at_its_st
         assert all(-1.0 <= record[f"val/{iou}_AP"] <= 1.0 for iou in ("bbox", "segm"))
 
 
+def test_with_diagnostics_on_validation_logs_them_for_training_and_validation_clips_and_best_may_follow_one(
+    tiny_train_overrides: list[str], train_store: str
+) -> None:
+    overrides = [
+        *tiny_train_overrides,
+        f"output.store={train_store}",
+        "train.max_steps=2",
+        "train.val_every=2",
+        "train.val_max_frames=0",
+        "train.diagnostics=true",
+        "train.best_metric=diag/val_top_box_iou",
+    ]
+    result = train(config(overrides))
+    record = next(r for r in result.history if "diag/val_top_box_iou" in r)
+    names = ("top_box_iou", "matched_box_iou", "matched_is_top", "query_cosine")
+    assert {f"diag/{split}_{name}" for split in ("train", "val") for name in names} <= set(record)
+    assert (result.best_metric, result.best_value) == ("diag/val_top_box_iou", record["diag/val_top_box_iou"])
+
+
 def test_best_checkpoint_holds_the_exported_weights_of_the_step_with_the_best_validation_metric(
     finished_run: tuple[list[str], TrainResult],
 ) -> None:

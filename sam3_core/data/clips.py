@@ -1,20 +1,23 @@
 """Clip sampling: which frames of which video, which prompts, for every training item.
 
 Items are fixed anchors (video, start frame) so a DistributedSampler can cover every clip; the
-random choices of an item (frame stride, time reversal, negative prompts) come from a generator
-seeded by (seed, epoch, index), so a clip is the same on any rank, worker or rerun.
+random choices of an item (frame stride, time reversal, negative prompts, the augmentation view)
+come from a generator seeded by (seed, epoch, index), so a clip is the same on any rank, worker or
+rerun.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch.utils.data
 
+from sam3_core.data.augment import AugmentConfig, augment_clip
 from sam3_core.data.datapoints import FrameObject, Prompt, make_datapoint
 from sam3_core.data.ytvis import Track, VideoDataset, rle_to_mask
+from sam3_core.config_checks import check_bool, check_float, check_int, fail
 from sam3_core.errors import ConfigError
 
 
@@ -31,11 +34,18 @@ class ClipConfig:
     # cap on prompts per clip; positives first
     max_prompts: int = 8
     with_masks: bool = True
+    # geometric augmentation of training clips (one random view per clip)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if self.frames_per_clip < 1 or self.stride_min < 1 or self.stride_max < self.stride_min:
-            raise ConfigError("data.clips needs frames_per_clip >= 1 and 1 <= stride_min <= stride_max")
-
+        for name in ("frames_per_clip", "stride_min", "max_prompts"):
+            check_int(f"data.clips.{name}", getattr(self, name), 1)
+        check_int("data.clips.stride_max", self.stride_max)
+        if self.stride_max < self.stride_min:
+            fail("data.clips.stride_max", self.stride_max, f">= data.clips.stride_min ({self.stride_min})")
+        check_int("data.clips.num_negatives", self.num_negatives, 0)
+        check_float("data.clips.reverse_prob", self.reverse_prob, 0.0, 1.0)
+        check_bool("data.clips.with_masks", self.with_masks)
 
 @dataclass(frozen=True)
 class ClipRef:
@@ -52,6 +62,22 @@ def enumerate_clips(dataset: VideoDataset, frames_per_clip: int) -> list[ClipRef
             starts.append(video.length - frames_per_clip)
         refs.extend(ClipRef(video.id, s) for s in starts)
     return refs
+
+
+def check_clip_length(dataset: VideoDataset, frames_per_clip: int) -> None:
+    """A clip longer than every video could only repeat frames; say so instead of training on copies.
+
+    Videos shorter than the clip (when some other video is long enough) give clips whose last
+    frame repeats, see `clip_frame_indices`.
+    """
+    if not dataset.videos:
+        raise ConfigError("data.uri: the dataset split has no videos to sample clips from")
+    longest = max(video.length for video in dataset.videos)
+    if frames_per_clip > longest:
+        raise ConfigError(
+            f"data.clips.frames_per_clip={frames_per_clip} is longer than every video of the dataset "
+            f"({len(dataset.videos)} videos, the longest has {longest} frames); use at most {longest}"
+        )
 
 
 def clip_frame_indices(start: int, length: int, frames: int, stride: int) -> list[int]:
@@ -88,6 +114,7 @@ class ClipDataset(torch.utils.data.Dataset):
     ) -> None:
         self.dataset, self.load_frame, self.cfg = dataset, load_frame, cfg
         self.image_size, self.seed, self.train = image_size, seed, train
+        check_clip_length(dataset, cfg.frames_per_clip)
         self.refs = enumerate_clips(dataset, cfg.frames_per_clip)
         self.epoch = 0
 
@@ -124,9 +151,8 @@ class ClipDataset(torch.utils.data.Dataset):
             frames.reverse()
         tracks = self.dataset.tracks_of(video.id)
         prompts = self._prompts(tracks, frames, rng, video.negative_category_ids)
-        return make_datapoint(
-            frames=[self.load_frame(video.file_names[f]) for f in frames],
-            objects=[_frame_objects(tracks, f, self.cfg.with_masks) for f in frames],
-            prompts=prompts,
-            image_size=self.image_size,
-        )
+        pixels = [self.load_frame(video.file_names[f]) for f in frames]
+        objects = [_frame_objects(tracks, f, self.cfg.with_masks) for f in frames]
+        if self.train and self.cfg.augment.enabled:
+            pixels, objects = augment_clip(pixels, objects, self.cfg.augment, rng)
+        return make_datapoint(frames=pixels, objects=objects, prompts=prompts, image_size=self.image_size)

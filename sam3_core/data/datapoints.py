@@ -46,9 +46,14 @@ def frame_to_tensor(frame: np.ndarray, image_size: int) -> torch.Tensor:
     return (image - mean) / std
 
 
-def _resize_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
+def resize_mask(mask: np.ndarray, image_size: int) -> torch.Tensor:
+    """bool HxW -> bool SxS, each output pixel taking the source pixel under its centre.
+
+    "nearest-exact", not "nearest": torch's "nearest" samples at the output pixel's corner, which
+    moves the mask by half a source pixel towards the top-left against the image and its box.
+    """
     tensor = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
-    return F.interpolate(tensor, size=(image_size, image_size), mode="nearest")[0, 0].bool()
+    return F.interpolate(tensor, size=(image_size, image_size), mode="nearest-exact")[0, 0].bool()
 
 
 def _normalised_cxcywh(box_xywh: tuple[float, float, float, float], width: int, height: int) -> torch.Tensor:
@@ -80,7 +85,7 @@ def make_datapoint(
         sam3_objects = []
         for obj in frame_objects:
             box = _normalised_cxcywh(obj.box_xywh, width, height)
-            segment = _resize_mask(obj.mask, image_size) if obj.mask is not None else None
+            segment = resize_mask(obj.mask, image_size) if obj.mask is not None else None
             sam3_objects.append(
                 Object(
                     bbox=box,

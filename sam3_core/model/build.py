@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sam3_core.model import cpu_compat
+from sam3_core.model.anchors import init_anchors
 from sam3_core.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,7 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
             matcher=hungarian_matcher(),
         )
         _init_text_parameters(model)
+        init_anchors(model, cfg.anchors)
     if model.segmentation_head is not None:
         # its semantic-seg output has no criterion in the loss set: training it would only
         # spend optimizer state and DDP bookkeeping; its weights still load and save

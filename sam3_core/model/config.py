@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from sam3_core.config_checks import check_bool, check_float, check_int, check_int_list, check_str, check_str_list
 from sam3_core.errors import ConfigError
+from sam3_core.model.anchors import AnchorConfig
 
 # a frame's ViT activations grow with the square of the side; past this one 1-frame step of the
 # full preset no longer fits in the memory of any current accelerator
@@ -83,6 +84,8 @@ class ModelConfig:
     decoder_layers: int = 2
     geometry_layers: int = 1
     num_queries: int = 16
+    # how the decoder's reference boxes and box attention start when no checkpoint is loaded
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
     dropout: float = 0.0
     enable_segmentation: bool = True
     # weights to start from: a checkpoint URI (ours or the official `detector.*` layout) or a

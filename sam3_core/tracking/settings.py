@@ -52,8 +52,8 @@ DEFAULT_HEADLINE_METRICS = [
     "eval/bbox_AP",
     "eval/video_mask_mAP_50_95",
     "eval/video_bbox_mAP_50_95",
-    "eval/cgF1",
-    "eval/pHOTA",
+    "eval/video_mask_demo_cgf1_micro_50_95",
+    "eval/video_mask_all_phrase_HOTA",
 ]
 
 

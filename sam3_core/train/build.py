@@ -38,6 +38,7 @@ from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainJobConfig
 from sam3_core.train.data import MicroBatches
+from sam3_core.train.diagnostics import diagnose
 from sam3_core.train.hooks import (
     BestCheckpoint,
     CheckpointCallback,
@@ -125,9 +126,11 @@ def _validators(
             )
         )
     if loop.diagnostics:
-        from sam3_core.train.diagnostics import diagnose
-
-        validators.append(diagnose)
+        # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
+        seen = ClipDataset(
+            reader.dataset("train"), _FrameArrays(reader), cfg.data.clips, cfg.model.image_size, loop.seed, train=False
+        )
+        validators.append(functools.partial(diagnose, train_dataset=seen))
     return validators
 
 
