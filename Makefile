@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv==0.9.30
-	$(UV) pip install --python $(PY) -r requirements.lock
+	$(UV) pip install --python $(PY) --compile-bytecode -r requirements.lock
 	$(UV) pip install --python $(PY) --no-deps -e .
 	touch $(STAMP)
 

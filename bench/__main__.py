@@ -22,7 +22,9 @@ def main(argv: list[str]) -> int:
         print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
         return 2
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"# sam3pipe benchmarks on {platform.node()}: {torch.get_num_threads()} threads, GPU: {cuda}, torch {torch.__version__}")
+    print(
+        f"# sam3pipe benchmarks on {platform.node()}: {torch.get_num_threads()} threads, GPU: {cuda}, torch {torch.__version__}"
+    )
     for name in names:
         start = time.perf_counter()
         print(f"\n## {name}")

@@ -172,8 +172,8 @@ def _loader_clips_per_s(uri: str, workers: int, cache: Path, bench: DataBench, e
 def _model_clips_per_s(uri: str, store: Path, bench: DataBench) -> float:
     """Clips/s the tiny model trains on (the trainer's own throughput, loading hidden by 2 loader workers)."""
     from sam3_core.config import load_config
-    from sam3_core.train.config import TrainJobConfig
     from sam3_core.train.build import train
+    from sam3_core.train.config import TrainJobConfig
 
     cfg = load_config(
         "train",

@@ -44,15 +44,19 @@ def make_parts(bench: DumperBench) -> list[list[dict]]:
         if rank == bench.ranks - 1:
             frames = frames[: images_per_rank - bench.padded_images] + list(range(bench.padded_images))
         image_ids = sorted(rng.choice(frames) for _ in range(bench.predictions_per_rank))
-        parts.append([
-            round_result({
-                "image_id": image_id,
-                "category_id": rng.randrange(bench.categories),
-                "bbox": [rng.uniform(0, 640) for _ in range(4)],
-                "score": rng.random(),
-            })
-            for image_id in image_ids
-        ])
+        parts.append(
+            [
+                round_result(
+                    {
+                        "image_id": image_id,
+                        "category_id": rng.randrange(bench.categories),
+                        "bbox": [rng.uniform(0, 640) for _ in range(4)],
+                        "score": rng.random(),
+                    }
+                )
+                for image_id in image_ids
+            ]
+        )
     return parts
 
 
@@ -68,8 +72,10 @@ def main() -> None:
     total = sum(len(part) for part in parts)
     ours, ours_s = _timed(merge_parts, parts, bench.maxdets)
     upstream, upstream_s = _timed(seed_merge, parts, bench.maxdets)
-    print(f"prediction merge: {total:,} predictions, {bench.images:,} images, {bench.ranks} ranks, "
-          f"maxdets {bench.maxdets}")
+    print(
+        f"prediction merge: {total:,} predictions, {bench.images:,} images, {bench.ranks} ranks, "
+        f"maxdets {bench.maxdets}"
+    )
     print(f"{'implementation':<32}{'wall s':>10}")
     print(f"{'upstream (heap + sum flatten)':<32}{upstream_s:>10.2f}")
     print(f"{'sam3pipe (streaming merge)':<32}{ours_s:>10.2f}")

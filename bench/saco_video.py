@@ -92,7 +92,7 @@ def write_saco_video(
                 }
             )
         present = sorted({a["category_id"] for a in annotations if a["video_id"] == v})
-        for c in present + [masklets - 2, masklets - 1]:
+        for c in [*present, masklets - 2, masklets - 1]:
             n = sum(1 for a in annotations if a["video_id"] == v and a["category_id"] == c)
             pairs.append(
                 {

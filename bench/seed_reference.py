@@ -37,4 +37,4 @@ def seed_merge(dump: list[list[dict]], maxdets: int) -> list[dict]:
             else:
                 heapq.heappushpop(preds_by_image[image_id], SeedHeapElement(p))
         seen_img_cat.update(cur_seen_img_cat)
-    return sum([[h.val for h in cur_preds] for cur_preds in preds_by_image.values()], [])
+    return [h.val for cur_preds in preds_by_image.values() for h in cur_preds]

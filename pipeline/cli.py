@@ -91,9 +91,12 @@ def _with_sweep_spec(sub: argparse.ArgumentParser) -> None:
 
 def _with_parallelism(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
-        "--parallelism", type=int, default=None, metavar="N",
+        "--parallelism",
+        type=int,
+        default=None,
+        metavar="N",
         help="trials at once (0 = all); fixed in the compiled pipeline (setting sweep.parallelism)",
-    )  # fmt: skip
+    )
 
 
 def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any) -> None:
@@ -169,11 +172,15 @@ def _run_sweep(args: argparse.Namespace, settings: PipelineSettings) -> None:
     print(storage.read_text(outcome["summary_uri"]))
     print(_mlflow_hint())
     print(json.dumps(outcome, sort_keys=True))
+
+
 def _add_reproduce(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     reproduce = commands.add_parser(
         "reproduce", help="rerun a run exactly as MLflow recorded it and report the metric differences"
     )
-    reproduce.add_argument("run", help="MLflow run id (a pipeline run or a train/predict/evaluate run) or pipeline run id")
+    reproduce.add_argument(
+        "run", help="MLflow run id (a pipeline run or a train/predict/evaluate run) or pipeline run id"
+    )
     reproduce.add_argument(
         "--allow-other-commit", action="store_true", help="rerun although the code (git commit, sam3) differs"
     )
@@ -181,7 +188,9 @@ def _add_reproduce(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     reproduce.add_argument("--host", default=None, help="submit the pipeline run to this Kubeflow Pipelines API")
     reproduce.add_argument("--wait", action="store_true", help="with --host: wait for the run and compare metrics")
     reproduce.add_argument("--existing-token", default=None, help="with --host: bearer token (env KFP_EXISTING_TOKEN)")
-    reproduce.add_argument("parameters", nargs="*", metavar="name=value", help="with --host: pipeline parameters to set")
+    reproduce.add_argument(
+        "parameters", nargs="*", metavar="name=value", help="with --host: pipeline parameters to set"
+    )
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -231,10 +240,17 @@ def _run(args: argparse.Namespace) -> int:
         from pipeline.submit import submit
 
         result = submit(
-            settings, args.host, args.parameters, args.experiment, args.namespace, args.run_name,
-            args.service_account, args.existing_token, enable_caching=False if args.no_cache else None,
+            settings,
+            args.host,
+            args.parameters,
+            args.experiment,
+            args.namespace,
+            args.run_name,
+            args.service_account,
+            args.existing_token,
+            enable_caching=False if args.no_cache else None,
             sweep=_sweep_spec(args),
-        )  # fmt: skip
+        )
         print(json.dumps(result))
     elif args.command == "sweep":
         _run_sweep(args, settings)

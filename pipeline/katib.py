@@ -123,10 +123,21 @@ def build_experiment(
         *({"name": names[key], "reference": names[key], "description": f"the trial's {key}"} for key in grid),
     ]
     command = [
-        "python", "-m", ENTRY_MODULE, "--experiment", name, "--trial", f"${{trialParameters.{TRIAL_NAME}}}",
-        "--dataset-uri", dataset_uri, "--metric", objective, "--base", json.dumps(dict(base), sort_keys=True),
+        "python",
+        "-m",
+        ENTRY_MODULE,
+        "--experiment",
+        name,
+        "--trial",
+        f"${{trialParameters.{TRIAL_NAME}}}",
+        "--dataset-uri",
+        dataset_uri,
+        "--metric",
+        objective,
+        "--base",
+        json.dumps(dict(base), sort_keys=True),
         *(f"{key}=${{trialParameters.{names[key]}}}" for key in grid),
-    ]  # fmt: skip
+    ]
     parallel = settings.sweep.parallelism or len(combinations)
     return {
         "apiVersion": API_VERSION,
@@ -240,20 +251,44 @@ def run_trial(
     with tempfile.TemporaryDirectory(prefix="sam3pipe-trial-") as tmp:
         try:
             run_uri, checkpoint_uri, _ = steps.train(
-                dataset_uri, params["model_preset"], params["checkpoint"], params["max_steps"], params["lr"],
-                params["batch_size"], params["frames_per_clip"], params["freeze_prefixes"], params["store"], "pod",
-                params["gpus"], 1, trial_name, params["mlflow_experiment"],
-                [*params["train_overrides"], *sweep.hydra_overrides(trial, steps.hydra_value), *tracking], {},
+                dataset_uri,
+                params["model_preset"],
+                params["checkpoint"],
+                params["max_steps"],
+                params["lr"],
+                params["batch_size"],
+                params["frames_per_clip"],
+                params["freeze_prefixes"],
+                params["store"],
+                "pod",
+                params["gpus"],
+                1,
+                trial_name,
+                params["mlflow_experiment"],
+                [*params["train_overrides"], *sweep.hydra_overrides(trial, steps.hydra_value), *tracking],
+                {},
                 _LocalArtifact(Path(tmp, "model")),
-            )  # fmt: skip
+            )
             predictions_uri = steps.predict(
-                dataset_uri, params["model_preset"], checkpoint_uri, run_uri, params["gpus"], trial_name,
-                params["mlflow_experiment"], [*params["predict_overrides"], *tracking], _LocalArtifact(Path(tmp, "pred")),
-            )  # fmt: skip
+                dataset_uri,
+                params["model_preset"],
+                checkpoint_uri,
+                run_uri,
+                params["gpus"],
+                trial_name,
+                params["mlflow_experiment"],
+                [*params["predict_overrides"], *tracking],
+                _LocalArtifact(Path(tmp, "pred")),
+            )
             _, metrics = steps.evaluate(
-                dataset_uri, predictions_uri, run_uri, trial_name, params["mlflow_experiment"],
-                [*params["evaluate_overrides"], *tracking], _Metrics(),
-            )  # fmt: skip
+                dataset_uri,
+                predictions_uri,
+                run_uri,
+                trial_name,
+                params["mlflow_experiment"],
+                [*params["evaluate_overrides"], *tracking],
+                _Metrics(),
+            )
         except Exception as exc:  # recorded in MLflow, then the Job fails and Katib counts the trial failed
             failed = sweep.failed("trial", exc)["error"]
             sweeps.record_trial(params["mlflow_experiment"], experiment, dataclasses.replace(result, error=failed))

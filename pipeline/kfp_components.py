@@ -80,9 +80,24 @@ def train(
     from pipeline import steps
 
     return steps.train(
-        dataset_uri, model_preset, checkpoint, max_steps, lr, batch_size, frames_per_clip, freeze_prefixes,
-        store, training_mode, gpus, nodes, pipeline_run_id, mlflow_experiment, overrides, launch, model,
-    )  # fmt: skip
+        dataset_uri,
+        model_preset,
+        checkpoint,
+        max_steps,
+        lr,
+        batch_size,
+        frames_per_clip,
+        freeze_prefixes,
+        store,
+        training_mode,
+        gpus,
+        nodes,
+        pipeline_run_id,
+        mlflow_experiment,
+        overrides,
+        launch,
+        model,
+    )
 
 
 def predict(
@@ -100,9 +115,16 @@ def predict(
     from pipeline import steps
 
     uri = steps.predict(
-        dataset_uri, model_preset, checkpoint_uri, run_uri, gpus, pipeline_run_id, mlflow_experiment, overrides,
+        dataset_uri,
+        model_preset,
+        checkpoint_uri,
+        run_uri,
+        gpus,
+        pipeline_run_id,
+        mlflow_experiment,
+        overrides,
         predictions,
-    )  # fmt: skip
+    )
     return (uri,)
 
 
@@ -139,9 +161,19 @@ def plan_sweep(
     from pipeline import steps
 
     return steps.plan_sweep(
-        sweep_trials, sweep_grid, dataset_uri, sweep_id, sweep_metric, sweep_mode, parallelism, training_mode, gpus,
-        nodes, store, mlflow_experiment,
-    )  # fmt: skip
+        sweep_trials,
+        sweep_grid,
+        dataset_uri,
+        sweep_id,
+        sweep_metric,
+        sweep_mode,
+        parallelism,
+        training_mode,
+        gpus,
+        nodes,
+        store,
+        mlflow_experiment,
+    )
 
 
 def train_trial(
@@ -167,9 +199,14 @@ def train_trial(
     from pipeline import steps
 
     base = {
-        "model_preset": model_preset, "checkpoint": checkpoint, "max_steps": max_steps, "lr": lr,
-        "batch_size": batch_size, "frames_per_clip": frames_per_clip, "freeze_prefixes": freeze_prefixes,
-    }  # fmt: skip
+        "model_preset": model_preset,
+        "checkpoint": checkpoint,
+        "max_steps": max_steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "frames_per_clip": frames_per_clip,
+        "freeze_prefixes": freeze_prefixes,
+    }
     return steps.train_trial(
         trial, base, store, training_mode, gpus, nodes, mlflow_experiment, registered_model, overrides, launch, model
     )
@@ -191,9 +228,17 @@ def predict_trial(
     from pipeline import steps
 
     uri = steps.predict_trial(
-        trial, model_preset, checkpoint_uri, run_uri, gpus, store, mlflow_experiment, registered_model, overrides,
+        trial,
+        model_preset,
+        checkpoint_uri,
+        run_uri,
+        gpus,
+        store,
+        mlflow_experiment,
+        registered_model,
+        overrides,
         predictions,
-    )  # fmt: skip
+    )
     return (uri,)
 
 
@@ -225,7 +270,7 @@ def select_best(
     registered_model: str,
     table: Output[Markdown],
     metrics: Output[Metrics],
-    trials: list = [],  # noqa: B006 (a default lets the step run after failed trials)
+    trials: list = [],
 ) -> dict:
     """Pick the best trial by the metric, register its checkpoint, write the sweep table."""
     from pipeline import steps

@@ -159,7 +159,7 @@ def build_data_prep_pipeline(settings: PipelineSettings) -> GraphComponent:
         frames_root: str = "",
         store: str = "",
         data_prep_shards: int = 1,
-        data_prep_overrides: list = [],  # noqa: B006 (KFP reads defaults from the signature)
+        data_prep_overrides: list = [],
     ) -> DataPrepOutputs:
         """Validate the source, stage its videos over `data_prep_shards` pods and publish one dataset.
 
@@ -172,12 +172,21 @@ def build_data_prep_pipeline(settings: PipelineSettings) -> GraphComponent:
             data_prep_overrides: Extra Hydra overrides of data prep, e.g. ["resize_max_side=1008"].
         """
         prep = _data_prep_tasks(
-            ops, settings, sharded_data_prep, source, annotations, frames_root, store, data_prep_overrides,
+            ops,
+            settings,
+            sharded_data_prep,
+            source,
+            annotations,
+            frames_root,
+            store,
+            data_prep_overrides,
             data_prep_shards,
         )
         return DataPrepOutputs(prep.outputs["dataset_uri"], prep.outputs["dataset_id"])
 
     return prepare_data
+
+
 def launch_settings(settings: PipelineSettings) -> dict[str, Any]:
     """The train step's launch settings of each job mode (a compile-time constant of the pipeline)."""
     return {
@@ -203,7 +212,7 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         lr: float = steps.DEFAULT_LR,
         batch_size: int = 2,
         frames_per_clip: int = 2,
-        freeze_prefixes: list = [],  # noqa: B006 (KFP reads defaults from the signature)
+        freeze_prefixes: list = [],
         store: str = "",
         mlflow_experiment: str = "sam3pipe",
         training_mode: str = "pod",
@@ -211,10 +220,10 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         nodes: int = 1,
         predict_gpus: int = 0,
         data_prep_shards: int = 1,
-        data_prep_overrides: list = [],  # noqa: B006
-        train_overrides: list = [],  # noqa: B006
-        predict_overrides: list = [],  # noqa: B006
-        evaluate_overrides: list = [],  # noqa: B006
+        data_prep_overrides: list = [],
+        train_overrides: list = [],
+        predict_overrides: list = [],
+        evaluate_overrides: list = [],
     ) -> dict:
         """Fine-tune SAM3 on video clips and evaluate it; returns the evaluation metrics.
 
@@ -245,7 +254,14 @@ def build_pipeline(settings: PipelineSettings) -> GraphComponent:
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         prep = _data_prep_tasks(
-            ops, settings, sharded_data_prep, source, annotations, frames_root, store, data_prep_overrides,
+            ops,
+            settings,
+            sharded_data_prep,
+            source,
+            annotations,
+            frames_root,
+            store,
+            data_prep_overrides,
             data_prep_shards,
         )
 
@@ -338,7 +354,7 @@ def build_sweep_pipeline(
         lr: float = steps.DEFAULT_LR,
         batch_size: int = 2,
         frames_per_clip: int = 2,
-        freeze_prefixes: list = [],  # noqa: B006 (KFP reads defaults from the signature)
+        freeze_prefixes: list = [],
         store: str = "",
         mlflow_experiment: str = "sam3pipe",
         training_mode: str = "pod",
@@ -346,10 +362,10 @@ def build_sweep_pipeline(
         nodes: int = 1,
         predict_gpus: int = 0,
         data_prep_shards: int = 1,
-        data_prep_overrides: list = [],  # noqa: B006
-        train_overrides: list = [],  # noqa: B006
-        predict_overrides: list = [],  # noqa: B006
-        evaluate_overrides: list = [],  # noqa: B006
+        data_prep_overrides: list = [],
+        train_overrides: list = [],
+        predict_overrides: list = [],
+        evaluate_overrides: list = [],
     ) -> dict:
         """Fine-tune SAM3 once per trial of a sweep on one prepared dataset; register the best trial.
 
@@ -383,7 +399,14 @@ def build_sweep_pipeline(
         """
         sweep_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         prep = _data_prep_tasks(
-            ops, settings, sharded_data_prep, source, annotations, frames_root, store, data_prep_overrides,
+            ops,
+            settings,
+            sharded_data_prep,
+            source,
+            annotations,
+            frames_root,
+            store,
+            data_prep_overrides,
             data_prep_shards,
         )
 

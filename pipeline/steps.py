@@ -348,10 +348,24 @@ def train_trial(
 
     def work() -> tuple[str, str, str]:
         return train(
-            trial["dataset_uri"], params["model_preset"], params["checkpoint"], params["max_steps"], params["lr"],
-            params["batch_size"], params["frames_per_clip"], params["freeze_prefixes"], store, training_mode, gpus,
-            nodes, trial["pipeline_run_id"], mlflow_experiment, overrides, launch, model,
-        )  # fmt: skip
+            trial["dataset_uri"],
+            params["model_preset"],
+            params["checkpoint"],
+            params["max_steps"],
+            params["lr"],
+            params["batch_size"],
+            params["frames_per_clip"],
+            params["freeze_prefixes"],
+            store,
+            training_mode,
+            gpus,
+            nodes,
+            trial["pipeline_run_id"],
+            mlflow_experiment,
+            overrides,
+            launch,
+            model,
+        )
 
     outputs = run_trial_step(trial, "train", store, work)
     if outputs is None:
@@ -384,9 +398,16 @@ def predict_trial(
 
     def work() -> str:
         return predict(
-            trial["dataset_uri"], preset, checkpoint_uri, run_uri, gpus, trial["pipeline_run_id"], mlflow_experiment,
-            overrides, predictions,
-        )  # fmt: skip
+            trial["dataset_uri"],
+            preset,
+            checkpoint_uri,
+            run_uri,
+            gpus,
+            trial["pipeline_run_id"],
+            mlflow_experiment,
+            overrides,
+            predictions,
+        )
 
     uri = run_trial_step(trial, "predict", store, work)
     if uri is None:
@@ -415,9 +436,14 @@ def evaluate_trial(
 
     def work() -> tuple[str, dict[str, float]]:
         return evaluate(
-            trial["dataset_uri"], predictions_uri, run_uri, trial["pipeline_run_id"], mlflow_experiment, overrides,
+            trial["dataset_uri"],
+            predictions_uri,
+            run_uri,
+            trial["pipeline_run_id"],
+            mlflow_experiment,
+            overrides,
             metrics,
-        )  # fmt: skip
+        )
 
     outputs = run_trial_step(trial, "evaluate", store, work)
     if outputs is None:

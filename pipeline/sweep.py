@@ -63,9 +63,11 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     kind = TRIAL_PARAMETERS.get(key)
     if kind is None and not _HYDRA_KEY.match(key):
         raise InputError(
-            SOURCE, where, f"{key!r} is not a sweepable setting: use one of {sorted(TRIAL_PARAMETERS)} "
-            "or a dotted Hydra key of the train step (e.g. optim.weight_decay)"
-        )  # fmt: skip
+            SOURCE,
+            where,
+            f"{key!r} is not a sweepable setting: use one of {sorted(TRIAL_PARAMETERS)} "
+            "or a dotted Hydra key of the train step (e.g. optim.weight_decay)",
+        )
     if kind is None:
         scalars = value if isinstance(value, list) else [value]
         if not all(isinstance(item, _SCALARS) for item in scalars):

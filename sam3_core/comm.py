@@ -77,8 +77,10 @@ def launch_env() -> LaunchEnv:
     )
     if env.world_size < 1 or env.rank < 0 or ("WORLD_SIZE" in os.environ and env.rank >= env.world_size):
         raise ConfigError(f"environment: RANK={env.rank} WORLD_SIZE={env.world_size}: need 0 <= RANK < WORLD_SIZE")
-    if env.local_world_size < 1 or env.local_rank < 0 or (
-        "LOCAL_WORLD_SIZE" in os.environ and env.local_rank >= env.local_world_size
+    if (
+        env.local_world_size < 1
+        or env.local_rank < 0
+        or ("LOCAL_WORLD_SIZE" in os.environ and env.local_rank >= env.local_world_size)
     ):
         raise ConfigError(
             f"environment: LOCAL_RANK={env.local_rank} LOCAL_WORLD_SIZE={env.local_world_size}: "

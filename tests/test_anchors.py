@@ -17,7 +17,9 @@ GRID = AnchorConfig(init="grid", size=0.25, attention_prior=4.0)
 
 
 def tiny(anchors: AnchorConfig, num_queries: int = 16) -> torch.nn.Module:
-    return build_detector(ModelConfig(image_size=56, vit_pretrain_img_size=56, num_queries=num_queries, anchors=anchors))
+    return build_detector(
+        ModelConfig(image_size=56, vit_pretrain_img_size=56, num_queries=num_queries, anchors=anchors)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_a_vertical_flip_mirrors_the_box_top_to_bottom() -> None:
 def test_a_shifted_window_moves_the_object_the_other_way_by_whole_pixels() -> None:
     frame, mask = frame_with_square(20, 20, 12)
     view = View(8.0, -4.0, SIZE, SIZE)
-    shifted_frame, shifted_mask = frame_with_square(12, 24, 12)
+    _, shifted_mask = frame_with_square(12, 24, 12)
     assert np.array_equal(warp_mask(mask, view), shifted_mask)
     inside = warp_frame(frame, view)[shifted_mask]
     assert np.array_equal(inside, np.broadcast_to(RED, inside.shape))
@@ -107,8 +107,13 @@ def test_random_views_keep_masks_on_the_object_pixels_and_boxes_tight_on_the_mas
     assert warped.mask is not None
     red_pixels = np.all(np.abs(warped_frame.astype(int) - RED) < 20, axis=-1)
     # bilinear resampling blends the object's border with the background: compare away from it
-    interior = warped.mask & np.roll(warped.mask, 1, 0) & np.roll(warped.mask, -1, 0) \
-        & np.roll(warped.mask, 1, 1) & np.roll(warped.mask, -1, 1)
+    interior = (
+        warped.mask
+        & np.roll(warped.mask, 1, 0)
+        & np.roll(warped.mask, -1, 0)
+        & np.roll(warped.mask, 1, 1)
+        & np.roll(warped.mask, -1, 1)
+    )
     assert red_pixels[interior].all()
     assert not (red_pixels & ~warped.mask).any()
     x, y, w, h = warped.box_xywh

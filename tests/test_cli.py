@@ -85,7 +85,9 @@ def fake_kfp() -> Iterator[dict[str, Any]]:
 
 
 def test_compile_writes_a_package_kfp_loads(tmp_path: Path) -> None:
-    result = sam3pipe("compile", "--output", "out/pipeline.yaml", "--set", "image=registry.example.com/sam3pipe:9", cwd=tmp_path)
+    result = sam3pipe(
+        "compile", "--output", "out/pipeline.yaml", "--set", "image=registry.example.com/sam3pipe:9", cwd=tmp_path
+    )
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"pipeline": "out/pipeline.yaml"}
@@ -141,9 +143,15 @@ def test_unknown_pipeline_parameter_stops_a_local_run_before_any_step(tmp_path, 
 
 def test_component_runs_the_step_and_prints_its_outputs(tmp_path, capsys, caplog) -> None:
     status, out, _ = cli(
-        "component", "data-prep", "source=synthetic", "synthetic.num_videos=2", "synthetic.frames_per_video=2",
-        f"store={tmp_path / 'store'}", capsys=capsys, caplog=caplog,
-    )  # fmt: skip
+        "component",
+        "data-prep",
+        "source=synthetic",
+        "synthetic.num_videos=2",
+        "synthetic.frames_per_video=2",
+        f"store={tmp_path / 'store'}",
+        capsys=capsys,
+        caplog=caplog,
+    )
 
     assert status == 0
     assert Path(json.loads(out)["dataset_uri"], "manifest.json").is_file()
@@ -158,13 +166,24 @@ def test_component_input_error_is_one_line_and_exit_2(capsys, caplog) -> None:
 
 def test_submit_sends_the_pipeline_parameters_and_token(fake_kfp, capsys, caplog) -> None:
     status, out, _ = cli(
-        "submit", "--host", fake_kfp["url"], "--experiment", "video-ft", "--existing-token", "tok-123",
-        "max_steps=7", 'train_overrides=["train.log_every=1"]', capsys=capsys, caplog=caplog,
-    )  # fmt: skip
+        "submit",
+        "--host",
+        fake_kfp["url"],
+        "--experiment",
+        "video-ft",
+        "--existing-token",
+        "tok-123",
+        "max_steps=7",
+        'train_overrides=["train.log_every=1"]',
+        capsys=capsys,
+        caplog=caplog,
+    )
 
     assert status == 0
     assert json.loads(out) == {"run_id": "run-1", "url": f"{fake_kfp['url']}/#/runs/details/run-1"}
-    (run,) = [body for method, path, _, body in fake_kfp["requests"] if (method, path) == ("POST", "/apis/v2beta1/runs")]
+    (run,) = [
+        body for method, path, _, body in fake_kfp["requests"] if (method, path) == ("POST", "/apis/v2beta1/runs")
+    ]
     assert run["runtime_config"]["parameters"] == {"max_steps": 7, "train_overrides": ["train.log_every=1"]}
     assert run["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "sam3-video-finetune"
     assert "kubernetes" in run["pipeline_spec"]["platform_spec"]["platforms"]
@@ -175,7 +194,9 @@ def test_submit_no_cache_reruns_even_data_prep(fake_kfp, capsys, caplog) -> None
     status, _, _ = cli("submit", "--host", fake_kfp["url"], "--no-cache", capsys=capsys, caplog=caplog)
 
     assert status == 0
-    (run,) = [body for method, path, _, body in fake_kfp["requests"] if (method, path) == ("POST", "/apis/v2beta1/runs")]
+    (run,) = [
+        body for method, path, _, body in fake_kfp["requests"] if (method, path) == ("POST", "/apis/v2beta1/runs")
+    ]
     tasks = run["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
     assert not any(task["cachingOptions"].get("enableCache") for task in tasks.values())
 
@@ -234,12 +255,20 @@ def test_compile_with_a_sweep_writes_the_sweep_pipeline(tmp_path: Path) -> None:
 
 def test_submit_with_a_sweep_sends_the_spec_as_run_arguments(fake_kfp, capsys, caplog) -> None:
     status, _, _ = cli(
-        "submit", "--host", fake_kfp["url"], "--sweep", '[{"lr": 0.001}, {"lr": 0.0001, "frames_per_clip": 4}]',
-        "sweep_metric=segm_AP", capsys=capsys, caplog=caplog,
-    )  # fmt: skip
+        "submit",
+        "--host",
+        fake_kfp["url"],
+        "--sweep",
+        '[{"lr": 0.001}, {"lr": 0.0001, "frames_per_clip": 4}]',
+        "sweep_metric=segm_AP",
+        capsys=capsys,
+        caplog=caplog,
+    )
 
     assert status == 0
-    (run,) = [body for method, path, _, body in fake_kfp["requests"] if (method, path) == ("POST", "/apis/v2beta1/runs")]
+    (run,) = [
+        body for method, path, _, body in fake_kfp["requests"] if (method, path) == ("POST", "/apis/v2beta1/runs")
+    ]
     assert run["runtime_config"]["parameters"] == {
         "sweep_trials": [{"lr": 0.001}, {"lr": 0.0001, "frames_per_clip": 4}],
         "sweep_grid": {},
@@ -249,7 +278,9 @@ def test_submit_with_a_sweep_sends_the_spec_as_run_arguments(fake_kfp, capsys, c
 
 
 def test_a_bad_sweep_spec_is_one_error_line_before_anything_is_submitted(fake_kfp, capsys, caplog) -> None:
-    status, out, errors = cli("submit", "--host", fake_kfp["url"], "--sweep", '{"learning_rate": [0.1]}', capsys=capsys, caplog=caplog)
+    status, out, errors = cli(
+        "submit", "--host", fake_kfp["url"], "--sweep", '{"learning_rate": [0.1]}', capsys=capsys, caplog=caplog
+    )
 
     assert status == 2 and out == ""
     assert len(errors) == 1 and "'learning_rate' is not a sweepable setting" in errors[0]

@@ -21,7 +21,10 @@ from sam3_core.errors import ConfigError
 
 SIZE = 32
 IMAGE_SIZE = 28
-CATEGORIES = [Category(i, name) for i, name in enumerate(["red circle", "blue square", "green triangle", "cyan circle", "white square"], 1)]
+CATEGORIES = [
+    Category(i, name)
+    for i, name in enumerate(["red circle", "blue square", "green triangle", "cyan circle", "white square"], 1)
+]
 
 
 def square(frame: int, offset: int) -> np.ndarray:
@@ -189,7 +192,9 @@ def test_bad_clip_values_are_config_errors_naming_the_key(changes: dict[str, Any
 
 
 def test_clips_longer_than_every_video_are_a_config_error_naming_the_longest() -> None:
-    with pytest.raises(ConfigError, match=r"data\.clips\.frames_per_clip=9 .* the longest has 7 frames\); use at most 7"):
+    with pytest.raises(
+        ConfigError, match=r"data\.clips\.frames_per_clip=9 .* the longest has 7 frames\); use at most 7"
+    ):
         clips(video_dataset([5, 7]), frames_per_clip=9)
 
 

@@ -184,7 +184,7 @@ def test_a_frame_whose_bytes_differ_from_the_manifest_is_refused(s3_bucket: str,
     prepared = prepare_dataset(synthetic_prep(f"{s3_bucket}/store"))
     storage.write_bytes(storage.join(prepared.uri, "frames/1/00000.png"), b"tampered")
     reader = FrameReader(prepared.uri, cache_dir=tmp_path / "cache")
-    with pytest.raises(InputError, match="frames/1/00000.png"):
+    with pytest.raises(InputError, match=r"frames/1/00000\.png"):
         reader.image("frames/1/00000.png")
 
 

@@ -194,7 +194,7 @@ def test_inconsistent_sa_co_pairs_name_the_field_and_publish_nothing(case: str, 
 def test_a_sa_co_file_without_video_np_pairs_is_refused_with_what_to_use(tmp_path: Path) -> None:
     raw, frames = saco_source(tmp_path)
     del raw["video_np_pairs"]
-    with pytest.raises(InputError, match="video_np_pairs: missing; .* use source=ytvis"):
+    with pytest.raises(InputError, match=r"video_np_pairs: missing; .* use source=ytvis"):
         prepare_dataset(saco_config(tmp_path, raw, frames))
 
 

@@ -40,18 +40,37 @@ def frames_gt() -> dict:
     for boxes in BOXES.values():
         for t, box in enumerate(boxes):
             if box is not None:
-                annotations.append({"id": len(annotations) + 1, "image_id": t + 1, "category_id": 1, "bbox": box,
-                                    "segmentation": rle(box), "area": float(box[2] * box[3]), "iscrowd": 0})
-    return {"images": [{"id": t + 1, "height": SIZE[0], "width": SIZE[1]} for t in range(2)],
-            "annotations": annotations, "categories": CATEGORIES}
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": t + 1,
+                        "category_id": 1,
+                        "bbox": box,
+                        "segmentation": rle(box),
+                        "area": float(box[2] * box[3]),
+                        "iscrowd": 0,
+                    }
+                )
+    return {
+        "images": [{"id": t + 1, "height": SIZE[0], "width": SIZE[1]} for t in range(2)],
+        "annotations": annotations,
+        "categories": CATEGORIES,
+    }
 
 
 def video_gt() -> dict:
     return {
         "videos": [{"id": 1, "height": SIZE[0], "width": SIZE[1], "length": 2, "file_names": ["v/0.jpg", "v/1.jpg"]}],
         "annotations": [
-            {"id": track, "video_id": 1, "category_id": 1, "iscrowd": 0, "bboxes": boxes,
-             "segmentations": [rle(b) for b in boxes], "areas": [None if b is None else b[2] * b[3] for b in boxes]}
+            {
+                "id": track,
+                "video_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bboxes": boxes,
+                "segmentations": [rle(b) for b in boxes],
+                "areas": [None if b is None else b[2] * b[3] for b in boxes],
+            }
             for track, boxes in BOXES.items()
         ],
         "categories": CATEGORIES,
@@ -59,13 +78,23 @@ def video_gt() -> dict:
 
 
 def perfect_frame_predictions() -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "segmentation": a["segmentation"],
-             "score": 0.9} for a in frames_gt()["annotations"]]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": 1,
+            "bbox": a["bbox"],
+            "segmentation": a["segmentation"],
+            "score": 0.9,
+        }
+        for a in frames_gt()["annotations"]
+    ]
 
 
 def perfect_video_predictions() -> list[dict]:
-    return [{"video_id": 1, "category_id": 1, "score": 0.9, "bboxes": a["bboxes"], "segmentations": a["segmentations"]}
-            for a in video_gt()["annotations"]]
+    return [
+        {"video_id": 1, "category_id": 1, "score": 0.9, "bboxes": a["bboxes"], "segmentations": a["segmentations"]}
+        for a in video_gt()["annotations"]
+    ]
 
 
 def write(path: Path, obj: object) -> str:
@@ -84,12 +113,22 @@ def predictions_folder(root: Path) -> str:
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "components.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "components.evaluate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
-FRAME_METRICS = {f"{t}_{s}" for t in ("bbox", "segm") for s in
-                 ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")}
+FRAME_METRICS = {
+    f"{t}_{s}"
+    for t in ("bbox", "segm")
+    for s in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+}
 VIDEO_METRICS = {f"video_{k}_mAP_{i}" for k in ("bbox", "mask") for i in ("50_95", "50", "75")}
 
 
@@ -109,7 +148,11 @@ def test_cli_prints_one_json_line_and_publishes_metrics_table_and_plot(tmp_path)
     assert set(printed["metrics"]) == FRAME_METRICS
     assert printed["metrics"]["segm_AP"] == pytest.approx(1.0)
     assert sorted(p.name for p in output.parent.iterdir()) == [
-        "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png"]
+        "metrics.json",
+        "per_category.csv",
+        "per_category.md",
+        "pr_curves.png",
+    ]
     assert (output.parent / "pr_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -150,11 +193,18 @@ def test_flag_values_with_spaces_commas_and_quotes_reach_the_config_intact():
 def test_video_gt_with_predictions_folder_and_frames_gt_scores_videos_and_frames(tmp_path):
     folder = predictions_folder(tmp_path / "predictions")
 
-    outputs = execute([
-        "--gt", write(tmp_path / "val.json", video_gt()), "--predictions", folder,
-        "--frames-gt", write(tmp_path / "val_frames_coco.json", frames_gt()),
-        "--output", str(tmp_path / "eval" / "metrics.json"),
-    ])
+    outputs = execute(
+        [
+            "--gt",
+            write(tmp_path / "val.json", video_gt()),
+            "--predictions",
+            folder,
+            "--frames-gt",
+            write(tmp_path / "val_frames_coco.json", frames_gt()),
+            "--output",
+            str(tmp_path / "eval" / "metrics.json"),
+        ]
+    )
 
     assert set(outputs["metrics"]) == FRAME_METRICS | VIDEO_METRICS
     assert outputs["metrics"]["video_mask_mAP_50_95"] == pytest.approx(1.0)
@@ -164,8 +214,16 @@ def test_video_gt_with_predictions_folder_and_frames_gt_scores_videos_and_frames
 def test_video_gt_with_predictions_folder_and_no_frames_gt_scores_videos_only(tmp_path):
     folder = predictions_folder(tmp_path / "predictions")
 
-    outputs = execute(["--gt", write(tmp_path / "val.json", video_gt()), "--predictions", folder,
-                       "--output", str(tmp_path / "eval" / "metrics.json")])
+    outputs = execute(
+        [
+            "--gt",
+            write(tmp_path / "val.json", video_gt()),
+            "--predictions",
+            folder,
+            "--output",
+            str(tmp_path / "eval" / "metrics.json"),
+        ]
+    )
 
     assert set(outputs["metrics"]) == VIDEO_METRICS
 
@@ -174,19 +232,36 @@ def test_coco_gt_with_predictions_folder_reads_bbox_and_segm_files(tmp_path):
     folder = predictions_folder(tmp_path / "predictions")
     write(tmp_path / "predictions" / "coco_predictions_segm.json", [])
 
-    metrics = execute(["--gt", write(tmp_path / "gt.json", frames_gt()), "--predictions", folder,
-                       "--output", str(tmp_path / "eval" / "metrics.json")])["metrics"]
+    metrics = execute(
+        [
+            "--gt",
+            write(tmp_path / "gt.json", frames_gt()),
+            "--predictions",
+            folder,
+            "--output",
+            str(tmp_path / "eval" / "metrics.json"),
+        ]
+    )["metrics"]
 
     assert metrics["bbox_AP"] == pytest.approx(1.0)
     assert metrics["segm_AP"] == 0.0
 
 
 def test_per_category_table_lists_the_categories_with_gt_or_predictions_blank_where_no_gt(tmp_path):
-    predictions = perfect_frame_predictions() + [
-        {"image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "segmentation": rle([0, 0, 5, 5]), "score": 0.5}]
-    execute(["--gt", write(tmp_path / "gt.json", frames_gt()),
-             "--predictions", write(tmp_path / "pred.json", predictions),
-             "--output", str(tmp_path / "eval" / "metrics.json")])
+    predictions = [
+        *perfect_frame_predictions(),
+        {"image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "segmentation": rle([0, 0, 5, 5]), "score": 0.5},
+    ]
+    execute(
+        [
+            "--gt",
+            write(tmp_path / "gt.json", frames_gt()),
+            "--predictions",
+            write(tmp_path / "pred.json", predictions),
+            "--output",
+            str(tmp_path / "eval" / "metrics.json"),
+        ]
+    )
 
     with open(tmp_path / "eval" / "per_category.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -200,8 +275,17 @@ def test_requested_kind_that_contradicts_the_gt_file_is_input_error(tmp_path):
     gt = write(tmp_path / "val.json", video_gt())
 
     with pytest.raises(InputError, match="kind=coco was requested but this is a video GT file"):
-        execute(["--gt", gt, "--predictions", write(tmp_path / "p.json", []), "--output", str(tmp_path / "m.json"),
-                 "kind=coco"])
+        execute(
+            [
+                "--gt",
+                gt,
+                "--predictions",
+                write(tmp_path / "p.json", []),
+                "--output",
+                str(tmp_path / "m.json"),
+                "kind=coco",
+            ]
+        )
 
 
 def test_gt_that_is_neither_video_nor_coco_is_input_error(tmp_path):
@@ -218,40 +302,81 @@ def test_missing_required_input_is_config_error_naming_the_key(tmp_path):
 
 def test_unknown_backend_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"evaluate\.backend='detectron': must be one of"):
-        execute(["--gt", write(tmp_path / "gt.json", frames_gt()), "--predictions", write(tmp_path / "p.json", []),
-                 "--output", str(tmp_path / "m.json"), "backend=detectron"])
+        execute(
+            [
+                "--gt",
+                write(tmp_path / "gt.json", frames_gt()),
+                "--predictions",
+                write(tmp_path / "p.json", []),
+                "--output",
+                str(tmp_path / "m.json"),
+                "backend=detectron",
+            ]
+        )
 
 
 def test_reads_inputs_from_s3_and_publishes_there(s3_bucket, tmp_path):
     storage.write_json(f"{s3_bucket}/data/val.json", video_gt())
-    for name, obj in (("video_predictions.json", perfect_video_predictions()),
-                      ("coco_predictions_bbox.json", []), ("coco_predictions_segm.json", [])):
+    for name, obj in (
+        ("video_predictions.json", perfect_video_predictions()),
+        ("coco_predictions_bbox.json", []),
+        ("coco_predictions_segm.json", []),
+    ):
         storage.write_json(f"{s3_bucket}/run/predictions/{name}", obj)
 
-    outputs = execute([f"gt={s3_bucket}/data/val.json", f"predictions={s3_bucket}/run/predictions",
-                       f"output={s3_bucket}/run/eval/metrics.json"])
+    outputs = execute(
+        [
+            f"gt={s3_bucket}/data/val.json",
+            f"predictions={s3_bucket}/run/predictions",
+            f"output={s3_bucket}/run/eval/metrics.json",
+        ]
+    )
 
     assert outputs["metrics_uri"] == f"{s3_bucket}/run/eval/metrics.json"
     assert storage.read_json(outputs["metrics_uri"]) == outputs["metrics"]
     assert storage.list_files(f"{s3_bucket}/run/eval") == [
-        "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png"]
+        "metrics.json",
+        "per_category.csv",
+        "per_category.md",
+        "pr_curves.png",
+    ]
 
 
 def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_results_and_tracks_them(tmp_path):
     gt, predictions = generate(SacoShape(videos=2, frames=4, seed=21))
     output = tmp_path / "eval" / "metrics.json"
 
-    outputs = execute(["--gt", write(tmp_path / "gt.json", gt),
-                       "--predictions", write(tmp_path / "p.json", predictions),
-                       "--output", str(output), "tracking.pipeline_run_id=saco-cli", "workers=1"])
+    outputs = execute(
+        [
+            "--gt",
+            write(tmp_path / "gt.json", gt),
+            "--predictions",
+            write(tmp_path / "p.json", predictions),
+            "--output",
+            str(output),
+            "tracking.pipeline_run_id=saco-cli",
+            "workers=1",
+        ]
+    )
 
     metrics = outputs["metrics"]
-    assert {"video_mask_mAP_50_95", "video_bbox_phrase_ap_50", "video_mask_teta", "video_mask_all_phrase_HOTA",
-            "video_bbox_all_phrase_AssA", "video_mask_demo_cgf1_micro_50_95",
-            "video_mask_demo_ilmcc_50"} <= set(metrics)
+    assert {
+        "video_mask_mAP_50_95",
+        "video_bbox_phrase_ap_50",
+        "video_mask_teta",
+        "video_mask_all_phrase_HOTA",
+        "video_bbox_all_phrase_AssA",
+        "video_mask_demo_cgf1_micro_50_95",
+        "video_mask_demo_ilmcc_50",
+    } <= set(metrics)
     assert json.loads(output.read_text()) == metrics
     assert sorted(p.name for p in output.parent.iterdir()) == [
-        "metrics.json", "per_category.csv", "per_category.md", "pr_curves.png", "video_np_results.json"]
+        "metrics.json",
+        "per_category.csv",
+        "per_category.md",
+        "pr_curves.png",
+        "video_np_results.json",
+    ]
     rows = json.loads((output.parent / "video_np_results.json").read_text())
     asked = {(p["video_id"], p["category_id"]) for p in gt["video_np_pairs"]}
     assert asked <= {(r["video_id"], r["category_id"]) for r in rows}
@@ -266,7 +391,8 @@ def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_resu
     query = "tags.`sam3pipe.pipeline_run_id` = 'saco-cli' and tags.`sam3pipe.component` = 'evaluate'"
     run = client.search_runs([experiment.experiment_id], query)[0]
     assert run.data.metrics["eval/video_mask_demo_cgf1_micro_50_95"] == pytest.approx(
-        metrics["video_mask_demo_cgf1_micro_50_95"])
+        metrics["video_mask_demo_cgf1_micro_50_95"]
+    )
     assert len([k for k in run.data.metrics if k.startswith("eval/")]) == len(metrics)
     assert "video_np_results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -274,8 +400,14 @@ def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_resu
 def test_yt_vis_gt_scores_class_map_only_unless_metrics_asks_for_more(tmp_path):
     gt, predictions = generate(SacoShape(videos=2, frames=4, seed=22))
     gt.pop("video_np_pairs")
-    args = ["--gt", write(tmp_path / "gt.json", gt), "--predictions", write(tmp_path / "p.json", predictions),
-            "tracking.enabled=false", "workers=1"]
+    args = [
+        "--gt",
+        write(tmp_path / "gt.json", gt),
+        "--predictions",
+        write(tmp_path / "p.json", predictions),
+        "tracking.enabled=false",
+        "workers=1",
+    ]
 
     default = execute([*args, "--output", str(tmp_path / "a" / "metrics.json")])["metrics"]
     chosen = execute([*args, "--output", str(tmp_path / "b" / "metrics.json"), "metrics=[hota,phrase_ap]"])["metrics"]

@@ -27,10 +27,17 @@ def coco_gt(boxes: dict[int, list[tuple[int, list[int]]]], categories: tuple[int
     annotations = []
     for image_id, objects in boxes.items():
         for category_id, box in objects:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id, "bbox": box,
-                "segmentation": box_mask(box), "area": float(box[2] * box[3]), "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "bbox": box,
+                    "segmentation": box_mask(box),
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": 0,
+                }
+            )
     return {
         "images": [{"id": i, "height": SIZE[0], "width": SIZE[1]} for i in boxes],
         "annotations": annotations,
@@ -39,13 +46,24 @@ def coco_gt(boxes: dict[int, list[tuple[int, list[int]]]], categories: tuple[int
 
 
 def result(image_id: int, category_id: int, box: list[int], score: float = 0.9) -> dict:
-    return {"image_id": image_id, "category_id": category_id, "bbox": box, "segmentation": box_mask(box),
-            "score": score}
+    return {
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": box,
+        "segmentation": box_mask(box),
+        "score": score,
+    }
 
 
 def run(gt: dict, predictions: list, iou_type: str, backend: str = "pycocotools", max_dets=(1, 10, 100)):
-    return evaluate_frames(prepare_frame_gt(gt, "gt.json"), predictions, iou_type, backend=backend,
-                           max_dets=list(max_dets), predictions_source="pred.json")
+    return evaluate_frames(
+        prepare_frame_gt(gt, "gt.json"),
+        predictions,
+        iou_type,
+        backend=backend,
+        max_dets=list(max_dets),
+        predictions_source="pred.json",
+    )
 
 
 GT = coco_gt({1: [(1, [10, 10, 40, 30]), (2, [60, 50, 30, 30])], 2: [(1, [0, 0, 20, 20])]})
@@ -197,13 +215,21 @@ def random_case(seed: int) -> tuple[dict, list]:
             objects[image_id].append((category, box))
             if rng.random() < 0.8:
                 jitter = [int(v) for v in rng.integers(-4, 5, size=4)]
-                guess = [max(box[0] + jitter[0], 0), max(box[1] + jitter[1], 0),
-                         max(w + jitter[2], 1), max(h + jitter[3], 1)]
+                guess = [
+                    max(box[0] + jitter[0], 0),
+                    max(box[1] + jitter[1], 0),
+                    max(w + jitter[2], 1),
+                    max(h + jitter[3], 1),
+                ]
                 guess[2], guess[3] = min(guess[2], SIZE[1] - guess[0]), min(guess[3], SIZE[0] - guess[1])
                 predictions.append(result(image_id, category, guess, float(rng.random())))
         for _ in range(rng.integers(0, 3)):
-            box = [int(rng.integers(0, 100)), int(rng.integers(0, 80)),
-                   int(rng.integers(5, 40)), int(rng.integers(5, 40))]
+            box = [
+                int(rng.integers(0, 100)),
+                int(rng.integers(0, 80)),
+                int(rng.integers(5, 40)),
+                int(rng.integers(5, 40)),
+            ]
             predictions.append(result(image_id, int(rng.integers(1, 4)), box, float(rng.random())))
     return coco_gt(objects, categories=(1, 2, 3, 4)), predictions
 
@@ -258,9 +284,14 @@ def truncated(mask: dict) -> dict:
         ([result(1, 1, [0, 0, 5, 5], score=float("nan"))], "bbox", "[0].score"),
         ([result(1, 1, [0, 0, 5, 5], score=float("nan")) for _ in range(3)], "segm", "[0].score"),
         ([result(1, 1, [0, 0, 5, 5]), result(2, 1, [0, 0, 5, 5], score=float("-inf"))], "bbox", "[1].score"),
-        ([result(1, 1, [0, 0, 5, 5]),
-          {**result(2, 1, [0, 0, 5, 5]), "segmentation": truncated(box_mask([0, 0, 9, 9]))}],
-         "segm", "[1].segmentation"),
+        (
+            [
+                result(1, 1, [0, 0, 5, 5]),
+                {**result(2, 1, [0, 0, 5, 5]), "segmentation": truncated(box_mask([0, 0, 9, 9]))},
+            ],
+            "segm",
+            "[1].segmentation",
+        ),
     ],
     ids=["nan-score", "all-nan-scores", "minus-inf-score", "truncated-rle"],
 )
@@ -282,7 +313,7 @@ def test_truncated_gt_mask_raises_input_error_naming_the_annotation():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fifty_thousand_unused_categories_change_no_number_and_size_no_array(backend):
     big = {**GT, "categories": GT["categories"] + [{"id": c, "name": f"phrase {c}"} for c in range(10, 50_010)]}
-    predictions = PERFECT[:2] + [result(2, 2, [50, 50, 10, 10], score=0.4)]
+    predictions = [*PERFECT[:2], result(2, 2, [50, 50, 10, 10], score=0.4)]
 
     small, large = run(GT, predictions, "segm", backend), run(big, predictions, "segm", backend)
 

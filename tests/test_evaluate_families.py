@@ -23,14 +23,19 @@ def rle(box: list[int] | None) -> dict | None:
         return None
     mask = np.zeros(SIZE, dtype=np.uint8, order="F")
     x, y, w, h = box
-    mask[y: y + h, x: x + w] = 1
+    mask[y : y + h, x : x + w] = 1
     return {"size": list(SIZE), "counts": mask_utils.encode(mask)["counts"].decode("ascii")}
 
 
 def masklet(category: int, box: list[int], *, score: float | None = None, ann_id: int | None = None) -> dict:
     boxes = [box] * FRAMES
-    out = {"video_id": 1, "category_id": category, "bboxes": boxes, "segmentations": [rle(b) for b in boxes],
-           "areas": [b[2] * b[3] for b in boxes]}
+    out = {
+        "video_id": 1,
+        "category_id": category,
+        "bboxes": boxes,
+        "segmentations": [rle(b) for b in boxes],
+        "areas": [b[2] * b[3] for b in boxes],
+    }
     if score is not None:
         out["score"] = score
     if ann_id is not None:
@@ -62,10 +67,17 @@ def smoothed(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
 # phrase 3: GT but only a prediction below 0.5; phrase 4: asked negative with a false positive;
 # phrase 5: asked negative, nothing predicted. Every IoU is 1 or 0, so all thresholds agree.
 A1, A2, E1, C1 = [2, 2, 10, 10], [30, 5, 12, 12], [5, 25, 14, 10], [40, 25, 10, 10]
-HAND_GT = saco_gt([masklet(1, A1, ann_id=1), masklet(1, A2, ann_id=2), masklet(2, E1, ann_id=3),
-                   masklet(3, C1, ann_id=4)], asked=[1, 2, 3, 4, 5])
-HAND_PRED = [masklet(1, A1, score=0.9), masklet(1, [48, 30, 8, 8], score=0.8), masklet(2, E1, score=0.9),
-             masklet(3, C1, score=0.3), masklet(4, [20, 20, 6, 6], score=0.7)]
+HAND_GT = saco_gt(
+    [masklet(1, A1, ann_id=1), masklet(1, A2, ann_id=2), masklet(2, E1, ann_id=3), masklet(3, C1, ann_id=4)],
+    asked=[1, 2, 3, 4, 5],
+)
+HAND_PRED = [
+    masklet(1, A1, score=0.9),
+    masklet(1, [48, 30, 8, 8], score=0.8),
+    masklet(2, E1, score=0.9),
+    masklet(3, C1, score=0.3),
+    masklet(4, [20, 20, 6, 6], score=0.7),
+]
 
 
 def test_cgf1_family_on_a_hand_worked_set_follows_upstreams_definitions():
@@ -75,8 +87,16 @@ def test_cgf1_family_on_a_hand_worked_set_follows_upstreams_definitions():
     _, _, pm_f1 = smoothed(tp=2, fp=1, fn=2)  # positive pairs only: phrases 1, 2, 3
     mcc = (2 * 1 - 1 * 1) / ((3 * 3 * 2 * 2) ** 0.5 + 1e-6)  # IL: TP 1,2  FN 3  FP 4  TN 5
     f1_pair1, f1_pair2 = smoothed(1, 1, 1)[2], smoothed(1, 0, 0)[2]
-    expected = {"precision": precision, "recall": recall, "f1": f1, "positive_micro_f1": pm_f1, "ilmcc": mcc,
-                "cgf1_micro": pm_f1 * mcc, "pmf1": (f1_pair1 + f1_pair2) / 2, "cgf1": (f1_pair1 + f1_pair2) / 2 * mcc}
+    expected = {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "positive_micro_f1": pm_f1,
+        "ilmcc": mcc,
+        "cgf1_micro": pm_f1 * mcc,
+        "pmf1": (f1_pair1 + f1_pair2) / 2,
+        "cgf1": (f1_pair1 + f1_pair2) / 2 * mcc,
+    }
     for name, value in expected.items():
         for suffix in ("50_95", "50", "75"):
             assert metrics[f"video_mask_demo_{name}_{suffix}"] == pytest.approx(value, abs=1e-12), (name, suffix)
@@ -90,7 +110,11 @@ def test_cgf1_per_pair_results_count_each_phrase_including_the_negatives():
 
     assert sorted(rows) == [1, 2, 3, 4, 5]
     assert (rows[1]["bbox_TP_50"], rows[1]["bbox_FP_50"], rows[1]["bbox_FN_50"], rows[1]["bbox_F1_50"]) == (
-        1.0, 1.0, 1.0, 0.5)
+        1.0,
+        1.0,
+        1.0,
+        0.5,
+    )
     assert rows[3]["bbox_FN_75"] == 1.0 and rows[4]["bbox_FP_50_95"] == 1.0
     assert rows[5]["bbox_F1_50_95"] == 1.0  # a true negative: nothing to find, nothing found
 
@@ -101,7 +125,10 @@ def test_without_video_np_pairs_cgf1_reports_only_precision_recall_f1():
     metrics = suite(gt, HAND_PRED, ["cgf1"], iou_types=("bbox",)).metrics
 
     assert sorted({k.rsplit("_", 2)[0] if k.endswith("50_95") else k.rsplit("_", 1)[0] for k in metrics}) == [
-        "video_bbox_demo_f1", "video_bbox_demo_precision", "video_bbox_demo_recall"]
+        "video_bbox_demo_f1",
+        "video_bbox_demo_precision",
+        "video_bbox_demo_recall",
+    ]
 
 
 def test_perfect_predictions_score_one_in_hota_and_one_hundred_in_teta():
@@ -114,8 +141,23 @@ def test_perfect_predictions_score_one_in_hota_and_one_hundred_in_teta():
         for name in ("HOTA", "DetA", "AssA", "LocA"):
             assert metrics[f"video_{kind}_all_phrase_{name}"] == pytest.approx(1.0)
     assert {k: v for k, v in metrics.items() if k.startswith("video_mask_") and "phrase" not in k} == dict.fromkeys(
-        [f"video_mask_{n}" for n in ("teta", "loc_a", "assoc_a", "cls_a", "loc_re", "loc_pr", "assoc_re", "assoc_pr",
-                                     "cls_re", "cls_pr")], 100.0)
+        [
+            f"video_mask_{n}"
+            for n in (
+                "teta",
+                "loc_a",
+                "assoc_a",
+                "cls_a",
+                "loc_re",
+                "loc_pr",
+                "assoc_re",
+                "assoc_pr",
+                "cls_re",
+                "cls_pr",
+            )
+        ],
+        100.0,
+    )
 
 
 def test_a_score_of_exactly_the_threshold_counts_for_cgf1_but_not_for_hota():
@@ -168,18 +210,40 @@ def truncated(mask: dict) -> dict:
         (lambda gt, p: p[1].__setitem__("score", float("nan")), "pred.json", "[1].score"),
         (lambda gt, p: [q.__setitem__("score", float("nan")) for q in p], "pred.json", "[0].score"),
         (lambda gt, p: p[2].__setitem__("score", float("inf")), "pred.json", "[2].score"),
-        (lambda gt, p: p[0]["segmentations"].__setitem__(1, truncated(p[0]["segmentations"][1])), "pred.json",
-         "[0].segmentations[1]"),
-        (lambda gt, p: gt["annotations"][2]["segmentations"].__setitem__(0, truncated(
-            gt["annotations"][2]["segmentations"][0])), "gt.json", "annotations[2].segmentations[0]"),
-        (lambda gt, p: p[3]["segmentations"].__setitem__(0, {"size": list(SIZE), "counts": [0, 5, 7]}), "pred.json",
-         "[3].segmentations[0]"),
-        (lambda gt, p: gt["annotations"][1]["segmentations"].__setitem__(1, None), "gt.json",
-         "annotations[1].segmentations[1]"),
+        (
+            lambda gt, p: p[0]["segmentations"].__setitem__(1, truncated(p[0]["segmentations"][1])),
+            "pred.json",
+            "[0].segmentations[1]",
+        ),
+        (
+            lambda gt, p: gt["annotations"][2]["segmentations"].__setitem__(
+                0, truncated(gt["annotations"][2]["segmentations"][0])
+            ),
+            "gt.json",
+            "annotations[2].segmentations[0]",
+        ),
+        (
+            lambda gt, p: p[3]["segmentations"].__setitem__(0, {"size": list(SIZE), "counts": [0, 5, 7]}),
+            "pred.json",
+            "[3].segmentations[0]",
+        ),
+        (
+            lambda gt, p: gt["annotations"][1]["segmentations"].__setitem__(1, None),
+            "gt.json",
+            "annotations[1].segmentations[1]",
+        ),
         (lambda gt, p: p[0].pop("segmentations"), "pred.json", "[0].segmentations"),
     ],
-    ids=["nan-score", "all-nan-scores", "inf-score", "truncated-prediction-rle", "truncated-gt-rle",
-         "short-uncompressed-rle", "gt-box-without-mask-for-teta", "no-masks-for-segm"],
+    ids=[
+        "nan-score",
+        "all-nan-scores",
+        "inf-score",
+        "truncated-prediction-rle",
+        "truncated-gt-rle",
+        "short-uncompressed-rle",
+        "gt-box-without-mask-for-teta",
+        "no-masks-for-segm",
+    ],
 )
 def test_bad_values_are_input_errors_naming_file_and_field(mutate, source, field):
     gt, predictions = saco_gt(HAND_GT["annotations"], [1, 2, 3, 4, 5]), [dict(p) for p in HAND_PRED]

@@ -20,7 +20,7 @@ def random_masks(count: int, seed: int = 0) -> list[dict]:
             mask = rng.random((h, w)) < rng.random()
         elif kind == 1:
             mask = np.zeros((h, w), dtype=bool)
-            mask[rng.integers(h):, rng.integers(w):] = True
+            mask[rng.integers(h) :, rng.integers(w) :] = True
         else:
             mask = np.full((h, w), kind == 2)
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))

@@ -24,15 +24,19 @@ CASES = {
     # many phrases, negatives, several videos, sam3-style dense absent frames mixed with nulls, score ties
     "plain": SacoShape(videos=4, frames=6, categories=500, positives_per_video=3, negatives_per_video=4, seed=11),
     # crowd GT, every annotation tagged (sam3 then adds challenging HOTA), dense absent frames only
-    "crowd-tags": SacoShape(videos=3, frames=7, crowd_rate=0.25, tags=True, absent_style="dense",
-                            false_positives_per_pair=1.2, seed=12),
+    "crowd-tags": SacoShape(
+        videos=3, frames=7, crowd_rate=0.25, tags=True, absent_style="dense", false_positives_per_pair=1.2, seed=12
+    ),
 }
 
 
 def same(ours: dict[str, float], reference: dict[str, float]) -> list[str]:
     """Keys of ``reference`` that ``ours`` lacks or gets wrong (NaN equals NaN)."""
-    return [k for k, v in reference.items()
-            if k not in ours or not (abs(ours[k] - v) <= 1e-9 or (math.isnan(ours[k]) and math.isnan(v)))]
+    return [
+        k
+        for k, v in reference.items()
+        if k not in ours or not (abs(ours[k] - v) <= 1e-9 or (math.isnan(ours[k]) and math.isnan(v)))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +46,21 @@ def cases(tmp_path_factory) -> dict[str, tuple[Path, Path, object]]:
     for name, shape in CASES.items():
         gt, predictions = generate(shape)
         gt_path, pred_path = sam3_reference.write_case(tmp_path_factory.mktemp(name), gt, predictions)
-        data = read_video_set(json.loads(gt_path.read_text()), json.loads(pred_path.read_text()),
-                              gt_source=str(gt_path), predictions_source=str(pred_path))
+        data = read_video_set(
+            json.loads(gt_path.read_text()),
+            json.loads(pred_path.read_text()),
+            gt_source=str(gt_path),
+            predictions_source=str(pred_path),
+        )
         out[name] = (gt_path, pred_path, evaluate_suite(data, SuiteSettings(families=FAMILIES, workers=1)))
     return out
 
 
 def per_pair(result) -> dict[tuple[int, int], dict[str, float]]:
-    return {(r["video_id"], r["category_id"]): {k: v for k, v in r.items() if k not in ("video_id", "category_id")}
-            for r in result.video_np_results}
+    return {
+        (r["video_id"], r["category_id"]): {k: v for k, v in r.items() if k not in ("video_id", "category_id")}
+        for r in result.video_np_results
+    }
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -119,8 +129,12 @@ def test_upstream_demo_keys_equal_sam3_demo_eval_run_as_upstream_runs_it(cases, 
 
 def test_the_suite_reports_exactly_sam3s_keys_plus_the_upstream_demo_and_map_extras(cases):
     _, _, ours = cases["plain"]
-    demo_extra = {f"video_{k}_demo_{n}_{s}" for k in ("bbox", "mask")
-                  for n in ("precision", "recall", "f1", "pmf1", "cgf1") for s in ("50_95", "50", "75")}
+    demo_extra = {
+        f"video_{k}_demo_{n}_{s}"
+        for k in ("bbox", "mask")
+        for n in ("precision", "recall", "f1", "pmf1", "cgf1")
+        for s in ("50_95", "50", "75")
+    }
     demo_extra |= {f"video_{k}_demo_{n}_50_95" for k in ("bbox", "mask") for n in ("pmf1_w0dt", "cgf1_w0dt")}
     map_extra = {f"video_{k}_mAP_{s}" for k in ("bbox", "mask") for s in ("50", "75")}
 

@@ -32,22 +32,36 @@ def box_mask(box: list[float] | None, size: tuple[int, int] = SIZE) -> dict | No
 def gt_track(track_id: int, video_id: int, category_id: int, boxes: list, iscrowd: int = 0) -> dict:
     masks = [box_mask(b) for b in boxes]
     return {
-        "id": track_id, "video_id": video_id, "category_id": category_id, "iscrowd": iscrowd,
-        "bboxes": boxes, "segmentations": masks,
+        "id": track_id,
+        "video_id": video_id,
+        "category_id": category_id,
+        "iscrowd": iscrowd,
+        "bboxes": boxes,
+        "segmentations": masks,
         "areas": [None if m is None else float(mask_utils.area(m)) for m in masks],
     }
 
 
 def pred_track(video_id: int, category_id: int, boxes: list, score: float = 0.9) -> dict:
-    return {"video_id": video_id, "category_id": category_id, "score": score,
-            "bboxes": boxes, "segmentations": [box_mask(b) for b in boxes]}
+    return {
+        "video_id": video_id,
+        "category_id": category_id,
+        "score": score,
+        "bboxes": boxes,
+        "segmentations": [box_mask(b) for b in boxes],
+    }
 
 
 def video_gt(annotations: list[dict], n_videos: int = 2, n_frames: int = 3, n_categories: int = 2) -> dict:
     return {
         "videos": [
-            {"id": v, "height": SIZE[0], "width": SIZE[1], "length": n_frames,
-             "file_names": [f"v{v}/{t:05d}.jpg" for t in range(n_frames)]}
+            {
+                "id": v,
+                "height": SIZE[0],
+                "width": SIZE[1],
+                "length": n_frames,
+                "file_names": [f"v{v}/{t:05d}.jpg" for t in range(n_frames)],
+            }
             for v in range(1, n_videos + 1)
         ],
         "annotations": annotations,
@@ -56,8 +70,9 @@ def video_gt(annotations: list[dict], n_videos: int = 2, n_frames: int = 3, n_ca
 
 
 def metrics_of(gt: dict, predictions: list, iou_types=("bbox", "segm")) -> dict[str, float]:
-    evaluations = evaluate_videos(gt, predictions, list(iou_types), max_dets=[1, 10, 100],
-                                  gt_source="gt.json", predictions_source="pred.json")
+    evaluations = evaluate_videos(
+        gt, predictions, list(iou_types), max_dets=[1, 10, 100], gt_source="gt.json", predictions_source="pred.json"
+    )
     return {name: value for e in evaluations for name, value in e.metrics.items()}
 
 
@@ -124,8 +139,9 @@ def test_category_without_gt_is_left_out_of_the_mean():
     gt = video_gt([TRACKS[0]], n_videos=1, n_categories=2)
     predictions = [pred_track(1, 1, TRACKS[0]["bboxes"]), pred_track(1, 2, [[0, 0, 5, 5]] * 3, score=0.99)]
 
-    evaluation = evaluate_videos(gt, predictions, ["bbox"], max_dets=[1, 10, 100], gt_source="gt.json",
-                                 predictions_source="pred.json")[0]
+    evaluation = evaluate_videos(
+        gt, predictions, ["bbox"], max_dets=[1, 10, 100], gt_source="gt.json", predictions_source="pred.json"
+    )[0]
 
     assert evaluation.metrics["video_bbox_mAP_50_95"] == pytest.approx(1.0)
     assert evaluation.arrays.per_category()[2]["AP"] == -1.0
@@ -138,8 +154,10 @@ def test_category_without_gt_is_left_out_of_the_mean():
         (lambda p: p.__setitem__(0, {**p[0], "category_id": 5}), "[0].category_id"),
         (lambda p: p[0].pop("score"), "[0].score"),
         (lambda p: p[0]["bboxes"].pop(), "[0].bboxes"),
-        (lambda p: p[0]["segmentations"].__setitem__(0, box_mask([0, 0, 4, 4], size=(10, 10))),
-         "[0].segmentations[0].size"),
+        (
+            lambda p: p[0]["segmentations"].__setitem__(0, box_mask([0, 0, 4, 4], size=(10, 10))),
+            "[0].segmentations[0].size",
+        ),
     ],
     ids=["unknown-video", "unknown-category", "no-score", "wrong-frame-count", "wrong-mask-size"],
 )
@@ -170,25 +188,60 @@ def synthetic_case(seed: int, n_videos: int = 4, n_categories: int = 3, n_frames
                 x, y = rng.uniform(0, size[1] - w - n_frames), rng.uniform(0, size[0] - h)
                 boxes = [None if (t and rng.random() < 0.2) else [x + t, y, w, h] for t in range(n_frames)]
                 masks = [box_mask(b, size) for b in boxes]
-                annotations.append({
-                    "id": len(annotations) + 1, "video_id": video_id, "category_id": category_id,
-                    "iscrowd": int(rng.random() < 0.1), "bboxes": boxes, "segmentations": masks,
-                    "areas": [None if m is None else float(mask_utils.area(m)) for m in masks],
-                })
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "video_id": video_id,
+                        "category_id": category_id,
+                        "iscrowd": int(rng.random() < 0.1),
+                        "bboxes": boxes,
+                        "segmentations": masks,
+                        "areas": [None if m is None else float(mask_utils.area(m)) for m in masks],
+                    }
+                )
                 for _ in range(rng.integers(0, 3)):
                     dx, dy, sx, sy = rng.normal(0, 2), rng.normal(0, 2), rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1)
-                    guess = [None if b is None or rng.random() < 0.1 else
-                             [min(max(b[0] + dx, 0), size[1] - 2), min(max(b[1] + dy, 0), size[0] - 2),
-                              b[2] * sx, b[3] * sy]
-                             for b in boxes]
-                    predictions.append({"video_id": video_id, "category_id": category_id, "score": float(rng.random()),
-                                        "bboxes": guess, "segmentations": [box_mask(b, size) for b in guess]})
+                    guess = [
+                        None
+                        if b is None or rng.random() < 0.1
+                        else [
+                            min(max(b[0] + dx, 0), size[1] - 2),
+                            min(max(b[1] + dy, 0), size[0] - 2),
+                            b[2] * sx,
+                            b[3] * sy,
+                        ]
+                        for b in boxes
+                    ]
+                    predictions.append(
+                        {
+                            "video_id": video_id,
+                            "category_id": category_id,
+                            "score": float(rng.random()),
+                            "bboxes": guess,
+                            "segmentations": [box_mask(b, size) for b in guess],
+                        }
+                    )
             if rng.random() < 0.4:
                 box = [rng.uniform(0, 150), rng.uniform(0, 100), rng.uniform(4, 60), rng.uniform(4, 60)]
-                predictions.append({"video_id": video_id, "category_id": category_id, "score": float(rng.random()),
-                                    "bboxes": [box] * n_frames, "segmentations": [box_mask(box, size)] * n_frames})
-    videos = [{"id": v, "height": size[0], "width": size[1], "length": n_frames,
-               "file_names": [f"v{v}/{t}.jpg" for t in range(n_frames)]} for v in range(1, n_videos + 1)]
+                predictions.append(
+                    {
+                        "video_id": video_id,
+                        "category_id": category_id,
+                        "score": float(rng.random()),
+                        "bboxes": [box] * n_frames,
+                        "segmentations": [box_mask(box, size)] * n_frames,
+                    }
+                )
+    videos = [
+        {
+            "id": v,
+            "height": size[0],
+            "width": size[1],
+            "length": n_frames,
+            "file_names": [f"v{v}/{t}.jpg" for t in range(n_frames)],
+        }
+        for v in range(1, n_videos + 1)
+    ]
     categories = [{"id": c, "name": f"class{c}"} for c in range(1, n_categories + 2)]
     return {"videos": videos, "annotations": annotations, "categories": categories}, predictions
 
@@ -210,7 +263,8 @@ def sam3_reference(gt: dict, predictions: list, tmp_path, monkeypatch) -> dict[s
     (tmp_path / "pred.json").write_text(json.dumps(predictions))
     with contextlib.redirect_stdout(io.StringIO()):
         results, _ = saco_veval_evaluators.YTVISPredFileEvaluator(str(tmp_path / "gt.json")).evaluate(
-            str(tmp_path / "pred.json"))
+            str(tmp_path / "pred.json")
+        )
     for iou_type, kind in (("bbox", "bbox"), ("segm", "mask")):
         results[f"video_{kind}_mAP_50"] = stats[iou_type][1]
         results[f"video_{kind}_mAP_75"] = stats[iou_type][2]

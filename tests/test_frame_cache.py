@@ -18,8 +18,8 @@ from sam3_core.data.loading import PinningCollate, pin_tensors
 from sam3_core.data.prep import DataPrepConfig, prepare_dataset
 from sam3_core.errors import ConfigError, InputError
 from sam3_core.model.checkpoint import load_checkpoint
-from sam3_core.train.config import TrainJobConfig
 from sam3_core.train.build import train
+from sam3_core.train.config import TrainJobConfig
 from tests.fixtures.datasets import TINY_MODEL, TINY_TRAIN, TINY_VIDEOS
 
 
@@ -94,7 +94,10 @@ def test_frames_of_a_local_dataset_are_read_in_place_and_checked(tmp_path: Path)
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("data.cache_bytes=-1", "data.cache_bytes must be an integer >= 0"), ("data.prefetch_factor=0", "data.prefetch_factor")],
+    [
+        ("data.cache_bytes=-1", "data.cache_bytes must be an integer >= 0"),
+        ("data.prefetch_factor=0", "data.prefetch_factor"),
+    ],
 )
 def test_loader_settings_are_checked_when_the_config_is_built(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -46,8 +46,16 @@ TERMS = ("loss_bbox", "loss_giou", "loss_ce", "presence_loss", "loss_mask", "los
 @pytest.fixture(scope="module")
 def native_size_dataset(tmp_path_factory: pytest.TempPathFactory) -> PreparedDataset:
     """Two videos whose frames are exactly the model's input size, several objects per frame."""
-    videos = SyntheticConfig(num_videos=2, frames_per_video=2, height=IMAGE_SIZE, width=IMAGE_SIZE, min_objects=3,
-                             max_objects=3, min_size=10, max_size=24)
+    videos = SyntheticConfig(
+        num_videos=2,
+        frames_per_video=2,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        min_objects=3,
+        max_objects=3,
+        min_size=10,
+        max_size=24,
+    )
     store = tmp_path_factory.mktemp("parity-store")
     return prepare_dataset(DataPrepConfig(source="synthetic", synthetic=videos, store=str(store), val_fraction=0.5))
 
@@ -70,15 +78,24 @@ def sam3_batch(dataset: PreparedDataset, tmp_path: Path) -> Any:
     }
     ann_file = tmp_path / "one_frame_coco.json"
     ann_file.write_text(json.dumps(one_frame))
-    transforms = ComposeAPI([
-        DecodeRle(),
-        RandomResizeAPI(sizes=IMAGE_SIZE, square=True, consistent_transform=False),
-        ToTensorAPI(),
-        NormalizeAPI(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
-    ])
+    transforms = ComposeAPI(
+        [
+            DecodeRle(),
+            RandomResizeAPI(sizes=IMAGE_SIZE, square=True, consistent_transform=False),
+            ToTensorAPI(),
+            NormalizeAPI(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]
+    )
     sam3_dataset = Sam3ImageDataset(
-        img_folder=dataset.uri, ann_file=str(ann_file), transforms=[transforms], max_ann_per_img=100,
-        multiplier=1, training=True, load_segmentation=True, use_caching=False, coco_json_loader=COCO_FROM_JSON,
+        img_folder=dataset.uri,
+        ann_file=str(ann_file),
+        transforms=[transforms],
+        max_ann_per_img=100,
+        multiplier=1,
+        training=True,
+        load_segmentation=True,
+        use_caching=False,
+        coco_json_loader=COCO_FROM_JSON,
     )
     return collate_fn_api([sam3_dataset[0]], dict_key="parity", with_seg_masks=True)["parity"]
 
@@ -87,8 +104,9 @@ def our_batch(dataset: PreparedDataset) -> Any:
     """The same frame as a one-frame clip of ours, every category asked (as sam3's COCO loader does)."""
     reader = FrameReader(dataset.uri, None)
     clips = ClipConfig(frames_per_clip=1, num_negatives=100, max_prompts=100)
-    val = ClipDataset(reader.dataset("val"), lambda name: np.array(reader.image(name)), clips, IMAGE_SIZE, seed=0,
-                      train=False)
+    val = ClipDataset(
+        reader.dataset("val"), lambda name: np.array(reader.image(name)), clips, IMAGE_SIZE, seed=0, train=False
+    )
     return collate_clips([val[0]])
 
 
@@ -101,16 +119,29 @@ def upstream_loss(num_queries: int) -> torch.nn.Module:
     return Sam3LossWrapper(
         loss_fns_find=[
             Boxes(weight_dict={"loss_bbox": 5.0, "loss_giou": 2.0}),
-            IABCEMdetr(weak_loss=False, weight_dict={"loss_ce": 20.0, "presence_loss": 20.0}, pos_weight=10.0,
-                       alpha=0.25, gamma=2, use_presence=True, pos_focal=False, pad_n_queries=num_queries,
-                       pad_scale_pos=1.0),
-            Masks(focal_alpha=0.25, focal_gamma=2.0, weight_dict={"loss_mask": 200.0, "loss_dice": 10.0},
-                  compute_aux=False),
+            IABCEMdetr(
+                weak_loss=False,
+                weight_dict={"loss_ce": 20.0, "presence_loss": 20.0},
+                pos_weight=10.0,
+                alpha=0.25,
+                gamma=2,
+                use_presence=True,
+                pos_focal=False,
+                pad_n_queries=num_queries,
+                pad_scale_pos=1.0,
+            ),
+            Masks(
+                focal_alpha=0.25,
+                focal_gamma=2.0,
+                weight_dict={"loss_mask": 200.0, "loss_dice": 10.0},
+                compute_aux=False,
+            ),
         ],
         # one process: the "global" normalisation would all-reduce without a process group
         normalization="local",
-        matcher=BinaryHungarianMatcherV2(focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25,
-                                         gamma=2, stable=False),
+        matcher=BinaryHungarianMatcherV2(
+            focal=True, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2, stable=False
+        ),
         o2m_matcher=BinaryOneToManyMatcher(alpha=0.3, threshold=0.4, topk=4),
         o2m_weight=2.0,
         use_o2m_matcher_on_o2m_aux=False,
@@ -120,8 +151,9 @@ def upstream_loss(num_queries: int) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def both_paths(native_size_dataset: PreparedDataset, tmp_path_factory: pytest.TempPathFactory,
-               torch_single_thread: None) -> dict[str, Any]:
+def both_paths(
+    native_size_dataset: PreparedDataset, tmp_path_factory: pytest.TempPathFactory, torch_single_thread: None
+) -> dict[str, Any]:
     """One training forward of the same freshly built weights through each path, and its loss terms."""
     detector = build_detector(MODEL)
     ours = VideoClipDetector(detector).train()
@@ -178,9 +210,18 @@ OVERFIT_STEPS = 120
 @pytest.fixture(scope="module")
 def overfit_run(tiny_dataset: PreparedDataset, torch_single_thread: None) -> dict[str, Any]:
     """The tiny preset (56 px) trained OVERFIT_STEPS steps on one 2-frame clip, as the train component would."""
-    cfg = load_config("train", TrainJobConfig, [f"data.uri={tiny_dataset.uri}", "model.image_size=56",
-                                                "model.vit_pretrain_img_size=56", "optim.lr=2e-3",
-                                                "optim.warmup_steps=10", "optim.schedule=constant"])
+    cfg = load_config(
+        "train",
+        TrainJobConfig,
+        [
+            f"data.uri={tiny_dataset.uri}",
+            "model.image_size=56",
+            "model.vit_pretrain_img_size=56",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=10",
+            "optim.schedule=constant",
+        ],
+    )
     reader = FrameReader(tiny_dataset.uri, None)
     load = lambda name: np.array(reader.image(name))  # noqa: E731
     clip = ClipDataset(reader.dataset("train"), load, cfg.data.clips, cfg.model.image_size, seed=0, train=False)[0]
@@ -199,8 +240,10 @@ def overfit_run(tiny_dataset: PreparedDataset, torch_single_thread: None) -> dic
     module.eval()
     with torch.no_grad():
         stages = module(batch, with_targets=True)
-    per_frame = [frame_diagnostics(stage[-1], module.detector.back_convert(target))
-                 for stage, target in zip(stages.output, batch.find_targets)]
+    per_frame = [
+        frame_diagnostics(stage[-1], module.detector.back_convert(target))
+        for stage, target in zip(stages.output, batch.find_targets)
+    ]
     val = ClipDataset(reader.dataset("val"), load, cfg.data.clips, cfg.model.image_size, seed=0, train=False)
     return {"per_frame": per_frame, "diag": diagnose(module, val, OVERFIT_STEPS, train_dataset=[clip])}
 

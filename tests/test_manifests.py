@@ -78,7 +78,12 @@ def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [c for d in docs if d["kind"] in ("Deployment", "StatefulSet") for c in d["spec"]["template"]["spec"]["containers"]]
+    return [
+        c
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
 
 
 def env_refs(docs: list[dict[str, Any]], ref: str) -> list[dict[str, str]]:
@@ -182,7 +187,9 @@ def test_aws_overlay_points_the_store_and_mlflow_at_s3_credentials() -> None:
 
     config = find(docs, "ConfigMap", "sam3pipe-env")["data"]
     assert config["AWS_ENDPOINT_URL"].endswith(".amazonaws.com")
-    assert {ref["name"] for ref in env_refs(docs, "secretKeyRef") if ref["key"] in ("accesskey", "secretkey")} == {"sam3pipe-s3"}
+    assert {ref["name"] for ref in env_refs(docs, "secretKeyRef") if ref["key"] in ("accesskey", "secretkey")} == {
+        "sam3pipe-s3"
+    }
 
 
 def test_local_overlay_shrinks_the_database_volume() -> None:
@@ -216,7 +223,11 @@ def test_trainer_v2_runtime_passes_the_cluster_training_runtime_crd(runtime) -> 
 def test_trainer_v2_runtime_jobs_pass_strict_kubernetes_validation(runtime) -> None:
     for replicated in runtime["spec"]["template"]["spec"]["replicatedJobs"]:
         template = replicated["template"]
-        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": replicated["name"], **template.get("metadata", {})}}
+        job = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": replicated["name"], **template.get("metadata", {})},
+        }
         kubernetes_validate.validate({**job, "spec": template["spec"]}, KUBERNETES_VERSION, strict=True)
 
 
@@ -228,14 +239,23 @@ def test_trainer_v2_runtime_is_what_the_trainjobs_reference(runtime) -> None:
     assert runtime["metadata"]["name"] == settings.trainjob.runtime
     assert runtime["spec"]["mlPolicy"]["torch"] == {}
     # the Trainer puts the TrainJob's trainer (image, command, resources) into this job's "node" container
-    assert node["name"] == "node" and node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert (
+        node["name"] == "node"
+        and node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    )
     assert [c["name"] for c in pod["containers"]] == ["node"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
 
 
 def test_launcher_rbac_covers_trainjobs(rendered) -> None:
     rules = find(rendered, "Role", "sam3pipe-launcher")["rules"]
-    granted = {(group, resource, verb) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    granted = {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
 
     assert {("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "delete")} <= granted
     find(rendered, "ServiceAccount", load_settings().trainjob.service_account)

@@ -45,8 +45,12 @@ def clip_batch(dataset: PreparedDataset, frames: int) -> Any:
     """One collated training clip of `frames` frames of the tiny dataset's first train video."""
     reader = FrameReader(dataset.uri)
     clips = ClipDataset(
-        reader.dataset("train"), lambda name: np.array(reader.image(name)), ClipConfig(frames_per_clip=frames),
-        TINY.image_size, seed=0, train=False,
+        reader.dataset("train"),
+        lambda name: np.array(reader.image(name)),
+        ClipConfig(frames_per_clip=frames),
+        TINY.image_size,
+        seed=0,
+        train=False,
     )
     return collate_clips([clips[0]])
 
@@ -99,11 +103,25 @@ def test_full_preset_composes_through_hydra_with_the_official_dimensions() -> No
     model = load_config("train", TrainJobConfig, ["model=full", "data.uri=x"]).model
     # the values sam3 0.1.4's model_builder hard-codes for the released checkpoint
     official = {
-        "image_size": 1008, "patch_size": 14, "d_model": 256,
-        "vit_embed_dim": 1024, "vit_depth": 32, "vit_heads": 16, "vit_mlp_ratio": 4.625,
-        "vit_window_size": 24, "vit_global_att_blocks": [7, 15, 23, 31], "vit_pretrain_img_size": 336,
-        "text_width": 1024, "text_heads": 16, "text_layers": 24, "text_context_length": 32,
-        "heads": 8, "ffn_dim": 2048, "encoder_layers": 6, "decoder_layers": 6, "geometry_layers": 3,
+        "image_size": 1008,
+        "patch_size": 14,
+        "d_model": 256,
+        "vit_embed_dim": 1024,
+        "vit_depth": 32,
+        "vit_heads": 16,
+        "vit_mlp_ratio": 4.625,
+        "vit_window_size": 24,
+        "vit_global_att_blocks": [7, 15, 23, 31],
+        "vit_pretrain_img_size": 336,
+        "text_width": 1024,
+        "text_heads": 16,
+        "text_layers": 24,
+        "text_context_length": 32,
+        "heads": 8,
+        "ffn_dim": 2048,
+        "encoder_layers": 6,
+        "decoder_layers": 6,
+        "geometry_layers": 3,
         "num_queries": 200,
     }
     assert {key: getattr(model, key) for key in official} == official
@@ -239,8 +257,11 @@ def test_a_shape_mismatch_raises_input_error_naming_the_key(source_detector: Vid
 
 # ---------------------------------------------------------------------------- LoRA adapters
 
-LORA = LoraConfig(rank=4, modules=["backbone.vision_backbone.trunk", "transformer", "backbone.language_backbone"],
-                  targets=["qkv", "proj", "fc1", "fc2", "linear1", "linear2", "c_fc"])
+LORA = LoraConfig(
+    rank=4,
+    modules=["backbone.vision_backbone.trunk", "transformer", "backbone.language_backbone"],
+    targets=["qkv", "proj", "fc1", "fc2", "linear1", "linear2", "c_fc"],
+)
 
 
 def adapted_model(cfg: LoraConfig = LORA) -> VideoClipDetector:
@@ -272,7 +293,7 @@ def test_lora_adapts_the_named_linears_under_the_chosen_prefixes() -> None:
 
 
 def test_lora_targets_that_match_nothing_are_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="model.lora: no linear named"):
+    with pytest.raises(ConfigError, match=r"model\.lora: no linear named"):
         target_modules(tiny_model().detector, LoraConfig(rank=4, targets=["nothing_here"]))
 
 

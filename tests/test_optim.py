@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_cosine_decays_from_the_full_rate_to_min_lr_ratio() -> None:
     assert decay[50] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cosine at pi/2
     assert decay[25] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert decay[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in pairwise(decay))
 
 
 def test_linear_decays_in_equal_steps_to_min_lr_ratio() -> None:
@@ -47,7 +48,7 @@ def test_linear_decays_in_equal_steps_to_min_lr_ratio() -> None:
     decay = factors(cfg)[10:]
     assert decay[25] == pytest.approx(0.2 + 0.8 * 0.75)
     assert decay[-1] == pytest.approx(0.2)
-    assert [a - b for a, b in zip(decay, decay[1:])] == pytest.approx([0.8 / 100] * 100)
+    assert [a - b for a, b in pairwise(decay)] == pytest.approx([0.8 / 100] * 100)
 
 
 def test_constant_stays_at_the_full_rate_after_warmup() -> None:
@@ -60,7 +61,7 @@ def test_the_rate_stays_at_the_minimum_past_max_steps() -> None:
 
 def test_unknown_schedule_is_rejected_before_training_starts() -> None:
     optimizer = build_optimizer(small_model(), OptimConfig())
-    with pytest.raises(ValueError, match="optim.schedule"):
+    with pytest.raises(ValueError, match=r"optim\.schedule"):
         build_scheduler(optimizer, OptimConfig(schedule="step"), MAX_STEPS)
 
 

@@ -74,7 +74,9 @@ def test_pipeline_parameters_default_to_the_demo(spec) -> None:
     assert params["model_preset"]["defaultValue"] == "tiny"
     assert params["training_mode"]["defaultValue"] == "pod"
     assert params["gpus"]["parameterType"] == "NUMBER_INTEGER"
-    assert {"lr", "batch_size", "frames_per_clip", "freeze_prefixes", "store", "mlflow_experiment", "nodes"} <= set(params)
+    assert {"lr", "batch_size", "frames_per_clip", "freeze_prefixes", "store", "mlflow_experiment", "nodes"} <= set(
+        params
+    )
 
 
 def test_only_data_prep_is_cached(spec) -> None:
@@ -82,7 +84,11 @@ def test_only_data_prep_is_cached(spec) -> None:
 
     # the shards and the merge inside "data-prep" reuse the plan's published dataset themselves
     assert caching == {
-        "data-prep-plan": True, "data-prep": False, "plan-training": False, "train": False, "predict": False,
+        "data-prep-plan": True,
+        "data-prep": False,
+        "plan-training": False,
+        "train": False,
+        "predict": False,
         "evaluate": False,
     }
 
@@ -92,7 +98,9 @@ def test_train_gpus_come_from_the_plan_and_predict_gpus_from_a_parameter(spec) -
     predict_gpus = container(spec, "predict")["resources"]["accelerator"]
 
     assert train_gpus["resourceType"] == predict_gpus["resourceType"] == "nvidia.com/gpu"
-    assert tasks(spec)["train"]["inputs"]["parameters"]["pipelinechannel--plan-training-pod_gpus"]["taskOutputParameter"] == {
+    assert tasks(spec)["train"]["inputs"]["parameters"]["pipelinechannel--plan-training-pod_gpus"][
+        "taskOutputParameter"
+    ] == {
         "outputParameterKey": "pod_gpus",
         "producerTask": "plan-training",
     }
@@ -112,8 +120,14 @@ def test_gpu_steps_get_node_placement_and_shared_memory(platform) -> None:
 
 
 def test_every_step_gets_object_store_credentials_from_the_kfp_secret(platform) -> None:
-    for step in ("exec-data-prep-plan", "exec-data-prep-shard", "exec-data-prep-merge", "exec-train", "exec-predict",
-                 "exec-evaluate"):
+    for step in (
+        "exec-data-prep-plan",
+        "exec-data-prep-shard",
+        "exec-data-prep-merge",
+        "exec-train",
+        "exec-predict",
+        "exec-evaluate",
+    ):
         secrets = {s["secretName"]: s for s in platform[step]["secretAsEnv"]}
         keys = {m["secretKey"]: m["envVar"] for m in secrets["mlpipeline-minio-artifact"]["keyToEnv"]}
         assert keys == {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
@@ -122,7 +136,9 @@ def test_every_step_gets_object_store_credentials_from_the_kfp_secret(platform) 
 
 def test_mlflow_uri_comes_from_a_secret_for_the_tracked_steps(platform) -> None:
     tracked = {
-        step for step, config in platform.items() if any(s["secretName"] == "sam3pipe-mlflow" for s in config.get("secretAsEnv", []))
+        step
+        for step, config in platform.items()
+        if any(s["secretName"] == "sam3pipe-mlflow" for s in config.get("secretAsEnv", []))
     }
 
     assert tracked == {"exec-train", "exec-predict", "exec-evaluate"}
@@ -197,4 +213,6 @@ def test_the_launchers_give_up_on_their_job_before_kfp_kills_the_train_step() ->
 @pytest.mark.parametrize("mode", ["pytorchjob", "trainjob"])
 def test_a_job_timeout_not_below_the_train_step_timeout_is_refused(mode: str) -> None:
     with pytest.raises(ConfigError, match=rf"{mode}.timeout_s \(7200\) must be smaller than train.timeout_s \(3600\)"):
-        load_settings(["pytorchjob.timeout_s=60", "trainjob.timeout_s=60", f"{mode}.timeout_s=7200", "train.timeout_s=3600"])
+        load_settings(
+            ["pytorchjob.timeout_s=60", "trainjob.timeout_s=60", f"{mode}.timeout_s=7200", "train.timeout_s=3600"]
+        )

@@ -261,7 +261,7 @@ def test_failed_publish_leaves_no_marker_and_no_objects(store_root: str, tmp_pat
     (tmp_path / "out" / "frames" / "broken.jpg").symlink_to(tmp_path / "does-not-exist.jpg")
     dest = storage.join(store_root, "datasets", "abc")
 
-    with pytest.raises(StorageError, match="broken.jpg"):
+    with pytest.raises(StorageError, match=r"broken\.jpg"):
         storage.publish_dir(tmp_path / "out", dest)
 
     assert not storage.is_published(dest)
@@ -475,7 +475,7 @@ def test_the_read_cache_serves_hits_without_the_store_and_checks_sha256(mem: Mem
     storage.delete("mem://bucket/frame.jpg")
     assert cache.read_bytes("mem://bucket/frame.jpg", digest) == b"jpeg bytes"
     storage.write_bytes("mem://bucket/other.jpg", b"tampered")
-    with pytest.raises(StorageError, match="other.jpg: sha256 mismatch after download"):
+    with pytest.raises(StorageError, match=r"other\.jpg: sha256 mismatch after download"):
         cache.read_bytes("mem://bucket/other.jpg", digest)
 
 

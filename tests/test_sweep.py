@@ -179,8 +179,14 @@ def test_the_table_has_a_row_per_trial_with_settings_objective_and_status() -> N
     assert "| t0 | best | 0.1 | 0.2000 |" in sweep.markdown(rows, "segm_AP", "max")
 
 
-TRIAL = {"trial_id": "t0", "run_name": "t0 lr=0.1", "params": {"lr": 0.1}, "dataset_uri": "d", "sweep_id": "sw1",
-         "pipeline_run_id": "sw1-t0"}  # fmt: skip
+TRIAL = {
+    "trial_id": "t0",
+    "run_name": "t0 lr=0.1",
+    "params": {"lr": 0.1},
+    "dataset_uri": "d",
+    "sweep_id": "sw1",
+    "pipeline_run_id": "sw1-t0",
+}
 
 
 def test_a_failing_trial_step_records_why_and_lets_the_sweep_go_on(tmp_path: Path) -> None:
@@ -229,8 +235,15 @@ def test_predict_and_evaluate_skip_a_trial_whose_training_failed(tmp_path: Path)
 def test_a_bad_trial_fails_alone_in_training(tmp_path: Path) -> None:
     model = Pointer(tmp_path / "model")
     bad = {**TRIAL, "params": {"optim.no_such_key": 1}}
-    base = {"model_preset": "tiny", "checkpoint": "", "max_steps": 1, "lr": 1e-3, "batch_size": 1, "frames_per_clip": 2,
-            "freeze_prefixes": []}  # fmt: skip
+    base = {
+        "model_preset": "tiny",
+        "checkpoint": "",
+        "max_steps": 1,
+        "lr": 1e-3,
+        "batch_size": 1,
+        "frames_per_clip": 2,
+        "freeze_prefixes": [],
+    }
 
     outputs = steps.train_trial(bad, base, str(tmp_path), "pod", 0, 1, "e", "m", [], {}, model)
 

@@ -114,9 +114,21 @@ def test_compile_experiment_writes_the_manifest(tmp_path: Path, capsys: pytest.C
     out = tmp_path / "experiment.yaml"
 
     status = main(
-        ["compile-experiment", "--spec", json.dumps(GRID), "--dataset-uri", "s3://b/d", "--output", str(out),
-         "--name", "wd-sweep", "max_steps=50", "sweep_metric=bbox_AP", "sweep_mode=min"]
-    )  # fmt: skip
+        [
+            "compile-experiment",
+            "--spec",
+            json.dumps(GRID),
+            "--dataset-uri",
+            "s3://b/d",
+            "--output",
+            str(out),
+            "--name",
+            "wd-sweep",
+            "max_steps=50",
+            "sweep_metric=bbox_AP",
+            "sweep_mode=min",
+        ]
+    )
 
     assert status == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["trials"] == 4
     written = yaml.safe_load(out.read_text())
@@ -164,17 +176,34 @@ def test_a_trial_trains_evaluates_reports_its_metrics_and_nests_under_the_sweep_
         monkeypatch.setenv(name, "")  # the steps set them for their own runs
     quiet = ["tracking.system_metrics=false"]
     base = {
-        "max_steps": 2, "batch_size": 1, "store": str(tmp_path / "store"), "mlflow_experiment": "katib-test",
-        "train_overrides": [*TINY_MODEL, *TINY_TRAIN, *quiet], "predict_overrides": [*TINY_MODEL, *quiet],
-        "evaluate_overrides": quiet, "registered_model": "katib-test",
-    }  # fmt: skip
+        "max_steps": 2,
+        "batch_size": 1,
+        "store": str(tmp_path / "store"),
+        "mlflow_experiment": "katib-test",
+        "train_overrides": [*TINY_MODEL, *TINY_TRAIN, *quiet],
+        "predict_overrides": [*TINY_MODEL, *quiet],
+        "evaluate_overrides": quiet,
+        "registered_model": "katib-test",
+    }
     printed = io.StringIO()
 
     with contextlib.redirect_stdout(printed):
         status = katib.main(
-            ["--experiment", "exp-1", "--trial", "exp-1-abc", "--dataset-uri", tiny_dataset.uri, "--metric", "bbox_AP",
-             "--base", json.dumps(base), "lr=0.001", "optim.weight_decay=0.1"]
-        )  # fmt: skip
+            [
+                "--experiment",
+                "exp-1",
+                "--trial",
+                "exp-1-abc",
+                "--dataset-uri",
+                tiny_dataset.uri,
+                "--metric",
+                "bbox_AP",
+                "--base",
+                json.dumps(base),
+                "lr=0.001",
+                "optim.weight_decay=0.1",
+            ]
+        )
 
     assert status == 0
     reported = dict(re.search(katib.METRICS_FORMAT, line).group(1, 2) for line in printed.getvalue().splitlines())

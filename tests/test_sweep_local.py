@@ -27,8 +27,13 @@ from sam3_core.tracking import sweeps
 from sam3_core.tracking.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
 from tests.fixtures.datasets import TINY_MODEL
 
-TINY_DATA = ["synthetic.num_videos=4", "synthetic.frames_per_video=4", "synthetic.height=64", "synthetic.width=64",
-             "val_fraction=0.25"]  # fmt: skip
+TINY_DATA = [
+    "synthetic.num_videos=4",
+    "synthetic.frames_per_video=4",
+    "synthetic.height=64",
+    "synthetic.width=64",
+    "val_fraction=0.25",
+]
 QUIET_TRACKING = ["tracking.system_metrics=false", "tracking.flush_interval_s=0.2"]
 MODEL = "sam3-sweep-test"
 EXPERIMENT = "sweep-local"
@@ -56,16 +61,25 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepRun]:
         with contextlib.redirect_stdout(printed):
             status = main(
                 [
-                    "sweep", "--local", "--spec", '{"lr": [0.001, 0.0001], "frames_per_clip": [2]}',
-                    "--parallelism", "2", "--pipeline-root", str(home / "kfp"),
-                    "max_steps=2", "batch_size=1", f"registered_model={MODEL}", f"mlflow_experiment={EXPERIMENT}",
+                    "sweep",
+                    "--local",
+                    "--spec",
+                    '{"lr": [0.001, 0.0001], "frames_per_clip": [2]}',
+                    "--parallelism",
+                    "2",
+                    "--pipeline-root",
+                    str(home / "kfp"),
+                    "max_steps=2",
+                    "batch_size=1",
+                    f"registered_model={MODEL}",
+                    f"mlflow_experiment={EXPERIMENT}",
                     "sweep_metric=bbox_AP50",
                     f"data_prep_overrides={json.dumps(TINY_DATA)}",
                     f"train_overrides={json.dumps([*TINY_MODEL, 'optim.warmup_steps=1', 'train.log_every=1', *QUIET_TRACKING])}",
                     f"predict_overrides={json.dumps([*TINY_MODEL, *QUIET_TRACKING])}",
                     f"evaluate_overrides={json.dumps(QUIET_TRACKING)}",
                 ]
-            )  # fmt: skip
+            )
         stdout = printed.getvalue()
         assert status == 0, stdout[-3000:]
         outcome = json.loads(stdout.strip().splitlines()[-1])

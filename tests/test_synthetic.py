@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,12 @@ from sam3_core.data.synthetic import (
     COLORS,
     SyntheticConfig,
     check_config,
-    video_memory_bytes,
     composite,
     generate,
     render_video,
     shape_mask,
     track_from_masks,
+    video_memory_bytes,
 )
 from sam3_core.data.ytvis import load_video_dataset, rle_bbox, rle_to_mask
 from sam3_core.errors import ConfigError
@@ -34,7 +35,14 @@ def tiny(**changes: Any) -> SyntheticConfig:
 
 # A crowded clip where seed 0 gives both a partly covered object and one fully hidden in a frame.
 CROWDED = tiny(
-    num_videos=1, frames_per_video=6, min_objects=5, max_objects=5, min_size=12, max_size=24, noise=0.0, seed=0,
+    num_videos=1,
+    frames_per_video=6,
+    min_objects=5,
+    max_objects=5,
+    min_size=12,
+    max_size=24,
+    noise=0.0,
+    seed=0,
     max_speed=4.0,
 )
 
@@ -61,7 +69,7 @@ def test_every_object_moves_between_consecutive_frames() -> None:
     video = render_video(tiny(max_speed=3.0), 0)
     for obj in video.objects:
         centres = [centroid(m) for m in obj.full_masks]
-        assert all(a != b for a, b in zip(centres, centres[1:]))
+        assert all(a != b for a, b in pairwise(centres))
 
 
 def test_objects_bounce_off_the_edges_instead_of_leaving_the_frame() -> None:
@@ -169,7 +177,9 @@ def test_impossible_settings_are_rejected(tmp_path: Path, changes: dict[str, obj
         ({"categories": ["red circle", "red circle"]}, "categories"),
     ],
 )
-def test_bad_values_are_config_errors_naming_the_key_when_the_config_is_built(changes: dict[str, object], key: str) -> None:
+def test_bad_values_are_config_errors_naming_the_key_when_the_config_is_built(
+    changes: dict[str, object], key: str
+) -> None:
     with pytest.raises(ConfigError, match=rf"synthetic\.{key} must be "):
         tiny(**changes)
 

@@ -193,7 +193,7 @@ def test_ui_command_refuses_when_a_tracking_server_is_configured(monkeypatch: py
 
 
 def test_a_pipeline_run_id_that_would_break_a_search_filter_is_refused() -> None:
-    with pytest.raises(ConfigError, match="tracking.pipeline_run_id"):
+    with pytest.raises(ConfigError, match=r"tracking\.pipeline_run_id"):
         TrackingConfig(pipeline_run_id="run' or '1'='1")
 
 
@@ -534,7 +534,7 @@ def test_every_tracking_value_is_checked_when_the_config_is_built(key: str, valu
 
 
 def test_retry_max_below_retry_initial_is_refused() -> None:
-    with pytest.raises(ConfigError, match="tracking.retry_max_s=0.5: must be >= tracking.retry_initial_s=1.0"):
+    with pytest.raises(ConfigError, match=r"tracking\.retry_max_s=0\.5: must be >= tracking\.retry_initial_s=1\.0"):
         TrackingConfig(retry_initial_s=1.0, retry_max_s=0.5)
 
 

@@ -169,7 +169,7 @@ def test_reproduce_refuses_another_git_commit_unless_allowed(
     monkeypatch.setenv("SAM3PIPE_GIT_COMMIT", "0" * 40)
     recorded = plan(MlflowClient(), pipelines.runs[0].pipeline_run_id, pipelines.experiment_name)
 
-    with pytest.raises(ReproduceError, match="git checkout .* --allow-other-commit"):
+    with pytest.raises(ReproduceError, match=r"git checkout .* --allow-other-commit"):
         check(recorded)
     check(recorded, allow_other_commit=True)
 

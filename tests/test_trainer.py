@@ -455,7 +455,7 @@ def test_a_dataset_uri_with_no_published_dataset_is_an_input_error(
     tiny_train_overrides: list[str], tmp_path: Path
 ) -> None:
     nowhere = str(tmp_path / "nowhere")
-    with pytest.raises(InputError, match="manifest.json") as raised:
+    with pytest.raises(InputError, match=r"manifest\.json") as raised:
         build_trainer(config([*tiny_train_overrides, f"data.uri={nowhere}", f"output.store={tmp_path}"]))
     assert raised.value.source == nowhere
 

@@ -104,7 +104,7 @@ def test_validation_metrics_as_best_metric_are_fine_with_validation_on() -> None
 
 
 def test_a_segm_metric_without_a_mask_head_is_refused() -> None:
-    with pytest.raises(ConfigError, match="model.enable_segmentation=false"):
+    with pytest.raises(ConfigError, match=r"model\.enable_segmentation=false"):
         config(["model.enable_segmentation=false"])
 
 

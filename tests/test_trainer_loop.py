@@ -443,8 +443,13 @@ def test_a_step_through_a_scripted_loss_updates_alike_whether_or_not_it_is_the_f
     # process is differentiated differently from later ones (a resumed run drifted); a fresh process
     # makes this step the first GIoU call
     proc = subprocess.run(
-        [sys.executable, "-c", FIRST_CALL_SCRIPT], check=False, cwd=REPO, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, "-c", FIRST_CALL_SCRIPT],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "same"

@@ -133,7 +133,7 @@ def test_job_env_references_secrets_and_never_holds_their_values(launch, monkeyp
 
 
 def test_a_job_without_runtime_is_refused(launch) -> None:
-    with pytest.raises(ConfigError, match="trainjob.runtime"):
+    with pytest.raises(ConfigError, match=r"trainjob\.runtime"):
         trainjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 1, 1, dataclasses.replace(launch, runtime=""), {})
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam3_core.data.datapoints import FrameObject
 from sam3_core.config_checks import check_bool, check_float, fail
+from sam3_core.data.datapoints import FrameObject
 
 # one view may not shrink or enlarge the frame more than this, so a typo (scale_max=50)
 # cannot turn every object into a sub-pixel speck or a single-object close-up
@@ -104,8 +104,16 @@ def warp_frame(frame: np.ndarray, view: View) -> np.ndarray:
     height, width = frame.shape[:2]
     image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float()
     fill = image.mean(dim=(1, 2), keepdim=True)
-    warped = F.grid_sample((image - fill)[None], _sampling_grid(view, height, width), mode="bilinear",
-                           padding_mode="zeros", align_corners=False)[0] + fill
+    warped = (
+        F.grid_sample(
+            (image - fill)[None],
+            _sampling_grid(view, height, width),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )[0]
+        + fill
+    )
     return warped.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
@@ -113,8 +121,9 @@ def warp_mask(mask: np.ndarray, view: View) -> np.ndarray:
     """bool HxW seen through `view` (nearest: a pixel is in the mask iff its source point is)."""
     height, width = mask.shape
     tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
-    warped = F.grid_sample(tensor, _sampling_grid(view, height, width), mode="nearest", padding_mode="zeros",
-                           align_corners=False)
+    warped = F.grid_sample(
+        tensor, _sampling_grid(view, height, width), mode="nearest", padding_mode="zeros", align_corners=False
+    )
     return warped[0, 0].numpy() > 0.5
 
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.utils.data
 
+from sam3_core.config_checks import check_bool, check_float, check_int, fail
 from sam3_core.data.augment import AugmentConfig, augment_clip
 from sam3_core.data.datapoints import FrameObject, Prompt, make_datapoint
 from sam3_core.data.ytvis import Track, VideoDataset, rle_to_mask
-from sam3_core.config_checks import check_bool, check_float, check_int, fail
 from sam3_core.errors import ConfigError
 
 
@@ -46,6 +46,7 @@ class ClipConfig:
         check_int("data.clips.num_negatives", self.num_negatives, 0)
         check_float("data.clips.reverse_prob", self.reverse_prob, 0.0, 1.0)
         check_bool("data.clips.with_masks", self.with_masks)
+
 
 @dataclass(frozen=True)
 class ClipRef:
@@ -128,16 +129,16 @@ class ClipDataset(torch.utils.data.Dataset):
         self, tracks: list[Track], frames: list[int], rng: np.random.Generator, known_absent: tuple[int, ...] = ()
     ) -> list[Prompt]:
         """Positives first, then the video's known-absent phrases (SA-Co negatives), then sampled absent ones."""
-        present = sorted(
-            {t.category_id for t in tracks if any(t.bboxes[f] is not None for f in frames)}
-        )
+        present = sorted({t.category_id for t in tracks if any(t.bboxes[f] is not None for f in frames)})
         # a training clip draws its share of a long negative list anew each epoch; no draw without one
         listed = [c for c in known_absent if c not in present]
         if self.train and len(listed) > 1:
             listed = rng.permutation(listed).tolist()
         absent = [c.id for c in self.dataset.categories if c.id not in present and c.id not in listed]
         n_neg = min(self.cfg.num_negatives, len(absent))
-        negatives = sorted(rng.choice(absent, size=n_neg, replace=False).tolist()) if self.train and n_neg else absent[:n_neg]
+        negatives = (
+            sorted(rng.choice(absent, size=n_neg, replace=False).tolist()) if self.train and n_neg else absent[:n_neg]
+        )
         chosen = (present + listed + negatives)[: self.cfg.max_prompts]
         return [Prompt(c, self.dataset.category(c).name) for c in chosen]
 

@@ -95,7 +95,9 @@ def make_datapoint(
                     segment=segment,
                 )
             )
-        images.append(Image(data=frame_to_tensor(frame, image_size), objects=sam3_objects, size=(image_size, image_size)))
+        images.append(
+            Image(data=frame_to_tensor(frame, image_size), objects=sam3_objects, size=(image_size, image_size))
+        )
         for prompt in prompts:
             wanted = [i for i, obj in enumerate(frame_objects) if obj.category_id == prompt.category_id]
             queries.append(

@@ -20,6 +20,7 @@ import psutil
 from PIL import Image
 from tqdm import tqdm
 
+from sam3_core.config_checks import check_float, check_int, fail
 from sam3_core.data.ytvis import (
     Category,
     Track,
@@ -30,7 +31,6 @@ from sam3_core.data.ytvis import (
     rle_bbox,
     to_json,
 )
-from sam3_core.config_checks import check_float, check_int, fail
 from sam3_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,11 @@ class SyntheticConfig:
             fail("synthetic.max_objects", self.max_objects, f">= synthetic.min_objects ({self.min_objects})")
         check_int("synthetic.max_size", self.max_size)
         if not self.min_size <= self.max_size <= min(self.height, self.width):
-            fail("synthetic.max_size", self.max_size, f"in [min_size, min(height, width)] = [{self.min_size}, {min(self.height, self.width)}]")
+            fail(
+                "synthetic.max_size",
+                self.max_size,
+                f"in [min_size, min(height, width)] = [{self.min_size}, {min(self.height, self.width)}]",
+            )
         check_float("synthetic.max_speed", self.max_speed, 0.0, max(self.height, self.width))
         # a fraction of the 0-255 range
         check_float("synthetic.noise", self.noise, 0.0, 1.0)
@@ -111,7 +115,6 @@ class SyntheticConfig:
             fail("synthetic.categories", self.categories, "distinct names")
         for name in self.categories:
             parse_category(name)
-
 
 
 @dataclass(frozen=True)

@@ -124,15 +124,22 @@ def precision_recall(group: Sequence[Matches], max_det: int) -> tuple[np.ndarray
     return precision, recall
 
 
-def _arrays(groups: Sequence[Sequence[Matches]], category_ids: tuple[int, ...],
-            max_dets: tuple[int, int, int]) -> EvalArrays:
+def _arrays(
+    groups: Sequence[Sequence[Matches]], category_ids: tuple[int, ...], max_dets: tuple[int, int, int]
+) -> EvalArrays:
     shape = (len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(groups), len(VIDEO_AREA_RANGES), len(max_dets))
     precision, recall = -np.ones(shape), -np.ones((shape[0], *shape[2:]))
     for k, group in enumerate(groups):
         for m, max_det in enumerate(max_dets):
             precision[:, :, k, :, m], recall[:, k, :, m] = precision_recall(group, max_det)
-    return EvalArrays(precision=precision, recall=recall, iou_thrs=IOU_THRESHOLDS, rec_thrs=RECALL_THRESHOLDS,
-                      category_ids=category_ids, max_dets=max_dets)
+    return EvalArrays(
+        precision=precision,
+        recall=recall,
+        iou_thrs=IOU_THRESHOLDS,
+        rec_thrs=RECALL_THRESHOLDS,
+        category_ids=category_ids,
+        max_dets=max_dets,
+    )
 
 
 def class_map(matches: dict[tuple[int, int], Matches], iou_type: str, max_dets: tuple[int, int, int]) -> Evaluation:

@@ -131,7 +131,8 @@ def summarize(pairs: Sequence[PairCounts], prefix: str, with_image_level: bool) 
         pm_f1_macro = local_f1 / positive_with_dt
         pm_f1_w0dt = local_f1 / positive
     mcc = float(il_tp * il_tn - il_fp * il_fn) / (
-        (float(il_tp + il_fp) * float(il_tp + il_fn) * float(il_tn + il_fp) * float(il_tn + il_fn)) ** 0.5 + 1e-6)
+        (float(il_tp + il_fp) * float(il_tp + il_fn) * float(il_tn + il_fp) * float(il_tn + il_fn)) ** 0.5 + 1e-6
+    )
     out = {}
     for suffix, index in (("50_95", None), ("50", I50), ("75", I75)):
         out[f"{prefix}_precision_{suffix}"] = _mean_valid(precision, index)

@@ -48,12 +48,26 @@ logger = logging.getLogger(__name__)
 BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 STAT_NAMES: tuple[str, ...] = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
 )
 AREA_LABELS: tuple[str, ...] = ("all", "small", "medium", "large")
 # Object areas in pixels for COCO's small / medium / large; the first range is "all".
 FRAME_AREA_RANGES: tuple[tuple[float, float], ...] = (
-    (0.0, 1e5**2), (0.0, 32.0**2), (32.0**2, 96.0**2), (96.0**2, 1e5**2),
+    (0.0, 1e5**2),
+    (0.0, 32.0**2),
+    (32.0**2, 96.0**2),
+    (96.0**2, 1e5**2),
 )
 _PREDICTION_FIELD = {"bbox": "bbox", "segm": "segmentation"}
 
@@ -169,8 +183,10 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def check_box(value: Any, source: str, field: str) -> None:
     """A box is [x, y, w, h] with finite numbers and non-negative size."""
-    if not isinstance(value, list) or len(value) != 4 or not all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
     ):
         raise InputError(source, field, f"expected [x, y, width, height] numbers, got {value!r:.80}")
     if not np.all(np.isfinite(value)) or value[2] < 0 or value[3] < 0:
@@ -222,8 +238,11 @@ def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
         image_id = _require(image, "id", source, f"images[{i}]", int)
         sizes[image_id] = (int(image.get("height", 0)), int(image.get("width", 0)))
     cat_ids = {_require(c, "id", source, f"categories[{i}]", int) for i, c in enumerate(categories)}
-    rles = [(a["segmentation"], f"annotations[{i}].segmentation") for i, a in enumerate(annotations)
-            if isinstance(a, dict) and isinstance(a.get("segmentation"), dict)]
+    rles = [
+        (a["segmentation"], f"annotations[{i}].segmentation")
+        for i, a in enumerate(annotations)
+        if isinstance(a, dict) and isinstance(a.get("segmentation"), dict)
+    ]
     check_rles([r for r, _ in rles], [f for _, f in rles], source)
     filled = []
     for i, ann in enumerate(annotations):
@@ -248,9 +267,7 @@ def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
     return {**gt, "annotations": filled}
 
 
-def check_frame_predictions(
-    predictions: Any, gt: dict[str, Any], iou_type: str, source: str
-) -> list[dict[str, Any]]:
+def check_frame_predictions(predictions: Any, gt: dict[str, Any], iou_type: str, source: str) -> list[dict[str, Any]]:
     """Validated COCO results for one IoU type, reduced to the fields that type is scored on."""
     if not isinstance(predictions, list):
         raise InputError(source, "(root)", f"expected a list of COCO results, got {type(predictions).__name__}")

@@ -63,9 +63,17 @@ class SequenceResult:
         det_re = self.tp / np.maximum(1, self.tp + self.fn)
         det_pr = self.tp / np.maximum(1, self.tp + self.fp)
         det_a = self.tp / np.maximum(1, self.tp + self.fn + self.fp)
-        return {"HOTA": np.sqrt(det_a * self.ass_a), "DetA": det_a, "AssA": self.ass_a, "DetRe": det_re,
-                "DetPr": det_pr, "AssRe": self.ass_re, "AssPr": self.ass_pr, "LocA": self.loc_a,
-                "OWTA": np.sqrt(det_re * self.ass_a)}
+        return {
+            "HOTA": np.sqrt(det_a * self.ass_a),
+            "DetA": det_a,
+            "AssA": self.ass_a,
+            "DetRe": det_re,
+            "DetPr": det_pr,
+            "AssRe": self.ass_re,
+            "AssPr": self.ass_pr,
+            "LocA": self.loc_a,
+            "OWTA": np.sqrt(det_re * self.ass_a),
+        }
 
     def means(self) -> dict[str, float]:
         """Each metric averaged over the alphas: what sam3 reports."""

@@ -57,8 +57,12 @@ class VideoOverlaps:
             if not len(rows) or not len(cols):
                 self.tables.append(FrameTable(empty, empty, np.zeros((0, 0))))
                 continue
-            iou = np.asarray(mask_utils.iou([predictions[i].masks[t] for i in rows], [gts[j].masks[t] for j in cols],
-                                            [0] * len(cols)), dtype=float).reshape(len(rows), len(cols))
+            iou = np.asarray(
+                mask_utils.iou(
+                    [predictions[i].masks[t] for i in rows], [gts[j].masks[t] for j in cols], [0] * len(cols)
+                ),
+                dtype=float,
+            ).reshape(len(rows), len(cols))
             self.tables.append(FrameTable(rows, cols, iou))
             both = pred_areas[rows, t][:, None] + gt_areas[cols, t][None, :]
             self.inter[np.ix_(rows, cols)] += np.rint(iou * both / (1.0 + iou))

@@ -103,36 +103,54 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.backend={self.backend!r}: must be one of {list(BACKENDS)}")
         if self.kind not in KINDS:
             raise ConfigError(f"evaluate.kind={self.kind!r}: must be one of {list(KINDS)}")
-        if not self.iou_types or any(t not in IOU_TYPES for t in self.iou_types) or len(set(self.iou_types)) != len(
-                self.iou_types):
-            raise ConfigError(f"evaluate.iou_types={list(self.iou_types)}: must be a non-empty subset of "
-                              f"{list(IOU_TYPES)}, each once")
+        if (
+            not self.iou_types
+            or any(t not in IOU_TYPES for t in self.iou_types)
+            or len(set(self.iou_types)) != len(self.iou_types)
+        ):
+            raise ConfigError(
+                f"evaluate.iou_types={list(self.iou_types)}: must be a non-empty subset of {list(IOU_TYPES)}, each once"
+            )
         if any(m not in FAMILIES for m in self.metrics) or len(set(self.metrics)) != len(self.metrics):
-            raise ConfigError(f"evaluate.metrics={list(self.metrics)}: must be a subset of {list(FAMILIES)}, each "
-                              "once (or empty for the GT's default)")
+            raise ConfigError(
+                f"evaluate.metrics={list(self.metrics)}: must be a subset of {list(FAMILIES)}, each "
+                "once (or empty for the GT's default)"
+            )
         if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in self.max_dets):
             raise ConfigError(f"evaluate.max_dets={list(self.max_dets)}: must be three increasing positive integers")
         try:
             check_max_dets(self.max_dets)
         except ConfigError as error:
-            raise ConfigError(f"evaluate.max_dets={list(self.max_dets)}: must be three increasing positive integers, "
-                              "e.g. [1, 10, 100]") from error
+            raise ConfigError(
+                f"evaluate.max_dets={list(self.max_dets)}: must be three increasing positive integers, "
+                "e.g. [1, 10, 100]"
+            ) from error
         threshold = self.score_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
-                math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, numbers.Real)
+            or not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0)
+        ):
             raise ConfigError(f"evaluate.score_threshold={threshold!r}: must be a number in [0, 1] (sam3 uses 0.5)")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, numbers.Integral) or not (
-                0 <= self.workers <= MAX_WORKERS):
-            raise ConfigError(f"evaluate.workers={self.workers!r}: must be an integer in [0, {MAX_WORKERS}] "
-                              "(0 = one per CPU core)")
+        if (
+            isinstance(self.workers, bool)
+            or not isinstance(self.workers, numbers.Integral)
+            or not (0 <= self.workers <= MAX_WORKERS)
+        ):
+            raise ConfigError(
+                f"evaluate.workers={self.workers!r}: must be an integer in [0, {MAX_WORKERS}] (0 = one per CPU core)"
+            )
         if self.output:
             name = posixpath.basename(self.output)
             if not name:
-                raise ConfigError(f"evaluate.output={self.output!r}: must name the metrics file "
-                                  "(<folder>/metrics.json)")
+                raise ConfigError(
+                    f"evaluate.output={self.output!r}: must name the metrics file (<folder>/metrics.json)"
+                )
             if name in (TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS):
-                raise ConfigError(f"evaluate.output={self.output!r}: collides with the table/plot/results written "
-                                  "beside it; name it metrics.json")
+                raise ConfigError(
+                    f"evaluate.output={self.output!r}: collides with the table/plot/results written "
+                    "beside it; name it metrics.json"
+                )
 
 
 @dataclass(frozen=True)
@@ -160,7 +178,7 @@ def check_config(cfg: EvaluateConfig) -> None:
 
 
 def detect_kind(gt: Any, source: str, requested: str) -> str:
-    """"video" for a YTVIS file (``videos``), "coco" for a COCO file (``images``)."""
+    """ "video" for a YTVIS file (``videos``), "coco" for a COCO file (``images``)."""
     keys = gt if isinstance(gt, dict) else {}
     found = "video" if "videos" in keys else "coco" if "images" in keys else None
     if found is None:
@@ -202,8 +220,13 @@ def video_families(cfg: EvaluateConfig, gt: dict[str, Any]) -> tuple[str, ...]:
 def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str) -> EvaluationReport:
     """The video families of ``cfg`` on a video GT; AP evaluations feed the table and the PR plot."""
     families = video_families(cfg, gt)
-    settings = SuiteSettings(families=families, iou_types=tuple(cfg.iou_types), max_dets=check_max_dets(cfg.max_dets),
-                             threshold=cfg.score_threshold, workers=cfg.workers)
+    settings = SuiteSettings(
+        families=families,
+        iou_types=tuple(cfg.iou_types),
+        max_dets=check_max_dets(cfg.max_dets),
+        threshold=cfg.score_threshold,
+        workers=cfg.workers,
+    )
     data = read_video_set(gt, storage.read_json(predictions_uri), gt_source=cfg.gt, predictions_source=predictions_uri)
     result = evaluate_suite(data, settings)
     ap_metrics = {k for e in result.evaluations for k in e.metrics}

@@ -28,8 +28,7 @@ def _size_problem(rle: Any) -> str | None:
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         return "expected an RLE object {size: [height, width], counts}"
     size = rle["size"]
-    if not (isinstance(size, (list, tuple)) and len(size) == 2
-            and all(type(s) is int and s >= 0 for s in size)):
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(type(s) is int and s >= 0 for s in size)):
         return f"size must be [height, width] non-negative integers, got {size!r:.80}"
     return None
 
@@ -116,8 +115,11 @@ def first_malformed(rles: Sequence[Any]) -> tuple[int, str] | None:
                 string_index.append(i)
                 string_pixels.append(pixels)
                 continue
-            problem = (_list_problem(counts, pixels) if isinstance(counts, list)
-                       else "counts must be a string or a list of integers")
+            problem = (
+                _list_problem(counts, pixels)
+                if isinstance(counts, list)
+                else "counts must be a string or a list of integers"
+            )
         if problem is not None:
             return i, problem
     if strings:
@@ -136,5 +138,5 @@ def areas(rles: Sequence[dict[str, Any]]) -> np.ndarray:
     """Pixel areas of compressed RLEs (float64), any number of them."""
     out = np.zeros(len(rles))
     for start in range(0, len(rles), _AREA_CHUNK):
-        out[start:start + _AREA_CHUNK] = mask_utils.area(list(rles[start:start + _AREA_CHUNK]))
+        out[start : start + _AREA_CHUNK] = mask_utils.area(list(rles[start : start + _AREA_CHUNK]))
     return out

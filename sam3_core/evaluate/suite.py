@@ -56,11 +56,13 @@ class SuiteSettings:
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown or not self.families:
-            raise ConfigError(f"evaluate.metrics must be a non-empty subset of {list(FAMILIES)}; got "
-                              f"{list(self.families)}")
+            raise ConfigError(
+                f"evaluate.metrics must be a non-empty subset of {list(FAMILIES)}; got {list(self.families)}"
+            )
         if not self.iou_types or any(t not in IOU_TYPES for t in self.iou_types):
-            raise ConfigError(f"evaluate.iou_types must be a non-empty subset of {list(IOU_TYPES)}; got "
-                              f"{list(self.iou_types)}")
+            raise ConfigError(
+                f"evaluate.iou_types must be a non-empty subset of {list(IOU_TYPES)}; got {list(self.iou_types)}"
+            )
         check_max_dets(self.max_dets)
         if not 0.0 <= self.threshold <= 1.0:  # NaN fails this too
             raise ConfigError(f"evaluate.score_threshold={self.threshold!r}: must be a number in [0, 1]")
@@ -133,8 +135,9 @@ def _hota_present(p: Masklet) -> np.ndarray:
     return ~(p.box_zero | (area == 0))
 
 
-def _hota_pair(scorer: _Scorer, iou_type: str, gts: list[Masklet], predictions: list[Masklet],
-               length: int) -> hota.SequenceResult:
+def _hota_pair(
+    scorer: _Scorer, iou_type: str, gts: list[Masklet], predictions: list[Masklet], length: int
+) -> hota.SequenceResult:
     if iou_type == "segm":
         gt_present = np.array([[m is not None for m in g.masks] for g in gts], dtype=bool).reshape(len(gts), length)
     else:
@@ -150,8 +153,9 @@ def _hota_pair(scorer: _Scorer, iou_type: str, gts: list[Masklet], predictions: 
         if not len(g) or not len(d):
             sims.append(np.zeros((len(g), len(d)), dtype=np.float32 if iou_type == "bbox" else float))
         elif iou_type == "bbox":
-            sims.append(frame_box_iou(np.stack([gts[j].boxes[t] for j in g]),
-                                      np.stack([predictions[i].boxes[t] for i in d])))
+            sims.append(
+                frame_box_iou(np.stack([gts[j].boxes[t] for j in g]), np.stack([predictions[i].boxes[t] for i in d]))
+            )
         else:
             assert scorer.overlaps is not None
             sims.append(scorer.overlaps.frame_iou(int(t), rows[d], cols[g]).T)
@@ -175,8 +179,11 @@ def _teta_video(task: _Task, scorer: _Scorer) -> dict[int, teta.Counts]:
     frames, classes = [], set()
     for t in np.flatnonzero(gt_present.any(axis=0)):  # frames without GT are not part of the sequence
         g, d = np.flatnonzero(gt_present[:, t]), np.flatnonzero(tracker_present[:, t])
-        frames.append(teta.Frame(gt_ids[g], gt_classes[g], d, tracker_classes[d],
-                                 scorer.overlaps.frame_iou(int(t), rows[d], cols[g]).T))
+        frames.append(
+            teta.Frame(
+                gt_ids[g], gt_classes[g], d, tracker_classes[d], scorer.overlaps.frame_iou(int(t), rows[d], cols[g]).T
+            )
+        )
         classes.update(gt_classes[g].tolist(), tracker_classes[d].tolist())
     known = set(task.teta_rank)
     ordered = sorted(classes & known, key=task.teta_rank.__getitem__)
@@ -208,8 +215,9 @@ def _evaluate_video(task: _Task) -> _VideoResult:
         confident = {c: [p for p in ps if p.score > s.threshold] for c, ps in predictions.items()}
         for category in set(gts) | {c for c, ps in confident.items() if ps}:
             for iou_type in s.iou_types:
-                out.hota[category, iou_type] = _hota_pair(scorer, iou_type, gts.get(category, []),
-                                                          confident.get(category, []), task.video.length)
+                out.hota[category, iou_type] = _hota_pair(
+                    scorer, iou_type, gts.get(category, []), confident.get(category, []), task.video.length
+                )
     if "teta" in families:
         out.teta = _teta_video(task, scorer)
     return out
@@ -242,19 +250,35 @@ def _check_masks(data: VideoSet, settings: SuiteSettings) -> None:
     families = set(settings.families)
     checks = []
     if "teta" in families:
-        checks += [("annotations", data.gt_source, data.gt, lambda m: ~m.box_null, "TETA"),
-                   ("", data.predictions_source, [p for p in data.predictions if p.score >= settings.threshold],
-                    lambda m: ~m.box_zero, "TETA")]
+        checks += [
+            ("annotations", data.gt_source, data.gt, lambda m: ~m.box_null, "TETA"),
+            (
+                "",
+                data.predictions_source,
+                [p for p in data.predictions if p.score >= settings.threshold],
+                lambda m: ~m.box_zero,
+                "TETA",
+            ),
+        ]
     if "hota" in families and "segm" in settings.iou_types:
-        checks.append(("", data.predictions_source, [p for p in data.predictions if p.score > settings.threshold],
-                       _hota_present, "HOTA"))
+        checks.append(
+            (
+                "",
+                data.predictions_source,
+                [p for p in data.predictions if p.score > settings.threshold],
+                _hota_present,
+                "HOTA",
+            )
+        )
     for prefix, source, masklets, counted, family in checks:
         for m in masklets:
             missing = np.flatnonzero(counted(m) & np.array([mask is None for mask in m.masks]))
             if len(missing):
-                raise InputError(source, f"{prefix}[{m.index}].segmentations[{missing[0]}]",
-                                 f"null in a frame where the box is set: {family} compares the masks of every "
-                                 "frame with a box")
+                raise InputError(
+                    source,
+                    f"{prefix}[{m.index}].segmentations[{missing[0]}]",
+                    f"null in a frame where the box is set: {family} compares the masks of every frame with a box",
+                )
 
 
 def _teta_classes(data: VideoSet) -> dict[int, int]:
@@ -264,9 +288,12 @@ def _teta_classes(data: VideoSet) -> dict[int, int]:
     owners: dict[str, int] = {}
     for c, name in data.category_names.items():
         if name in owners and (c in with_gt or owners[name] in with_gt):
-            raise InputError(data.gt_source, "categories",
-                             f"name {name!r} is used by categories {owners[name]} and {c}: TETA tells classes apart "
-                             "by name (as sam3's toolkit does)")
+            raise InputError(
+                data.gt_source,
+                "categories",
+                f"name {name!r} is used by categories {owners[name]} and {c}: TETA tells classes apart "
+                "by name (as sam3's toolkit does)",
+            )
         owners[name] = c
     return {c: i for i, c in enumerate(order)}
 
@@ -300,8 +327,14 @@ def evaluate_suite(data: VideoSet, settings: SuiteSettings) -> SuiteResult:
     _check_masks(data, settings)
     teta_rank = _teta_classes(data) if "teta" in families else {}
     tasks = _tasks(data, settings, teta_rank)
-    logger.info("video suite %s: %d videos, %d GT masklets, %d predicted masklets, %d categories in the GT",
-                ",".join(settings.families), len(tasks), len(data.gt), len(data.predictions), len(data.category_names))
+    logger.info(
+        "video suite %s: %d videos, %d GT masklets, %d predicted masklets, %d categories in the GT",
+        ",".join(settings.families),
+        len(tasks),
+        len(data.gt),
+        len(data.predictions),
+        len(data.category_names),
+    )
     results = dict(zip(data.videos, _run(tasks, settings.workers)))
     metrics: dict[str, float] = {}
     evaluations: list[Evaluation] = []
@@ -329,8 +362,9 @@ def evaluate_suite(data: VideoSet, settings: SuiteSettings) -> SuiteResult:
     return SuiteResult(metrics=metrics, evaluations=evaluations, video_np_results=rows)
 
 
-def _hota_metrics(data: VideoSet, results: dict[int, _VideoResult], iou_type: str,
-                  per_pair: dict[Pair, dict[str, float]]) -> dict[str, float]:
+def _hota_metrics(
+    data: VideoSet, results: dict[int, _VideoResult], iou_type: str, per_pair: dict[Pair, dict[str, float]]
+) -> dict[str, float]:
     kind = KIND[iou_type]
     sequences = {(v, c): s for v, r in results.items() for (c, t), s in r.hota.items() if t == iou_type}
     ordered = sorted(sequences)

@@ -72,9 +72,14 @@ class Counts:
         loc_a = tp / np.maximum(1, tp + fn + fp)
         cls_a = float(np.mean(self.cls_tp / np.maximum(1, self.cls_tp + self.cls_fn + self.cls_fp)))
         return {
-            "TETA": (loc_a + self.assoc_a + cls_a) / 3, "LocA": loc_a, "AssocA": self.assoc_a, "ClsA": cls_a,
-            "LocRe": tp / np.maximum(1, tp + fn), "LocPr": tp / np.maximum(1, tp + fp),
-            "AssocRe": self.assoc_re, "AssocPr": self.assoc_pr,
+            "TETA": (loc_a + self.assoc_a + cls_a) / 3,
+            "LocA": loc_a,
+            "AssocA": self.assoc_a,
+            "ClsA": cls_a,
+            "LocRe": tp / np.maximum(1, tp + fn),
+            "LocPr": tp / np.maximum(1, tp + fp),
+            "AssocRe": self.assoc_re,
+            "AssocPr": self.assoc_pr,
             "ClsRe": float(np.mean(self.cls_tp / np.maximum(1, self.cls_tp + self.cls_fn))),
             "ClsPr": float(np.mean(self.cls_tp / np.maximum(1, self.cls_tp + self.cls_fp))),
         }
@@ -121,8 +126,9 @@ def _relabel(ids: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     return present, [np.searchsorted(present, i).astype(np.int64) for i in ids]
 
 
-def _class_frames(frames: Sequence[Frame], cls: int | None,
-                  assigned: Sequence[dict[int, int]] | None) -> tuple[list[_ClassFrame], np.ndarray, np.ndarray, int]:
+def _class_frames(
+    frames: Sequence[Frame], cls: int | None, assigned: Sequence[dict[int, int]] | None
+) -> tuple[list[_ClassFrame], np.ndarray, np.ndarray, int]:
     """The toolkit's per-class preprocessing (``cls`` None: every class, for the global assignment).
 
     Returns the class's frames, the original GT and prediction ids behind the relabelled ones, and

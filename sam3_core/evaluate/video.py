@@ -30,7 +30,8 @@ def evaluate_videos(
     unknown = [t for t in iou_types if t not in IOU_TYPES]
     if unknown or not iou_types:
         raise ConfigError(f"evaluate: iou_types must be a non-empty subset of {list(IOU_TYPES)}; got {list(iou_types)}")
-    settings = SuiteSettings(families=("map",), iou_types=tuple(iou_types), max_dets=check_max_dets(max_dets),
-                             workers=workers)
+    settings = SuiteSettings(
+        families=("map",), iou_types=tuple(iou_types), max_dets=check_max_dets(max_dets), workers=workers
+    )
     data = read_video_set(gt, predictions, gt_source=gt_source, predictions_source=predictions_source)
     return evaluate_suite(data, settings).evaluations

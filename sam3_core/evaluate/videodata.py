@@ -123,8 +123,9 @@ def _is_number(value: Any) -> bool:
 def _videos(gt: dict[str, Any], source: str) -> dict[int, Video]:
     videos = gt.get("videos")
     if not isinstance(videos, list):
-        raise InputError(source, "videos", "missing or not a list; a YT-VIS / SA-Co file needs videos, annotations, "
-                                           "categories")
+        raise InputError(
+            source, "videos", "missing or not a list; a YT-VIS / SA-Co file needs videos, annotations, categories"
+        )
     out: dict[int, Video] = {}
     for i, video in enumerate(videos):
         where = f"videos[{i}]"
@@ -149,8 +150,11 @@ def _categories(gt: dict[str, Any], source: str) -> dict[int, str]:
         raise InputError(source, "categories", "missing or not a list")
     try:  # the usual case in one pass (SA-Co lists 51,248 categories); anything odd is named below
         names = {c["id"]: c["name"] for c in categories}
-        if len(names) == len(categories) and all(type(i) is int for i in names) and all(
-                type(n) is str for n in names.values()):
+        if (
+            len(names) == len(categories)
+            and all(type(i) is int for i in names)
+            and all(type(n) is str for n in names.values())
+        ):
             return names
     except (KeyError, TypeError):
         pass
@@ -237,8 +241,9 @@ class _MaskRefs:
         compressed = []
         for rle, size, field_name, (owner, t) in zip(self.rles, self.sizes, self.fields, self.owners):
             if list(rle["size"]) != size:
-                raise InputError(source, f"{field_name}.size",
-                                 f"{rle['size']} is not the video's [height, width] {size}")
+                raise InputError(
+                    source, f"{field_name}.size", f"{rle['size']} is not the video's [height, width] {size}"
+                )
             if isinstance(rle["counts"], list):
                 rle = mask_utils.frPyObjects({"size": size, "counts": rle["counts"]}, size[0], size[1])
                 rle = {"size": size, "counts": rle["counts"]}
@@ -247,8 +252,16 @@ class _MaskRefs:
         return areas(compressed).tolist()
 
 
-def _masklet(raw: Any, index: int, videos: dict[int, Video], names: dict[int, str], masks: _MaskRefs,
-             source: str, where: str, is_gt: bool) -> Masklet:
+def _masklet(
+    raw: Any,
+    index: int,
+    videos: dict[int, Video],
+    names: dict[int, str],
+    masks: _MaskRefs,
+    source: str,
+    where: str,
+    is_gt: bool,
+) -> Masklet:
     if not isinstance(raw, dict):
         raise InputError(source, where, "expected an object")
     video = videos.get(raw.get("video_id"))  # type: ignore[arg-type]
@@ -282,11 +295,21 @@ def _masklet(raw: Any, index: int, videos: dict[int, Video], names: dict[int, st
         raise InputError(source, f"{where}.iscrowd", f"expected 0 or 1, got {crowd!r:.40}")
     tags = raw.get("tags", ())
     masklet = Masklet(
-        index=index, video_id=video.id, category_id=raw["category_id"], track_id=track_id, score=float(score),
-        crowd=bool(crowd), boxes=boxes, box_null=box_null, masks=frame_masks or [None] * video.length,
-        mask_areas=np.zeros(video.length), areas=areas,
+        index=index,
+        video_id=video.id,
+        category_id=raw["category_id"],
+        track_id=track_id,
+        score=float(score),
+        crowd=bool(crowd),
+        boxes=boxes,
+        box_null=box_null,
+        masks=frame_masks or [None] * video.length,
+        mask_areas=np.zeros(video.length),
+        areas=areas,
         tags=tuple(tags) if isinstance(tags, (list, tuple)) else (),
-        has_boxes="bboxes" in raw, has_masks=frame_masks is not None, has_tags="tags" in raw,
+        has_boxes="bboxes" in raw,
+        has_masks=frame_masks is not None,
+        has_tags="tags" in raw,
     )
     return masklet
 
@@ -299,8 +322,9 @@ def _fill_mask_areas(masklets: Sequence[Masklet], areas: list[float]) -> None:
                 m.mask_areas[t] = next(it)
 
 
-def _read(entries: list[Any], videos: dict[int, Video], names: dict[int, str], source: str, prefix: str,
-          is_gt: bool) -> list[Masklet]:
+def _read(
+    entries: list[Any], videos: dict[int, Video], names: dict[int, str], source: str, prefix: str, is_gt: bool
+) -> list[Masklet]:
     masks = _MaskRefs()
     out = []
     for i, raw in enumerate(entries):
@@ -335,25 +359,35 @@ def read_video_set(gt: Any, predictions: Any, *, gt_source: str, predictions_sou
     if not isinstance(annotations, list):
         raise InputError(gt_source, "annotations", "missing or not a list")
     if not isinstance(predictions, list):
-        raise InputError(predictions_source, "(root)",
-                         f"expected a list of video predictions, got {type(predictions).__name__}")
+        raise InputError(
+            predictions_source, "(root)", f"expected a list of video predictions, got {type(predictions).__name__}"
+        )
     gt_masklets = _read(annotations, videos, names, gt_source, "annotations", is_gt=True)
     seen: dict[tuple[int, int], int] = {}
     for m in gt_masklets:
         if "id" in annotations[m.index]:
             key = (m.video_id, m.track_id)
             if key in seen:
-                raise InputError(gt_source, f"annotations[{m.index}].id",
-                                 f"id {m.track_id} is also annotations[{seen[key]}]'s in the same video")
+                raise InputError(
+                    gt_source,
+                    f"annotations[{m.index}].id",
+                    f"id {m.track_id} is also annotations[{seen[key]}]'s in the same video",
+                )
             seen[key] = m.index
         m.area = _gt_area(m)
     predicted = _read(predictions, videos, names, predictions_source, "", is_gt=False)
     has_boxes = any(p.get("bboxes") for p in predictions[:1] if isinstance(p, dict))
     for m in predicted:
         m.area = _prediction_area(m, has_boxes and "bboxes" in predictions[m.index])
-    return VideoSet(videos=videos, category_names=names, gt=gt_masklets, predictions=predicted,
-                    asked=_asked_pairs(gt, videos, names, gt_source), gt_source=gt_source,
-                    predictions_source=predictions_source)
+    return VideoSet(
+        videos=videos,
+        category_names=names,
+        gt=gt_masklets,
+        predictions=predicted,
+        asked=_asked_pairs(gt, videos, names, gt_source),
+        gt_source=gt_source,
+        predictions_source=predictions_source,
+    )
 
 
 def require(data: VideoSet, key: str, why: str) -> None:

@@ -29,18 +29,14 @@ def _attention(cfg: ModelConfig, dropout: float, batch_first: bool | None = None
     from sam3.model.model_misc import MultiheadAttentionWrapper
 
     kwargs = {} if batch_first is None else {"batch_first": batch_first}
-    return MultiheadAttentionWrapper(
-        num_heads=cfg.heads, dropout=dropout, embed_dim=cfg.d_model, **kwargs
-    )
+    return MultiheadAttentionWrapper(num_heads=cfg.heads, dropout=dropout, embed_dim=cfg.d_model, **kwargs)
 
 
 def _position_encoding(cfg: ModelConfig) -> nn.Module:
     from sam3.model.position_encoding import PositionEmbeddingSine
 
     # precompute_resolution stays None: precomputing allocates on "cuda" (see cpu_compat tests)
-    return PositionEmbeddingSine(
-        num_pos_feats=cfg.d_model, normalize=True, scale=None, temperature=10000
-    )
+    return PositionEmbeddingSine(num_pos_feats=cfg.d_model, normalize=True, scale=None, temperature=10000)
 
 
 def _vision_backbone(cfg: ModelConfig) -> nn.Module:
@@ -182,9 +178,7 @@ def _segmentation_head(cfg: ModelConfig) -> nn.Module:
         dot_product_scorer=None,
         act_ckpt=True,
         cross_attend_prompt=_attention(cfg, 0.0),
-        pixel_decoder=PixelDecoder(
-            num_upsampling_stages=3, interpolation_mode="nearest", hidden_dim=cfg.d_model
-        ),
+        pixel_decoder=PixelDecoder(num_upsampling_stages=3, interpolation_mode="nearest", hidden_dim=cfg.d_model),
     )
 
 
@@ -246,6 +240,7 @@ def build_detector(cfg: ModelConfig) -> nn.Module:
     """
     from sam3.model.sam3_image import Sam3Image
     from sam3.model.vl_combiner import SAM3VLBackbone
+
     cpu_compat.apply()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):

@@ -32,11 +32,13 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    EndpointConnectionError,
     ConnectionClosedError,
-    ConnectionError as BotoConnectionError,
+    EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 from botocore.retries.standard import (
     OrRetryChecker,

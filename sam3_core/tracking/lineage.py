@@ -171,4 +171,3 @@ def run_record(
             **{name: package_version(name) for name in ("torch", "mlflow", "sam3pipe")},
         },
     )
-

@@ -31,13 +31,13 @@ from requests import RequestException
 
 from sam3_core.errors import Sam3PipeError
 from sam3_core.tracking.metrics import eval_metrics
+from sam3_core.tracking.models import RUN_MODEL_TAG
 from sam3_core.tracking.redact import (
     describe_error,
     redact_params,
     redact_text,
     truncate,
 )
-from sam3_core.tracking.models import RUN_MODEL_TAG
 from sam3_core.tracking.registry import register_checkpoint
 from sam3_core.tracking.runs import (
     PIPELINE,

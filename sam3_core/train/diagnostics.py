@@ -105,7 +105,12 @@ def frame_diagnostics(outputs: dict[str, Any], targets: dict[str, Any]) -> dict[
     boxes = outputs["pred_boxes"].detach().float().cpu()
     packed = targets["boxes"].detach().float().cpu()
     matched = _matched_queries(outputs["indices"], num_boxes)
-    values: dict[str, list[float]] = {"top_box_iou": [], "matched_box_iou": [], "matched_is_top": [], "query_cosine": []}
+    values: dict[str, list[float]] = {
+        "top_box_iou": [],
+        "matched_box_iou": [],
+        "matched_is_top": [],
+        "query_cosine": [],
+    }
     start = 0
     for prompt, count in enumerate(num_boxes.tolist()):
         values["query_cosine"].append(mean_pairwise_cosine(outputs["queries"][prompt].detach().cpu()))
@@ -120,7 +125,9 @@ def frame_diagnostics(outputs: dict[str, Any], targets: dict[str, Any]) -> dict[
 
 
 @torch.no_grad()
-def split_diagnostics(module: torch.nn.Module, clips: Sequence[Any], max_clips: int = DEFAULT_MAX_CLIPS) -> dict[str, float]:
+def split_diagnostics(
+    module: torch.nn.Module, clips: Sequence[Any], max_clips: int = DEFAULT_MAX_CLIPS
+) -> dict[str, float]:
     """Means of `frame_diagnostics` over the first `max_clips` clips of a `ClipDataset`, dropout off."""
     from sam3.model.utils.misc import copy_data_to_device
 
