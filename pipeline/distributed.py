@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dispatch import component_module
-from sam3_core import storage
+from sam3_core import comm, storage
 from sam3_core.errors import Sam3PipeError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("step", help="step to run on this rank (train, predict)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides of the step")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = comm.launch_env().rank
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     outputs = component_module(args.step).execute(args.overrides)
     if rank == 0:
