@@ -10,10 +10,6 @@ code, and a process per case would cost seconds of imports each); the `SUBPROCES
 real `python -m components.<name>` processes to show what a user's console shows, and hold the
 cases that would hang or eat memory if accepted (each under a timeout or an address-space limit).
 They start before the in-process cases and are collected after them, each with a store of its own.
-
-A case whose fix belongs to another engineer's files is marked `xfail(strict=True)` with the
-owner: it must fail today, and turns into a failure the moment the fix lands, so the mark is
-removed then.
 """
 
 from __future__ import annotations
@@ -112,8 +108,6 @@ class Case:
     # substrings it must not contain (the confusing message a fix replaces)
     forbid: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    # whose files hold the fix, when it is not ours: the case is xfail(strict) until then
-    owner: str = ""
     # run as a real process (console shape, or a hang / memory blow-up if accepted)
     subprocess: bool = False
     memory_limit: bool = False
@@ -148,14 +142,13 @@ CASES = [
     case("dp-misspelt-key", "data-prep", "synthetic.num_video=4", ("synthetic.num_video", "did you mean")),
     case("dp-unbalanced-list", "data-prep", "synthetic.categories=[red circle", ("synthetic.categories", "quote")),
     case("dp-unsupported-store-scheme", "data-prep", "store=ftp://host/store", "ftp://host/store"),
-    case("dp-noise-nan", "data-prep", "synthetic.noise=nan", "synthetic.noise", owner="learn"),
-    case("dp-speed-infinite", "data-prep", "synthetic.max_speed=inf", "synthetic.max_speed", owner="learn"),
+    case("dp-noise-nan", "data-prep", "synthetic.noise=nan", "synthetic.noise"),
+    case("dp-speed-infinite", "data-prep", "synthetic.max_speed=inf", "synthetic.max_speed"),
     case(
         "dp-huge-frames",
         "data-prep",
         ("synthetic.height=200000", "synthetic.width=200000"),
         "synthetic.height",
-        owner="learn",
         subprocess=True,
         memory_limit=True,
         timeout_s=HANG_TIMEOUT_S,
@@ -165,7 +158,6 @@ CASES = [
         "data-prep",
         "synthetic.num_videos=1000000000",
         "synthetic.num_videos",
-        owner="learn",
         subprocess=True,
         memory_limit=True,
         timeout_s=HANG_TIMEOUT_S,
@@ -281,54 +273,50 @@ CASES = [
     case("tr-unsafe-pipeline-run-id", "train", "tracking.pipeline_run_id='a/b'", "tracking.pipeline_run_id"),
     case("tr-steps-not-an-integer", "train", "train.max_steps=1.5", "train.max_steps"),
     case("tr-misspelt-key", "train", "optim.weight_decy=0.1", ("optim.weight_decy", "optim.weight_decay")),
-    case("tr-lr-negative", "train", "optim.lr=-1", "optim.lr", owner="loop"),
-    case("tr-lr-nan", "train", "optim.lr=nan", "optim.lr", owner="loop"),
-    case("tr-batch-size-zero", "train", "data.batch_size=0", "data.batch_size", owner="loop"),
-    case("tr-batch-size-negative", "train", "data.batch_size=-2", "data.batch_size", owner="loop"),
-    case("tr-workers-negative", "train", "data.num_workers=-1", "data.num_workers", owner="loop"),
-    case("tr-image-size-zero", "train", "model.image_size=0", "model.image_size", owner="loop"),
+    case("tr-lr-negative", "train", "optim.lr=-1", "optim.lr"),
+    case("tr-lr-nan", "train", "optim.lr=nan", "optim.lr"),
+    case("tr-batch-size-zero", "train", "data.batch_size=0", "data.batch_size"),
+    case("tr-batch-size-negative", "train", "data.batch_size=-2", "data.batch_size"),
+    case("tr-workers-negative", "train", "data.num_workers=-1", "data.num_workers"),
+    case("tr-image-size-zero", "train", "model.image_size=0", "model.image_size"),
     case(
         "tr-image-size-not-a-patch-multiple",
         "train",
         ("model.image_size=57", "model.vit_pretrain_img_size=57"),
         "model.image_size",
-        owner="loop",
     ),
-    case("tr-warmup-negative", "train", "optim.warmup_steps=-1", "optim.warmup_steps", owner="loop"),
-    case("tr-beta-above-one", "train", "optim.betas=[1.5,0.999]", "optim.betas", owner="loop"),
-    case("tr-threads-negative", "train", "train.num_threads=-1", "train.num_threads", owner="loop"),
-    case("tr-grad-clip-negative", "train", "optim.grad_clip=-1", "optim.grad_clip", owner="loop"),
-    case("tr-loss-weight-nan", "train", "loss.loss_ce=nan", "loss.loss_ce", owner="loop"),
-    case("tr-zero-queries", "train", "model.num_queries=0", "model.num_queries", owner="loop"),
+    case("tr-warmup-negative", "train", "optim.warmup_steps=-1", "optim.warmup_steps"),
+    case("tr-beta-above-one", "train", "optim.betas=[1.5,0.999]", "optim.betas"),
+    case("tr-threads-negative", "train", "train.num_threads=-1", "train.num_threads"),
+    case("tr-grad-clip-negative", "train", "optim.grad_clip=-1", "optim.grad_clip"),
+    case("tr-loss-weight-nan", "train", "loss.loss_ce=nan", "loss.loss_ce"),
+    case("tr-zero-queries", "train", "model.num_queries=0", "model.num_queries"),
     case(
         "tr-clip-longer-than-every-video",
         "train",
         "data.clips.frames_per_clip=50",
         "data.clips.frames_per_clip",
-        owner="learn",
         subprocess=True,
         timeout_s=HANG_TIMEOUT_S,
     ),
     # ---------------------------------------------------------------- train: checkpoints and runs
     case("tr-checkpoint-missing", "train", "model.uri={files}/missing.pt", "missing.pt"),
     case("tr-checkpoint-path-with-accent", "train", "model.uri={files}/modèle final.pt", "modèle final.pt"),
-    case("tr-checkpoint-empty", "train", "model.uri={files}/empty.pt", "empty.pt", forbid=("mmap",), owner="loop"),
-    case("tr-checkpoint-not-torch", "train", "model.uri={files}/text.pt", "text.pt", forbid=("mmap",), owner="loop"),
-    case("tr-checkpoint-holds-a-list", "train", "model.uri={files}/list.pt", "list.pt", owner="loop"),
+    case("tr-checkpoint-empty", "train", "model.uri={files}/empty.pt", "empty.pt", forbid=("mmap",)),
+    case("tr-checkpoint-not-torch", "train", "model.uri={files}/text.pt", "text.pt", forbid=("mmap",)),
+    case("tr-checkpoint-holds-a-list", "train", "model.uri={files}/list.pt", "list.pt"),
     case(
         "tr-registry-uri-not-resolved",
         "train",
         "model.uri=models:/sam3-video@candidate",
         "models:/sam3-video@candidate",
         forbid=("no such file",),
-        owner="loop",
     ),
     case(
         "tr-existing-run-with-another-config",
         "train",
         ("output.run_name=existing", "optim.lr=0.001"),
         ("existing", "optim.lr"),
-        owner="loop",
     ),
     # ---------------------------------------------------------------- predict
     case("pr-no-checkpoint", "predict", "model.uri=null", "model.uri"),
@@ -363,8 +351,8 @@ CASES = [
         ("output.uri={preds}", "postprocess.top_k=3"),
         ("postprocess.top_k", "output.overwrite=true"),
     ),
-    case("pr-checkpoint-empty", "predict", "model.uri={files}/empty.pt", "empty.pt", forbid=("mmap",), owner="loop"),
-    case("pr-checkpoint-holds-a-list", "predict", "model.uri={files}/list.pt", "list.pt", owner="loop"),
+    case("pr-checkpoint-empty", "predict", "model.uri={files}/empty.pt", "empty.pt", forbid=("mmap",)),
+    case("pr-checkpoint-holds-a-list", "predict", "model.uri={files}/list.pt", "list.pt"),
     case(
         "pr-registry-unreachable",
         "predict",
@@ -668,10 +656,7 @@ def check(c: Case, outcome: Outcome, world: dict[str, str]) -> None:
 
 
 def _params(cases: list[Case]) -> list[Any]:
-    return [
-        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=f"owner: {c.owner}")] if c.owner else [])
-        for c in cases
-    ]
+    return [pytest.param(c, id=c.id) for c in cases]
 
 
 IN_PROCESS = [c for c in CASES if not c.subprocess]

@@ -97,7 +97,11 @@ def content(key: str, data: bytes) -> Any:
     is keyed by the checkpoint's sha256), where everything else is compared."""
     if key.endswith(".pt"):
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        history = _without_timings(json.loads(state.pop("history")))
+        # best.pt holds the exported weights only, without the run's history
+        history = _without_timings(state.pop("history", []))
+        # botocore's retry back-off draws its jitter from Python's global `random`, so the saved RNG
+        # states follow how many requests were retried; the weights, optimizer and cursor may not
+        state.pop("rng", None)
         return {"state": digest(state), "step": state["step"], "history": history}
     if key.endswith("metrics.jsonl"):
         return _without_timings([json.loads(line) for line in data.decode().splitlines()])

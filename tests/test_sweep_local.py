@@ -127,10 +127,9 @@ def test_the_store_holds_one_sweep_parent_with_two_trial_runs(swept: SweepRun) -
 
 
 def test_each_trial_run_has_its_params_and_eval_metrics(swept: SweepRun) -> None:
-    assert {t: r.data.params for t, r in swept.trials.items()} == {
-        "t0": {"lr": "0.001", "frames_per_clip": "2"},
-        "t1": {"lr": "0.0001", "frames_per_clip": "2"},
-    }
+    # the trial's own values, next to the parent-row params every pipeline run gets (tracking.parent_params)
+    assert {"lr": "0.001", "frames_per_clip": "2"}.items() <= swept.trials["t0"].data.params.items()
+    assert {"lr": "0.0001", "frames_per_clip": "2"}.items() <= swept.trials["t1"].data.params.items()
     for trial in swept.trials.values():
         assert {"eval/bbox_AP50", "eval/segm_AP", "eval/video_mask_mAP_50_95"} <= set(trial.data.metrics)
 

@@ -103,9 +103,16 @@ def test_searching_logged_models_by_the_validation_metric_returns_the_best_check
         output_format="list",
     )
 
-    assert [int(m.tags["sam3pipe.step"]) for m in sorted(ranked, key=lambda m: int(m.tags["sam3pipe.step"]))] == [2, 4]
-    assert ranked[0].model_id == train_run.data.tags["sam3pipe.checkpoint.best_model_id"]
-    assert [m.tags["sam3pipe.best"] for m in ranked] == ["true", "false"]
+    by_step = {int(m.tags["sam3pipe.step"]): m for m in ranked}
+    best_step = int(train_run.data.tags["sam3pipe.best_step"])
+    value = {step: {metric.key: metric.value for metric in m.metrics}[best_metric] for step, m in by_step.items()}
+    assert sorted(by_step) == [2, 4]
+    assert by_step[best_step].model_id == train_run.data.tags["sam3pipe.checkpoint.best_model_id"]
+    # the best checkpoint ranks first (on a tie the earlier step is the best one)
+    assert value[best_step] == value[int(ranked[0].tags["sam3pipe.step"])]
+    assert {step: m.tags["sam3pipe.best"] for step, m in by_step.items()} == {
+        step: str(step == best_step).lower() for step in by_step
+    }
 
 
 def test_a_logged_model_points_at_its_checkpoint_in_the_store(pipelines: TrackedPipelines) -> None:

@@ -75,13 +75,11 @@ class _FrameArrays:
 
 
 def _prepare_run(cfg: TrainJobConfig, run: RunFolder) -> bool:
-    """Check the folder may hold this run, clear leftovers, write config.yaml; True when resuming."""
+    """Check the folder may hold this run and clear leftovers; True when resuming."""
     check_same_config(cfg, run)
     resuming = cfg.train.resume and storage.exists(run.last_uri)
     if comm.is_main():
         remove_stale_writes(run.checkpoints_uri)
-        if not resuming:
-            write_config(cfg, run)
     return resuming
 
 
@@ -169,6 +167,9 @@ def build_trainer(
     )
 
     module = _build_module(cfg, resuming).to(device)
+    # written once the data and the starting weights have loaded: a run that cannot start leaves no folder
+    if comm.is_main() and not resuming:
+        write_config(cfg, run)
     model: torch.nn.Module = module
     if env.distributed:
         model = DistributedDataParallel(
