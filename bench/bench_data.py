@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -206,6 +207,8 @@ def _loader_rows(bench: DataBench, root: Path) -> list[tuple[str, str, str]]:
         source="synthetic", synthetic=videos, store=str(root / "store"), resize_max_side=bench.max_side
     )
     local = prepare_dataset(cfg)
+    # one request log line per frame read would bury the table
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
