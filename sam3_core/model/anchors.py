@@ -11,9 +11,10 @@ localised an object, and the score could not tell the queries apart.
 `init: grid` starts each query at its own cell of a grid over the image (a box of side `size`)
 and turns the attention bias into a penalty that grows with a token's distance outside the
 query's box, one strength per head, doubling from head to head (`attention_prior` at head
-heads // 2): some heads keep to the box, others see its surroundings. Each query then sees its own part of the image from the first step, the matcher pairs
-an object with the query whose cell holds it, and both the box and the score of that query learn
-from what it sees. Loaded weights (a checkpoint, `model.uri`) replace all of this.
+heads // 2): some heads keep to the box, others see its surroundings. Each query then sees its
+own part of the image from the first step, the matcher pairs an object with the query whose cell
+holds it, and both the box and the score of that query learn from what it sees. Loaded weights
+(a checkpoint, `model.uri`) replace all of this.
 """
 
 from __future__ import annotations
