@@ -3,7 +3,7 @@
 The trainer's step (`Trainer.train_step`: clip loading and collation, the loss, backward,
 gradient clipping, the NaN/Inf guard, the per-step all-reduce of the statistics, AdamW, the
 schedule, and the per-step hooks) is timed against the least a step
-can do on the same model: forward, loss, backward and AdamW on one batch collated up front,
+can do on the same model: forward, loss, backward and AdamW on the same clips collated up front,
 with no data loading, logging or checkpoints. Their ratio is the trainer's overhead. Each
 process count runs under torchrun (gloo on CPU, DDP for 2) on one synthetic dataset; the two
 loops alternate in rounds so a change in machine load hits both alike. Rank 0 writes the
@@ -12,6 +12,7 @@ per-step times as JSON and this process prints the table.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -76,16 +77,24 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
         hook.before_train()
     trainer.model.train()
     train_set = trainer.data.dataset
-    mine = range(comm.rank(), len(train_set), comm.world_size())[: cfg.data.batch_size]
-    fixed = trainer.task.to_device(collate_clips([train_set[i] for i in mine], with_masks=cfg.data.clips.with_masks))
-    targets = [trainer.module.detector.back_convert(t) for t in fixed.find_targets]
+    # every batch of this rank's share, collated up front: the bare loop cycles through the same
+    # clips the trainer draws, so the numbers of objects (matching and mask-loss cost) are alike
+    mine = list(range(comm.rank(), len(train_set), comm.world_size()))
+    size = cfg.data.batch_size
+    batches = []
+    for start in range(0, len(mine) - size + 1, size):
+        clips = [train_set[i] for i in mine[start : start + size]]
+        batch = trainer.task.to_device(collate_clips(clips, with_masks=cfg.data.clips.with_masks))
+        batches.append((batch, [trainer.module.detector.back_convert(t) for t in batch.find_targets]))
+    cursor = itertools.cycle(batches)
 
     def ours() -> None:
         trainer.train_step()
 
     def bare() -> None:
+        batch, targets = next(cursor)
         with trainer.autocast():
-            losses = trainer.task.loss_fn(trainer.model(fixed), targets)
+            losses = trainer.task.loss_fn(trainer.model(batch), targets)
         losses["core_loss"].backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
