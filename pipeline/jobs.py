@@ -26,10 +26,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import urllib3
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
@@ -81,6 +83,11 @@ class JobKind:
     @property
     def name(self) -> str:
         return self.kind.lower()
+
+    def load_template(self) -> dict[str, Any]:
+        """The job manifest template shipped in the package (`template` is its path in the repo)."""
+        package, _, path = self.template.partition("/")
+        return yaml.safe_load(resources.files(package).joinpath(path).read_text(encoding="utf-8"))
 
 
 @dataclass

@@ -8,10 +8,7 @@ watch, adoption on retry and clean-up are pipeline/jobs.py's.
 from __future__ import annotations
 
 import copy
-from importlib import resources
 from typing import Any
-
-import yaml
 
 from pipeline import jobs
 from pipeline.jobs import LaunchSettings
@@ -32,11 +29,6 @@ KIND = jobs.JobKind(
 )
 
 
-def load_template() -> dict[str, Any]:
-    text = resources.files("pipeline").joinpath("templates/pytorchjob.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
-
-
 def build_job(
     name: str,
     namespace: str,
@@ -49,7 +41,7 @@ def build_job(
     """The PyTorchJob manifest: the template with this run's image, command, sizes and placement."""
     if nodes < 1:
         raise ConfigError(f"pytorchjob: nodes must be >= 1, got {nodes}")
-    job = load_template()
+    job = KIND.load_template()
     job["metadata"].update(name=name, namespace=namespace)
     job["spec"]["nprocPerNode"] = str(max(gpus_per_node, 1))
     run_policy = job["spec"]["runPolicy"]

@@ -9,10 +9,7 @@ variables. Create, watch, adoption on retry and clean-up are pipeline/jobs.py's.
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
-
-import yaml
 
 from pipeline import jobs
 from pipeline.jobs import LaunchSettings
@@ -34,11 +31,6 @@ KIND = jobs.JobKind(
 NODE = "node"
 
 
-def load_template() -> dict[str, Any]:
-    text = resources.files("pipeline").joinpath("templates/trainjob.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
-
-
 def build_job(
     name: str,
     namespace: str,
@@ -55,7 +47,7 @@ def build_job(
         raise ConfigError(
             "trainjob: no runtime; set trainjob.runtime to a ClusterTrainingRuntime (manifests/trainer-v2/)"
         )
-    job = load_template()
+    job = KIND.load_template()
     job["metadata"].update(name=name, namespace=namespace)
     job["spec"]["runtimeRef"]["name"] = launch.runtime
     trainer = job["spec"]["trainer"]

@@ -62,11 +62,11 @@ def container(job: dict[str, Any], replica: str = "Master") -> dict[str, Any]:
 
 
 def test_template_is_a_valid_pytorchjob(pytorchjob_schema) -> None:
-    assert pytorchjob_schema.errors(pytorchjob.load_template()) == []
+    assert pytorchjob_schema.errors(pytorchjob.KIND.load_template()) == []
 
 
 def test_strict_schema_rejects_a_misspelt_field(pytorchjob_schema) -> None:
-    job = pytorchjob.load_template()
+    job = pytorchjob.KIND.load_template()
     job["spec"]["pytorchReplicaSpecs"]["Master"]["replica"] = 1
     assert any("replica" in error for error in pytorchjob_schema.errors(job))
 

@@ -64,11 +64,11 @@ def node_override(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_template_is_a_valid_trainjob(trainjob_schema) -> None:
-    assert trainjob_schema.errors(trainjob.load_template()) == []
+    assert trainjob_schema.errors(trainjob.KIND.load_template()) == []
 
 
 def test_strict_schema_rejects_a_misspelt_trainer_field(trainjob_schema) -> None:
-    job = trainjob.load_template()
+    job = trainjob.KIND.load_template()
     job["spec"]["trainer"]["numProcsPerNode"] = 2
     assert any("numProcsPerNode" in error for error in trainjob_schema.errors(job))
 
