@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _HASH_CHUNK = 1024 * 1024
 
@@ -102,22 +104,23 @@ def join(base: str, *parts: str) -> str:
 # ---------------------------------------------------------------------------- bytes / text / json
 
 
-def read_bytes(uri: str) -> bytes:
-    """Whole object as bytes."""
+def _on_backend(uri: str | Path, what: str, op: Callable[[Backend, str], T], need_key: bool = True) -> T:
+    """`op(backend, uri)` on the backend of a checked `uri`, its failures named as `what` of `uri`."""
     uri = str(uri)
     backend = backend_for(uri)
-    with _errors(uri, "read", backend):
-        backend.check(uri)
-        return backend.read_bytes(uri)
+    with _errors(uri, what, backend):
+        backend.check(uri, need_key=need_key)
+        return op(backend, uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole object as bytes."""
+    return _on_backend(uri, "read", lambda backend, key: backend.read_bytes(key))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Create or replace one object; readers see the old or the new bytes, never a mix."""
-    uri = str(uri)
-    backend = backend_for(uri)
-    with _errors(uri, "write", backend):
-        backend.check(uri)
-        backend.write_bytes(uri, data)
+    _on_backend(uri, "write", lambda backend, key: backend.write_bytes(key, data))
 
 
 def read_text(uri: str) -> str:
@@ -154,29 +157,17 @@ def write_json(uri: str, obj: Any) -> None:
 
 def exists(uri: str) -> bool:
     """True when ``uri`` names an existing object (a file locally; a folder is not an object)."""
-    uri = str(uri)
-    backend = backend_for(uri)
-    with _errors(uri, "existence check", backend):
-        backend.check(uri)
-        return backend.exists(uri)
+    return _on_backend(uri, "existence check", lambda backend, key: backend.exists(key))
 
 
 def size(uri: str) -> int:
     """Size of one object in bytes."""
-    uri = str(uri)
-    backend = backend_for(uri)
-    with _errors(uri, "size check", backend):
-        backend.check(uri)
-        return backend.size(uri)
+    return _on_backend(uri, "size check", lambda backend, key: backend.size(key))
 
 
 def list_files(prefix: str) -> list[str]:
     """Every object under the folder ``prefix``, recursively, as sorted posix keys relative to it."""
-    prefix = str(prefix)
-    backend = backend_for(prefix)
-    with _errors(prefix, "listing", backend):
-        backend.check(prefix, need_key=False)
-        return backend.list_files(prefix)
+    return _on_backend(prefix, "listing", lambda backend, key: backend.list_files(key), need_key=False)
 
 
 # ---------------------------------------------------------------------------- transfers
@@ -184,20 +175,12 @@ def list_files(prefix: str) -> list[str]:
 
 def upload_file(local: str | Path, uri: str) -> None:
     """Copy a local file to ``uri``; big files go up in parallel multipart chunks."""
-    uri = str(uri)
-    backend = backend_for(uri)
-    with _errors(uri, f"upload of {local}", backend):
-        backend.check(uri)
-        backend.upload_file(Path(local), uri)
+    _on_backend(uri, f"upload of {local}", lambda backend, key: backend.upload_file(Path(local), key))
 
 
 def download_file(uri: str, local: str | Path) -> None:
     """Copy ``uri`` to a local file; the file appears complete or not at all."""
-    uri = str(uri)
-    backend = backend_for(uri)
-    with _errors(uri, f"download to {local}", backend):
-        backend.check(uri)
-        backend.download_file(uri, Path(local))
+    _on_backend(uri, f"download to {local}", lambda backend, key: backend.download_file(key, Path(local)))
 
 
 def copy(src: str, dst: str) -> None:
@@ -219,23 +202,12 @@ def copy(src: str, dst: str) -> None:
 
 def delete(uri: str) -> None:
     """Remove one object; removing a missing object is not an error."""
-    uri = str(uri)
-    backend = backend_for(uri)
-    with _errors(uri, "delete", backend):
-        backend.check(uri)
-        backend.delete(uri)
+    _on_backend(uri, "delete", lambda backend, key: backend.delete(key))
 
 
 def delete_prefix(prefix: str) -> None:
     """Remove every object under the folder ``prefix`` (never a whole bucket)."""
-    prefix = str(prefix)
-    backend = backend_for(prefix)
-    with _errors(prefix, "delete", backend):
-        backend.check(prefix)
-        backend.delete_prefix(prefix)
-
-
-# ---------------------------------------------------------------------------- checksums
+    _on_backend(prefix, "delete", lambda backend, key: backend.delete_prefix(key))
 
 
 def remove_partial_writes(folder: str) -> list[str]:
@@ -255,6 +227,9 @@ def remove_partial_writes(folder: str) -> list[str]:
         path.unlink(missing_ok=True)
         removed.append(str(path))
     return removed
+
+
+# ---------------------------------------------------------------------------- checksums
 
 
 def sha256_bytes(data: bytes) -> str:
