@@ -16,23 +16,17 @@ from collections import Counter
 from collections.abc import Collection
 from typing import Any
 
-from sam3_core.data.sources import FrameFiles, Source, describe
-from sam3_core.data.ytvis import VideoDataset, validate
+from sam3_core.data.sources import Source, describe, ytvis
+from sam3_core.data.ytvis import VideoDataset
 from sam3_core.errors import InputError
 
 
 def load(annotations: str, frames_root: str, raw: Any, video_ids: Collection[int] | None = None) -> Source:
-    """The validated dataset with per-video negatives; frames are ``file_names`` below ``frames_root``."""
-    dataset = validate(raw, annotations, video_ids=video_ids)
-    negatives = negatives_from_pairs(raw, dataset, annotations, required=True)
-    dataset = with_negatives(dataset, negatives, {a["category_id"] for a in raw["annotations"]})
-    return Source(
-        annotations=annotations,
-        dataset=dataset,
-        frames={v.id: FrameFiles(frames_root, v.file_names) for v in dataset.videos},
-        paths={v.id: f"videos[{i}]" for i, v in enumerate(dataset.videos)},
-        description=describe("saco", annotations, raw),
-    )
+    """The YT-VIS source with per-video negatives; frames are ``file_names`` below ``frames_root``."""
+    source = ytvis.load(annotations, frames_root, raw, video_ids)
+    negatives = negatives_from_pairs(raw, source.dataset, annotations, required=True)
+    dataset = with_negatives(source.dataset, negatives, {a["category_id"] for a in raw["annotations"]})
+    return dataclasses.replace(source, dataset=dataset, description=describe("saco", annotations, raw))
 
 
 def negatives_from_pairs(
