@@ -108,7 +108,12 @@ def _autocast(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
 
 
 def _validators(
-    cfg: TrainJobConfig, reader: FrameReader, task: ClipTask, amp: torch.dtype | None, device: torch.device
+    cfg: TrainJobConfig,
+    reader: FrameReader,
+    frames: _FrameArrays,
+    task: ClipTask,
+    amp: torch.dtype | None,
+    device: torch.device,
 ) -> list[Validator]:
     loop = cfg.train
     validators: list[Validator] = []
@@ -126,7 +131,7 @@ def _validators(
     if loop.diagnostics:
         # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
         seen = ClipDataset(
-            reader.dataset("train"), _FrameArrays(reader), cfg.data.clips, cfg.model.image_size, loop.seed, train=False
+            reader.dataset("train"), frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False
         )
         validators.append(functools.partial(diagnose, train_dataset=seen))
     return validators
@@ -186,7 +191,7 @@ def build_trainer(
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     amp = _autocast(cfg, device)
 
-    all_validators = [*_validators(cfg, reader, task, amp, device), *validators] if cfg.train.val_every else []
+    all_validators = [*_validators(cfg, reader, frames, task, amp, device), *validators] if cfg.train.val_every else []
     val_set = (
         ClipDataset(reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
         if all_validators

@@ -154,6 +154,8 @@ class Trainer:
         self.max_steps, self.grad_accum_steps, self.grad_clip = max_steps, grad_accum_steps, grad_clip
         self.amp_dtype = amp_dtype
         self.device = device or torch.device("cpu")
+        # fixed once built (freezing and adapters come first): not walked again every step
+        self._trainable = [p for p in module.parameters() if p.requires_grad]
         self.on_metrics = on_metrics
         self.step = 0
         self.start_step = 0
@@ -244,7 +246,7 @@ class Trainer:
             yield losses, self.task.counts(batch)
 
     def _grad_norm(self) -> torch.Tensor:
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        params = [p for p in self._trainable if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.device)
         if self.grad_clip > 0:
