@@ -16,7 +16,6 @@ with `train.num_threads=1` on CPU, or deterministic kernels on GPU).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -57,6 +56,7 @@ from sam3_core.train.trainer import (
     MetricsCallback,
     Trainer,
     TrainResult,
+    autocast_context,
     seed_everything,
 )
 from sam3_core.train.validation import DetectionMetrics, ValidationLoss
@@ -102,7 +102,7 @@ def _build_module(cfg: TrainJobConfig, resuming: bool) -> VideoClipDetector:
     return module
 
 
-def _autocast(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
+def _amp_dtype(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
     on = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
     return torch.bfloat16 if on else None
 
@@ -118,9 +118,7 @@ def _validators(
     loop = cfg.train
     validators: list[Validator] = []
     if loop.val_max_clips > 0:
-        autocast = (
-            functools.partial(torch.autocast, device.type, dtype=amp) if amp is not None else contextlib.nullcontext
-        )
+        autocast = functools.partial(autocast_context, device, amp)
         validators.append(ValidationLoss(task, loop.val_max_clips, cfg.data.clips.with_masks, autocast))
     if loop.val_max_frames > 0:
         validators.append(
@@ -189,7 +187,7 @@ def build_trainer(
     task = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    amp = _autocast(cfg, device)
+    amp = _amp_dtype(cfg, device)
 
     all_validators = [*_validators(cfg, reader, frames, task, amp, device), *validators] if cfg.train.val_every else []
     val_set = (

@@ -122,6 +122,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`; full precision (no context) when `dtype` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def seed_everything(seed: int) -> None:
     """torch, numpy and Python's global generators, so every random choice of a run follows `seed`."""
     torch.manual_seed(seed)
@@ -182,9 +189,7 @@ class Trainer:
         return self.step == self.max_steps
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     # ---------------------------------------------------------------- metrics
     def log(self, metrics: dict[str, float]) -> None:
