@@ -99,8 +99,8 @@ def content(key: str, data: bytes) -> Any:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         # best.pt holds the exported weights only, without the run's history
         history = _without_timings(state.pop("history", []))
-        # botocore's retry back-off draws its jitter from Python's global `random`, so the saved RNG
-        # states follow how many requests were retried; the weights, optimizer and cursor may not
+        # s3transfer names each download's temporary file from Python's global `random`, so the saved
+        # RNG states can follow how the transfers went; the weights, optimizer and cursor may not
         state.pop("rng", None)
         return {"state": digest(state), "step": state["step"], "history": history}
     if key.endswith("metrics.jsonl"):

@@ -138,6 +138,9 @@ class RetryPolicy:
 
     def __init__(self, attempts: int, deadline_s: float) -> None:
         self.attempts, self.deadline_s = attempts, deadline_s
+        # its own generator: jitter drawn from Python's global one would make a training run's
+        # saved random state depend on how many of its requests were retried
+        self._jitter = random.Random()
         self._transient = OrRetryChecker(
             [TransientRetryableChecker(), ThrottledRetryableChecker(), ThrottlingStatusCodeChecker()]
         )
@@ -148,7 +151,7 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Seconds before retry number ``attempt`` (1-based): exponential, capped, half-jittered."""
         step = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-        return step * (0.5 + random.random() / 2)
+        return step * (0.5 + self._jitter.random() / 2)
 
     def needs_retry(
         self, attempts: int, response: Any, caught_exception: Any, request_dict: dict, operation: Any, **_: Any
