@@ -14,12 +14,11 @@ files, the table as a grid and a short summary.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any
 
 from components.runner import run_cli
-from sam3_core.config import load_config
+from sam3_core.config import load_config, quote_value
 from sam3_core.errors import ConfigError
 from sam3_core.evaluate.report import (
     EvaluateConfig,
@@ -36,15 +35,6 @@ from sam3_core.tracking import component_run, eval_metrics
 FLAGS = {"--gt": "gt", "--predictions": "predictions", "--output": "output", "--frames-gt": "frames_gt"}
 
 
-def hydra_quote(value: str) -> str:
-    """Quote a value so any path (spaces, '=', ',', quotes) survives Hydra's override grammar.
-
-    Inside quotes Hydra unescapes only backslashes that precede a quote or end the string.
-    """
-    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
-    return f"'{escaped}'"
-
-
 def flags_to_overrides(argv: list[str]) -> list[str]:
     """`--gt X` style flags become `gt='X'` overrides; everything else passes through as overrides."""
     parser = argparse.ArgumentParser(prog="evaluate", add_help=False, allow_abbrev=False, exit_on_error=False)
@@ -55,7 +45,7 @@ def flags_to_overrides(argv: list[str]) -> list[str]:
     except argparse.ArgumentError as exc:
         raise ConfigError(f"evaluate: {exc}; write {exc.argument_name} <uri>") from exc
     values = {key: getattr(known, key) for key in FLAGS.values()}
-    flagged = [f"{key}={hydra_quote(value)}" for key, value in values.items() if value is not None]
+    flagged = [f"{key}={quote_value(value)}" for key, value in values.items() if value is not None]
     return rest + flagged
 
 

@@ -31,7 +31,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from sam3_core.config import flatten
+from sam3_core.config import flatten, quote_value
 from sam3_core.errors import Sam3PipeError, StorageError
 from sam3_core.tracking.datasets import DatasetRef, changed_files
 from sam3_core.tracking.lineage import (
@@ -256,10 +256,7 @@ def hydra_value(value: Any) -> str:
         return "[" + ",".join(hydra_value(item) for item in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{key}:{hydra_value(item)}" for key, item in value.items()) + "}"
-    text = str(value)
-    # Inside Hydra quotes only backslashes before a quote (or at the end) are escapes.
-    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
-    return f"'{escaped}'"
+    return quote_value(str(value))
 
 
 def _redirect(value: str, suffix: str) -> str:
