@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 
 from components.evaluate import execute, flags_to_overrides
 from sam3_core import storage
 from sam3_core.errors import ConfigError, InputError
+from tests.fixtures.masks import box_rle
 from tests.fixtures.saco import SacoShape, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +25,7 @@ CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "nam
 
 
 def rle(box: list[int] | None) -> dict | None:
-    if box is None:
-        return None
-    mask = np.zeros(SIZE, dtype=np.uint8, order="F")
-    x, y, w, h = box
-    mask[y : y + h, x : x + w] = 1
-    encoded = mask_utils.encode(mask)
-    return {"size": list(SIZE), "counts": encoded["counts"].decode("ascii")}
+    return box_rle(box, SIZE)
 
 
 def frames_gt() -> dict:

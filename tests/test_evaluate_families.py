@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 
 from sam3_core.errors import InputError
 from sam3_core.evaluate.report import EvaluateConfig, video_families
 from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
+from tests.fixtures.masks import box_rle
 from tests.fixtures.saco import SacoShape, generate
 
 SIZE = (40, 60)  # height, width
@@ -19,12 +18,7 @@ FRAMES = 2
 
 
 def rle(box: list[int] | None) -> dict | None:
-    if box is None:
-        return None
-    mask = np.zeros(SIZE, dtype=np.uint8, order="F")
-    x, y, w, h = box
-    mask[y : y + h, x : x + w] = 1
-    return {"size": list(SIZE), "counts": mask_utils.encode(mask)["counts"].decode("ascii")}
+    return box_rle(box, SIZE)
 
 
 def masklet(category: int, box: list[int], *, score: float | None = None, ann_id: int | None = None) -> dict:
