@@ -8,6 +8,7 @@ ignored here, and steps see this shell's environment (SAM3PIPE_STORE, MLFLOW_TRA
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import re
@@ -31,8 +32,21 @@ class LocalRunError(Sam3PipeError):
     """A step of the local run failed; its own log lines above say why."""
 
 
+def run_pipeline(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path) -> Any:
+    """Run a pipeline with kfp.local in this environment; the finished pipeline task (its outputs).
+
+    kfp.local indents a step's output by swapping `builtins.print` for the step's duration; steps
+    of a ParallelFor run in threads, and one can restore another's swap, leaving every later print
+    of the process indented (a CLI's JSON line included). The print of before the run is put back.
+    """
+    print_before = builtins.print
+    try:
+        return _run(pipeline, arguments, pipeline_root)
+    finally:
+        builtins.print = print_before
+
+
 def _run(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path) -> Any:
-    """Run a pipeline with kfp.local in this environment; its outputs."""
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp_local.init(
         runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
@@ -49,7 +63,7 @@ def _run(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Pat
                 raise
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours its messages
             raise LocalRunError(f"local run: {plain}; the failing step's log is above") from exc
-    return task.output
+    return task
 
 
 def without_retries(settings: PipelineSettings) -> PipelineSettings:
@@ -65,7 +79,7 @@ def without_retries(settings: PipelineSettings) -> PipelineSettings:
 def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path) -> dict[str, float]:
     """Run every step here with `pairs` as pipeline parameters; return the evaluation metrics."""
     pipeline = build_pipeline(without_retries(settings))
-    return dict(_run(pipeline, parse_arguments(pipeline, pairs), pipeline_root))
+    return dict(run_pipeline(pipeline, parse_arguments(pipeline, pairs), pipeline_root).output)
 
 
 def run_local_sweep(
@@ -78,7 +92,7 @@ def run_local_sweep(
     """
     pipeline = build_sweep_pipeline(without_retries(settings), spec["sweep_trials"], spec["sweep_grid"])
     arguments = {**spec, **parse_arguments(pipeline, pairs)}
-    outcome = _run(pipeline, arguments, pipeline_root)
+    outcome = run_pipeline(pipeline, arguments, pipeline_root).output
     return storage.read_json(outcome["outcome_uri"])
 
 

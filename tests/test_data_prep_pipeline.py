@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kfp import local as kfp_local
 
 from pipeline.compile import compile_pipeline
+from pipeline.local import run_pipeline
 from pipeline.pipeline import build_data_prep_pipeline
 from pipeline.settings import load_settings
 from sam3_core import storage
@@ -50,14 +49,11 @@ def test_three_shards_through_kfp_local_give_the_one_process_dataset_id_and_byte
     one = prepare_dataset(prep_config(tmp_path / "one-process"))
     store = tmp_path / "sharded"
     monkeypatch.setenv("SAM3PIPE_STORE", str(store))
-    kfp_local.init(
-        runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=True
+    task = run_pipeline(
+        build_data_prep_pipeline(load_settings()),
+        {"source": "synthetic", "store": str(store), "data_prep_shards": 3, "data_prep_overrides": OVERRIDES},
+        tmp_path / "kfp",
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # "non-Python base image": locally no image is used
-        task = build_data_prep_pipeline(load_settings())(
-            source="synthetic", store=str(store), data_prep_shards=3, data_prep_overrides=OVERRIDES
-        )
     assert task.outputs["dataset_id"] == one.dataset_id
     assert files_of(Path(task.outputs["dataset_uri"])) == files_of(Path(one.uri))
     # the shards' parts are gone; the plan and its result stay so a rerun reuses the dataset
