@@ -409,3 +409,29 @@ def test_yt_vis_gt_scores_class_map_only_unless_metrics_asks_for_more(tmp_path):
     assert not (tmp_path / "a" / "video_np_results.json").exists()
     assert any("_all_phrase_" in k for k in chosen) and any("_phrase_ap_" in k for k in chosen)
     assert not any("_mAP_" in k for k in chosen)
+
+
+def test_evaluation_with_tracking_off_never_imports_mlflow(tmp_path):
+    """Importing mlflow takes about a second: a short evaluation that tracks nothing must not pay it."""
+    gt, predictions = generate(SacoShape(videos=1, frames=3, seed=23))
+    args = ["--gt", write(tmp_path / "gt.json", gt), "--predictions", write(tmp_path / "p.json", predictions)]
+    args += ["--output", str(tmp_path / "eval" / "metrics.json"), "tracking.enabled=false", "workers=1"]
+    probe = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('mlflow imported:', 'mlflow' in sys.modules))\n"
+        f"sys.argv = ['evaluate', *{args!r}]\n"
+        "runpy.run_module('components.evaluate', run_name='__main__')\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "mlflow imported: False"

@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any
-
-from mlflow.entities import Dataset, DatasetInput, InputTag
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from typing import TYPE_CHECKING, Any
 
 from sam3_core import storage
 from sam3_core.errors import InputError, StorageError
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.lineage import content_sha256
+
+if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
 
 MANIFEST = "manifest.json"
 # MLflow keeps digests of at most 36 characters.
@@ -45,14 +46,15 @@ class DatasetRef:
 
     def as_input(self, context: str) -> DatasetInput:
         scheme = self.uri.split("://", 1)[0] if "://" in self.uri else "local"
-        dataset = Dataset(
+        dataset = mlflow_api.Dataset(
             name=self.name,
             digest=self.dataset_id[:MAX_DIGEST],
             source_type=scheme,
             source=json.dumps({"uri": self.uri}),
             profile=json.dumps(self.counts, sort_keys=True) if self.counts else None,
         )
-        return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        tag = mlflow_api.InputTag(mlflow_api.MLFLOW_DATASET_CONTEXT, context)
+        return mlflow_api.DatasetInput(dataset, [tag])
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
-
 from sam3_core import storage
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.redact import redact_value, truncate
 
 TAG_GIT_COMMIT = "sam3pipe.git_commit"
@@ -72,7 +71,7 @@ def image() -> str:
 def lineage_tags() -> dict[str, str]:
     """Tags that say what code produced a run: commit, image, model library (and what it reproduces)."""
     commit = git_commit()
-    tags = {TAG_GIT_COMMIT: commit, MLFLOW_GIT_COMMIT: commit, TAG_SAM3_VERSION: sam3_version()}
+    tags = {TAG_GIT_COMMIT: commit, mlflow_api.MLFLOW_GIT_COMMIT: commit, TAG_SAM3_VERSION: sam3_version()}
     if image():
         tags[TAG_IMAGE] = image()
     if os.environ.get(REPRODUCES_ENV):

@@ -15,10 +15,13 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import LoggedModel, LoggedModelOutput, Metric
+from sam3_core.tracking import mlflow_api
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModel, Metric
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def _linked_metrics(
     """The step's metrics tied to the model; the trainer's own timestamps keep the run's history free of copies."""
     now = int(time.time() * 1000)
     return [
-        Metric(key, float(value), int(timestamps.get(key) or now), int(step), model_id=model_id)
+        mlflow_api.Metric(key, float(value), int(timestamps.get(key) or now), int(step), model_id=model_id)
         for key, value in metrics.items()
     ]
 
@@ -88,7 +91,7 @@ def record_checkpoint(
         if metrics:
             client.log_batch(run_id, metrics=metrics)
         client.finalize_logged_model(model.model_id, "READY")
-        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        client.log_outputs(run_id, [mlflow_api.LoggedModelOutput(model.model_id, step)])
         logger.info("checkpoint step %d is logged model %s (%s)", step, model.model_id, record["uri"])
     elif model.tags.get(TAG_SHA256) != record["sha256"]:
         logger.warning(

@@ -13,14 +13,14 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
-
-from sam3_core.tracking import models
+from sam3_core.tracking import mlflow_api, models
 from sam3_core.tracking.datasets import DatasetRef
 from sam3_core.tracking.registry import register_checkpoint
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _parent(client: MlflowClient, target: Target, record: Mapping[str, Any]) -> 
     params = []
     for key, value in record.get("params", {}).items():
         if key not in held:
-            params.append(Param(key, str(value)))
+            params.append(mlflow_api.Param(key, str(value)))
         elif held[key] != str(value):
             logger.warning(
                 "pipeline run keeps param %s=%s; this component ran with %s (a rerun with other settings?)",
@@ -76,17 +76,17 @@ def _parent(client: MlflowClient, target: Target, record: Mapping[str, Any]) -> 
                 value,
             )
     metrics = [
-        Metric(m["key"], float(m["value"]), int(m.get("timestamp") or time.time() * 1000), int(m["step"]))
+        mlflow_api.Metric(m["key"], float(m["value"]), int(m.get("timestamp") or time.time() * 1000), int(m["step"]))
         for m in record.get("metrics", [])
     ]
-    tags = [RunTag(key, str(value)) for key, value in record.get("tags", {}).items()]
+    tags = [mlflow_api.RunTag(key, str(value)) for key, value in record.get("tags", {}).items()]
     client.log_batch(target.parent_run_id, metrics=metrics, params=params, tags=tags)
     best = record.get("best_model_name")
     if best:
         found = models.find_model(client, target.experiment_id, target.run_id, best)
         if found is not None:
             client.log_outputs(
-                target.parent_run_id, [LoggedModelOutput(found.model_id, int(record.get("best_step", 0)))]
+                target.parent_run_id, [mlflow_api.LoggedModelOutput(found.model_id, int(record.get("best_step", 0)))]
             )
 
 

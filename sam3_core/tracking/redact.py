@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+from sam3_core.tracking import mlflow_api
 
 MASK = "***"
 
@@ -131,9 +131,10 @@ def redact_tree(obj: Any, key: str = "") -> Any:
     return redact_value(key, obj)
 
 
-def truncate(value: str, limit: int = MAX_PARAM_VAL_LENGTH) -> str:
+def truncate(value: str) -> str:
     """MLflow refuses longer values; keep the head and say that it was cut."""
     marker = "...[truncated]"
+    limit = mlflow_api.MAX_PARAM_VAL_LENGTH
     return value if len(value) <= limit else value[: limit - len(marker)] + marker
 
 

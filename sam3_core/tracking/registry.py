@@ -13,17 +13,18 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import TypeVar
-
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, TypeVar
 
 from sam3_core.errors import InputError, Sam3PipeError
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.redact import describe_error, redact_text
 from sam3_core.tracking.runs import TAG_PIPELINE_RUN_ID, TAG_SUPERSEDED_BY
-from sam3_core.tracking.sender import TRACKING_ERRORS, is_transient
+from sam3_core.tracking.sender import is_transient, tracking_errors
 from sam3_core.tracking.settings import TrackingConfig, fail_fast_http, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,7 +38,7 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<v
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(name, description="SAM3 video fine-tunes; versions point at checkpoints")
-    except MlflowException as exc:
+    except mlflow_api.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
 
@@ -83,7 +84,7 @@ def within_deadline(fn: Callable[[], T], cfg: TrackingConfig) -> T:
     while True:
         try:
             return fn()
-        except TRACKING_ERRORS as exc:
+        except tracking_errors() as exc:
             if not is_transient(exc) or time.monotonic() + delay >= deadline:
                 raise
             logger.info("MLflow look-up failed (%s); retrying in %.1fs", describe_error(exc), delay)
@@ -104,7 +105,7 @@ def resolve_model_uri(uri: str, client: MlflowClient | None = None, cfg: Trackin
         raise InputError(uri, "model.uri", "write models:/<name>@<alias> or models:/<name>/<version>")
     cfg = cfg or TrackingConfig()
     fail_fast_http(cfg)
-    client = client or MlflowClient(tracking_uri())
+    client = client or mlflow_api.MlflowClient(tracking_uri())
     name, alias, version = match["name"], match["alias"], match["version"]
     try:
         found = within_deadline(
@@ -113,7 +114,7 @@ def resolve_model_uri(uri: str, client: MlflowClient | None = None, cfg: Trackin
             ),
             cfg,
         )
-    except TRACKING_ERRORS as exc:
+    except tracking_errors() as exc:
         where = redact_text(tracking_uri())
         if is_transient(exc):
             raise Sam3PipeError(

@@ -24,15 +24,11 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from mlflow import MlflowClient
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from typing import TYPE_CHECKING, Any
 
 from sam3_core.config import flatten, quote_value
 from sam3_core.errors import Sam3PipeError, StorageError
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.datasets import DatasetRef, changed_files
 from sam3_core.tracking.lineage import (
     RECORD_FILE,
@@ -44,6 +40,10 @@ from sam3_core.tracking.lineage import (
 )
 from sam3_core.tracking.redact import MASK
 from sam3_core.tracking.runs import PIPELINE, TAG_COMPONENT, TAG_PIPELINE_RUN_ID
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 # The order a pipeline's components run in; data prep is not rerun (its dataset is reused).
 PIPELINE_ORDER = ("train", "predict", "evaluate")
@@ -110,7 +110,7 @@ def _load_record(client: MlflowClient, run: Run) -> RunRecord:
     with tempfile.TemporaryDirectory(prefix="sam3pipe-reproduce-") as tmp:
         try:
             path = client.download_artifacts(run.info.run_id, RECORD_FILE, tmp)
-        except (MlflowException, OSError) as exc:
+        except (mlflow_api.MlflowException, OSError) as exc:
             raise ReproduceError(
                 f"MLflow run {run.info.run_id} ({run.info.run_name}) has no {RECORD_FILE}: it was made before "
                 "sam3pipe recorded lineage, or its upload failed; it cannot be rebuilt from MLflow"
@@ -138,7 +138,7 @@ def _recorded(client: MlflowClient, run: Run) -> RecordedRun:
 def _get_run(client: MlflowClient, run_id: str) -> Run | None:
     try:
         return client.get_run(run_id)
-    except MlflowException as exc:
+    except mlflow_api.MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
@@ -165,7 +165,7 @@ def plan(client: MlflowClient, ident: str, experiment_name: str) -> Plan:
     if run.data.tags.get(TAG_COMPONENT) != PIPELINE:
         recorded = _recorded(client, run)
         return Plan(experiment_id, run.info.run_id, [recorded], False, f"{run.info.run_name} (reproduced)")
-    children = client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}'")
+    children = client.search_runs([experiment_id], f"tags.`{mlflow_api.MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}'")
     by_component = {c.data.tags.get(TAG_COMPONENT): c for c in children}
     missing = [name for name in PIPELINE_ORDER if name not in by_component]
     if missing:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from mlflow import MlflowClient
-from mlflow.entities import Run, RunStatus
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from sam3_core.tracking import mlflow_api
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def experiment_id(
     if experiment is None:
         try:
             return client.create_experiment(name, artifact_location=artifact_location, tags=wanted)
-        except MlflowException as exc:
+        except mlflow_api.MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             experiment = client.get_experiment_by_name(name)
@@ -105,7 +107,7 @@ def _sweep_tags(client: MlflowClient, exp_id: str, spec: RunSpec) -> dict[str, s
     from sam3_core.tracking import sweeps  # imported here: sweeps builds on this module
 
     sweep_run = sweeps.sweep_run_id(client, exp_id, spec.sweep_id)
-    return {sweeps.TAG_SWEEP_ID: spec.sweep_id, MLFLOW_PARENT_RUN_ID: sweep_run}
+    return {sweeps.TAG_SWEEP_ID: spec.sweep_id, mlflow_api.MLFLOW_PARENT_RUN_ID: sweep_run}
 
 
 def _parent_run(client: MlflowClient, exp_id: str, spec: RunSpec) -> Run:
@@ -119,7 +121,7 @@ def _parent_run(client: MlflowClient, exp_id: str, spec: RunSpec) -> Run:
         if found[0].info.run_id != created.info.run_id:
             client.delete_run(created.info.run_id)
     parent = found[0]
-    if parent.info.status != RunStatus.to_string(RunStatus.RUNNING):
+    if parent.info.status != mlflow_api.RunStatus.to_string(mlflow_api.RunStatus.RUNNING):
         client.update_run(parent.info.run_id, status="RUNNING")
     return parent
 
@@ -135,11 +137,11 @@ def open_runs(
     parent = _parent_run(client, exp_id, spec)
     parent_id, parent_params = parent.info.run_id, dict(parent.data.params)
     earlier = _search(
-        client, exp_id, {MLFLOW_PARENT_RUN_ID: parent_id, TAG_COMPONENT: spec.component}, newest_first=True
+        client, exp_id, {mlflow_api.MLFLOW_PARENT_RUN_ID: parent_id, TAG_COMPONENT: spec.component}, newest_first=True
     )
     if earlier:
         latest = earlier[0]
-        unfinished = latest.info.status != RunStatus.to_string(RunStatus.FINISHED)
+        unfinished = latest.info.status != mlflow_api.RunStatus.to_string(mlflow_api.RunStatus.FINISHED)
         if unfinished and latest.data.tags.get(TAG_CONFIG_SHA256) == spec.config_sha256:
             client.update_run(latest.info.run_id, status="RUNNING")
             logger.info("resuming MLflow run %s of %s", latest.info.run_id, spec.component)
@@ -149,7 +151,7 @@ def open_runs(
         TAG_PIPELINE_RUN_ID: spec.pipeline_run_id,
         TAG_COMPONENT: spec.component,
         TAG_CONFIG_SHA256: spec.config_sha256,
-        MLFLOW_PARENT_RUN_ID: parent_id,
+        mlflow_api.MLFLOW_PARENT_RUN_ID: parent_id,
     }
     run = client.create_run(exp_id, tags=tags, run_name=f"{spec.parent_name}/{spec.component}")
     for old in earlier:

@@ -14,25 +14,29 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import requests
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.redact import describe_error
 from sam3_core.tracking.settings import TrackingConfig
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
 logger = logging.getLogger(__name__)
 
-# What a call to the tracking server may raise when the server, not our data, is the problem.
-TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+
+def tracking_errors() -> tuple[type[Exception], ...]:
+    """What a call to the tracking server may raise when the server, not our data, is the problem."""
+    return (mlflow_api.MlflowException, requests.RequestException, OSError)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: the server is down, overloaded or timed out (not: it refused the data)."""
-    if isinstance(exc, MlflowException):
+    if isinstance(exc, mlflow_api.MlflowException):
         status = exc.get_http_status_code()
         return status >= 500 or status == 429
     return True
@@ -57,9 +61,9 @@ class Pending:
     def head(self) -> Pending:
         """The next batch MLflow accepts in one request."""
         return Pending(
-            self.metrics[:MAX_METRICS_PER_BATCH],
-            self.params[:MAX_PARAMS_TAGS_PER_BATCH],
-            self.tags[:MAX_PARAMS_TAGS_PER_BATCH],
+            self.metrics[: mlflow_api.MAX_METRICS_PER_BATCH],
+            self.params[: mlflow_api.MAX_PARAMS_TAGS_PER_BATCH],
+            self.tags[: mlflow_api.MAX_PARAMS_TAGS_PER_BATCH],
         )
 
     def drop_head(self, batch: Pending) -> None:

@@ -21,15 +21,10 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from mlflow import MlflowClient
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from requests import RequestException
+from typing import TYPE_CHECKING, Any
 
 from sam3_core.errors import Sam3PipeError
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.metrics import eval_metrics
 from sam3_core.tracking.models import RUN_MODEL_TAG
 from sam3_core.tracking.redact import (
@@ -45,6 +40,7 @@ from sam3_core.tracking.runs import (
     TAG_PIPELINE_RUN_ID,
     experiment_id,
 )
+from sam3_core.tracking.sender import tracking_errors
 from sam3_core.tracking.settings import (
     TrackingConfig,
     fail_fast_http,
@@ -53,6 +49,10 @@ from sam3_core.tracking.settings import (
     tracking_uri,
 )
 from sam3_core.tracking.ui import view_tags
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def _client() -> tuple[MlflowClient, str]:
     # MLflow's own HTTP retries would hold a call for minutes; a failed sweep step is retried by KFP
     fail_fast_http(TrackingConfig())
     uri = tracking_uri()
-    return MlflowClient(uri), uri
+    return mlflow_api.MlflowClient(uri), uri
 
 
 def _experiment(client: MlflowClient, uri: str, name: str) -> str:
@@ -141,7 +141,7 @@ def open_sweep(experiment_name: str, sweep_id: str, params: Mapping[str, Any], s
         _log_params(client, run_id, params)
         client.log_dict(run_id, spec, SPEC_ARTIFACT)
         client.update_run(run_id, status="RUNNING")
-    except (MlflowException, RequestException, OSError) as exc:
+    except tracking_errors() as exc:
         raise _wrapped(f"opening the run of sweep {sweep_id}", uri, exc) from exc
     logger.info("MLflow sweep run %s (%s) at %s", run_id, sweep_run_name(sweep_id), redact_text(uri))
     return run_id
@@ -152,7 +152,7 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) ->
     for key, value in redact_params(dict(params)).items():
         try:
             client.log_param(run_id, key, value)
-        except MlflowException as exc:
+        except mlflow_api.MlflowException as exc:
             if exc.error_code != "INVALID_PARAMETER_VALUE":
                 raise
             logger.warning("MLflow run %s keeps its earlier value of param %s (%s)", run_id, key, describe_error(exc))
@@ -165,13 +165,13 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
 def _trial_run_id(client: MlflowClient, exp_id: str, sweep_run: str, sweep_id: str, trial: TrialResult) -> str:
     """The trial's pipeline parent run; created here for a trial that failed before it opened one."""
     wanted = {TAG_PIPELINE_RUN_ID: trial.pipeline_run_id, TAG_COMPONENT: PIPELINE}
-    tags = {TAG_SWEEP_ID: sweep_id, MLFLOW_PARENT_RUN_ID: sweep_run}
+    tags = {TAG_SWEEP_ID: sweep_id, mlflow_api.MLFLOW_PARENT_RUN_ID: sweep_run}
     return _find_or_create(client, exp_id, wanted, tags, trial.run_name)
 
 
 def _train_run_id(client: MlflowClient, exp_id: str, trial_run: str, pipeline_run_id: str) -> str | None:
     """The trial's (latest, live) train component run: the registered version links to it."""
-    wanted = {TAG_PIPELINE_RUN_ID: pipeline_run_id, TAG_COMPONENT: TRAIN, MLFLOW_PARENT_RUN_ID: trial_run}
+    wanted = {TAG_PIPELINE_RUN_ID: pipeline_run_id, TAG_COMPONENT: TRAIN, mlflow_api.MLFLOW_PARENT_RUN_ID: trial_run}
     found = _find(client, exp_id, wanted, newest_first=True)
     return found[0].info.run_id if found else None
 
@@ -201,7 +201,7 @@ def record_trial(experiment_name: str, sweep_id: str, trial: TrialResult) -> Non
         exp_id = _experiment(client, uri, experiment_name)
         sweep_run = sweep_run_id(client, exp_id, sweep_id)
         _record_trial(client, _trial_run_id(client, exp_id, sweep_run, sweep_id, trial), sweep_id, trial)
-    except (MlflowException, RequestException, OSError) as exc:
+    except tracking_errors() as exc:
         raise _wrapped(f"recording trial {trial.trial_id} of sweep {sweep_id}", uri, exc) from exc
 
 
@@ -245,7 +245,7 @@ def record_sweep(
                 client, model_name, alias, best.checkpoint_uri, source_run, best.pipeline_run_id, model_id
             ).version
         client.set_terminated(sweep_run, "FINISHED" if best is not None else "FAILED")
-    except (MlflowException, RequestException, OSError) as exc:
+    except tracking_errors() as exc:
         raise _wrapped(f"recording sweep {sweep_id}", uri, exc) from exc
     logger.info(
         "MLflow sweep run %s: %d trials recorded%s",

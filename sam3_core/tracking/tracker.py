@@ -41,13 +41,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
 
 from sam3_core import storage
 from sam3_core.config import flatten
 from sam3_core.errors import ConfigError, StorageError
-from sam3_core.tracking import datasets
+from sam3_core.tracking import datasets, mlflow_api
 from sam3_core.tracking.lineage import (
     RECORD_FILE,
     TAG_DATASET_ID,
@@ -71,7 +69,7 @@ from sam3_core.tracking.redact import (
     truncate,
 )
 from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
-from sam3_core.tracking.sender import TRACKING_ERRORS, OfflineBuffer, Pending, Sender, is_transient
+from sam3_core.tracking.sender import OfflineBuffer, Pending, Sender, is_transient, tracking_errors
 from sam3_core.tracking.settings import (
     TrackingConfig,
     fail_fast_http,
@@ -85,6 +83,8 @@ from sam3_core.tracking.ui import runs_table_url, view_tags
 from sam3_core.tracking.unsent import UNSENT_FILE, record_unsent
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _retrying(fn: Callable[[], T], cfg: TrackingConfig, timeout_s: float) -> T:
     while True:
         try:
             return fn()
-        except TRACKING_ERRORS as exc:
+        except tracking_errors() as exc:
             if not is_transient(exc) or time.monotonic() + delay > deadline:
                 raise
             logger.debug("MLflow call failed (%s); retrying in %.1fs", describe_error(exc), delay)
@@ -206,7 +206,7 @@ class Tracker:
         if self._buffer is None:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        batch = [mlflow_api.Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
         for metric in batch:
             self._latest[metric.key] = metric
             if metric.key.startswith("val/"):
@@ -220,13 +220,13 @@ class Tracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Params, with credentials masked and values cut to MLflow's limit."""
         if self._buffer is not None:
-            self._buffer.add(params=[Param(key, value) for key, value in redact_params(params).items()])
+            self._buffer.add(params=[mlflow_api.Param(key, value) for key, value in redact_params(params).items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Tags, with credentials masked."""
         if self._buffer is not None:
             masked = {key: truncate(str(redact_value(key, value))) for key, value in tags.items()}
-            self._buffer.add(tags=[RunTag(key, value) for key, value in masked.items()])
+            self._buffer.add(tags=[mlflow_api.RunTag(key, value) for key, value in masked.items()])
 
     def set_dataset_id(self, dataset_id: str) -> None:
         """Tag this run and its pipeline's parent with the dataset (data prep knows it only at the end)."""
@@ -284,7 +284,7 @@ class Tracker:
                 results[id(record)] = _retrying(
                     lambda record=record: apply_record(client, target, record), self._cfg, timeout_s
                 )
-            except TRACKING_ERRORS as exc:
+            except tracking_errors() as exc:
                 if is_transient(exc):
                     if not self._server_down:
                         logger.warning(
@@ -385,7 +385,7 @@ class Tracker:
                 result = _retrying(
                     lambda: fn(client, run_id), self._cfg, 0 if self._server_down else self._cfg.connect_timeout_s
                 )
-            except TRACKING_ERRORS as exc:
+            except tracking_errors() as exc:
                 self._server_down = is_transient(exc)
                 logger.warning("MLflow: %s failed (%s); the component goes on without it", what, describe_error(exc))
                 return None
@@ -472,8 +472,8 @@ class Tracker:
             step = self._best["step"]
             for key, value in self._best["metrics"].items():
                 if key in wanted:
-                    values[key] = Metric(key, float(value), now, step)
-            values[BEST_STEP] = Metric(BEST_STEP, float(step), now, step)
+                    values[key] = mlflow_api.Metric(key, float(value), now, step)
+            values[BEST_STEP] = mlflow_api.Metric(BEST_STEP, float(step), now, step)
             record.update(best_model_name=self._best["model_name"], best_step=step)
         if not values:
             return []
@@ -516,7 +516,7 @@ class Tracker:
         client, runs = self._client, self._runs
         try:
             _retrying(lambda: close_runs(client, runs, status), self._cfg, max(0.0, deadline - time.monotonic()))
-        except TRACKING_ERRORS as exc:
+        except tracking_errors() as exc:
             logger.warning("MLflow: could not mark run %s %s (%s)", runs.run_id, status, describe_error(exc))
             return
         uri = tracking_uri()
@@ -576,7 +576,7 @@ def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> SystemMetr
         monitor = SystemMetricsMonitor(
             runs.run_id, sampling_interval=cfg.system_metrics_interval_s, resume_logging=runs.resumed, tracking_uri=uri
         )
-    except TRACKING_ERRORS as exc:
+    except tracking_errors() as exc:
         logger.warning("MLflow system metrics not started: %s", describe_error(exc))
         return None
     monitor.start()
@@ -588,7 +588,7 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
     artifact_location = local_artifact_root(uri) if is_local_store(uri) else None
     try:
         return _retrying(lambda: open_runs(client, spec, artifact_location, view_tags(cfg)), cfg, cfg.connect_timeout_s)
-    except TRACKING_ERRORS as exc:
+    except tracking_errors() as exc:
         if not is_transient(exc):
             raise ConfigError(
                 f"MLflow at {redact_text(uri)} refused to open the {spec.component} run: {describe_error(exc)}; "
@@ -672,7 +672,7 @@ def component_run(
     )
     dataset = datasets.describe(dataset_uri) if dataset_uri else None
     comparison = parent_params(flat, cfg.parent_params)
-    client = MlflowClient(uri)
+    client = mlflow_api.MlflowClient(uri)
     runs = _open_runs(client, spec, cfg, uri)
     tracker = Tracker(
         cfg,

@@ -11,11 +11,14 @@ carries such a view with the parent-run params and headline metrics as columns, 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from mlflow import MlflowClient
-
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.settings import TrackingConfig, tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 VIEW_KEY = "sam3pipe-headline"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
@@ -78,7 +81,7 @@ def local_runs_table_url(port: int, cfg: TrackingConfig | None = None) -> str:
     """
     cfg = cfg or TrackingConfig()
     base = f"http://127.0.0.1:{port}"
-    client = MlflowClient(tracking_uri())
+    client = mlflow_api.MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name(cfg.experiment_name)
     if experiment is None:
         return f"{base}/#/experiments?{MODEL_TRAINING}"

@@ -12,23 +12,23 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from typing import TYPE_CHECKING, Any
 
 from sam3_core import storage
 from sam3_core.errors import InputError, Sam3PipeError
+from sam3_core.tracking import mlflow_api
 from sam3_core.tracking.records import Target, apply_record
 from sam3_core.tracking.redact import describe_error, redact_text
 from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
-from sam3_core.tracking.sender import TRACKING_ERRORS, Pending, is_transient
+from sam3_core.tracking.sender import Pending, is_transient, tracking_errors
 from sam3_core.tracking.settings import (
     is_local_store,
     local_artifact_root,
     tracking_uri,
 )
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,13 @@ def _sections(uri: str, text: str) -> list[Section]:
             elif not sections:
                 raise KeyError("run")
             elif kind == "metric":
-                metric = Metric(line["key"], float(line["value"]), int(line["timestamp"]), int(line["step"]))
+                metric = mlflow_api.Metric(line["key"], float(line["value"]), int(line["timestamp"]), int(line["step"]))
                 sections[-1].pending.metrics.append(metric)
             elif kind in ("param", "tag"):
                 target = sections[-1].pending.params if kind == "param" else sections[-1].pending.tags
-                target.append((Param if kind == "param" else RunTag)(line["key"], str(line["value"])))
+                target.append(
+                    (mlflow_api.Param if kind == "param" else mlflow_api.RunTag)(line["key"], str(line["value"]))
+                )
             elif kind == "record" and isinstance(line["record"], dict) and "kind" in line["record"]:
                 sections[-1].records.append(line["record"])
             else:
@@ -107,7 +109,7 @@ def _open(client: MlflowClient, header: dict[str, Any]) -> OpenRuns | None:
 
 def _target(client: MlflowClient, run_id: str) -> Target:
     run = client.get_run(run_id)
-    return Target(run.info.experiment_id, run.data.tags.get(MLFLOW_PARENT_RUN_ID, run_id), run_id)
+    return Target(run.info.experiment_id, run.data.tags.get(mlflow_api.MLFLOW_PARENT_RUN_ID, run_id), run_id)
 
 
 def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
@@ -116,7 +118,7 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
     Returns the metric count.
     """
     sections = _sections(uri, storage.read_text(uri))
-    client = client or MlflowClient(tracking_uri())
+    client = client or mlflow_api.MlflowClient(tracking_uri())
     sent = 0
     try:
         for section in sections:
@@ -133,7 +135,7 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
             elif client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, header["status"])
             sent += len(pending.metrics)
-    except TRACKING_ERRORS as exc:
+    except tracking_errors() as exc:
         hint = "retry when it is reachable" if is_transient(exc) else "it refused them"
         raise Sam3PipeError(
             f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}"

@@ -1,0 +1,40 @@
+"""mlflow's names, imported on first use.
+
+Importing mlflow takes about a second (it pulls in pandas, pydantic and FastAPI). A component run
+with `tracking.enabled=false`, or a predict that reads a plain checkpoint URI, must not pay that.
+The tracking modules call mlflow through this module (`mlflow_api.MlflowClient(uri)`) and import
+mlflow's names at their top for type checking only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_SOURCES = {
+    "MlflowClient": "mlflow",
+    "Dataset": "mlflow.entities",
+    "DatasetInput": "mlflow.entities",
+    "InputTag": "mlflow.entities",
+    "LoggedModelOutput": "mlflow.entities",
+    "Metric": "mlflow.entities",
+    "Param": "mlflow.entities",
+    "RunStatus": "mlflow.entities",
+    "RunTag": "mlflow.entities",
+    "MlflowException": "mlflow.exceptions",
+    "MLFLOW_DATASET_CONTEXT": "mlflow.utils.mlflow_tags",
+    "MLFLOW_GIT_COMMIT": "mlflow.utils.mlflow_tags",
+    "MLFLOW_PARENT_RUN_ID": "mlflow.utils.mlflow_tags",
+    "MAX_METRICS_PER_BATCH": "mlflow.utils.validation",
+    "MAX_PARAM_VAL_LENGTH": "mlflow.utils.validation",
+    "MAX_PARAMS_TAGS_PER_BATCH": "mlflow.utils.validation",
+}
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value
+    return value
