@@ -1,18 +1,18 @@
 """Training step time: sam3pipe's trainer next to a bare forward/backward/step loop, 1 and 2 processes.
 
-The trainer's step (`Trainer.train_step`: clip loading and collation, the loss, backward,
-gradient clipping, the NaN/Inf guard, the per-step all-reduce of the statistics, AdamW, the
-schedule, and the per-step hooks) is timed against the least a step
-can do on the same model: forward, loss, backward and AdamW on the same clips collated up front,
-with no data loading, logging or checkpoints. Their ratio is the trainer's overhead. Each
-process count runs under torchrun (gloo on CPU, DDP for 2) on one synthetic dataset; the two
-loops alternate in rounds so a change in machine load hits both alike. Rank 0 writes the
-per-step times as JSON and this process prints the table.
+The trainer's step (`Trainer.train_step`: clip loading and collation, by a background thread one
+step ahead, the loss, backward, gradient clipping, the NaN/Inf guard, the per-step all-reduce of
+the statistics, AdamW, the schedule, and the per-step hooks) is timed against the least a step
+can do on the same model: forward, loss, backward and AdamW on the same micro-batches, in the
+order the trainer draws them, loaded and collated up front, with no logging or checkpoints. Their
+ratio is the trainer's overhead. Each process count runs under torchrun (gloo on CPU, DDP for 2)
+on one synthetic dataset; the two loops alternate in rounds so a change in machine load hits both
+alike. Rank 0 writes the per-step times as JSON and this process prints the table.
 """
 
 from __future__ import annotations
 
-import itertools
+import copy
 import json
 import os
 import socket
@@ -37,7 +37,7 @@ class TrainBench:
 
     process_counts: tuple[int, ...] = (1, 2)
     warmup_steps: int = 3
-    rounds: int = 4
+    rounds: int = 8
     steps_per_round: int = 5
     # torch threads per process: one per core keeps 1 and 2 processes comparable
     threads: int = 1
@@ -65,9 +65,9 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
     """One torchrun process: build the trainer, then time its step and the bare step in turns."""
     from sam3_core import comm
     from sam3_core.config import load_config
-    from sam3_core.data.datapoints import collate_clips
     from sam3_core.train.build import build_trainer
     from sam3_core.train.config import TrainJobConfig
+    from sam3_core.train.data import MicroBatches
 
     # no validation or checkpoint falls inside the timed steps: what is timed is the step itself
     quiet = ["train.val_every=0", "train.best_metric=train/loss", "train.best_mode=min", "train.max_steps=100000"]
@@ -76,17 +76,23 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
     for hook in trainer.hooks:
         hook.before_train()
     trainer.model.train()
-    train_set = trainer.data.dataset
-    # every batch of this rank's share, collated up front: the bare loop cycles through the same
-    # clips the trainer draws, so the numbers of objects (matching and mask-loss cost) are alike
-    mine = list(range(comm.rank(), len(train_set), comm.world_size()))
-    size = cfg.data.batch_size
+    # the micro-batches the trainer will draw, in its order, loaded up front from a twin of its stream
+    # (over a copy of the dataset, whose epoch it sets): both loops step through the same clips, so the
+    # ranks' imbalance of objects per step (which a DDP step waits for) is alike in both
+    twin = MicroBatches(
+        copy.copy(trainer.data.dataset),
+        cfg.data.batch_size,
+        trainer.data.collate,
+        seed=cfg.train.seed,
+        prefetch_factor=0,
+        rank=comm.rank(),
+        world_size=comm.world_size(),
+    )
     batches = []
-    for start in range(0, len(mine) - size + 1, size):
-        clips = [train_set[i] for i in mine[start : start + size]]
-        batch = trainer.task.to_device(collate_clips(clips, with_masks=cfg.data.clips.with_masks))
+    for _ in range(bench.warmup_steps + bench.rounds * bench.steps_per_round):
+        batch = trainer.task.to_device(next(twin))
         batches.append((batch, [trainer.module.detector.back_convert(t) for t in batch.find_targets]))
-    cursor = itertools.cycle(batches)
+    cursor = iter(batches)
 
     def ours() -> None:
         trainer.train_step()
@@ -105,6 +111,7 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
     for _ in range(bench.rounds):
         times["trainer"] += _timed_steps(ours, bench.steps_per_round)
         times["bare"] += _timed_steps(bare, bench.steps_per_round)
+    trainer.data.close()
     if comm.is_main():
         Path(out_path).write_text(json.dumps({"world_size": comm.world_size(), **times}))
     comm.barrier()

@@ -96,12 +96,14 @@ def test_frames_of_a_local_dataset_are_read_in_place_and_checked(tmp_path: Path)
     ("override", "message"),
     [
         ("data.cache_bytes=-1", "data.cache_bytes must be an integer >= 0"),
-        ("data.prefetch_factor=0", "data.prefetch_factor"),
+        ("data.prefetch_factor=-1", "data.prefetch_factor must be an integer >= 0"),
+        (["data.num_workers=2", "data.prefetch_factor=0"], "data.prefetch_factor must be an integer >= 1"),
     ],
 )
-def test_loader_settings_are_checked_when_the_config_is_built(override: str, message: str) -> None:
+def test_loader_settings_are_checked_when_the_config_is_built(override: str | list[str], message: str) -> None:
+    overrides = [override] if isinstance(override, str) else override
     with pytest.raises(ConfigError, match=message):
-        load_config("train", TrainJobConfig, ["data.uri=x", override])
+        load_config("train", TrainJobConfig, ["data.uri=x", *overrides])
 
 
 def all_tensors(data: object) -> list[torch.Tensor]:

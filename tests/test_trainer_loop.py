@@ -48,19 +48,17 @@ MAX_STEPS = 12
 
 
 class ToyData(Dataset):
-    """SAMPLES fixed points of a noisy linear function; remembers which indices it served."""
+    """SAMPLES fixed points of a noisy linear function."""
 
     def __init__(self) -> None:
         generator = torch.Generator().manual_seed(1)
         self.x = torch.randn(SAMPLES, 4, generator=generator)
         self.y = self.x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(SAMPLES, generator=generator)
-        self.served: list[int] = []
 
     def __len__(self) -> int:
         return SAMPLES
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        self.served.append(index)
         return index, self.x[index], self.y[index]
 
 
@@ -78,12 +76,15 @@ class ToyTask:
     def __init__(self, scale: float = 1.0, poison: dict[int, float] | None = None) -> None:
         self.scale, self.poison, self.calls = scale, dict(poison or {}), 0
         self.local_losses: list[float] = []
+        # dataset indices of every sample a loss was computed on, in order
+        self.trained: list[int] = []
 
     def to_device(self, batch: Any) -> Any:
         return batch
 
     def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.calls += 1
+        self.trained += batch["index"].tolist()
         error = model(batch["x"]).squeeze(-1) - batch["y"]
         loss = self.scale * error.pow(2).mean()
         step = self.calls  # one micro-batch per step in the poisoned runs
@@ -97,17 +98,17 @@ class ToyTask:
 
 
 class Recorder(HookBase):
-    """Per step: the reduced statistics and counts, and how many samples the data stream has loaded."""
+    """Per step: the reduced statistics and counts, and how many samples the task has trained on so far."""
 
     def __init__(self) -> None:
         self.stats: list[dict[str, float]] = []
         self.counts: list[dict[str, float]] = []
-        self.served: list[int] = []
+        self.trained: list[int] = []
 
     def after_step(self) -> None:
         self.stats.append(dict(self.trainer.last_stats))
         self.counts.append(dict(self.trainer.last_counts))
-        self.served.append(len(self.trainer.data.dataset.served))
+        self.trained.append(len(self.trainer.task.trained))
 
 
 def toy_model() -> nn.Module:
@@ -365,9 +366,8 @@ def test_resuming_from_any_checkpoint_ends_with_the_uninterrupted_weights_and_lo
     assert same_weights(resumed.module.state_dict(), straight.module.state_dict())
     assert same_weights(resumed.optimizer.state_dict()["state"][0], straight.optimizer.state_dict()["state"][0])
     assert without_timing(resumed.history) == without_timing(straight.history)
-    # the data cursor: the resumed run loads exactly what the straight one loaded after `stop` steps
-    straight_served = straight.data.dataset.served
-    assert resumed.data.dataset.served == straight_served[straight.find_hook(Recorder).served[stop - 1] :]
+    # the data cursor: the resumed run trains on exactly what the straight one trained on after `stop` steps
+    assert resumed.task.trained == straight.task.trained[straight.find_hook(Recorder).trained[stop - 1] :]
     result = result_of(resumed, resumed_run)
     assert (result.best_value, result.best_step) == (0.6, 8)
     if stop < 8:

@@ -29,7 +29,8 @@ class DataConfig:
     # clips per process per micro-batch
     batch_size: int = 2
     num_workers: int = 0
-    # batches each DataLoader worker loads ahead (with num_workers > 0)
+    # batches loaded ahead of the step: by each DataLoader worker (num_workers > 0), or by a background
+    # thread of the training process (num_workers = 0; 0 loads them in the step itself)
     prefetch_factor: int = 2
 
     def __post_init__(self) -> None:
@@ -38,7 +39,7 @@ class DataConfig:
         check_int("data.batch_size", self.batch_size, 1, 4096)
         check_int("data.num_workers", self.num_workers, 0, 256)
         check_int("data.cache_bytes", self.cache_bytes, 0)
-        check_int("data.prefetch_factor", self.prefetch_factor, 1)
+        check_int("data.prefetch_factor", self.prefetch_factor, 1 if self.num_workers else 0)
 
 
 AMP_MODES = ("auto", "bf16", "off")

@@ -1,14 +1,21 @@
 """The training data stream: endless micro-batches over epochs, resumable at any micro-batch.
 
 Each epoch, a `DistributedSampler` (shuffled by seed and epoch) gives every rank its share of
-the dataset; `(epoch, micro_in_epoch)` always points at the next micro-batch, so a resumed run
-skips exactly what was trained and continues with the same batches in the same order.
+the dataset; `(epoch, micro_in_epoch)` always points at the next micro-batch the step takes, so
+a resumed run skips exactly what was trained and continues with the same batches in the same order.
+
+Without DataLoader workers the batches are loaded by a background thread, `prefetch_factor`
+batches ahead of the step: reading, decoding and resizing frames (which release the GIL) then
+overlap the model's step instead of adding to it. Every random choice of a clip comes from its
+(seed, epoch, index), so loading ahead changes no batch.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -41,6 +48,62 @@ def build_loader(
     )
 
 
+T = TypeVar("T")
+# how long a blocked producer waits before it checks whether it was closed
+_POLL_S = 0.1
+
+
+class LoadAhead(Generic[T]):
+    """The items of `source`, produced by a daemon thread up to `depth` ahead of the consumer.
+
+    The thread's errors are raised by the consumer's `next`; `close` stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[T], depth: int) -> None:
+        self._queue: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(source,), name="sam3pipe-load-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any, error: BaseException | None = None) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put((item, error), timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, source: Iterator[T]) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(None, exc)
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> LoadAhead[T]:
+        return self
+
+    def __next__(self) -> T:
+        item, error = self._queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        if item is self._END:
+            self.close()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+
 class MicroBatches:
     """Endless micro-batches of `dataset` for this rank; `state_dict()` is the cursor."""
 
@@ -62,47 +125,57 @@ class MicroBatches:
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.epoch = 0
         self.micro_in_epoch = 0
-        self._batches: Iterator[Any] | None = None
+        self._batches: Iterator[tuple[int, int, Any]] | None = None
 
     def __iter__(self) -> MicroBatches:
         return self
 
     def __next__(self) -> Any:
         if self._batches is None:
-            self._batches = self._stream()
-        return next(self._batches)
+            batches = self._stream(self.epoch, self.micro_in_epoch)
+            ahead = self.num_workers == 0 and self.prefetch_factor > 0
+            self._batches = LoadAhead(batches, self.prefetch_factor) if ahead else batches
+        self.epoch, self.micro_in_epoch, batch = next(self._batches)
+        return batch
 
-    def _epoch_indices(self) -> list[int]:
+    def _epoch_indices(self, epoch: int) -> list[int]:
         sampler = DistributedSampler(
             self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.seed, drop_last=False
         )
-        sampler.set_epoch(self.epoch)
+        sampler.set_epoch(epoch)
         return list(sampler)
 
-    def _stream(self) -> Iterator[Any]:
+    def _stream(self, epoch: int, micro: int) -> Iterator[tuple[int, int, Any]]:
+        """`(epoch, micro_in_epoch after it, batch)` from the cursor `(epoch, micro)` on."""
         while True:
             if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
-            remaining = self._epoch_indices()[self.micro_in_epoch * self.batch_size :]
+                self.dataset.set_epoch(epoch)
+            remaining = self._epoch_indices(epoch)[micro * self.batch_size :]
             loader = build_loader(
                 self.dataset,
                 remaining,
                 self.batch_size,
                 self.collate,
                 self.num_workers,
-                self.seed + self.epoch,
+                self.seed + epoch,
                 self.prefetch_factor,
                 self.pin_memory,
             )
             for batch in loader:
-                self.micro_in_epoch += 1
-                yield batch
-            self.epoch += 1
-            self.micro_in_epoch = 0
+                micro += 1
+                yield epoch, micro, batch
+            epoch += 1
+            micro = 0
+
+    def close(self) -> None:
+        """Stop loading ahead; the next `next` starts again from the cursor."""
+        if isinstance(self._batches, LoadAhead):
+            self._batches.close()
+        self._batches = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
         self.epoch, self.micro_in_epoch = int(state["epoch"]), int(state["micro_in_epoch"])
-        self._batches = None

@@ -61,6 +61,10 @@ class Stream(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def close(self) -> None:
+        """Release what loads ahead (threads, workers); the stream may be iterated again after."""
+        ...
+
 
 @dataclass
 class TrainResult:
@@ -317,6 +321,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
         finally:
             bar.close()
+            self.data.close()
         for hook in self.hooks:
             hook.after_train()
         return self
