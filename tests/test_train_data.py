@@ -82,6 +82,7 @@ def test_an_error_while_loading_ahead_is_raised_by_next_in_the_training_thread(s
     with pytest.raises(ValueError, match=r"frame \d+ is unreadable"):
         next(batches)
     assert not load_ahead_threads()
+    assert batches.state_dict() == {"epoch": 0, "micro_in_epoch": 1}
 
 
 def test_close_stops_the_thread_and_the_stream_goes_on_from_its_cursor(stream) -> None:

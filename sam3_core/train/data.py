@@ -90,12 +90,14 @@ class LoadAhead(Generic[T]):
         return self
 
     def __next__(self) -> T:
+        if self._closed.is_set():
+            raise StopIteration
         item, error = self._queue.get()
-        if error is not None:
+        if error is not None or item is self._END:
             self.close()
+        if error is not None:
             raise error
         if item is self._END:
-            self.close()
             raise StopIteration
         return item
 
@@ -135,7 +137,11 @@ class MicroBatches:
             batches = self._stream(self.epoch, self.micro_in_epoch)
             ahead = self.num_workers == 0 and self.prefetch_factor > 0
             self._batches = LoadAhead(batches, self.prefetch_factor) if ahead else batches
-        self.epoch, self.micro_in_epoch, batch = next(self._batches)
+        try:
+            self.epoch, self.micro_in_epoch, batch = next(self._batches)
+        except BaseException:
+            self.close()  # a failed load ends the stream; the next `next` starts again at the cursor
+            raise
         return batch
 
     def _epoch_indices(self, epoch: int) -> list[int]:
