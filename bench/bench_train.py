@@ -69,8 +69,15 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
     from sam3_core.train.config import TrainJobConfig
     from sam3_core.train.data import MicroBatches
 
-    # no validation or checkpoint falls inside the timed steps: what is timed is the step itself
-    quiet = ["train.val_every=0", "train.best_metric=train/loss", "train.best_mode=min", "train.max_steps=100000"]
+    # no validation or checkpoint falls inside the timed steps: what is timed is the step itself (with
+    # the best checkpoint chosen by train/loss, every logged improvement would save one)
+    quiet = [
+        "train.val_every=0",
+        "train.best_metric=train/loss",
+        "train.best_mode=min",
+        "train.log_every=100000",
+        "train.max_steps=100000",
+    ]
     cfg = load_config("train", TrainJobConfig, [*overrides, *quiet, f"train.num_threads={bench.threads}"])
     trainer = build_trainer(cfg)
     for hook in trainer.hooks:
