@@ -31,6 +31,7 @@ from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.loading import PinningCollate
+from sam3_core.data.ytvis import VideoDataset
 from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
@@ -111,6 +112,7 @@ def _validators(
     cfg: TrainJobConfig,
     reader: FrameReader,
     frames: _FrameArrays,
+    train_videos: VideoDataset,
     task: ClipTask,
     amp: torch.dtype | None,
     device: torch.device,
@@ -128,9 +130,7 @@ def _validators(
         )
     if loop.diagnostics:
         # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
-        seen = ClipDataset(
-            reader.dataset("train"), frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False
-        )
+        seen = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False)
         validators.append(functools.partial(diagnose, train_dataset=seen))
     return validators
 
@@ -152,9 +152,9 @@ def build_trainer(
 
     reader = FrameReader(cfg.data.uri, cfg.data.cache_dir, cfg.data.cache_bytes)
     frames = _FrameArrays(reader)
-    train_set = ClipDataset(
-        reader.dataset("train"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True
-    )
+    # parsed once: SA-V-scale annotation files take seconds to read
+    train_videos = reader.dataset("train")
+    train_set = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True)
     pin = device.type == "cuda"
     collate: Any = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
     data = MicroBatches(
@@ -189,7 +189,9 @@ def build_trainer(
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     amp = _amp_dtype(cfg, device)
 
-    all_validators = [*_validators(cfg, reader, frames, task, amp, device), *validators] if cfg.train.val_every else []
+    all_validators = (
+        [*_validators(cfg, reader, frames, train_videos, task, amp, device), *validators] if cfg.train.val_every else []
+    )
     val_set = (
         ClipDataset(reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
         if all_validators
