@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from torch.utils.data import Dataset
 
-from sam3_core.train.data import MicroBatches
+from sam3_core.train.data import MicroBatches, load_ahead_fits
 
 SAMPLES, BATCH = 10, 3  # 4 micro-batches per epoch, the last one short
 
@@ -110,3 +110,25 @@ def test_with_dataloader_workers_no_thread_is_started(stream) -> None:
 
     assert take(batches, 2) == take(stream(Indices(), prefetch=0), 2)
     assert not load_ahead_threads()
+
+
+def test_without_load_ahead_no_thread_is_started() -> None:
+    batches = MicroBatches(Indices(), BATCH, collate, seed=5, prefetch_factor=2, load_ahead=False)
+
+    assert take(batches, 2) == take(MicroBatches(Indices(), BATCH, collate, seed=5, prefetch_factor=0), 2)
+    assert not load_ahead_threads()
+
+
+@pytest.mark.parametrize(
+    ("device", "threads", "cores", "fits"),
+    [
+        ("cuda", 8, 8, True),  # the step waits for the GPU
+        ("cpu", 1, 2, True),  # a core left free
+        ("cpu", 2, 2, False),  # every core in the step's threads
+        ("cpu", 1, 1, False),  # two processes on two cores, one thread each
+    ],
+)
+def test_a_loading_thread_runs_on_a_gpu_or_where_the_step_leaves_a_core_free(
+    device: str, threads: int, cores: int, fits: bool
+) -> None:
+    assert load_ahead_fits(device, threads, cores) is fits

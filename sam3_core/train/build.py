@@ -37,7 +37,7 @@ from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainJobConfig
-from sam3_core.train.data import MicroBatches
+from sam3_core.train.data import MicroBatches, load_ahead_fits
 from sam3_core.train.diagnostics import diagnose
 from sam3_core.train.hooks import (
     BestCheckpoint,
@@ -164,6 +164,7 @@ def build_trainer(
         seed=cfg.train.seed,
         num_workers=cfg.data.num_workers,
         prefetch_factor=cfg.data.prefetch_factor,
+        load_ahead=load_ahead_fits(device.type, threads, comm.available_cores() // env.local_world_size),
         pin_memory=pin,
         rank=env.rank,
         world_size=env.world_size,

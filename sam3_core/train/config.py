@@ -29,8 +29,8 @@ class DataConfig:
     # clips per process per micro-batch
     batch_size: int = 2
     num_workers: int = 0
-    # batches loaded ahead of the step: by each DataLoader worker (num_workers > 0), or by a background
-    # thread of the training process (num_workers = 0; 0 loads them in the step itself)
+    # batches loaded ahead of the step: by each DataLoader worker (num_workers > 0), or, with num_workers = 0
+    # on a GPU or where the torch threads leave a core free, by a background thread (0: loaded in the step)
     prefetch_factor: int = 2
 
     def __post_init__(self) -> None:

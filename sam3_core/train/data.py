@@ -4,10 +4,10 @@ Each epoch, a `DistributedSampler` (shuffled by seed and epoch) gives every rank
 the dataset; `(epoch, micro_in_epoch)` always points at the next micro-batch the step takes, so
 a resumed run skips exactly what was trained and continues with the same batches in the same order.
 
-Without DataLoader workers the batches are loaded by a background thread, `prefetch_factor`
+Without DataLoader workers the batches can be loaded by a background thread, `prefetch_factor`
 batches ahead of the step: reading, decoding and resizing frames (which release the GIL) then
-overlap the model's step instead of adding to it. Every random choice of a clip comes from its
-(seed, epoch, index), so loading ahead changes no batch.
+overlap the model's step instead of adding to it, where a core is free for it (`load_ahead_fits`).
+Every random choice of a clip comes from its (seed, epoch, index), so loading ahead changes no batch.
 """
 
 from __future__ import annotations
@@ -49,6 +49,19 @@ def build_loader(
 
 
 T = TypeVar("T")
+
+
+def load_ahead_fits(device_type: str, threads: int, cores_per_process: int) -> bool:
+    """Whether a loading thread runs beside the step instead of taking cores from it.
+
+    On a GPU the step's CPU threads mostly wait for the device. On CPU, the loading thread's torch
+    ops start an OpenMP team of their own next to the step's: with every core in the step's team,
+    steps took twice as long (2 cores, 2 threads). So on CPU it loads ahead only where the step's
+    `threads` leave one of this process's cores free.
+    """
+    return device_type == "cuda" or threads < cores_per_process
+
+
 # how long a blocked producer waits before it checks whether it was closed
 _POLL_S = 0.1
 
@@ -118,6 +131,7 @@ class MicroBatches:
         seed: int = 0,
         num_workers: int = 0,
         prefetch_factor: int = 2,
+        load_ahead: bool = True,
         pin_memory: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -125,6 +139,8 @@ class MicroBatches:
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
         self.seed, self.num_workers, self.rank, self.world_size = seed, num_workers, rank, world_size
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        # without workers: `prefetch_factor` batches loaded ahead by a thread (else in the step)
+        self.load_ahead = load_ahead and num_workers == 0 and prefetch_factor > 0
         self.epoch = 0
         self.micro_in_epoch = 0
         self._batches: Iterator[tuple[int, int, Any]] | None = None
@@ -135,8 +151,7 @@ class MicroBatches:
     def __next__(self) -> Any:
         if self._batches is None:
             batches = self._stream(self.epoch, self.micro_in_epoch)
-            ahead = self.num_workers == 0 and self.prefetch_factor > 0
-            self._batches = LoadAhead(batches, self.prefetch_factor) if ahead else batches
+            self._batches = LoadAhead(batches, self.prefetch_factor) if self.load_ahead else batches
         try:
             self.epoch, self.micro_in_epoch, batch = next(self._batches)
         except BaseException:
