@@ -815,6 +815,40 @@ def test_checkpoints_are_logged_models_ranked_by_their_validation_metric(
     assert best.source_run_id == run.parent_run_id and best.tags["sam3pipe.train_run_id"] == run.run_id
 
 
+def test_a_steps_exported_best_weights_and_full_checkpoint_are_one_logged_model_with_both_files(
+    mlflow_tracking: MlflowServer, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    full_uri, full = checkpoint_at(s3_bucket, 40)
+    best_uri, weights = storage.join(s3_bucket, "runs", "r", "checkpoints", "best.pt"), b"exported weights"
+    storage.write_bytes(best_uri, weights)
+    with component_run(fast_tracking(), "train", DemoConfig()) as run:
+        run.log_checkpoint_ref("best", Ref(best_uri, len(weights), storage.sha256_bytes(weights), 40))
+        for role in ("step", "last"):
+            run.log_checkpoint_ref(role, Ref(full_uri, len(full), storage.sha256_bytes(full), 40))
+
+    [model] = mlflow.search_logged_models(experiment_ids=[experiment_id()], output_format="list")
+    assert (model.tags["sam3pipe.best"], model.tags["sam3pipe.last"]) == ("true", "true")
+    files = {role: model.tags[f"sam3pipe.file.{role}"] for role in ("best", "step", "last")}
+    assert files == {"best": best_uri, "step": full_uri, "last": full_uri}
+    assert model.tags["sam3pipe.file.last.sha256"] == storage.sha256_bytes(full)
+    assert "differs" not in caplog.text
+
+
+def test_another_file_for_a_role_a_step_already_has_is_left_out_with_a_warning(
+    mlflow_tracking: MlflowServer, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    first_uri, first = checkpoint_at(s3_bucket, 50)
+    rerun_uri, rerun = storage.join(s3_bucket, "rerun", "step_0000050.pt"), b"weights of a rerun"
+    storage.write_bytes(rerun_uri, rerun)
+    with component_run(fast_tracking(), "train", DemoConfig()) as run:
+        run.log_checkpoint_ref("step", Ref(first_uri, len(first), storage.sha256_bytes(first), 50))
+        run.log_checkpoint_ref("step", Ref(rerun_uri, len(rerun), storage.sha256_bytes(rerun), 50))
+
+    [model] = mlflow.search_logged_models(experiment_ids=[experiment_id()], output_format="list")
+    assert model.tags["sam3pipe.file.step"] == first_uri
+    assert f"checkpoint step 50 at {rerun_uri} differs from the step file" in caplog.text
+
+
 def test_the_best_checkpoints_validation_metric_lands_on_the_parent_at_its_step(
     mlflow_tracking: MlflowServer, s3_bucket: str
 ) -> None:

@@ -4,9 +4,11 @@ A logged model points at its checkpoint with tags (`sam3pipe.checkpoint_uri`, `.
 `.size_bytes`, `.step`), carries the validation metrics of its step (linked by model id, so
 `mlflow.search_logged_models(order_by=[{"field_name": "metrics.val/segm_AP", ...}])` ranks the
 checkpoints), is an output of the train run (the runs table's Models column), and is marked
-`sam3pipe.best` / `sam3pipe.last` = "true" while it holds that role. A checkpoint written to
-several files (`step_0000100.pt`, then copied to `last.pt` and `best.pt`) is one model, found
-again by its name (`<run name>@step-<step>`), so a replayed record never duplicates it.
+`sam3pipe.best` / `sam3pipe.last` = "true" while it holds that role. The files of one step
+(`step_0000100.pt` and its copy `last.pt` with the training state, `best.pt` with the exported
+weights) are one model, each file tagged by its role (`sam3pipe.file.<role>` and its `.sha256`);
+the model is found again by its name (`<run name>@step-<step>`), so a replayed record never
+duplicates it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ TAG_SIZE = "sam3pipe.size_bytes"
 TAG_STEP = "sam3pipe.step"
 TAG_TRAIN_RUN = "sam3pipe.train_run_id"
 TAG_FILE = "sam3pipe.file.{role}"
+TAG_FILE_SHA256 = "sam3pipe.file.{role}.sha256"
 ROLE_TAG = "sam3pipe.{role}"
 RUN_MODEL_TAG = "sam3pipe.checkpoint.{role}_model_id"
 # Roles that move from checkpoint to checkpoint; `step` is a checkpoint's permanent file.
@@ -67,8 +70,15 @@ def _linked_metrics(
 def record_checkpoint(
     client: MlflowClient, experiment_id: str, parent_run_id: str, run_id: str, record: Mapping[str, Any]
 ) -> str:
-    """Create (or find) the checkpoint's logged model, link its metrics, mark its role; its model id."""
+    """Create (or find) the checkpoint's logged model, link its metrics, mark its role; its model id.
+
+    One logged model per step; its files are tags by role, each with its sha256: `best` (the
+    exported weights) and `step` / `last` (the full training state) of one step are different
+    files. A file of a role that differs from the one recorded for that step (a rerun wrote
+    another checkpoint there) is left as it is, with a warning.
+    """
     step, role = int(record["step"]), str(record["role"])
+    sha_tag = TAG_FILE_SHA256.format(role=role)
     model = find_model(client, experiment_id, run_id, record["model_name"])
     if model is None:
         tags = {
@@ -93,17 +103,19 @@ def record_checkpoint(
         client.finalize_logged_model(model.model_id, "READY")
         client.log_outputs(run_id, [mlflow_api.LoggedModelOutput(model.model_id, step)])
         logger.info("checkpoint step %d is logged model %s (%s)", step, model.model_id, record["uri"])
-    elif model.tags.get(TAG_SHA256) != record["sha256"]:
+    elif model.tags.get(sha_tag, record["sha256"]) != record["sha256"]:
         logger.warning(
-            "checkpoint step %d at %s differs from logged model %s (sha256 %s, recorded %s); left as it is",
+            "checkpoint step %d at %s differs from the %s file of logged model %s (sha256 %s, recorded %s); "
+            "left as it is",
             step,
             record["uri"],
+            role,
             model.model_id,
             record["sha256"][:12],
-            model.tags.get(TAG_SHA256, "?")[:12],
+            model.tags[sha_tag][:12],
         )
         return model.model_id
-    client.set_logged_model_tags(model.model_id, {TAG_FILE.format(role=role): record["uri"]})
+    client.set_logged_model_tags(model.model_id, {TAG_FILE.format(role=role): record["uri"], sha_tag: record["sha256"]})
     if role in MARKED_ROLES:
         mark(client, experiment_id, run_id, model.model_id, role)
     return model.model_id
