@@ -12,8 +12,7 @@ costs seconds at the start of every training process.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sam3_core.lazy import lazy_attributes
 
 _SOURCES = {
     "DatasetRef": "datasets",
@@ -38,9 +37,4 @@ _SOURCES = {
     "draw_masks": "visuals",
 }
 __all__ = sorted(_SOURCES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+__getattr__ = lazy_attributes(__name__, {name: f"{__name__}.{source}" for name, source in _SOURCES.items()})

@@ -8,8 +8,7 @@ mlflow's names at their top for type checking only.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sam3_core.lazy import lazy_attributes
 
 _SOURCES = {
     "MlflowClient": "mlflow",
@@ -30,11 +29,4 @@ _SOURCES = {
     "MAX_PARAMS_TAGS_PER_BATCH": "mlflow.utils.validation",
 }
 __all__ = sorted(_SOURCES)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_SOURCES[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _SOURCES)
