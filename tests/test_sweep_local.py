@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipeline import steps
 from pipeline.cli import main
 from sam3_core import storage
 from sam3_core.tracking import sweeps
@@ -112,6 +113,12 @@ def test_both_trials_run_to_the_end_and_the_best_is_reported(swept: SweepRun) ->
     best_row = next(row for row in rows if row["status"] == "best")
     assert best_row["trial"] == outcome["best_trial"] and best_row["bbox_AP50"] == max(r["bbox_AP50"] for r in rows)
     assert "| t0 |" in swept.stdout and "| t1 |" in swept.stdout
+
+
+def test_the_pipelines_training_keeps_the_checkpoint_with_the_best_box_ap(swept: SweepRun) -> None:
+    train_run = swept.components["t0"]["train"]
+
+    assert train_run.data.params["train.best_metric"] == steps.DEFAULT_BEST_METRIC == "val/bbox_AP"
 
 
 def test_the_store_holds_one_sweep_parent_with_two_trial_runs(swept: SweepRun) -> None:
