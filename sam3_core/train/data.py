@@ -48,9 +48,6 @@ def build_loader(
     )
 
 
-T = TypeVar("T")
-
-
 def load_ahead_fits(device_type: str, threads: int, cores_per_process: int) -> bool:
     """Whether a loading thread runs beside the step instead of taking cores from it.
 
@@ -62,6 +59,7 @@ def load_ahead_fits(device_type: str, threads: int, cores_per_process: int) -> b
     return device_type == "cuda" or threads < cores_per_process
 
 
+T = TypeVar("T")
 # how long a blocked producer waits before it checks whether it was closed
 _POLL_S = 0.1
 
