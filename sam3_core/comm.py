@@ -231,6 +231,11 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cores_per_process() -> int:
+    """This process's share of the cores it may run on, shared with the run's other processes here; at least 1."""
+    return max(1, available_cores() // launch_env().local_world_size)
+
+
 def default_num_threads() -> int:
     """Torch threads per process when none is configured: OMP_NUM_THREADS if set, else cores / local processes.
 
@@ -241,7 +246,7 @@ def default_num_threads() -> int:
     configured = _env_int("OMP_NUM_THREADS", 0)
     if configured > 0:
         return configured
-    return max(1, available_cores() // launch_env().local_world_size)
+    return cores_per_process()
 
 
 def set_num_threads(requested: int = 0) -> int:

@@ -164,7 +164,7 @@ def build_trainer(
         seed=cfg.train.seed,
         num_workers=cfg.data.num_workers,
         prefetch_factor=cfg.data.prefetch_factor,
-        load_ahead=load_ahead_fits(device.type, threads, comm.available_cores() // env.local_world_size),
+        load_ahead=load_ahead_fits(device.type, threads, comm.cores_per_process()),
         pin_memory=pin,
         rank=env.rank,
         world_size=env.world_size,
