@@ -250,15 +250,9 @@ def run_trial(
     result = sweeps.TrialResult(trial_name, trial_name, trial["run_name"], overrides, succeeded=False)
     with tempfile.TemporaryDirectory(prefix="sam3pipe-trial-") as tmp:
         try:
-            run_uri, checkpoint_uri, _ = steps.train(
+            run_uri, checkpoint_uri, _ = steps.train_with_params(
+                params,
                 dataset_uri,
-                params["model_preset"],
-                params["checkpoint"],
-                params["max_steps"],
-                params["lr"],
-                params["batch_size"],
-                params["frames_per_clip"],
-                params["freeze_prefixes"],
                 params["store"],
                 "pod",
                 params["gpus"],

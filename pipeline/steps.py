@@ -195,6 +195,41 @@ def train(
     return outputs["run_uri"], outputs["best_checkpoint_uri"], outputs["last_checkpoint_uri"]
 
 
+def train_with_params(
+    params: dict[str, Any],
+    dataset_uri: str,
+    store: str,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
+    pipeline_run_id: str,
+    mlflow_experiment: str,
+    overrides: list[str],
+    launch: dict[str, Any],
+    model: PointerArtifact,
+) -> tuple[str, str, str]:
+    """`train` with a trial's training knobs taken from its pipeline parameters (`sweep.parameters`)."""
+    return train(
+        dataset_uri,
+        params["model_preset"],
+        params["checkpoint"],
+        params["max_steps"],
+        params["lr"],
+        params["batch_size"],
+        params["frames_per_clip"],
+        params["freeze_prefixes"],
+        store,
+        training_mode,
+        gpus,
+        nodes,
+        pipeline_run_id,
+        mlflow_experiment,
+        overrides,
+        launch,
+        model,
+    )
+
+
 def predict(
     dataset_uri: str,
     model_preset: str,
@@ -351,15 +386,9 @@ def train_trial(
     logger.info("sweep trial %s: training with %s", trial["trial_id"], params)
 
     def work() -> tuple[str, str, str]:
-        return train(
+        return train_with_params(
+            params,
             trial["dataset_uri"],
-            params["model_preset"],
-            params["checkpoint"],
-            params["max_steps"],
-            params["lr"],
-            params["batch_size"],
-            params["frames_per_clip"],
-            params["freeze_prefixes"],
             store,
             training_mode,
             gpus,
