@@ -17,8 +17,8 @@ from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
 from tests.fixtures.datasets import single_thread_env
 from tests.fixtures.network import free_port
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RANKS = 2
 # 3 train videos x 4 frames, 2-frame clips: 6 clips; one clip per rank per step
 CLIPS_PER_EPOCH = 6
@@ -41,7 +41,7 @@ def two_ranks(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPath
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(REPO / "tests" / "train_worker.py"),
+        str(Path(__file__).with_name("train_worker.py")),
         str(out),
         *tiny_train_overrides,
         f"output.store={store}",

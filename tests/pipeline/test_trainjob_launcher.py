@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +25,8 @@ from pipeline.jobs import LaunchSettings, TrainingJobError
 from pipeline.settings import load_settings
 from sam3_core import storage
 from sam3_core.errors import ConfigError
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 RUNTIME_MANIFEST = REPO / "manifests/trainer-v2/cluster-training-runtime.yaml"
 
 

@@ -27,8 +27,7 @@ from pipeline.jobs import TrainingJobError as PyTorchJobError
 from pipeline.settings import load_settings
 from sam3_core import storage
 from sam3_core.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures.paths import REPO
 
 
 @pytest.fixture

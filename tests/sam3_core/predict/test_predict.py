@@ -38,8 +38,7 @@ from sam3_core.predict.predictor import (
 )
 from tests.fixtures.datasets import TINY_MODEL, single_thread_env
 from tests.fixtures.network import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures.paths import REPO
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ from sam3_core.train.optim import OptimConfig, build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder
 from sam3_core.train.trainer import HookBase, Trainer, TrainingDiverged, seed_everything
 from tests.fixtures.network import free_port
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 10
 BATCH = 3
 MAX_STEPS = 12

@@ -23,8 +23,8 @@ from sam3_core.data.prep import DataPrepConfig, prepare_dataset, split_videos
 from sam3_core.data.synthetic import SyntheticConfig, generate
 from sam3_core.data.ytvis import load_video_dataset, mask_to_rle, rle_bbox, rle_to_mask
 from sam3_core.errors import ConfigError, InputError, StorageError
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = SyntheticConfig(num_videos=3, frames_per_video=4, height=48, width=48, min_size=10, max_size=20)
 
 

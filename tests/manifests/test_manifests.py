@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from pipeline.settings import load_settings
+from tests.fixtures.paths import REPO, SCHEMAS
 
-MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+MANIFESTS = REPO / "manifests"
 KUSTOMIZATIONS = ["base", "overlays/local-minio", "overlays/aws-s3"]
 KUBERNETES_VERSION = "1.30"
 SUPPORTED_FIELDS = {"apiVersion", "kind", "namespace", "resources", "patches"}
@@ -199,7 +200,7 @@ def test_local_overlay_shrinks_the_database_volume() -> None:
 
 
 TRAINER_V2 = MANIFESTS / "trainer-v2"
-RUNTIME_CRD = Path(__file__).resolve().parent / "schemas" / "trainer.kubeflow.org_clustertrainingruntimes.excerpt.yaml"
+RUNTIME_CRD = SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.excerpt.yaml"
 
 
 @pytest.fixture(scope="module")

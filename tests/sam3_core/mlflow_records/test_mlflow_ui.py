@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from sam3_core.tracking import compare_url, runs_table_url
+from tests.fixtures.paths import REPO
 
 if TYPE_CHECKING:
     from tests.fixtures.mlflow import TrackedPipelines
@@ -31,7 +32,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(os.environ.get("SAM3PIPE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "tests-artifacts")
+ARTIFACTS = Path(os.environ.get("SAM3PIPE_TEST_ARTIFACTS") or REPO / "tests-artifacts")
 UI_TIMEOUT_MS = 120_000
 EVAL_COLUMNS = ("eval/segm_AP", "eval/video_mask_mAP_50_95")
 

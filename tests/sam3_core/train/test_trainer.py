@@ -42,8 +42,8 @@ from tests.fixtures.datasets import (
     TINY_VIDEOS,
     single_thread_env,
 )
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 WINDOW = 4
 # 3 train videos x 4 frames, 2-frame clips: 6 clips per epoch

@@ -26,8 +26,8 @@ from sam3_core.tracking import sweeps
 from sam3_core.tracking.runs import TAG_COMPONENT
 from tests.fixtures.datasets import TINY_MODEL, TINY_TRAIN
 from tests.fixtures.fake_k8s import strict_schema
+from tests.fixtures.paths import SCHEMAS
 
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
 PLANTED_SECRET = "planted-secret-value-1a2b3c"
 GRID = {"lr": [0.0001, 0.0003], "optim.weight_decay": [0.05, 0.1]}
 

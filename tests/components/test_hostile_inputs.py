@@ -42,8 +42,8 @@ from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
 from tests.fixtures.datasets import TINY_MODEL, TINY_TRAIN, TINY_VIDEOS, single_thread_env
 from tests.fixtures.network import free_port
+from tests.fixtures.paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MAINS = {"data-prep": data_prep.main, "train": train.main, "predict": predict.main, "evaluate": evaluate.main}
 MODULES = {
     "data-prep": "components.data_prep",

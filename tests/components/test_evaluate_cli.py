@@ -15,9 +15,9 @@ from components.evaluate import execute, flags_to_overrides
 from sam3_core import storage
 from sam3_core.errors import ConfigError, InputError
 from tests.fixtures.masks import box_rle
+from tests.fixtures.paths import REPO
 from tests.fixtures.saco import SacoShape, generate
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = (60, 80)  # height, width
 # One video of two frames; frame t is COCO image t + 1. Category 2 has no object.
 BOXES = {1: [[10, 10, 30, 20], [12, 10, 30, 20]], 2: [[50, 30, 20, 20], None]}
