@@ -174,11 +174,11 @@ def _model_clips_per_s(uri: str, store: Path, bench: DataBench) -> float:
     """Clips/s the tiny model trains on (the trainer's own throughput, loading hidden by 2 loader workers)."""
     from sam3_core.config import load_config
     from sam3_core.train.build import train
-    from sam3_core.train.config import TrainJobConfig
+    from sam3_core.train.config import TrainConfig
 
     cfg = load_config(
         "train",
-        TrainJobConfig,
+        TrainConfig,
         [
             f"data.uri={uri}",
             f"output.store={store}",
@@ -187,7 +187,7 @@ def _model_clips_per_s(uri: str, store: Path, bench: DataBench) -> float:
             f"data.batch_size={bench.loader_batch}",
             "data.num_workers=2",
             "train.num_threads=1",
-            "tracking.enabled=false",
+            "mlflow.enabled=false",
         ],
     )
     history = train(cfg).history

@@ -411,7 +411,7 @@ def _cli_rows(bench: EvaluateBench, folder: Path) -> None:
                     str(pred_path),
                     "--output",
                     str(folder / f"out-{tracking}-{i}" / "metrics.json"),
-                    f"tracking.enabled={tracking}",
+                    f"mlflow.enabled={tracking}",
                 ],
                 env,
                 folder,

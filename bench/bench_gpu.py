@@ -27,7 +27,7 @@ from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.config import LoraConfig
 from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer
 
@@ -60,7 +60,7 @@ def _clip(frames: int, size: int, seed: int = 0) -> object:
     return make_datapoint(images, objects, [Prompt(1, "red square"), Prompt(2, "blue circle")], size)
 
 
-def _model(cfg: TrainJobConfig, mode: str, rank: int, device: torch.device) -> VideoClipDetector:
+def _model(cfg: TrainConfig, mode: str, rank: int, device: torch.device) -> VideoClipDetector:
     model = VideoClipDetector(build_detector(cfg.model))
     if mode == "frozen":
         freeze(model.detector, [VISION])
@@ -72,7 +72,7 @@ def _model(cfg: TrainJobConfig, mode: str, rank: int, device: torch.device) -> V
 class _Step:
     """One training step of `model` on a batch of `batch_size` clips of `frames` frames."""
 
-    def __init__(self, cfg: TrainJobConfig, model: VideoClipDetector, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, model: VideoClipDetector, device: torch.device) -> None:
         self.cfg, self.model, self.device = cfg, model, device
         self.loss_fn = build_loss(cfg.loss, cfg.model.num_queries, with_masks=True)
         self.optimizer = build_optimizer(model, cfg.optim)
@@ -144,7 +144,7 @@ def run(bench: GpuBench) -> None:
         print("skipped: no CUDA device here (run `python -m bench gpu` on a GPU machine)")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_config("train", TrainJobConfig, [f"model={bench.preset}", "data.uri=unused"])
+    cfg = load_config("train", TrainConfig, [f"model={bench.preset}", "data.uri=unused"])
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (full precision)"
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else float("nan")
     limit = bench.max_batch if bench.max_batch is not None else (64 if device.type == "cuda" else 0)

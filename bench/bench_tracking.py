@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from sam3_core.tracking import TrackingConfig, component_run
+from sam3_core.mlflow_records import MlflowConfig, component_run
 
 REPEATS = 5
 METRICS = {f"{kind}_{name}": 0.25 for kind in ("bbox", "segm") for name in ("AP", "AP50", "AP75", "AR100")}
@@ -71,9 +71,9 @@ def _report_files(root: Path) -> list[str]:
     return files
 
 
-def _bookkeeping_s(cfg: TrackingConfig, files: list[str]) -> float:
+def _bookkeeping_s(cfg: MlflowConfig, files: list[str]) -> float:
     """Seconds from the end of the work to `finish()` returning."""
-    run = component_run(cfg, "evaluate", {"gt": "val.json", "tracking": {"flush_interval_s": cfg.flush_interval_s}})
+    run = component_run(cfg, "evaluate", {"gt": "val.json", "mlflow": {"flush_interval_s": cfg.flush_interval_s}})
     time.sleep(0.2)  # the work
     start = time.perf_counter()
     run.log_eval(METRICS)
@@ -88,7 +88,7 @@ def _bookkeeping_s(cfg: TrackingConfig, files: list[str]) -> float:
 
 def _row(label: str, uri: str, files: list[str], **settings: object) -> float:
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    cfg = TrackingConfig(experiment_name=f"bench-{uuid.uuid4().hex[:8]}", **settings)  # type: ignore[arg-type]
+    cfg = MlflowConfig(experiment_name=f"bench-{uuid.uuid4().hex[:8]}", **settings)  # type: ignore[arg-type]
     _bookkeeping_s(cfg, files)  # warm-up: experiment creation, imports
     times = [_bookkeeping_s(cfg, files) for _ in range(REPEATS)]
     median = statistics.median(times)

@@ -66,7 +66,7 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
     from sam3_core import comm
     from sam3_core.config import load_config
     from sam3_core.train.build import build_trainer
-    from sam3_core.train.config import TrainJobConfig
+    from sam3_core.train.config import TrainConfig
     from sam3_core.train.data import MicroBatches
 
     # no validation or checkpoint falls inside the timed steps: what is timed is the step itself (with
@@ -78,7 +78,7 @@ def worker(out_path: str, overrides: list[str], bench: TrainBench) -> None:
         "train.log_every=100000",
         "train.max_steps=100000",
     ]
-    cfg = load_config("train", TrainJobConfig, [*overrides, *quiet, f"train.num_threads={bench.threads}"])
+    cfg = load_config("train", TrainConfig, [*overrides, *quiet, f"train.num_threads={bench.threads}"])
     trainer = build_trainer(cfg)
     for hook in trainer.hooks:
         hook.before_train()

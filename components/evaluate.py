@@ -29,7 +29,7 @@ from sam3_core.evaluate.report import (
     report_files,
     run_evaluation,
 )
-from sam3_core.tracking import component_run, eval_metrics
+from sam3_core.mlflow_records import component_run, eval_metrics
 
 # Flag -> config key; flags are a convenience over the equivalent Hydra overrides.
 FLAGS = {"--gt": "gt", "--predictions": "predictions", "--output": "output", "--frames-gt": "frames_gt"}
@@ -55,7 +55,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     cfg = load_config("evaluate", EvaluateConfig, overrides)
     check_config(cfg)
     with component_run(
-        cfg.tracking, "evaluate", cfg, overrides=overrides, dataset_uri=cfg.gt, output_uri=output_folder(cfg.output)
+        cfg.mlflow, "evaluate", cfg, overrides=overrides, dataset_uri=cfg.gt, output_uri=output_folder(cfg.output)
     ) as run:
         report = run_evaluation(cfg)
         metrics_uri = publish_report(report, cfg.output)

@@ -14,6 +14,7 @@ from components.runner import run_cli
 from sam3_core.comm import shutdown
 from sam3_core.config import load_config
 from sam3_core.data.frames import FrameReader
+from sam3_core.mlflow_records import component_run
 from sam3_core.predict.predictor import (
     PredictConfig,
     fetched_checkpoint,
@@ -21,7 +22,6 @@ from sam3_core.predict.predictor import (
     prepare_output,
     with_resolved_model,
 )
-from sam3_core.tracking import component_run
 
 TAG_MODEL_URI = "sam3pipe.model_uri"
 TAG_PREDICTIONS_URI = "sam3pipe.predictions_uri"
@@ -39,7 +39,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
         with fetched_checkpoint(cfg.model.uri) as checkpoint:
             out_uri = prepare_output(cfg, checkpoint)
             with component_run(
-                cfg.tracking, "predict", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=out_uri
+                cfg.mlflow, "predict", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=out_uri
             ) as run:
                 run.set_tags({TAG_MODEL_URI: requested.model.uri})
                 result = predict(cfg, checkpoint)

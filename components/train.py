@@ -20,10 +20,10 @@ from sam3_core.comm import shutdown
 from sam3_core.config import load_config
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import MANIFEST
+from sam3_core.mlflow_records import ComponentRun, component_run
 from sam3_core.model.checkpoint import CheckpointRef
-from sam3_core.tracking import Tracker, component_run
 from sam3_core.train.build import train
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 from sam3_core.train.run import run_uri_for
 from sam3_core.train.trainer import TrainResult
 
@@ -32,15 +32,15 @@ TAG_BEST_METRIC = "sam3pipe.best_metric"
 TAG_BEST_STEP = "sam3pipe.best_step"
 
 
-def grouped_by_run_folder(cfg: TrainJobConfig, run_uri: str) -> TrainJobConfig:
+def grouped_by_run_folder(cfg: TrainConfig, run_uri: str) -> TrainConfig:
     """Without a pipeline run id, the run folder names the parent run, so a rerun finds it again."""
-    if cfg.tracking.pipeline_run_id:
+    if cfg.mlflow.pipeline_run_id:
         return cfg
     folder_id = _UNSAFE_ID.sub("-", posixpath.basename(run_uri.rstrip("/")))
-    return replace(cfg, tracking=replace(cfg.tracking, pipeline_run_id=folder_id))
+    return replace(cfg, mlflow=replace(cfg.mlflow, pipeline_run_id=folder_id))
 
 
-def log_history(run: Tracker, result: TrainResult, logged_steps: set[int]) -> None:
+def log_history(run: ComponentRun, result: TrainResult, logged_steps: set[int]) -> None:
     """Metrics of steps trained before this process (a resumed training) that this MLflow run lacks."""
     if run.resumed:
         return
@@ -56,14 +56,14 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     best.pt is the weights of the step where `train.best_metric` was best (LoRA adapters merged):
     the registered model. Its metric name and step are tagged on the run.
     """
-    cfg = load_config("train", TrainJobConfig, overrides)
+    cfg = load_config("train", TrainConfig, overrides)
     run_uri = run_uri_for(cfg)
     cfg = grouped_by_run_folder(cfg, run_uri)
     FrameReader(cfg.data.uri, cfg.data.cache_dir)  # a clear error before any work when the dataset is not there
     logged_steps: set[int] = set()
     try:
         with component_run(
-            cfg.tracking, "train", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=run_uri
+            cfg.mlflow, "train", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=run_uri
         ) as run:
             run.log_file(storage.join(cfg.data.uri, MANIFEST), "dataset")
 

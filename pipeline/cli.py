@@ -210,10 +210,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _ui(port: int) -> NoReturn:
-    from sam3_core import tracking
+    from sam3_core import mlflow_records
 
-    command = tracking.ui_command(port)
-    url = tracking.local_runs_table_url(port)
+    command = mlflow_records.ui_command(port)
+    url = mlflow_records.local_runs_table_url(port)
     logger.info("starting: %s", " ".join(command))
     print(f"Runs table with the headline columns (open once the server is up): {url}", flush=True)
     os.execvp(command[0], command)
@@ -267,12 +267,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _mlflow_hint() -> str:
     """How to open the runs just logged: `make ui` on the local store, else the server's URI."""
-    from sam3_core import tracking
+    from sam3_core import mlflow_records
 
     try:
-        return f"Compare runs in the MLflow UI: make ui   (runs: {' '.join(tracking.ui_command())})"
+        return f"Compare runs in the MLflow UI: make ui   (runs: {' '.join(mlflow_records.ui_command())})"
     except ConfigError:
-        return f"Compare runs in the MLflow UI at {tracking.redact_text(tracking.tracking_uri())}"
+        return f"Compare runs in the MLflow UI at {mlflow_records.redact_text(mlflow_records.tracking_uri())}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

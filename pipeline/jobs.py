@@ -151,7 +151,7 @@ class LaunchSettings:
 
 def secret_env(settings: PipelineSettings) -> list[dict[str, Any]]:
     """The same credentials and endpoints the KFP steps get, as references (never values)."""
-    store, tracking = settings.object_store, settings.tracking
+    store, mlflow = settings.object_store, settings.mlflow
 
     def from_secret(env: str, secret: str, key: str) -> dict[str, Any]:
         return {"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
@@ -159,7 +159,7 @@ def secret_env(settings: PipelineSettings) -> list[dict[str, Any]]:
     return [
         from_secret("AWS_ACCESS_KEY_ID", store.secret, store.access_key_field),
         from_secret("AWS_SECRET_ACCESS_KEY", store.secret, store.secret_key_field),
-        from_secret("MLFLOW_TRACKING_URI", tracking.secret, tracking.uri_field),
+        from_secret("MLFLOW_TRACKING_URI", mlflow.secret, mlflow.uri_field),
         *(
             {"name": key, "valueFrom": {"configMapKeyRef": {"name": store.config_map, "key": key}}}
             for key in store.config_map_keys

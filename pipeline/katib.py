@@ -225,7 +225,7 @@ def run_trial(
     experiment: str, trial_name: str, dataset_uri: str, metric: str, base: Mapping[str, Any], assignments: list[str]
 ) -> dict[str, float]:
     """Train, predict and evaluate one trial in this pod; record it in MLflow; return its metrics."""
-    from sam3_core.tracking import sweeps
+    from sam3_core.mlflow_records import sweeps
 
     settings: dict[str, Any] = {}
     for pair in assignments:

@@ -76,8 +76,8 @@ def _with_object_store(task: PipelineTask, settings: PipelineSettings) -> Pipeli
 def _with_tracking(task: PipelineTask, settings: PipelineSettings) -> PipelineTask:
     kubernetes.use_secret_as_env(
         task,
-        secret_name=settings.tracking.secret,
-        secret_key_to_env={settings.tracking.uri_field: "MLFLOW_TRACKING_URI"},
+        secret_name=settings.mlflow.secret,
+        secret_key_to_env={settings.mlflow.uri_field: "MLFLOW_TRACKING_URI"},
     )
     return task
 

@@ -6,7 +6,7 @@ and thread settings, into new output folders and a new MLflow pipeline run tagge
 `sam3pipe.reproduces_run_id=<original>`; then every model metric is compared with the original's.
 With `--host`, the whole pipeline run is submitted to Kubeflow Pipelines with the parameters
 rebuilt from the recorded configs (and the recorded image); `--wait` waits for it and compares.
-The checks and command building live in `sam3_core.tracking.reproduce`.
+The checks and command building live in `sam3_core.mlflow_records.reproduce`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from mlflow import MlflowClient
 
 from sam3_core import storage
 from sam3_core.config import flatten
-from sam3_core.tracking import TrackingConfig, tracking_uri
-from sam3_core.tracking.datasets import MANIFEST
-from sam3_core.tracking.lineage import REPRODUCES_ENV
-from sam3_core.tracking.reproduce import (
+from sam3_core.mlflow_records import MlflowConfig, tracking_uri
+from sam3_core.mlflow_records.datasets import MANIFEST
+from sam3_core.mlflow_records.lineage import REPRODUCES_ENV
+from sam3_core.mlflow_records.reproduce import (
     Difference,
     Plan,
     RecordedRun,
@@ -40,15 +40,15 @@ from sam3_core.tracking.reproduce import (
     overrides_for,
     plan,
 )
-from sam3_core.tracking.runs import PIPELINE
+from sam3_core.mlflow_records.runs import PIPELINE
 
 logger = logging.getLogger(__name__)
 
 # Keys the pipeline's own steps set (from their wiring or KFP), never passed as extra overrides.
 _WIRED = {
-    "train": ("data.uri", "output.store", "output.run_name", "tracking."),
-    "predict": ("data.uri", "model.uri", "output.uri", "output.store", "tracking."),
-    "evaluate": ("gt", "frames_gt", "predictions", "output", "tracking."),
+    "train": ("data.uri", "output.store", "output.run_name", "mlflow."),
+    "predict": ("data.uri", "model.uri", "output.uri", "output.store", "mlflow."),
+    "evaluate": ("gt", "frames_gt", "predictions", "output", "mlflow."),
 }
 
 
@@ -65,7 +65,7 @@ def reproduce(
     """Rebuild, check and rerun the run `ident`; the result as the CLI's JSON line."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = MlflowClient(tracking_uri())
-    plan_ = plan(client, ident, TrackingConfig().experiment_name)
+    plan_ = plan(client, ident, MlflowConfig().experiment_name)
     check(plan_, allow_other_commit)
     if host:
         return _submit(client, plan_, host, parameters or [], wait, existing_token)
@@ -205,7 +205,7 @@ def pipeline_arguments(plan_: Plan, given: set[str] | frozenset[str] = frozenset
         "frames_per_clip": config["data"]["clips"]["frames_per_clip"],
         "freeze_prefixes": list(config["model"].get("freeze") or []),
         "store": config["output"]["store"],
-        "mlflow_experiment": config["tracking"]["experiment_name"],
+        "mlflow_experiment": config["mlflow"]["experiment_name"],
         "train_overrides": _extra(train),
         "predict_overrides": _extra(predict),
         "evaluate_overrides": _extra(evaluate),

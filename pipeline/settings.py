@@ -33,7 +33,7 @@ class ObjectStoreSettings:
 
 
 @dataclass
-class TrackingSettings:
+class MlflowSettings:
     """Secret holding the MLflow tracking URI (it may embed credentials, so it is never a literal)."""
 
     secret: str = "sam3pipe-mlflow"
@@ -123,7 +123,7 @@ class PipelineSettings:
     # the project's image (docker/build.sh); every step runs the same code from it
     image: str = "localhost/sam3pipe-cuda:0.1.0"
     object_store: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
-    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     gpu: GpuSettings = field(default_factory=GpuSettings)
     data_prep: StepSettings = field(default_factory=lambda: StepSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600))
     # a few-second parameter check before training; nothing to retry

@@ -303,7 +303,7 @@ def plan_sweep(
     Returns the trials (the ParallelFor's items); a bad spec or knob fails here, before any trial runs.
     """
     from pipeline import sweep
-    from sam3_core.tracking import (
+    from sam3_core.mlflow_records import (
         sweeps,  # mlflow: imported by the steps that track only
     )
 
@@ -332,10 +332,10 @@ def trial_tracking(trial: dict[str, Any], registered_model: str) -> list[str]:
     set by the sweep's last step.
     """
     return [
-        f"tracking.sweep_id={hydra_value(trial['sweep_id'], 'sweep_id')}",
-        f"tracking.pipeline_run_name={hydra_value(trial['run_name'], 'sweep')}",
-        f"tracking.registered_model_name={hydra_value(registered_model, 'registered_model')}",
-        "tracking.model_alias=sweep-trial",
+        f"mlflow.sweep_id={hydra_value(trial['sweep_id'], 'sweep_id')}",
+        f"mlflow.pipeline_run_name={hydra_value(trial['run_name'], 'sweep')}",
+        f"mlflow.registered_model_name={hydra_value(registered_model, 'registered_model')}",
+        "mlflow.model_alias=sweep-trial",
     ]
 
 
@@ -499,8 +499,8 @@ def select_best(
 ) -> dict[str, Any]:
     """Read every trial's outcome, write the sweep table, register the best trial; fail only if none succeeded."""
     from pipeline import sweep
-    from sam3_core.tracking import sweeps
-    from sam3_core.tracking.settings import TrackingConfig
+    from sam3_core.mlflow_records import sweeps
+    from sam3_core.mlflow_records.settings import MlflowConfig
 
     metric = sweep.check_objective(sweep_metric, sweep_mode)
     if not trials:
@@ -521,7 +521,7 @@ def select_best(
     Path(table.path).write_text(summary, encoding="utf-8")
     table.metadata.update({"uri": table_uri})
     version = sweeps.record_sweep(
-        mlflow_experiment, sweep_id, results, best, rows, summary, registered_model, TrackingConfig().model_alias
+        mlflow_experiment, sweep_id, results, best, rows, summary, registered_model, MlflowConfig().model_alias
     )
     if wrong_metric is not None:
         raise wrong_metric

@@ -27,7 +27,7 @@ from sam3_core import storage
 from sam3_core.errors import InputError
 
 if TYPE_CHECKING:
-    from sam3_core.tracking.sweeps import TrialResult
+    from sam3_core.mlflow_records.sweeps import TrialResult
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def succeeded(metrics: Mapping[str, float], checkpoint_uri: str, run_uri: str, m
 
 def read_results(store: str, trials: Sequence[Mapping[str, Any]]) -> list[TrialResult]:
     """Each trial's outcome; a trial without a record was killed (its step failed outside our code)."""
-    from sam3_core.tracking.sweeps import (
+    from sam3_core.mlflow_records.sweeps import (
         TrialResult,  # mlflow: only the sweep's last step needs it
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 from typing import Any, TypeVar
 
@@ -31,12 +32,16 @@ from omegaconf.errors import (
 
 from sam3_core.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 T = TypeVar("T")
 CONFIG_MODULE = "sam3_core.configs"
 QUOTING_HINT = "quote the value: key='value' (in a shell: \"key='value'\")"
 
 # `[+|++|~]key=value`; keys are dotted names, group overrides may carry a package (`group@pkg`).
 _OVERRIDE = re.compile(r"^(?P<key>(?:\+\+|\+|~)?[\w./@-]+)=(?P<value>.*)$", re.DOTALL)
+# Old section names still read, each with a warning that names the new one: old prefix -> new prefix.
+RENAMED_SECTIONS = {"tracking.": "mlflow."}
 # Values that mean structure (list, dict) or are quoted already: a parse error there is the user's to fix.
 _STRUCTURED_START = ("[", "{", "'", '"')
 
@@ -80,6 +85,21 @@ def lenient_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
             quoted = f"{match['key']}={quote_value(value)}"
             if _parse_error(parser, quoted) is None:
                 override = quoted
+        out.append(override)
+    return out
+
+
+def renamed_keys(overrides: list[str]) -> list[str]:
+    """The overrides with keys of renamed sections (`tracking.enabled=false`) under their new names."""
+    out = []
+    for override in overrides:
+        match = _OVERRIDE.match(override)
+        key = match["key"].lstrip("+~") if match else ""
+        old = next((prefix for prefix in RENAMED_SECTIONS if key.startswith(prefix)), None)
+        if match and old:
+            new_key = RENAMED_SECTIONS[old] + key[len(old) :]
+            logger.warning("%s is now %s (the %s* keys are read for now; rename them)", key, new_key, old)
+            override = override.replace(key, new_key, 1)
         out.append(override)
     return out
 
@@ -166,7 +186,7 @@ def explain(exc: BaseException, overrides: list[str], schema: type) -> str:
 def load_config(name: str, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Compose `<name>.yaml` with Hydra overrides and return it as the typed dataclass."""
     register(name, schema)
-    overrides = lenient_overrides(overrides)
+    overrides = lenient_overrides(renamed_keys(list(overrides)))
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=name, overrides=overrides)

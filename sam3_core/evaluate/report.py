@@ -49,7 +49,7 @@ from sam3_core.evaluate.coco import (
 )
 from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
-from sam3_core.tracking.settings import TrackingConfig
+from sam3_core.mlflow_records.settings import MlflowConfig
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -92,7 +92,7 @@ class EvaluateConfig:
     score_threshold: float = 0.5
     # processes over videos: 1 = all in this process, 0 = one per CPU core when the set is big enough
     workers: int = 0
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         """Reject bad values when the config is built, naming the key to change."""

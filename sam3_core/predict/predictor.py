@@ -41,6 +41,8 @@ from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import SPLITS
 from sam3_core.data.ytvis import Video
 from sam3_core.errors import InputError
+from sam3_core.mlflow_records import draw_masks, resolve_model_uri
+from sam3_core.mlflow_records.settings import MlflowConfig
 from sam3_core.model.build import build_detector
 from sam3_core.model.checkpoint import load_model_weights
 from sam3_core.model.chunked_detection import (
@@ -59,8 +61,6 @@ from sam3_core.predict.postprocess import (
     coco_segm_results,
     frame_detections,
 )
-from sam3_core.tracking import draw_masks, resolve_model_uri
-from sam3_core.tracking.settings import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class PredictConfig:
     dumper: DumperConfig = field(default_factory=DumperConfig)
     output: PredictOutputConfig = field(default_factory=PredictOutputConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -150,7 +150,7 @@ def with_resolved_model(cfg: PredictConfig) -> PredictConfig:
     """The config with `model.uri` naming a checkpoint (a `models:/` registry URI looked up)."""
     if not cfg.model.uri:
         raise InputError("predict config", "model.uri", "no checkpoint given; pass model.uri=<checkpoint URI>")
-    return replace(cfg, model=replace(cfg.model, uri=resolve_model_uri(cfg.model.uri, cfg=cfg.tracking)))
+    return replace(cfg, model=replace(cfg.model, uri=resolve_model_uri(cfg.model.uri, cfg=cfg.mlflow)))
 
 
 @dataclass(frozen=True)

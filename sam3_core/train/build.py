@@ -1,4 +1,4 @@
-"""`build_trainer`: the SAM3 video-clip trainer assembled from a `TrainJobConfig`; `train` runs it.
+"""`build_trainer`: the SAM3 video-clip trainer assembled from a `TrainConfig`; `train` runs it.
 
 Building is where every decision about the run is taken, in this order: threads and process
 group (via `sam3_core.comm`), the run folder (refused if it holds another config; leftovers of
@@ -36,7 +36,7 @@ from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
 from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
 from sam3_core.train.diagnostics import diagnose
 from sam3_core.train.hooks import (
@@ -75,7 +75,7 @@ class _FrameArrays:
         return np.array(self.reader.image(file_name))
 
 
-def _prepare_run(cfg: TrainJobConfig, run: RunFolder) -> bool:
+def _prepare_run(cfg: TrainConfig, run: RunFolder) -> bool:
     """Check the folder may hold this run and clear leftovers; True when resuming."""
     check_same_config(cfg, run)
     resuming = cfg.train.resume and storage.exists(run.last_uri)
@@ -86,12 +86,12 @@ def _prepare_run(cfg: TrainJobConfig, run: RunFolder) -> bool:
 
 def _initial_weights(module: VideoClipDetector, uri: str) -> None:
     """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first)."""
-    from sam3_core.tracking import resolve_model_uri
+    from sam3_core.mlflow_records import resolve_model_uri
 
     load_model_weights(module, resolve_model_uri(uri))
 
 
-def _build_module(cfg: TrainJobConfig, resuming: bool) -> VideoClipDetector:
+def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
     module = VideoClipDetector(build_detector(cfg.model))
     if cfg.model.uri and not resuming:
         _initial_weights(module, cfg.model.uri)
@@ -103,13 +103,13 @@ def _build_module(cfg: TrainJobConfig, resuming: bool) -> VideoClipDetector:
     return module
 
 
-def _amp_dtype(cfg: TrainJobConfig, device: torch.device) -> torch.dtype | None:
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     on = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
     return torch.bfloat16 if on else None
 
 
 def _validators(
-    cfg: TrainJobConfig,
+    cfg: TrainConfig,
     reader: FrameReader,
     frames: _FrameArrays,
     train_videos: VideoDataset,
@@ -136,7 +136,7 @@ def _validators(
 
 
 def build_trainer(
-    cfg: TrainJobConfig,
+    cfg: TrainConfig,
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),
@@ -250,7 +250,7 @@ def result_of(trainer: Trainer, run: RunFolder) -> TrainResult:
 
 
 def train(
-    cfg: TrainJobConfig,
+    cfg: TrainConfig,
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),

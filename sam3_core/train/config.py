@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from sam3_core.config_checks import check_bool, check_choice, check_int, check_str
 from sam3_core.data.clips import ClipConfig
 from sam3_core.errors import ConfigError
+from sam3_core.mlflow_records.settings import MlflowConfig
 from sam3_core.model.config import ModelConfig
-from sam3_core.tracking.settings import TrackingConfig
 from sam3_core.train.loss import LossConfig
 from sam3_core.train.optim import OptimConfig
 
@@ -144,7 +144,7 @@ class OutputConfig:
 
 
 @dataclass
-class TrainJobConfig:
+class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -152,7 +152,7 @@ class TrainJobConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the run is tracked in MLflow; leaves the run folder name alone (see run_name_for)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
         if self.train.best_metric.startswith("val/segm_") and not self.model.enable_segmentation:

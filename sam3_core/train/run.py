@@ -20,12 +20,12 @@ import yaml
 from sam3_core import storage
 from sam3_core.config import flatten, to_yaml
 from sam3_core.errors import ConfigError
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 # dotted keys (or key prefixes) that do not change what a run trains
 RUN_NEUTRAL_KEYS = (
-    "tracking.",
+    "mlflow.",
     "output.",
     "train.resume",
     "train.num_threads",
@@ -47,13 +47,13 @@ def shaping_values(flat: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if not _neutral(key)}
 
 
-def run_name_for(cfg: TrainJobConfig) -> str:
+def run_name_for(cfg: TrainConfig) -> str:
     """`train-<hash of the shaping keys>`: the same command finds its run folder again."""
     shaped = json.dumps(shaping_values(flatten(cfg)), sort_keys=True, default=str)
     return "train-" + hashlib.sha256(shaped.encode()).hexdigest()[:12]
 
 
-def run_uri_for(cfg: TrainJobConfig) -> str:
+def run_uri_for(cfg: TrainConfig) -> str:
     return storage.join(cfg.output.store, "runs", cfg.output.run_name or run_name_for(cfg))
 
 
@@ -107,7 +107,7 @@ def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
     ]
 
 
-def check_same_config(cfg: TrainJobConfig, run: RunFolder) -> None:
+def check_same_config(cfg: TrainConfig, run: RunFolder) -> None:
     """Refuse to continue in a run folder whose stored config shapes another run."""
     if not storage.exists(run.config_uri):
         return
@@ -121,6 +121,6 @@ def check_same_config(cfg: TrainJobConfig, run: RunFolder) -> None:
         )
 
 
-def write_config(cfg: TrainJobConfig, run: RunFolder) -> None:
+def write_config(cfg: TrainConfig, run: RunFolder) -> None:
     storage.write_text(run.config_uri, to_yaml(cfg))
     log.info("run folder %s", run.uri)

@@ -347,7 +347,7 @@ def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_resu
             write(tmp_path / "p.json", predictions),
             "--output",
             str(output),
-            "tracking.pipeline_run_id=saco-cli",
+            "mlflow.pipeline_run_id=saco-cli",
             "workers=1",
         ]
     )
@@ -398,7 +398,7 @@ def test_yt_vis_gt_scores_class_map_only_unless_metrics_asks_for_more(tmp_path):
         write(tmp_path / "gt.json", gt),
         "--predictions",
         write(tmp_path / "p.json", predictions),
-        "tracking.enabled=false",
+        "mlflow.enabled=false",
         "workers=1",
     ]
 
@@ -415,7 +415,7 @@ def test_evaluation_with_tracking_off_never_imports_mlflow(tmp_path):
     """Importing mlflow takes about a second: a short evaluation that tracks nothing must not pay it."""
     gt, predictions = generate(SacoShape(videos=1, frames=3, seed=23))
     args = ["--gt", write(tmp_path / "gt.json", gt), "--predictions", write(tmp_path / "p.json", predictions)]
-    args += ["--output", str(tmp_path / "eval" / "metrics.json"), "tracking.enabled=false", "workers=1"]
+    args += ["--output", str(tmp_path / "eval" / "metrics.json"), "mlflow.enabled=false", "workers=1"]
     probe = (
         "import atexit, runpy, sys\n"
         "atexit.register(lambda: print('mlflow imported:', 'mlflow' in sys.modules))\n"

@@ -58,10 +58,10 @@ TRAIN_BASE = [
     *TINY_TRAIN,
     "train.max_steps=1",
     "train.num_threads=1",
-    "tracking.enabled=false",
+    "mlflow.enabled=false",
 ]
-PREDICT_BASE = ["model.uri={ckpt}", "data.uri={dataset}", *TINY_MODEL, "tracking.enabled=false"]
-EVALUATE_BASE = ["output={store}/evaluation/metrics.json", "tracking.enabled=false"]
+PREDICT_BASE = ["model.uri={ckpt}", "data.uri={dataset}", *TINY_MODEL, "mlflow.enabled=false"]
+EVALUATE_BASE = ["output={store}/evaluation/metrics.json", "mlflow.enabled=false"]
 BASE = {
     "data-prep": [
         "synthetic.num_videos=2",
@@ -270,7 +270,7 @@ CASES = [
     case("tr-zero-frames-per-clip", "train", "data.clips.frames_per_clip=0", "frames_per_clip"),
     case("tr-stride-min-above-max", "train", ("data.clips.stride_min=3", "data.clips.stride_max=1"), "stride"),
     case("tr-unknown-preset", "train", "model=huge", ("model/huge", "tiny")),
-    case("tr-unsafe-pipeline-run-id", "train", "tracking.pipeline_run_id='a/b'", "tracking.pipeline_run_id"),
+    case("tr-unsafe-pipeline-run-id", "train", "mlflow.pipeline_run_id='a/b'", "mlflow.pipeline_run_id"),
     case("tr-steps-not-an-integer", "train", "train.max_steps=1.5", "train.max_steps"),
     case("tr-misspelt-key", "train", "optim.weight_decy=0.1", ("optim.weight_decy", "optim.weight_decay")),
     case("tr-lr-negative", "train", "optim.lr=-1", "optim.lr"),
@@ -356,7 +356,7 @@ CASES = [
     case(
         "pr-registry-unreachable",
         "predict",
-        ("model.uri=models:/sam3-video@candidate", "tracking.enabled=true"),
+        ("model.uri=models:/sam3-video@candidate", "mlflow.enabled=true"),
         "models:/sam3-video@candidate",
         env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:{closed}"},
         subprocess=True,
@@ -556,7 +556,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, torch_single_thread: None) -
                     *TINY_MODEL,
                     f"output.uri={preds}",
                     "postprocess.top_k=5",
-                    "tracking.enabled=false",
+                    "mlflow.enabled=false",
                 ]
             )
             == 0
@@ -572,7 +572,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, torch_single_thread: None) -
                     "train.checkpoint_every=2",
                     "train.num_threads=1",
                     "output.run_name=existing",
-                    "tracking.enabled=false",
+                    "mlflow.enabled=false",
                 ]
             )
             == 0

@@ -168,7 +168,7 @@ def test_manifests_provide_what_the_compiled_pipeline_reads(rendered) -> None:
     config = find(rendered, "ConfigMap", settings.object_store.config_map)["data"]
     assert set(settings.object_store.config_map_keys) <= set(config)
     assert config["SAM3PIPE_STORE"].startswith("s3://")
-    assert settings.tracking.uri_field in find(rendered, "Secret", settings.tracking.secret)["stringData"]
+    assert settings.mlflow.uri_field in find(rendered, "Secret", settings.mlflow.secret)["stringData"]
     find(rendered, "ServiceAccount", settings.pytorchjob.service_account)
 
 

@@ -16,14 +16,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline import steps, sweep
 from sam3_core import storage
 from sam3_core.errors import InputError
-from sam3_core.tracking import sweeps
-from sam3_core.tracking.runs import (
+from sam3_core.mlflow_records import sweeps
+from sam3_core.mlflow_records.runs import (
     TAG_COMPONENT,
     TAG_PIPELINE_RUN_ID,
     RunSpec,
     open_runs,
 )
-from sam3_core.tracking.sweeps import TrialResult
+from sam3_core.mlflow_records.sweeps import TrialResult
 
 
 @pytest.fixture(autouse=True)

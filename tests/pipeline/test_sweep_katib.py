@@ -22,8 +22,8 @@ from pipeline import katib
 from pipeline.cli import main
 from pipeline.settings import load_settings
 from sam3_core.errors import InputError
-from sam3_core.tracking import sweeps
-from sam3_core.tracking.runs import TAG_COMPONENT
+from sam3_core.mlflow_records import sweeps
+from sam3_core.mlflow_records.runs import TAG_COMPONENT
 from tests.fixtures.datasets import TINY_MODEL, TINY_TRAIN
 from tests.fixtures.fake_k8s import strict_schema
 from tests.fixtures.paths import SCHEMAS
@@ -174,7 +174,7 @@ def test_a_trial_trains_evaluates_reports_its_metrics_and_nests_under_the_sweep_
     monkeypatch.chdir(tmp_path)  # the local MLflow store keeps artifacts under ./.sam3pipe
     for name in ("SAM3PIPE_PIPELINE_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.setenv(name, "")  # the steps set them for their own runs
-    quiet = ["tracking.system_metrics=false"]
+    quiet = ["mlflow.system_metrics=false"]
     base = {
         "max_steps": 2,
         "batch_size": 1,
@@ -213,7 +213,7 @@ def test_a_trial_trains_evaluates_reports_its_metrics_and_nests_under_the_sweep_
     (sweep_run,) = [r for r in runs if r.data.tags.get(TAG_COMPONENT) == sweeps.SWEEP]
     (trial,) = [r for r in runs if r.data.tags.get(sweeps.TAG_TRIAL_ID) == "exp-1-abc"]
     assert sweep_run.info.run_name == "sweep-exp-1" and trial.data.tags[MLFLOW_PARENT_RUN_ID] == sweep_run.info.run_id
-    # the tuned values, next to the parent-row params every pipeline run gets (tracking.parent_params)
+    # the tuned values, next to the parent-row params every pipeline run gets (mlflow.parent_params)
     assert {"lr": "0.001", "optim.weight_decay": "0.1"}.items() <= trial.data.params.items()
     assert trial.data.metrics["eval/bbox_AP"] == pytest.approx(float(reported["bbox_AP"]))
 

@@ -24,8 +24,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipeline import steps
 from pipeline.cli import main
 from sam3_core import storage
-from sam3_core.tracking import sweeps
-from sam3_core.tracking.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
+from sam3_core.mlflow_records import sweeps
+from sam3_core.mlflow_records.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
 from tests.fixtures.datasets import TINY_MODEL
 
 TINY_DATA = [
@@ -35,7 +35,7 @@ TINY_DATA = [
     "synthetic.width=64",
     "val_fraction=0.25",
 ]
-QUIET_TRACKING = ["tracking.system_metrics=false", "tracking.flush_interval_s=0.2"]
+QUIET_TRACKING = ["mlflow.system_metrics=false", "mlflow.flush_interval_s=0.2"]
 MODEL = "sam3-sweep-test"
 EXPERIMENT = "sweep-local"
 
@@ -134,7 +134,7 @@ def test_the_store_holds_one_sweep_parent_with_two_trial_runs(swept: SweepRun) -
 
 
 def test_each_trial_run_has_its_params_and_eval_metrics(swept: SweepRun) -> None:
-    # the trial's own values, next to the parent-row params every pipeline run gets (tracking.parent_params)
+    # the trial's own values, next to the parent-row params every pipeline run gets (mlflow.parent_params)
     assert {"lr": "0.001", "frames_per_clip": "2"}.items() <= swept.trials["t0"].data.params.items()
     assert {"lr": "0.0001", "frames_per_clip": "2"}.items() <= swept.trials["t1"].data.params.items()
     for trial in swept.trials.values():

@@ -86,6 +86,13 @@ def test_a_value_check_in_a_dataclass_reaches_the_user_as_it_is():
         _predict("detection.nms_iou_threshold=-1")
 
 
+def test_an_old_section_name_is_read_under_its_new_name_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="sam3_core.config"):
+        cfg = _predict("tracking.enabled=false", "mlflow.model_alias=kept")
+    assert cfg.mlflow.enabled is False and cfg.mlflow.model_alias == "kept"
+    assert "tracking.enabled is now mlflow.enabled" in caplog.text
+
+
 @dataclass
 class _Nested:
     weights: dict[str, float] = field(default_factory=dict)

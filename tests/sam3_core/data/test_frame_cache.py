@@ -19,7 +19,7 @@ from sam3_core.data.prep import DataPrepConfig, prepare_dataset
 from sam3_core.errors import ConfigError, InputError
 from sam3_core.model.checkpoint import load_checkpoint
 from sam3_core.train.build import train
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 from tests.fixtures.datasets import TINY_MODEL, TINY_TRAIN, TINY_VIDEOS
 
 
@@ -44,12 +44,12 @@ def test_a_cache_smaller_than_the_dataset_trains_to_the_same_weights_as_a_full_o
         *TINY_TRAIN,
         "train.max_steps=4",
         "train.num_threads=1",
-        "tracking.enabled=false",
+        "mlflow.enabled=false",
     ]
     full = train(
         load_config(
             "train",
-            TrainJobConfig,
+            TrainConfig,
             [
                 *common,
                 f"output.store={tmp_path / 'full'}",
@@ -61,7 +61,7 @@ def test_a_cache_smaller_than_the_dataset_trains_to_the_same_weights_as_a_full_o
     small = train(
         load_config(
             "train",
-            TrainJobConfig,
+            TrainConfig,
             [
                 *common,
                 f"output.store={tmp_path / 'small'}",
@@ -103,7 +103,7 @@ def test_frames_of_a_local_dataset_are_read_in_place_and_checked(tmp_path: Path)
 def test_loader_settings_are_checked_when_the_config_is_built(override: str | list[str], message: str) -> None:
     overrides = [override] if isinstance(override, str) else override
     with pytest.raises(ConfigError, match=message):
-        load_config("train", TrainJobConfig, ["data.uri=x", *overrides])
+        load_config("train", TrainConfig, ["data.uri=x", *overrides])
 
 
 def all_tensors(data: object) -> list[torch.Tensor]:

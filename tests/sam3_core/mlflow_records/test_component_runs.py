@@ -20,7 +20,7 @@ from mlflow.entities import Run, ViewType
 
 from components import evaluate, train
 from sam3_core import storage
-from sam3_core.tracking import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
+from sam3_core.mlflow_records import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
 from tests.fixtures.mlflow import FAST_TRACKING, MAX_STEPS, PipelineRun, TrackedPipelines
 
 
@@ -68,7 +68,7 @@ def test_train_params_are_its_resolved_config_with_dotted_keys(pipeline_run: Pip
     assert params["data.uri"] == pipeline_run.dataset_uri
     assert params["model.image_size"] == "56"
     assert params["data.clips.frames_per_clip"] == "2"
-    assert params["tracking.pipeline_run_id"] == pipeline_run.pipeline_run_id
+    assert params["mlflow.pipeline_run_id"] == pipeline_run.pipeline_run_id
 
 
 def test_train_logs_the_loss_terms_lr_and_throughput_at_every_logged_step(runs: dict[str, Run]) -> None:
@@ -173,7 +173,7 @@ def test_evaluate_logs_metrics_json_the_table_the_pr_plot_and_a_summary(
 def train_reruns(tracked_pipelines: TrackedPipelines) -> tuple[dict[str, Any], Run, Run]:
     """The pipeline's train command run twice more by hand: no pipeline run id, a model name of its own."""
     pipeline_run = tracked_pipelines.runs[0]
-    overrides = [*pipeline_run.train_overrides, f"tracking.registered_model_name={tracked_pipelines.model_name}-rerun"]
+    overrides = [*pipeline_run.train_overrides, f"mlflow.registered_model_name={tracked_pipelines.model_name}-rerun"]
     experiment_name = f"test-{uuid.uuid4().hex[:12]}"
     with pytest.MonkeyPatch.context() as env:
         tracked_pipelines.use(env)
@@ -223,7 +223,7 @@ def test_tracking_disabled_creates_no_run(
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment_name)
     overrides = evaluate_overrides(pipeline_run.dataset_uri, pipeline_run.predicted["predictions_uri"], tmp_path)
 
-    outputs = evaluate.execute([*overrides, "tracking.enabled=false"])
+    outputs = evaluate.execute([*overrides, "mlflow.enabled=false"])
 
     assert Path(outputs["metrics_uri"]).is_file()
     assert MlflowClient().get_experiment_by_name(experiment_name) is None

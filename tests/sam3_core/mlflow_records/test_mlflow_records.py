@@ -21,18 +21,18 @@ from PIL import Image
 
 from sam3_core import storage
 from sam3_core.errors import ConfigError, InputError
-from sam3_core.tracking import (
+from sam3_core.mlflow_records import (
     TAG_COMPONENT,
     TAG_PIPELINE_RUN_ID,
-    TrackingConfig,
+    MlflowConfig,
     component_run,
     draw_masks,
     replay_unsent,
     resolve_model_uri,
     ui_command,
 )
-from sam3_core.tracking.redact import MASK, redact_params, redact_text, redact_value
-from sam3_core.tracking.unsent import UNSENT_FILE
+from sam3_core.mlflow_records.redact import MASK, redact_params, redact_text, redact_value
+from sam3_core.mlflow_records.unsent import UNSENT_FILE
 from tests.fixtures.network import free_port
 
 if TYPE_CHECKING:
@@ -58,10 +58,10 @@ class DemoConfig:
     optim: Optim = field(default_factory=Optim)
     hub: Hub = field(default_factory=Hub)
     notes: str = ""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
-def fast_tracking(**overrides: object) -> TrackingConfig:
+def fast_tracking(**overrides: object) -> MlflowConfig:
     """Short intervals so the tests do not wait on the defaults meant for long trainings."""
     values: dict[str, object] = {
         "pipeline_run_id": uuid.uuid4().hex,
@@ -73,7 +73,7 @@ def fast_tracking(**overrides: object) -> TrackingConfig:
         "system_metrics": False,
     }
     values.update(overrides)
-    return TrackingConfig(**values)  # type: ignore[arg-type]
+    return MlflowConfig(**values)  # type: ignore[arg-type]
 
 
 def random_token(alphabet: str, length: int) -> str:
@@ -193,8 +193,8 @@ def test_ui_command_refuses_when_a_tracking_server_is_configured(monkeypatch: py
 
 
 def test_a_pipeline_run_id_that_would_break_a_search_filter_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"tracking\.pipeline_run_id"):
-        TrackingConfig(pipeline_run_id="run' or '1'='1")
+    with pytest.raises(ConfigError, match=r"mlflow\.pipeline_run_id"):
+        MlflowConfig(pipeline_run_id="run' or '1'='1")
 
 
 def test_a_plain_checkpoint_uri_passes_resolve_unchanged() -> None:
@@ -228,9 +228,9 @@ def test_the_default_store_is_a_local_sqlite_file(monkeypatch: pytest.MonkeyPatc
 
 def test_components_of_one_pipeline_run_nest_under_one_parent(mlflow_tracking: MlflowServer) -> None:
     tracking = fast_tracking()
-    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as train:
+    with component_run(tracking, "train", DemoConfig(mlflow=tracking)) as train:
         pass
-    with component_run(tracking, "evaluate", DemoConfig(tracking=tracking)) as evaluate:
+    with component_run(tracking, "evaluate", DemoConfig(mlflow=tracking)) as evaluate:
         pass
     parents = MlflowClient().search_runs(
         [experiment_id()],
@@ -257,9 +257,9 @@ def test_component_runs_carry_lineage_tags(mlflow_tracking: MlflowServer, monkey
 
 def test_rerunning_a_finished_component_replaces_its_run_in_the_same_parent(mlflow_tracking: MlflowServer) -> None:
     tracking = fast_tracking()
-    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as first:
+    with component_run(tracking, "train", DemoConfig(mlflow=tracking)) as first:
         pass
-    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as second:
+    with component_run(tracking, "train", DemoConfig(mlflow=tracking)) as second:
         pass
     client = MlflowClient()
     assert second.parent_run_id == first.parent_run_id and second.run_id != first.run_id
@@ -272,11 +272,11 @@ def test_rerunning_a_finished_component_replaces_its_run_in_the_same_parent(mlfl
 
 def test_rerunning_a_failed_component_with_the_same_config_resumes_its_run(mlflow_tracking: MlflowServer) -> None:
     tracking = fast_tracking()
-    with pytest.raises(RuntimeError), component_run(tracking, "train", DemoConfig(tracking=tracking)) as crashed:
+    with pytest.raises(RuntimeError), component_run(tracking, "train", DemoConfig(mlflow=tracking)) as crashed:
         crashed.log_metrics({"train/loss": 2.0}, step=0)
         raise RuntimeError("node lost")
     assert MlflowClient().get_run(crashed.run_id).info.status == "FAILED"
-    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as resumed:
+    with component_run(tracking, "train", DemoConfig(mlflow=tracking)) as resumed:
         resumed.log_metrics({"train/loss": 1.0}, step=1)
     assert resumed.run_id == crashed.run_id
     history = MlflowClient().get_metric_history(resumed.run_id, "train/loss")
@@ -286,13 +286,13 @@ def test_rerunning_a_failed_component_with_the_same_config_resumes_its_run(mlflo
 
 def test_params_are_the_flattened_config_with_dotted_keys(mlflow_tracking: MlflowServer) -> None:
     tracking = fast_tracking()
-    config = DemoConfig(optim=Optim(lr=3e-4), notes="x" * 7000, tracking=tracking)
+    config = DemoConfig(optim=Optim(lr=3e-4), notes="x" * 7000, mlflow=tracking)
     with component_run(tracking, "train", config) as run:
         pass
     params = MlflowClient().get_run(run.run_id).data.params
     assert params["optim.lr"] == "0.0003"
     assert params["optim.weight_decay"] == "0.05"
-    assert params["tracking.pipeline_run_id"] == tracking.pipeline_run_id
+    assert params["mlflow.pipeline_run_id"] == tracking.pipeline_run_id
     assert len(params["notes"]) == 6000
 
 
@@ -337,7 +337,7 @@ def test_planted_credentials_never_reach_params_tags_or_artifacts(
     config = DemoConfig(
         hub=Hub(token=os.environ["HF_TOKEN"], source=f"https://bob:{password}@data.example.com/videos.tar"),
         notes=f"synced with key {key_id} / {os.environ['AWS_SECRET_ACCESS_KEY']}",
-        tracking=tracking,
+        mlflow=tracking,
     )
     manifest = tmp_path / "manifest.json"
     manifest.write_text(f'{{"source": "https://bob:{password}@data.example.com/videos.tar", "files": []}}')
@@ -409,7 +409,7 @@ def test_the_final_model_is_registered_with_its_alias_and_resolves_to_the_checkp
     name = f"sam3-test-{uuid.uuid4().hex[:8]}"
     tracking = fast_tracking(registered_model_name=name)
     checkpoint = storage.join(s3_bucket, "runs", "r2", "checkpoints", "best.pt")
-    with component_run(tracking, "train", DemoConfig(tracking=tracking)) as run:
+    with component_run(tracking, "train", DemoConfig(mlflow=tracking)) as run:
         version = run.register_model(checkpoint)
     assert version is not None
     registered = MlflowClient().get_model_version(name, version)
@@ -426,7 +426,7 @@ def test_an_unknown_model_alias_is_an_input_error(mlflow_tracking: MlflowServer)
 def test_runs_with_different_lr_line_up_side_by_side(mlflow_tracking: MlflowServer) -> None:
     for lr, ap in ((1e-4, 0.31), (3e-4, 0.35)):
         tracking = fast_tracking()
-        with component_run(tracking, "evaluate", DemoConfig(optim=Optim(lr=lr), tracking=tracking)) as run:
+        with component_run(tracking, "evaluate", DemoConfig(optim=Optim(lr=lr), mlflow=tracking)) as run:
             run.log_eval({"bbox_AP": ap, "segm_AP": ap / 2, "video_mask_mAP_50_95": ap / 3})
     table = mlflow.search_runs(
         experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]], filter_string=f"tags.`{TAG_COMPONENT}` = 'evaluate'"
@@ -480,7 +480,7 @@ def test_a_server_unreachable_at_start_leaves_a_record_that_creates_the_runs_on_
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     tracking = fast_tracking(connect_timeout_s=0.5)
-    with component_run(tracking, "train", DemoConfig(tracking=tracking), output_uri=str(tmp_path)) as run:
+    with component_run(tracking, "train", DemoConfig(mlflow=tracking), output_uri=str(tmp_path)) as run:
         run.log_metrics({"train/loss": 0.5}, step=7)
     assert run.active and run.run_id is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_tracking.url)
@@ -495,7 +495,7 @@ def test_a_server_unreachable_at_start_leaves_a_record_that_creates_the_runs_on_
 
 
 def test_error_descriptions_mask_the_credentials_mlflow_puts_in_its_messages() -> None:
-    from sam3_core.tracking.redact import describe_error
+    from sam3_core.mlflow_records.redact import describe_error
 
     exc = ConnectionError(
         "API request to https://alice:Zq8vLw3pRt6yNc1x@mlflow.example.com/api/2.0/mlflow/runs/create failed\n"
@@ -513,33 +513,33 @@ def test_error_descriptions_mask_the_credentials_mlflow_puts_in_its_messages() -
 @pytest.mark.parametrize(
     ("key", "value", "says"),
     [
-        ("flush_interval_s", 0.0, "tracking.flush_interval_s=0.0"),
-        ("lookup_timeout_s", float("nan"), "tracking.lookup_timeout_s=nan"),
-        ("final_flush_timeout_s", float("inf"), "tracking.final_flush_timeout_s=inf"),
-        ("connect_timeout_s", -1, "tracking.connect_timeout_s=-1"),
-        ("request_timeout_s", "10", "tracking.request_timeout_s='10'"),
-        ("system_metrics", "yes", "tracking.system_metrics='yes'"),
-        ("upload_workers", 0, "tracking.upload_workers=0"),
-        ("experiment_name", " ", "tracking.experiment_name=' '"),
-        ("model_alias", "", "tracking.model_alias"),
+        ("flush_interval_s", 0.0, "mlflow.flush_interval_s=0.0"),
+        ("lookup_timeout_s", float("nan"), "mlflow.lookup_timeout_s=nan"),
+        ("final_flush_timeout_s", float("inf"), "mlflow.final_flush_timeout_s=inf"),
+        ("connect_timeout_s", -1, "mlflow.connect_timeout_s=-1"),
+        ("request_timeout_s", "10", "mlflow.request_timeout_s='10'"),
+        ("system_metrics", "yes", "mlflow.system_metrics='yes'"),
+        ("upload_workers", 0, "mlflow.upload_workers=0"),
+        ("experiment_name", " ", "mlflow.experiment_name=' '"),
+        ("model_alias", "", "mlflow.model_alias"),
         ("headline_metrics", ["eval/segm AP", "val[loss]"], "'val[loss]' is not an MLflow metric name"),
-        ("parent_params", {"lr": "optim lr"}, "tracking.parent_params.lr='optim lr'"),
+        ("parent_params", {"lr": "optim lr"}, "mlflow.parent_params.lr='optim lr'"),
     ],
 )
 def test_every_tracking_value_is_checked_when_the_config_is_built(key: str, value: object, says: str) -> None:
     with pytest.raises(ConfigError) as refused:
-        TrackingConfig(**{key: value})  # type: ignore[arg-type]
+        MlflowConfig(**{key: value})  # type: ignore[arg-type]
 
     assert says in str(refused.value)
 
 
 def test_retry_max_below_retry_initial_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"tracking\.retry_max_s=0\.5: must be >= tracking\.retry_initial_s=1\.0"):
-        TrackingConfig(retry_initial_s=1.0, retry_max_s=0.5)
+    with pytest.raises(ConfigError, match=r"mlflow\.retry_max_s=0\.5: must be >= mlflow\.retry_initial_s=1\.0"):
+        MlflowConfig(retry_initial_s=1.0, retry_max_s=0.5)
 
 
 def test_the_artifacts_of_a_local_store_live_next_to_its_database(tmp_path: Path) -> None:
-    from sam3_core.tracking.settings import local_artifact_root
+    from sam3_core.mlflow_records.settings import local_artifact_root
 
     assert (
         local_artifact_root(f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}") == (tmp_path / "db" / "mlartifacts").as_uri()
@@ -547,7 +547,7 @@ def test_the_artifacts_of_a_local_store_live_next_to_its_database(tmp_path: Path
 
 
 def test_the_local_state_folder_follows_sam3pipe_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from sam3_core.tracking.settings import tracking_uri
+    from sam3_core.mlflow_records.settings import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("SAM3PIPE_HOME", str(tmp_path / "state"))
@@ -556,7 +556,7 @@ def test_the_local_state_folder_follows_sam3pipe_home(monkeypatch: pytest.Monkey
 
 
 def test_the_parent_params_are_picked_from_the_config_and_sections_give_one_param_per_leaf() -> None:
-    from sam3_core.tracking.tracker import parent_params
+    from sam3_core.mlflow_records.component_runs import parent_params
 
     flat = {"optim.lr": 3e-4, "train.max_steps": 50, "model.lora.rank": 8, "model.lora.alpha": 16, "data.uri": "x"}
     mapping = {"lr": "optim.lr", "max_steps": "train.max_steps", "lora": "model.lora", "frames": "data.clips.frames"}
@@ -565,9 +565,9 @@ def test_the_parent_params_are_picked_from_the_config_and_sections_give_one_para
 
 
 def test_the_runs_table_view_shows_the_comparison_params_then_the_headline_metrics() -> None:
-    from sam3_core.tracking.ui import headline_view, runs_table_url
+    from sam3_core.mlflow_records.ui import headline_view, runs_table_url
 
-    cfg = TrackingConfig(parent_params={"lr": "optim.lr"}, headline_metrics=["eval/segm_AP"])
+    cfg = MlflowConfig(parent_params={"lr": "optim.lr"}, headline_metrics=["eval/segm_AP"])
     view = headline_view(cfg)
 
     assert view["selectedColumns"] == [
@@ -620,7 +620,7 @@ def test_the_test_session_keeps_all_default_state_outside_the_checkout() -> None
 
 
 def test_a_loose_ground_truth_file_is_a_dataset_named_by_its_own_digest(tmp_path: Path) -> None:
-    from sam3_core.tracking.datasets import changed_files, describe
+    from sam3_core.mlflow_records.datasets import changed_files, describe
 
     gt = tmp_path / "val.json"
     gt.write_text('{"videos": []}')
@@ -633,7 +633,7 @@ def test_a_loose_ground_truth_file_is_a_dataset_named_by_its_own_digest(tmp_path
 
 
 def test_a_file_of_a_published_dataset_is_that_dataset(tiny_dataset) -> None:  # type: ignore[no-untyped-def]
-    from sam3_core.tracking.datasets import describe
+    from sam3_core.mlflow_records.datasets import describe
 
     ref = describe(storage.join(tiny_dataset.uri, "val.json"))
 
@@ -651,7 +651,7 @@ def test_a_registry_look_up_with_the_server_down_gives_up_at_the_configured_dead
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     cfg = fast_tracking(lookup_timeout_s=1.0)
 
-    with pytest.raises(Sam3PipeError, match=r"did not answer within tracking.lookup_timeout_s=1s") as refused:
+    with pytest.raises(Sam3PipeError, match=r"did not answer within mlflow.lookup_timeout_s=1s") as refused:
         resolve_model_uri("models:/sam3-video@candidate", cfg=cfg)
 
     assert not isinstance(refused.value, InputError)
@@ -663,7 +663,7 @@ def test_a_look_up_retries_transient_errors_only(status: int, calls: int) -> Non
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
 
-    from sam3_core.tracking.registry import within_deadline
+    from sam3_core.mlflow_records.registry import within_deadline
 
     attempts = []
 
@@ -726,7 +726,7 @@ def test_the_parent_row_gets_the_comparison_params_and_code_of_its_components(
     monkeypatch.setenv("SAM3PIPE_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
     monkeypatch.setenv("SAM3PIPE_IMAGE", "ghcr.io/example/sam3pipe:1.2.3")
     tracking = fast_tracking()
-    with component_run(tracking, "train", DemoConfig(optim=Optim(lr=3e-4), tracking=tracking)) as run:
+    with component_run(tracking, "train", DemoConfig(optim=Optim(lr=3e-4), mlflow=tracking)) as run:
         pass
 
     params = MlflowClient().get_run(run.parent_run_id).data.params
@@ -741,7 +741,7 @@ def test_a_rerun_with_another_value_keeps_the_parents_param_and_says_so(
     mlflow_tracking: MlflowServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     tracking = fast_tracking()
-    with component_run(tracking, "train", DemoConfig(optim=Optim(lr=1e-4), tracking=tracking)) as first:
+    with component_run(tracking, "train", DemoConfig(optim=Optim(lr=1e-4), mlflow=tracking)) as first:
         pass
     with caplog.at_level(logging.WARNING), component_run(tracking, "train", DemoConfig(optim=Optim(lr=2e-4))):
         pass
@@ -752,9 +752,9 @@ def test_a_rerun_with_another_value_keeps_the_parents_param_and_says_so(
 
 def test_only_the_headline_metrics_of_a_finished_component_reach_the_parent(mlflow_tracking: MlflowServer) -> None:
     tracking = fast_tracking(headline_metrics=["eval/segm_AP"])
-    with component_run(tracking, "evaluate", DemoConfig(tracking=tracking)) as run:
+    with component_run(tracking, "evaluate", DemoConfig(mlflow=tracking)) as run:
         run.log_eval({"segm_AP": 0.25, "bbox_AP": 0.5}, step=3)
-    with pytest.raises(RuntimeError), component_run(tracking, "predict", DemoConfig(tracking=tracking)) as failed:
+    with pytest.raises(RuntimeError), component_run(tracking, "predict", DemoConfig(mlflow=tracking)) as failed:
         failed.log_eval({"segm_AP": 0.75})
         raise RuntimeError("lost the node")
 
@@ -877,7 +877,7 @@ def test_checkpoint_and_registry_records_made_during_an_outage_are_sent_when_the
 ) -> None:
     name = f"sam3-test-{uuid.uuid4().hex[:8]}"
     tracking = fast_tracking(registered_model_name=name, final_flush_timeout_s=120.0)
-    with caplog.at_level(logging.WARNING), component_run(tracking, "train", DemoConfig(tracking=tracking)) as run:
+    with caplog.at_level(logging.WARNING), component_run(tracking, "train", DemoConfig(mlflow=tracking)) as run:
         mlflow_tracking.stop()
         refs = log_checkpoints(run, s3_bucket, {10: 0.3})
         assert run.register_model(refs[10].uri) is None
@@ -902,7 +902,7 @@ def test_records_the_server_never_got_are_written_down_and_replayed(
     name = f"sam3-test-{uuid.uuid4().hex[:8]}"
     tracking = fast_tracking(registered_model_name=name, final_flush_timeout_s=1.0, connect_timeout_s=1.0)
     output = str(tmp_path / "run-output")
-    with component_run(tracking, "train", DemoConfig(tracking=tracking), output_uri=output) as run:
+    with component_run(tracking, "train", DemoConfig(mlflow=tracking), output_uri=output) as run:
         mlflow_tracking.pause()
         try:
             with caplog.at_level(logging.WARNING):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sam3_core.tracking import compare_url, runs_table_url
+from sam3_core.mlflow_records import compare_url, runs_table_url
 from tests.fixtures.paths import REPO
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from pipeline.cli import main
 from pipeline.reproduce import pipeline_arguments, reproduce
 from sam3_core import storage
-from sam3_core.tracking.reproduce import ReproduceError, check, plan
+from sam3_core.mlflow_records.reproduce import ReproduceError, check, plan
 from tests.fixtures.mlflow import MAX_STEPS, TrackedPipelines
 
 
@@ -215,5 +215,5 @@ def test_on_kubeflow_the_pipeline_parameters_are_rebuilt_from_the_recorded_confi
     assert (arguments["lr"], arguments["max_steps"], arguments["frames_per_clip"]) == (3e-4, MAX_STEPS, 2)
     assert arguments["source"] == "synthetic" and "synthetic.num_videos=4" in arguments["data_prep_overrides"]
     assert "train.val_every=2" in arguments["train_overrides"]
-    assert not [o for o in arguments["train_overrides"] if o.startswith(("data.uri=", "tracking."))]
+    assert not [o for o in arguments["train_overrides"] if o.startswith(("data.uri=", "mlflow."))]
     assert "postprocess.top_k" in " ".join(arguments["predict_overrides"])

@@ -28,7 +28,7 @@ from sam3_core.model.lora import (
     target_modules,
 )
 from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 from sam3_core.train.loss import LossConfig, build_loss
 from sam3_core.train.optim import OptimConfig, build_optimizer
 
@@ -100,7 +100,7 @@ def test_tiny_preset_builds_with_every_parameter_finite(source_detector: VideoCl
 
 
 def test_full_preset_composes_through_hydra_with_the_official_dimensions() -> None:
-    model = load_config("train", TrainJobConfig, ["model=full", "data.uri=x"]).model
+    model = load_config("train", TrainConfig, ["model=full", "data.uri=x"]).model
     # the values sam3 0.1.4's model_builder hard-codes for the released checkpoint
     official = {
         "image_size": 1008,
@@ -130,7 +130,7 @@ def test_full_preset_composes_through_hydra_with_the_official_dimensions() -> No
 
 def test_full_preset_builds_the_official_architecture_parameter_for_parameter() -> None:
     """840,509,750 parameters (vision trunk 446.2M, text 353.7M): sam3 0.1.4's image detector."""
-    model = build_detector(load_config("train", TrainJobConfig, ["model=full", "data.uri=x"]).model)
+    model = build_detector(load_config("train", TrainConfig, ["model=full", "data.uri=x"]).model)
     counts = {"all": 0, "trunk": 0, "text": 0}
     for name, param in model.named_parameters():
         counts["all"] += param.numel()

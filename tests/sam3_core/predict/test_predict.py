@@ -135,7 +135,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def _predict_here(args: list[str]) -> int:
     """The predict CLI in this process (tracking off: these tests are about the store)."""
-    return predict_cli.main([*args, "tracking.enabled=false"])
+    return predict_cli.main([*args, "mlflow.enabled=false"])
 
 
 def test_predict_refuses_to_replace_predictions_made_with_other_settings(one_rank, checkpoint, tiny_dataset, caplog):
@@ -215,7 +215,7 @@ NEUTRAL = [
     "dumper.timeout_s=5,dumper.poll_interval_s=1",
     "data.cache_dir=/cache",
     "preview.frames=1",
-    "tracking.enabled=false",
+    "mlflow.enabled=false",
     "output.overwrite=true",
 ]
 

@@ -60,7 +60,7 @@ def _train_args(dataset_uri: str, store: str, steps: int) -> list[str]:
         "train.checkpoint_every=1",
         "train.num_threads=1",
         f"output.store={store}",
-        "tracking.enabled=false",
+        "mlflow.enabled=false",
     ]
 
 
@@ -144,7 +144,7 @@ def run_pipeline(store: str) -> dict[str, str]:
             f"data.uri={dataset['dataset_uri']}",
             *TINY_MODEL,
             f"output.store={store}",
-            "tracking.enabled=false",
+            "mlflow.enabled=false",
         ]
     )
     return {**dataset, **trained, **predicted}

@@ -33,7 +33,7 @@ from sam3_core.data.synthetic import SyntheticConfig
 from sam3_core.model.build import build_detector
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 from sam3_core.train.diagnostics import diagnose, frame_diagnostics
 from sam3_core.train.loss import LossConfig, build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
@@ -212,7 +212,7 @@ def overfit_run(tiny_dataset: PreparedDataset, torch_single_thread: None) -> dic
     """The tiny preset (56 px) trained OVERFIT_STEPS steps on one 2-frame clip, as the train component would."""
     cfg = load_config(
         "train",
-        TrainJobConfig,
+        TrainConfig,
         [
             f"data.uri={tiny_dataset.uri}",
             "model.image_size=56",

@@ -33,7 +33,7 @@ from sam3_core.model.build import build_detector
 from sam3_core.model.checkpoint import load_checkpoint, load_model_weights, staging_dir
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.build import build_trainer, train
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 from sam3_core.train.run import run_uri_for
 from sam3_core.train.trainer import TrainResult
 from tests.fixtures.datasets import (
@@ -50,11 +50,11 @@ WINDOW = 4
 CLIPS_PER_EPOCH = 6
 SUBPROCESS_TIMEOUT_S = 300
 # the component's MLflow tracking is tested in test_tracking_components.py; here it would only cost time
-NO_TRACKING = ["tracking.enabled=false"]
+NO_TRACKING = ["mlflow.enabled=false"]
 
 
-def config(overrides: list[str]) -> TrainJobConfig:
-    return load_config("train", TrainJobConfig, overrides)
+def config(overrides: list[str]) -> TrainConfig:
+    return load_config("train", TrainConfig, overrides)
 
 
 def train_command(overrides: list[str]) -> list[str]:
@@ -212,8 +212,7 @@ def test_a_run_with_another_max_steps_gets_its_own_folder(finished_run: tuple[li
 def test_tracking_settings_do_not_change_the_run_folder(finished_run: tuple[list[str], TrainResult]) -> None:
     overrides, first = finished_run
     assert (
-        run_uri_for(config([*overrides, "tracking.experiment_name=elsewhere", "tracking.enabled=false"]))
-        == first.run_uri
+        run_uri_for(config([*overrides, "mlflow.experiment_name=elsewhere", "mlflow.enabled=false"])) == first.run_uri
     )
 
 
@@ -262,8 +261,8 @@ def test_the_best_checkpoint_loads_into_a_plain_model_as_predict_loads_it(
 def test_model_uri_may_name_a_registered_model(finished_run: tuple[list[str], TrainResult], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from sam3_core.tracking.registry import register_checkpoint
-    from sam3_core.tracking.settings import tracking_uri
+    from sam3_core.mlflow_records.registry import register_checkpoint
+    from sam3_core.mlflow_records.settings import tracking_uri
 
     overrides, first = finished_run
     client = MlflowClient(tracking_uri())

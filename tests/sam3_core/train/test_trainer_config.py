@@ -15,7 +15,7 @@ from sam3_core import comm
 from sam3_core.config import load_config
 from sam3_core.errors import ConfigError
 from sam3_core.model.config import LoraConfig, ModelConfig
-from sam3_core.train.config import DataConfig, LoopConfig, TrainJobConfig
+from sam3_core.train.config import DataConfig, LoopConfig, TrainConfig
 from sam3_core.train.run import config_differences, run_name_for
 
 BAD_OVERRIDES = [
@@ -60,8 +60,8 @@ BAD_OVERRIDES = [
 ]
 
 
-def config(overrides: list[str]) -> TrainJobConfig:
-    return load_config("train", TrainJobConfig, ["data.uri=anywhere", *overrides])
+def config(overrides: list[str]) -> TrainConfig:
+    return load_config("train", TrainConfig, ["data.uri=anywhere", *overrides])
 
 
 @pytest.mark.parametrize(("override", "key"), BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
@@ -113,7 +113,7 @@ def test_keys_that_shape_nothing_leave_the_run_name_alone() -> None:
     neutral = [
         "train.log_every=3",
         "train.num_threads=1",
-        "tracking.enabled=false",
+        "mlflow.enabled=false",
         "data.num_workers=2",
         "train.checkpoint_every=7",
         "output.store=/elsewhere",

@@ -19,7 +19,7 @@ from sam3_core import comm
 from sam3_core.config import load_config
 from sam3_core.data.clips import ClipDataset
 from sam3_core.train.build import build_trainer
-from sam3_core.train.config import TrainJobConfig
+from sam3_core.train.config import TrainConfig
 
 
 class RecordingClips(torch.utils.data.Dataset):
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0])
     metrics: list[dict[str, float]] = []
     trainer = build_trainer(
-        load_config("train", TrainJobConfig, argv[1:]), on_metrics=lambda step, m: metrics.append({"step": step, **m})
+        load_config("train", TrainConfig, argv[1:]), on_metrics=lambda step, m: metrics.append({"step": step, **m})
     )
     recorder = RecordingClips(trainer.data.dataset)
     trainer.data.dataset = recorder

@@ -1,4 +1,4 @@
-"""`python -m sam3_core.tracking replay <uri>`: send values recorded while the server was away."""
+"""`python -m sam3_core.mlflow_records replay <uri>`: send values recorded while the server was away."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import logging
 import sys
 
 from sam3_core.errors import Sam3PipeError
-from sam3_core.tracking.unsent import replay_unsent
+from sam3_core.mlflow_records.unsent import replay_unsent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sam3_core.tracking")
+    parser = argparse.ArgumentParser(prog="python -m sam3_core.mlflow_records")
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser("replay", help="send an mlflow_unsent.jsonl record to MLFLOW_TRACKING_URI")
     replay.add_argument("uri", help="path or URI of the record (printed in the warning that created it)")

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from sam3_core.config import flatten, quote_value
 from sam3_core.errors import Sam3PipeError, StorageError
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.datasets import DatasetRef, changed_files
-from sam3_core.tracking.lineage import (
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.datasets import DatasetRef, changed_files
+from sam3_core.mlflow_records.lineage import (
     RECORD_FILE,
     TAG_OUTPUT,
     RunRecord,
@@ -38,8 +38,8 @@ from sam3_core.tracking.lineage import (
     git_commit,
     sam3_version,
 )
-from sam3_core.tracking.redact import MASK
-from sam3_core.tracking.runs import PIPELINE, TAG_COMPONENT, TAG_PIPELINE_RUN_ID
+from sam3_core.mlflow_records.redact import MASK
+from sam3_core.mlflow_records.runs import PIPELINE, TAG_COMPONENT, TAG_PIPELINE_RUN_ID
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -289,10 +289,10 @@ def overrides_for(
     original_out = flatten(run.record.config).get(out_key)
     if flat.get(out_key) == original_out:
         flat[out_key] = _default_output(run, suffix)
-    flat["tracking.pipeline_run_id"] = pipeline_run_id
-    flat["tracking.pipeline_run_name"] = name
-    if "tracking.model_alias" in flat:
-        flat["tracking.model_alias"] = REPRODUCED_ALIAS
+    flat["mlflow.pipeline_run_id"] = pipeline_run_id
+    flat["mlflow.pipeline_run_name"] = name
+    if "mlflow.model_alias" in flat:
+        flat["mlflow.model_alias"] = REPRODUCED_ALIAS
     return [f"{key}={hydra_value(value)}" for key, value in flat.items()]
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from sam3_core import storage
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.redact import redact_value, truncate
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.redact import redact_value, truncate
 
 TAG_GIT_COMMIT = "sam3pipe.git_commit"
 TAG_IMAGE = "sam3pipe.image"

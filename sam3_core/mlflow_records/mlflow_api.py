@@ -1,7 +1,7 @@
 """mlflow's names, imported on first use.
 
 Importing mlflow takes about a second (it pulls in pandas, pydantic and FastAPI). A component run
-with `tracking.enabled=false`, or a predict that reads a plain checkpoint URI, must not pay that.
+with `mlflow.enabled=false`, or a predict that reads a plain checkpoint URI, must not pay that.
 The tracking modules call mlflow through this module (`mlflow_api.MlflowClient(uri)`) and import
 mlflow's names at their top for type checking only.
 """

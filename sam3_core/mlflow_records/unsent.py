@@ -4,7 +4,7 @@ The record is JSON Lines next to the component's outputs (in the object store, s
 survives the pod): sections, each a `run` line (the run id, or how to find the run when
 the server was down from the start) followed by its metric / param / tag lines and its
 tracking records (checkpoints, registrations, datasets, parent values; see records.py).
-`python -m sam3_core.tracking replay <uri>` sends it once the server is back.
+`python -m sam3_core.mlflow_records replay <uri>` sends it once the server is back.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from sam3_core import storage
 from sam3_core.errors import InputError, Sam3PipeError
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.records import Target, apply_record
-from sam3_core.tracking.redact import describe_error, redact_text
-from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
-from sam3_core.tracking.sender import Pending, is_transient, tracking_errors
-from sam3_core.tracking.settings import (
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.records import Target, apply_record
+from sam3_core.mlflow_records.redact import describe_error, redact_text
+from sam3_core.mlflow_records.runs import OpenRuns, RunSpec, close_runs, open_runs
+from sam3_core.mlflow_records.sender import Pending, is_transient, tracking_errors
+from sam3_core.mlflow_records.settings import (
     is_local_store,
     local_artifact_root,
     tracking_uri,

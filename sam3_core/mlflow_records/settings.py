@@ -2,8 +2,8 @@
 
 The tracking URI is MLflow's own `MLFLOW_TRACKING_URI`; without it everything lands in a
 sqlite file under `.sam3pipe/` (`SAM3PIPE_HOME` moves that folder), so the demo and a laptop
-need no server. The knobs a user turns live in `TrackingConfig`, which every component embeds
-as `tracking:`.
+need no server. The knobs a user turns live in `MlflowConfig`, which every component embeds
+as `mlflow:`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def home() -> Path:
 
 
 @dataclass
-class TrackingConfig:
+class MlflowConfig:
     """MLflow tracking of one component run; a knob per field, defaults fit the local demo."""
 
     # Off: every tracking call is a no-op (the component still writes its outputs).
@@ -79,7 +79,7 @@ class TrackingConfig:
     # Display name of the parent run; empty means "pipeline-<pipeline_run_id>".
     pipeline_run_name: str = ""
     # Set for the trials of a sweep: the parent run of this pipeline run (one trial) is nested
-    # under the sweep's run (sam3_core/tracking/sweeps.py). Empty: no sweep.
+    # under the sweep's run (sam3_core/mlflow_records/sweeps.py). Empty: no sweep.
     sweep_id: str = field(default_factory=lambda: _env("SAM3PIPE_SWEEP_ID"))
     registered_model_name: str = "sam3-video"
     model_alias: str = "candidate"
@@ -114,34 +114,34 @@ class TrackingConfig:
         _check_bool("mlflow_telemetry", self.mlflow_telemetry)
         if not isinstance(self.experiment_name, str) or not self.experiment_name.strip():
             raise ConfigError(
-                f"tracking.experiment_name={self.experiment_name!r}: must be a non-empty name "
+                f"mlflow.experiment_name={self.experiment_name!r}: must be a non-empty name "
                 "(or set MLFLOW_EXPERIMENT_NAME)"
             )
         if len(self.experiment_name) > 500 or "\n" in self.experiment_name:
-            raise ConfigError(f"tracking.experiment_name={self.experiment_name[:40]!r}...: one line, <= 500 characters")
+            raise ConfigError(f"mlflow.experiment_name={self.experiment_name[:40]!r}...: one line, <= 500 characters")
         for key in ("pipeline_run_id", "sweep_id", "model_alias"):
             value = getattr(self, key)
             if not isinstance(value, str) or not _SAFE_ID.match(value) or len(value) > 200:
-                raise ConfigError(f"tracking.{key}={value!r}: use letters, digits and . _ : @ - only (<= 200)")
+                raise ConfigError(f"mlflow.{key}={value!r}: use letters, digits and . _ : @ - only (<= 200)")
         if not self.model_alias:
-            raise ConfigError("tracking.model_alias='': name the registry alias, e.g. candidate")
+            raise ConfigError("mlflow.model_alias='': name the registry alias, e.g. candidate")
         if not isinstance(self.pipeline_run_name, str) or "\n" in self.pipeline_run_name:
-            raise ConfigError(f"tracking.pipeline_run_name={self.pipeline_run_name!r}: must be one line of text")
+            raise ConfigError(f"mlflow.pipeline_run_name={self.pipeline_run_name!r}: must be one line of text")
         if not isinstance(self.registered_model_name, str) or not _SAFE_NAME.match(self.registered_model_name):
             raise ConfigError(
-                f"tracking.registered_model_name={self.registered_model_name!r}: use letters, digits, space and . _ -"
+                f"mlflow.registered_model_name={self.registered_model_name!r}: use letters, digits, space and . _ -"
             )
         for name, key in dict(self.parent_params).items():
             if not isinstance(name, str) or not _METRIC_NAME.match(name) or not isinstance(key, str):
                 raise ConfigError(
-                    f"tracking.parent_params.{name}={key!r}: the param name may hold letters, digits, _ - . / :"
+                    f"mlflow.parent_params.{name}={key!r}: the param name may hold letters, digits, _ - . / :"
                 )
             if not _DOTTED_KEY.match(key):
-                raise ConfigError(f"tracking.parent_params.{name}={key!r}: must be a dotted config key, e.g. optim.lr")
+                raise ConfigError(f"mlflow.parent_params.{name}={key!r}: must be a dotted config key, e.g. optim.lr")
         for name in self.headline_metrics:
             if not isinstance(name, str) or not _METRIC_NAME.match(name):
                 raise ConfigError(
-                    f"tracking.headline_metrics: {name!r} is not an MLflow metric name (letters, digits, _ - . / :)"
+                    f"mlflow.headline_metrics: {name!r} is not an MLflow metric name (letters, digits, _ - . / :)"
                 )
         for key in (
             "flush_interval_s",
@@ -156,25 +156,25 @@ class TrackingConfig:
             _check_seconds(key, getattr(self, key))
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError(
-                f"tracking.retry_max_s={self.retry_max_s!r}: must be >= tracking.retry_initial_s={self.retry_initial_s!r}"
+                f"mlflow.retry_max_s={self.retry_max_s!r}: must be >= mlflow.retry_initial_s={self.retry_initial_s!r}"
             )
         if isinstance(self.upload_workers, bool) or not isinstance(self.upload_workers, int):
-            raise ConfigError(f"tracking.upload_workers={self.upload_workers!r}: must be an integer")
+            raise ConfigError(f"mlflow.upload_workers={self.upload_workers!r}: must be an integer")
         if not 1 <= self.upload_workers <= 64:
-            raise ConfigError(f"tracking.upload_workers={self.upload_workers!r}: must be between 1 and 64")
+            raise ConfigError(f"mlflow.upload_workers={self.upload_workers!r}: must be between 1 and 64")
 
 
 def _check_bool(key: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise ConfigError(f"tracking.{key}={value!r}: must be true or false")
+        raise ConfigError(f"mlflow.{key}={value!r}: must be true or false")
 
 
 def _check_seconds(key: str, value: object) -> None:
     """A duration: a finite positive number of seconds, at most a day."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"tracking.{key}={value!r}: must be a number of seconds")
+        raise ConfigError(f"mlflow.{key}={value!r}: must be a number of seconds")
     if not math.isfinite(value) or not 0 < value <= _MAX_TIMEOUT_S:
-        raise ConfigError(f"tracking.{key}={value!r}: must be a finite number of seconds in (0, {_MAX_TIMEOUT_S:.0f}]")
+        raise ConfigError(f"mlflow.{key}={value!r}: must be a finite number of seconds in (0, {_MAX_TIMEOUT_S:.0f}]")
 
 
 def tracking_uri() -> str:
@@ -206,7 +206,7 @@ def rank() -> int:
     return comm.rank()
 
 
-def fail_fast_http(cfg: TrackingConfig) -> None:
+def fail_fast_http(cfg: MlflowConfig) -> None:
     """Make MLflow's client give up quickly, since our sender retries with its own backoff.
 
     MLflow reads these variables on every request; its defaults (7 retries, 120 s timeout)

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import requests
 
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.redact import describe_error
-from sam3_core.tracking.settings import TrackingConfig
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.redact import describe_error
+from sam3_core.mlflow_records.settings import MlflowConfig
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -99,7 +99,7 @@ class OfflineBuffer:
 class Sender:
     """Sends one run's metrics, params and tags from a background thread, with retry + backoff."""
 
-    def __init__(self, client: MlflowClient, run_id: str, cfg: TrackingConfig) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, cfg: MlflowConfig) -> None:
         self._client, self._run_id, self._cfg = client, run_id, cfg
         self._pending = Pending()
         self._rejected = Pending()

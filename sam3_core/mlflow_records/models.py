@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from sam3_core.tracking import mlflow_api
+from sam3_core.mlflow_records import mlflow_api
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from sam3_core.tracking import mlflow_api
+from sam3_core.mlflow_records import mlflow_api
 
 MASK = "***"
 

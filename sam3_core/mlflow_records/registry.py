@@ -4,7 +4,7 @@ Each pipeline run registers one version whose source is the checkpoint's URI in 
 object store, linked to the best checkpoint's logged model, tagged with the pipeline run id,
 and points an alias (`candidate`) at it. `resolve_model_uri` turns `models:/<name>@<alias>`
 or `models:/<name>/<version>` back into that URI, so predict accepts a registry name wherever
-it accepts a checkpoint; it answers within `tracking.lookup_timeout_s` when the server is down.
+it accepts a checkpoint; it answers within `mlflow.lookup_timeout_s` when the server is down.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from sam3_core.errors import InputError, Sam3PipeError
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.redact import describe_error, redact_text
-from sam3_core.tracking.runs import TAG_PIPELINE_RUN_ID, TAG_SUPERSEDED_BY
-from sam3_core.tracking.sender import is_transient, tracking_errors
-from sam3_core.tracking.settings import TrackingConfig, fail_fast_http, tracking_uri
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.redact import describe_error, redact_text
+from sam3_core.mlflow_records.runs import TAG_PIPELINE_RUN_ID, TAG_SUPERSEDED_BY
+from sam3_core.mlflow_records.sender import is_transient, tracking_errors
+from sam3_core.mlflow_records.settings import MlflowConfig, fail_fast_http, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -77,7 +77,7 @@ def register_checkpoint(
     return version
 
 
-def within_deadline(fn: Callable[[], T], cfg: TrackingConfig) -> T:
+def within_deadline(fn: Callable[[], T], cfg: MlflowConfig) -> T:
     """`fn()`, retried with backoff on transient errors only, given up at `cfg.lookup_timeout_s` in total."""
     deadline = time.monotonic() + cfg.lookup_timeout_s
     delay = cfg.retry_initial_s
@@ -92,7 +92,7 @@ def within_deadline(fn: Callable[[], T], cfg: TrackingConfig) -> T:
             delay = min(delay * 2, cfg.retry_max_s)
 
 
-def resolve_model_uri(uri: str, client: MlflowClient | None = None, cfg: TrackingConfig | None = None) -> str:
+def resolve_model_uri(uri: str, client: MlflowClient | None = None, cfg: MlflowConfig | None = None) -> str:
     """`models:/<name>@<alias>` or `models:/<name>/<version>` -> the checkpoint URI; other URIs unchanged.
 
     Bounded by `cfg.lookup_timeout_s` (each request by `request_timeout_s`): a server that is
@@ -103,7 +103,7 @@ def resolve_model_uri(uri: str, client: MlflowClient | None = None, cfg: Trackin
     match = _MODELS_URI.match(uri)
     if match is None:
         raise InputError(uri, "model.uri", "write models:/<name>@<alias> or models:/<name>/<version>")
-    cfg = cfg or TrackingConfig()
+    cfg = cfg or MlflowConfig()
     fail_fast_http(cfg)
     client = client or mlflow_api.MlflowClient(tracking_uri())
     name, alias, version = match["name"], match["alias"], match["version"]
@@ -118,7 +118,7 @@ def resolve_model_uri(uri: str, client: MlflowClient | None = None, cfg: Trackin
         where = redact_text(tracking_uri())
         if is_transient(exc):
             raise Sam3PipeError(
-                f"{uri}: the model registry at {where} did not answer within tracking.lookup_timeout_s="
+                f"{uri}: the model registry at {where} did not answer within mlflow.lookup_timeout_s="
                 f"{cfg.lookup_timeout_s:g}s ({describe_error(exc)}); start the server or check MLFLOW_TRACKING_URI"
             ) from exc
         raise InputError(

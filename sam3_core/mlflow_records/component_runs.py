@@ -1,6 +1,6 @@
 """A component's handle on its MLflow run.
 
-    with component_run(cfg.tracking, "train", cfg, overrides=argv, dataset_uri=cfg.data.uri,
+    with component_run(cfg.mlflow, "train", cfg, overrides=argv, dataset_uri=cfg.data.uri,
                        output_uri=run_uri) as run:
         run.log_metrics(train_step_metrics(loss, terms, lr, clips, frames, seconds), step)
         run.log_checkpoint_ref("best", ref)        # a LoggedModel per checkpoint
@@ -16,8 +16,8 @@ and the component says what is pending. If the server cannot be reached at start
 component runs with tracking offline.
 
 The pipeline (parent) run gets what comparing pipeline runs needs: the params named by
-`tracking.parent_params` (lr, max_steps, ...) plus dataset id, image and git commit, and,
-when a component finishes, its `tracking.headline_metrics` (the best checkpoint's `val/*`
+`mlflow.parent_params` (lr, max_steps, ...) plus dataset id, image and git commit, and,
+when a component finishes, its `mlflow.headline_metrics` (the best checkpoint's `val/*`
 at its step, the evaluation's `eval/*`).
 """
 
@@ -45,8 +45,8 @@ import yaml
 from sam3_core import storage
 from sam3_core.config import flatten
 from sam3_core.errors import ConfigError, StorageError
-from sam3_core.tracking import datasets, mlflow_api
-from sam3_core.tracking.lineage import (
+from sam3_core.mlflow_records import datasets, mlflow_api
+from sam3_core.mlflow_records.lineage import (
     RECORD_FILE,
     TAG_DATASET_ID,
     TAG_GIT_COMMIT,
@@ -56,10 +56,10 @@ from sam3_core.tracking.lineage import (
     lineage_tags,
     run_record,
 )
-from sam3_core.tracking.metrics import eval_metrics
-from sam3_core.tracking.models import model_name
-from sam3_core.tracking.records import Target, apply_record, describe_pending
-from sam3_core.tracking.redact import (
+from sam3_core.mlflow_records.metrics import eval_metrics
+from sam3_core.mlflow_records.models import model_name
+from sam3_core.mlflow_records.records import Target, apply_record, describe_pending
+from sam3_core.mlflow_records.redact import (
     describe_error,
     mask_console,
     redact_params,
@@ -68,10 +68,10 @@ from sam3_core.tracking.redact import (
     redact_value,
     truncate,
 )
-from sam3_core.tracking.runs import OpenRuns, RunSpec, close_runs, open_runs
-from sam3_core.tracking.sender import OfflineBuffer, Pending, Sender, is_transient, tracking_errors
-from sam3_core.tracking.settings import (
-    TrackingConfig,
+from sam3_core.mlflow_records.runs import OpenRuns, RunSpec, close_runs, open_runs
+from sam3_core.mlflow_records.sender import OfflineBuffer, Pending, Sender, is_transient, tracking_errors
+from sam3_core.mlflow_records.settings import (
+    MlflowConfig,
     fail_fast_http,
     home,
     is_local_store,
@@ -79,8 +79,8 @@ from sam3_core.tracking.settings import (
     rank,
     tracking_uri,
 )
-from sam3_core.tracking.ui import runs_table_url, view_tags
-from sam3_core.tracking.unsent import UNSENT_FILE, record_unsent
+from sam3_core.mlflow_records.ui import runs_table_url, view_tags
+from sam3_core.mlflow_records.unsent import UNSENT_FILE, record_unsent
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -109,7 +109,7 @@ def _plain(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(data, default=str))
 
 
-def _retrying(fn: Callable[[], T], cfg: TrackingConfig, timeout_s: float) -> T:
+def _retrying(fn: Callable[[], T], cfg: MlflowConfig, timeout_s: float) -> T:
     """Call `fn`, retrying transient MLflow failures with backoff for up to `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     delay = cfg.retry_initial_s
@@ -141,12 +141,12 @@ def parent_params(flat: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[s
     return params
 
 
-class Tracker:
+class ComponentRun:
     """One component run; see the module doc. Build it with `component_run`."""
 
     def __init__(
         self,
-        cfg: TrackingConfig,
+        cfg: MlflowConfig,
         spec: RunSpec | None = None,
         client: MlflowClient | None = None,
         runs: OpenRuns | None = None,
@@ -543,7 +543,7 @@ class Tracker:
                 continue
             logger.warning(
                 "pending for MLflow (%s): %s never reached the tracking server; recorded in %s. "
-                "Send them once it is back with: MLFLOW_TRACKING_URI=<server> python -m sam3_core.tracking replay %s",
+                "Send them once it is back with: MLFLOW_TRACKING_URI=<server> python -m sam3_core.mlflow_records replay %s",
                 spec.component,
                 what,
                 uri,
@@ -551,7 +551,7 @@ class Tracker:
             )
             return
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> ComponentRun:
         return self
 
     def __exit__(
@@ -563,7 +563,7 @@ class Tracker:
             self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
 
-def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> SystemMetricsMonitor | None:
+def _system_monitor(cfg: MlflowConfig, runs: OpenRuns, uri: str) -> SystemMetricsMonitor | None:
     """MLflow's own system-metrics sampler on the component run, where psutil is installed."""
     import importlib.util
 
@@ -583,7 +583,7 @@ def _system_monitor(cfg: TrackingConfig, runs: OpenRuns, uri: str) -> SystemMetr
     return monitor
 
 
-def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: str) -> OpenRuns | None:
+def _open_runs(client: MlflowClient, spec: RunSpec, cfg: MlflowConfig, uri: str) -> OpenRuns | None:
     """The component's runs; None (tracking offline) when the server stays unreachable."""
     artifact_location = local_artifact_root(uri) if is_local_store(uri) else None
     try:
@@ -592,7 +592,7 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
         if not is_transient(exc):
             raise ConfigError(
                 f"MLflow at {redact_text(uri)} refused to open the {spec.component} run: {describe_error(exc)}; "
-                "fix the tracking settings or set tracking.enabled=false"
+                "fix the tracking settings or set mlflow.enabled=false"
             ) from exc
         logger.warning(
             "MLflow tracking server %s unreachable (%s); %s runs with tracking offline, metrics are recorded locally",
@@ -604,7 +604,7 @@ def _open_runs(client: MlflowClient, spec: RunSpec, cfg: TrackingConfig, uri: st
 
 
 def _lineage_record(
-    tracker: Tracker,
+    tracker: ComponentRun,
     component: str,
     flat: dict[str, Any],
     plain: dict[str, Any],
@@ -629,7 +629,7 @@ def _lineage_record(
 
 
 def component_run(
-    cfg: TrackingConfig,
+    cfg: MlflowConfig,
     component: str,
     config: Any = None,
     *,
@@ -637,7 +637,7 @@ def component_run(
     dataset_uri: str = "",
     dataset_id: str = "",
     output_uri: str | None = None,
-) -> Tracker:
+) -> ComponentRun:
     """Open (or resume) the component's nested run under its pipeline run; use it with `with`.
 
     `config` (the component's resolved config) becomes params, `config.yaml` and the parent's
@@ -646,16 +646,16 @@ def component_run(
     Values that never reached the server are recorded under `output_uri`.
     """
     if not cfg.enabled:
-        logger.info("MLflow tracking disabled (tracking.enabled=false)")
-        return Tracker(cfg)
+        logger.info("MLflow tracking disabled (mlflow.enabled=false)")
+        return ComponentRun(cfg)
     if rank() != 0:
-        return Tracker(cfg)
+        return ComponentRun(cfg)
     fail_fast_http(cfg)
     mask_console()
     uri = tracking_uri()
     pipeline_run_id = cfg.pipeline_run_id or uuid.uuid4().hex
     if not cfg.pipeline_run_id:
-        logger.info("no tracking.pipeline_run_id given; this %s run starts pipeline run %s", component, pipeline_run_id)
+        logger.info("no mlflow.pipeline_run_id given; this %s run starts pipeline run %s", component, pipeline_run_id)
     plain = _plain(config) if config is not None else {}
     flat = flatten(plain)
     params = redact_params(flat)
@@ -674,7 +674,7 @@ def component_run(
     comparison = parent_params(flat, cfg.parent_params)
     client = mlflow_api.MlflowClient(uri)
     runs = _open_runs(client, spec, cfg, uri)
-    tracker = Tracker(
+    tracker = ComponentRun(
         cfg,
         spec,
         client if runs else None,

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from sam3_core import storage
 from sam3_core.errors import InputError, StorageError
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.lineage import content_sha256
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.lineage import content_sha256
 
 if TYPE_CHECKING:
     from mlflow.entities import DatasetInput

@@ -14,10 +14,11 @@ the parent are tagged `sam3pipe.superseded_by` and soft-deleted (`mlflow runs re
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sam3_core.tracking import mlflow_api
+from sam3_core.mlflow_records import mlflow_api
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -29,7 +30,9 @@ TAG_PIPELINE_RUN_ID = "sam3pipe.pipeline_run_id"
 TAG_COMPONENT = "sam3pipe.component"
 TAG_CONFIG_SHA256 = "sam3pipe.config_sha256"
 TAG_SUPERSEDED_BY = "sam3pipe.superseded_by"
+TAG_SWEEP_ID = "sam3pipe.sweep_id"
 PIPELINE = "pipeline"
+SWEEP = "sweep"
 # MLflow 3's experiment kind: the UI opens a model-training experiment on its runs table
 # (values from the UI's ExperimentKind enum, mlflow 3.17).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -94,33 +97,47 @@ def experiment_id(
     return experiment.experiment_id
 
 
-def _search(client: MlflowClient, exp_id: str, tags: dict[str, str], newest_first: bool) -> list[Run]:
+def search_by_tags(client: MlflowClient, exp_id: str, tags: Mapping[str, str], newest_first: bool = False) -> list[Run]:
+    """The experiment's runs carrying every one of `tags`, oldest (or newest) first."""
     query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
     order = "DESC" if newest_first else "ASC"
     return client.search_runs([exp_id], query, order_by=[f"attributes.start_time {order}"])
+
+
+def find_or_create(client: MlflowClient, exp_id: str, wanted: dict[str, str], tags: dict[str, str], name: str) -> Run:
+    """The oldest run with the `wanted` tags; created when there is none (two racing creators: the oldest wins)."""
+    found = search_by_tags(client, exp_id, wanted, newest_first=False)
+    if not found:
+        created = client.create_run(exp_id, tags={**tags, **wanted}, run_name=name)
+        found = search_by_tags(client, exp_id, wanted, newest_first=False)
+        if found[0].info.run_id != created.info.run_id:
+            client.delete_run(created.info.run_id)
+    return found[0]
+
+
+def sweep_run_name(sweep_id: str) -> str:
+    return f"sweep-{sweep_id}"
+
+
+def sweep_run_id(client: MlflowClient, exp_id: str, sweep_id: str) -> str:
+    """The sweep's run, found by its tags (created if the trials start before the sweep's run is opened)."""
+    wanted = {TAG_SWEEP_ID: sweep_id, TAG_COMPONENT: SWEEP}
+    return find_or_create(client, exp_id, wanted, {}, sweep_run_name(sweep_id)).info.run_id
 
 
 def _sweep_tags(client: MlflowClient, exp_id: str, spec: RunSpec) -> dict[str, str]:
     """Tags that nest a trial's parent run under its sweep's run; none outside a sweep."""
     if not spec.sweep_id:
         return {}
-    from sam3_core.tracking import sweeps  # imported here: sweeps builds on this module
-
-    sweep_run = sweeps.sweep_run_id(client, exp_id, spec.sweep_id)
-    return {sweeps.TAG_SWEEP_ID: spec.sweep_id, mlflow_api.MLFLOW_PARENT_RUN_ID: sweep_run}
+    return {TAG_SWEEP_ID: spec.sweep_id, mlflow_api.MLFLOW_PARENT_RUN_ID: sweep_run_id(client, exp_id, spec.sweep_id)}
 
 
 def _parent_run(client: MlflowClient, exp_id: str, spec: RunSpec) -> Run:
     """The pipeline run's parent; when two components race to create it, the oldest wins."""
     wanted = {TAG_PIPELINE_RUN_ID: spec.pipeline_run_id, TAG_COMPONENT: PIPELINE}
-    found = _search(client, exp_id, wanted, newest_first=False)
-    if not found:
-        tags = {**spec.tags, **wanted, **_sweep_tags(client, exp_id, spec)}
-        created = client.create_run(exp_id, tags=tags, run_name=spec.parent_name)
-        found = _search(client, exp_id, wanted, newest_first=False)
-        if found[0].info.run_id != created.info.run_id:
-            client.delete_run(created.info.run_id)
-    parent = found[0]
+    parent = find_or_create(
+        client, exp_id, wanted, {**spec.tags, **_sweep_tags(client, exp_id, spec)}, spec.parent_name
+    )
     if parent.info.status != mlflow_api.RunStatus.to_string(mlflow_api.RunStatus.RUNNING):
         client.update_run(parent.info.run_id, status="RUNNING")
     return parent
@@ -136,7 +153,7 @@ def open_runs(
     exp_id = experiment_id(client, spec.experiment_name, artifact_location, experiment_tags)
     parent = _parent_run(client, exp_id, spec)
     parent_id, parent_params = parent.info.run_id, dict(parent.data.params)
-    earlier = _search(
+    earlier = search_by_tags(
         client, exp_id, {mlflow_api.MLFLOW_PARENT_RUN_ID: parent_id, TAG_COMPONENT: spec.component}, newest_first=True
     )
     if earlier:

@@ -8,7 +8,7 @@
         train, predict, evaluate   the trial's component runs, nested as in any pipeline run
 
 A trial's components create its parent run nested under the sweep run when
-`tracking.sweep_id` (env SAM3PIPE_SWEEP_ID) is set (runs.py); `open_sweep` opens the sweep run
+`mlflow.sweep_id` (env SAM3PIPE_SWEEP_ID) is set (runs.py); `open_sweep` opens the sweep run
 before the trials start, and `record_sweep` writes what the trials compare on once they ended
 (`record_trial` one trial, for Katib's trials, which have no sweep step after them):
 each trial's params and metrics side by side in the runs table, the sweep table, and the best
@@ -24,44 +24,46 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sam3_core.errors import Sam3PipeError
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.metrics import eval_metrics
-from sam3_core.tracking.models import RUN_MODEL_TAG
-from sam3_core.tracking.redact import (
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.metrics import eval_metrics
+from sam3_core.mlflow_records.models import RUN_MODEL_TAG
+from sam3_core.mlflow_records.redact import (
     describe_error,
     redact_params,
     redact_text,
     truncate,
 )
-from sam3_core.tracking.registry import register_checkpoint
-from sam3_core.tracking.runs import (
+from sam3_core.mlflow_records.registry import register_checkpoint
+from sam3_core.mlflow_records.runs import (
     PIPELINE,
     TAG_COMPONENT,
     TAG_PIPELINE_RUN_ID,
+    TAG_SWEEP_ID,
     experiment_id,
+    find_or_create,
+    search_by_tags,
+    sweep_run_id,
+    sweep_run_name,
 )
-from sam3_core.tracking.sender import tracking_errors
-from sam3_core.tracking.settings import (
-    TrackingConfig,
+from sam3_core.mlflow_records.sender import tracking_errors
+from sam3_core.mlflow_records.settings import (
+    MlflowConfig,
     fail_fast_http,
     is_local_store,
     local_artifact_root,
     tracking_uri,
 )
-from sam3_core.tracking.ui import view_tags
+from sam3_core.mlflow_records.ui import view_tags
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Run
 
 logger = logging.getLogger(__name__)
 
-TAG_SWEEP_ID = "sam3pipe.sweep_id"
 TAG_TRIAL_ID = "sam3pipe.trial_id"
 TAG_TRIAL_STATUS = "sam3pipe.trial_status"
 TAG_TRIAL_ERROR = "sam3pipe.trial_error"
 TAG_BEST_TRIAL = "sam3pipe.best_trial"
-SWEEP = "sweep"
 TRAIN = "train"
 TABLE_ARTIFACT = "sweep_table.json"
 SUMMARY_ARTIFACT = "sweep_table.md"
@@ -89,41 +91,14 @@ class TrialResult:
 
 def _client() -> tuple[MlflowClient, str]:
     # MLflow's own HTTP retries would hold a call for minutes; a failed sweep step is retried by KFP
-    fail_fast_http(TrackingConfig())
+    fail_fast_http(MlflowConfig())
     uri = tracking_uri()
     return mlflow_api.MlflowClient(uri), uri
 
 
 def _experiment(client: MlflowClient, uri: str, name: str) -> str:
-    cfg = TrackingConfig()
+    cfg = MlflowConfig()
     return experiment_id(client, name, local_artifact_root(uri) if is_local_store(uri) else None, view_tags(cfg))
-
-
-def _find(client: MlflowClient, exp_id: str, tags: Mapping[str, str], newest_first: bool = False) -> list[Run]:
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    order = "DESC" if newest_first else "ASC"
-    return client.search_runs([exp_id], query, order_by=[f"attributes.start_time {order}"])
-
-
-def _find_or_create(client: MlflowClient, exp_id: str, wanted: dict[str, str], tags: dict[str, str], name: str) -> str:
-    """The oldest run with the `wanted` tags; created when there is none (two racing creators: the oldest wins)."""
-    found = _find(client, exp_id, wanted)
-    if not found:
-        created = client.create_run(exp_id, tags={**tags, **wanted}, run_name=name)
-        found = _find(client, exp_id, wanted)
-        if found[0].info.run_id != created.info.run_id:
-            client.delete_run(created.info.run_id)
-    return found[0].info.run_id
-
-
-def sweep_run_name(sweep_id: str) -> str:
-    return f"sweep-{sweep_id}"
-
-
-def sweep_run_id(client: MlflowClient, exp_id: str, sweep_id: str) -> str:
-    """The sweep's run, found by its tags (created if the trials start before `open_sweep` ran)."""
-    wanted = {TAG_SWEEP_ID: sweep_id, TAG_COMPONENT: SWEEP}
-    return _find_or_create(client, exp_id, wanted, {}, sweep_run_name(sweep_id))
 
 
 def _wrapped(what: str, uri: str, exc: Exception) -> SweepTrackingError:
@@ -166,13 +141,13 @@ def _trial_run_id(client: MlflowClient, exp_id: str, sweep_run: str, sweep_id: s
     """The trial's pipeline parent run; created here for a trial that failed before it opened one."""
     wanted = {TAG_PIPELINE_RUN_ID: trial.pipeline_run_id, TAG_COMPONENT: PIPELINE}
     tags = {TAG_SWEEP_ID: sweep_id, mlflow_api.MLFLOW_PARENT_RUN_ID: sweep_run}
-    return _find_or_create(client, exp_id, wanted, tags, trial.run_name)
+    return find_or_create(client, exp_id, wanted, tags, trial.run_name).info.run_id
 
 
 def _train_run_id(client: MlflowClient, exp_id: str, trial_run: str, pipeline_run_id: str) -> str | None:
     """The trial's (latest, live) train component run: the registered version links to it."""
     wanted = {TAG_PIPELINE_RUN_ID: pipeline_run_id, TAG_COMPONENT: TRAIN, mlflow_api.MLFLOW_PARENT_RUN_ID: trial_run}
-    found = _find(client, exp_id, wanted, newest_first=True)
+    found = search_by_tags(client, exp_id, wanted, newest_first=True)
     return found[0].info.run_id if found else None
 
 

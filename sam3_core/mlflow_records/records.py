@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sam3_core.tracking import mlflow_api, models
-from sam3_core.tracking.datasets import DatasetRef
-from sam3_core.tracking.registry import register_checkpoint
+from sam3_core.mlflow_records import mlflow_api, models
+from sam3_core.mlflow_records.datasets import DatasetRef
+from sam3_core.mlflow_records.registry import register_checkpoint
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

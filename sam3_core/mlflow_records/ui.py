@@ -14,8 +14,8 @@ import json
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from sam3_core.tracking import mlflow_api
-from sam3_core.tracking.settings import TrackingConfig, tracking_uri
+from sam3_core.mlflow_records import mlflow_api
+from sam3_core.mlflow_records.settings import MlflowConfig, tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -34,7 +34,7 @@ def _column(kind: str, name: str) -> str:
     return f"{kind}.`{name}`"
 
 
-def headline_view(cfg: TrackingConfig) -> dict[str, object]:
+def headline_view(cfg: MlflowConfig) -> dict[str, object]:
     """The runs-table view: comparison params, headline metrics, then lineage; newest runs first."""
     columns = [
         *(_column("attributes", name) for name in ATTRIBUTE_COLUMNS),
@@ -51,12 +51,12 @@ def headline_view(cfg: TrackingConfig) -> dict[str, object]:
     }
 
 
-def view_tags(cfg: TrackingConfig) -> dict[str, str]:
+def view_tags(cfg: MlflowConfig) -> dict[str, str]:
     """Experiment tags that store the headline view."""
     return {VIEW_TAG: json.dumps(headline_view(cfg))}
 
 
-def publish_view(client: MlflowClient, experiment_id: str, cfg: TrackingConfig) -> None:
+def publish_view(client: MlflowClient, experiment_id: str, cfg: MlflowConfig) -> None:
     """Store (or refresh) the headline view on an experiment."""
     for key, value in view_tags(cfg).items():
         client.set_experiment_tag(experiment_id, key, value)
@@ -74,12 +74,12 @@ def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
     return f"{base_url.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}&{MODEL_TRAINING}"
 
 
-def local_runs_table_url(port: int, cfg: TrackingConfig | None = None) -> str:
+def local_runs_table_url(port: int, cfg: MlflowConfig | None = None) -> str:
     """The runs-table link of `sam3pipe ui` on the local store, its headline view (re)published.
 
     Without runs yet, the experiments list.
     """
-    cfg = cfg or TrackingConfig()
+    cfg = cfg or MlflowConfig()
     base = f"http://127.0.0.1:{port}"
     client = mlflow_api.MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name(cfg.experiment_name)
