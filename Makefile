@@ -6,7 +6,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv lint test demo bench ui image clean
+.PHONY: venv lint test test-fast demo bench ui image clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# the unit tier: no servers, no child processes, no trainings (docs/testing.md)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
 
 demo: $(STAMP)
 	$(VENV)/bin/sam3pipe run --local

@@ -17,12 +17,7 @@ from pipeline import steps, sweep
 from sam3_core import storage
 from sam3_core.errors import InputError
 from sam3_core.mlflow_records import sweeps
-from sam3_core.mlflow_records.runs import (
-    TAG_COMPONENT,
-    TAG_PIPELINE_RUN_ID,
-    RunSpec,
-    open_runs,
-)
+from sam3_core.mlflow_records.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID, TAG_SWEEP_ID, RunSpec, open_runs
 from sam3_core.mlflow_records.sweeps import TrialResult
 
 
@@ -270,7 +265,7 @@ def test_a_trial_parent_run_nests_under_the_sweep_run(experiment: str) -> None:
 
     parent = client.get_run(opened.parent_run_id)
     assert parent.data.tags[MLFLOW_PARENT_RUN_ID] == sweep_run
-    assert parent.data.tags[sweeps.TAG_SWEEP_ID] == "sw2" and parent.info.run_name == "t0 lr=0.1"
+    assert parent.data.tags[TAG_SWEEP_ID] == "sw2" and parent.info.run_name == "t0 lr=0.1"
     assert client.get_run(sweep_run).data.params == {"sweep.metric": "segm_AP"}
 
 

@@ -23,7 +23,7 @@ from pipeline.cli import main
 from pipeline.settings import load_settings
 from sam3_core.errors import InputError
 from sam3_core.mlflow_records import sweeps
-from sam3_core.mlflow_records.runs import TAG_COMPONENT
+from sam3_core.mlflow_records.runs import SWEEP, TAG_COMPONENT
 from tests.fixtures.datasets import TINY_MODEL, TINY_TRAIN
 from tests.fixtures.fake_k8s import strict_schema
 from tests.fixtures.paths import SCHEMAS
@@ -210,7 +210,7 @@ def test_a_trial_trains_evaluates_reports_its_metrics_and_nests_under_the_sweep_
     assert "bbox_AP" in reported and "video_mask_mAP_50_95" in reported
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("katib-test").experiment_id])
-    (sweep_run,) = [r for r in runs if r.data.tags.get(TAG_COMPONENT) == sweeps.SWEEP]
+    (sweep_run,) = [r for r in runs if r.data.tags.get(TAG_COMPONENT) == SWEEP]
     (trial,) = [r for r in runs if r.data.tags.get(sweeps.TAG_TRIAL_ID) == "exp-1-abc"]
     assert sweep_run.info.run_name == "sweep-exp-1" and trial.data.tags[MLFLOW_PARENT_RUN_ID] == sweep_run.info.run_id
     # the tuned values, next to the parent-row params every pipeline run gets (mlflow.parent_params)

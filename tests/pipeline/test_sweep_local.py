@@ -25,7 +25,7 @@ from pipeline import steps
 from pipeline.cli import main
 from sam3_core import storage
 from sam3_core.mlflow_records import sweeps
-from sam3_core.mlflow_records.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID
+from sam3_core.mlflow_records.runs import SWEEP, TAG_COMPONENT, TAG_PIPELINE_RUN_ID, TAG_SWEEP_ID
 from tests.fixtures.datasets import TINY_MODEL
 
 TINY_DATA = [
@@ -87,7 +87,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepRun]:
         client = MlflowClient()
         experiment = client.get_experiment_by_name(EXPERIMENT)
         runs = client.search_runs([experiment.experiment_id])
-        (sweep_run,) = [r for r in runs if r.data.tags.get(TAG_COMPONENT) == sweeps.SWEEP]
+        (sweep_run,) = [r for r in runs if r.data.tags.get(TAG_COMPONENT) == SWEEP]
         trials = {r.data.tags[sweeps.TAG_TRIAL_ID]: r for r in runs if sweeps.TAG_TRIAL_ID in r.data.tags}
         components = {
             trial_id: {
@@ -122,7 +122,7 @@ def test_the_pipelines_training_keeps_the_checkpoint_with_the_best_box_ap(swept:
 
 
 def test_the_store_holds_one_sweep_parent_with_two_trial_runs(swept: SweepRun) -> None:
-    sweep_id = swept.sweep_run.data.tags[sweeps.TAG_SWEEP_ID]
+    sweep_id = swept.sweep_run.data.tags[TAG_SWEEP_ID]
 
     assert set(swept.trials) == {"t0", "t1"}
     for trial_id, trial in swept.trials.items():
