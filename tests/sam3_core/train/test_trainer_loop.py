@@ -29,6 +29,7 @@ from sam3_core.model.checkpoint import CheckpointRef, load_checkpoint
 from sam3_core.train.build import result_of
 from sam3_core.train.data import MicroBatches
 from sam3_core.train.hooks import (
+    AwaitUploads,
     BestCheckpoint,
     MetricLogger,
     NonFiniteGuard,
@@ -39,6 +40,7 @@ from sam3_core.train.hooks import (
 from sam3_core.train.optim import OptimConfig, build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder
 from sam3_core.train.trainer import HookBase, Trainer, TrainingDiverged, seed_everything
+from sam3_core.train.uploads import BackgroundUploads
 from tests.fixtures.network import free_port
 from tests.fixtures.paths import REPO
 
@@ -141,6 +143,7 @@ def toy_trainer(
     resume: bool = True,
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[str, CheckpointRef], None] | None = None,
+    upload_timeout_s: float = 60,
 ) -> Trainer:
     """The real hooks around the toy, writing into `<store>/runs/<run_name>`."""
     run = RunFolder(str(store / "runs" / run_name))
@@ -151,12 +154,16 @@ def toy_trainer(
     model: nn.Module = module
     if comm.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(module)
+    uploads = BackgroundUploads()
     hooks = [
         NonFiniteGuard(run.last_uri),
         MetricLogger(log_every),
         Validation(val_every, validators, val_dataset=None),
-        BestCheckpoint(best_metric, best_mode, run, module.state_dict, on_checkpoint=on_checkpoint),
-        PeriodicCheckpoint(checkpoint_every, run, resume=resume, extra={"config": "toy"}, on_checkpoint=on_checkpoint),
+        BestCheckpoint(best_metric, best_mode, run, module.state_dict, uploads, on_checkpoint=on_checkpoint),
+        PeriodicCheckpoint(
+            checkpoint_every, run, uploads, resume=resume, extra={"config": "toy"}, on_checkpoint=on_checkpoint
+        ),
+        AwaitUploads(uploads, timeout_s=upload_timeout_s),
     ]
     return Trainer(
         model=model,
