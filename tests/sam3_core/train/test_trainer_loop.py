@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,9 @@ class Recorder(HookBase):
         self.trained.append(len(self.trainer.task.trained))
 
 
-def toy_model() -> nn.Module:
+def toy_model(width: int = 16) -> nn.Module:
     seed_everything(0)
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, 1))
 
 
 def scripted(values: dict[int, float], name: str = "score") -> Validator:
@@ -128,7 +129,7 @@ def scripted(values: dict[int, float], name: str = "score") -> Validator:
 
 
 def toy_trainer(
-    store: Path,
+    store: Path | str,
     *,
     run_name: str = "run",
     max_steps: int = MAX_STEPS,
@@ -144,10 +145,11 @@ def toy_trainer(
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[str, CheckpointRef], None] | None = None,
     upload_timeout_s: float = 60,
+    width: int = 16,
 ) -> Trainer:
-    """The real hooks around the toy, writing into `<store>/runs/<run_name>`."""
-    run = RunFolder(str(store / "runs" / run_name))
-    module = toy_model()
+    """The real hooks around the toy, writing into `<store>/runs/<run_name>` (a folder or a store URI)."""
+    run = RunFolder(storage.join(str(store), "runs", run_name))
+    module = toy_model(width)
     cfg = OptimConfig(lr=0.05, warmup_steps=2)
     optimizer = build_optimizer(module, cfg)
     data = MicroBatches(ToyData(), BATCH, collate, seed=3, rank=comm.rank(), world_size=comm.world_size())
@@ -582,3 +584,149 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks: dict[str
     ranks = two_ranks["nan"]
     assert [r["step"] for r in ranks] == [4, 4]
     assert all(r["error"].startswith("step 5: loss=nan") for r in ranks)
+
+
+# ---------------------------------------------------------------------------- slow checkpoint uploads
+
+# collectives wait this long for the other rank; rank 0's first checkpoint publication takes longer
+SHORT_TIMEOUT_S = 4
+SLOW_PUBLISH_S = 3 * SHORT_TIMEOUT_S
+
+
+def _slow_upload_worker(local_rank: int, port: int, out: str) -> None:
+    """6 steps on two ranks, checkpoints at steps 4 and 6; the first checkpoint's publication is slow."""
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    comm.init_process_group(SHORT_TIMEOUT_S)
+    published: list[tuple[str, int]] = []
+
+    def slow(kind: str, ref: CheckpointRef) -> None:
+        # an object store or MLflow server slower than the collective timeout, once
+        if not published:
+            time.sleep(SLOW_PUBLISH_S)
+        published.append((kind, ref.step))
+
+    error = ""
+    trainer = toy_trainer(
+        Path(out) / "store", max_steps=6, log_every=100, checkpoint_every=4, grad_accum_steps=1, on_checkpoint=slow
+    )
+    try:
+        trainer.fit()
+    except RuntimeError as exc:  # gloo's timeout
+        error = str(exc).splitlines()[0]
+    record = {"step": trainer.step, "error": error, "published": published}
+    Path(out, f"rank{local_rank}.json").write_text(json.dumps(record))
+    os._exit(0)  # after a timeout the group is broken: leave without tearing it down
+
+
+@pytest.fixture(scope="module")
+def slow_uploads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    out = tmp_path_factory.mktemp("toy-slow-upload")
+    torch.multiprocessing.spawn(_slow_upload_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.integration
+def test_a_checkpoint_slower_to_publish_than_the_collective_timeout_holds_no_rank(
+    slow_uploads: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    _, ranks = slow_uploads
+    assert [(r["step"], r["error"]) for r in ranks] == [(6, ""), (6, "")]
+
+
+@pytest.mark.integration
+def test_the_run_ends_once_every_checkpoint_is_published_in_order(
+    slow_uploads: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    out, ranks = slow_uploads
+    assert [tuple(p) for p in ranks[0]["published"]] == [
+        ("step", 4),
+        ("last", 4),
+        ("best", 6),
+        ("step", 6),
+        ("last", 6),
+    ]
+    assert load_checkpoint(str(out / "store" / "runs" / "run" / "checkpoints" / "last.pt"))["step"] == 6
+
+
+# ---------------------------------------------------------------------------- resuming on several ranks
+
+# a toy of ~8M float32 parameters: its training state (weights and two AdamW moments) is ~100 MB
+WIDE = 1_600_000
+
+
+def _rss_anon() -> int:
+    """This process's private resident memory (anonymous pages), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def _resume_worker(local_rank: int, port: int, store: str, out: str) -> None:
+    """Build the toy on two ranks and resume it from the store's last.pt; record what that cost in memory."""
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    comm.init_process_group(120)
+    trainer = toy_trainer(store, max_steps=4, width=WIDE)
+    before = _rss_anon()
+    trainer.find_hook(PeriodicCheckpoint).before_train()
+    grown = _rss_anon() - before
+    record = {"step": trainer.step, "private_bytes_grown": grown}
+    Path(out, f"rank{local_rank}.json").write_text(json.dumps(record))
+    comm.shutdown()
+
+
+def _resume_on_two_ranks(store: str, out: Path) -> list[dict[str, Any]]:
+    """Spawned processes start with this process's environment (the store's settings)."""
+    torch.multiprocessing.spawn(_resume_worker, args=(free_port(), store, str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.integration
+def test_two_ranks_resume_from_a_local_store_without_a_private_copy_of_the_state(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    toy_trainer(store, max_steps=2, checkpoint_every=2, width=WIDE).fit()
+    size = storage.size(storage.join(store, "runs", "run", "checkpoints", "last.pt"))
+    ranks = _resume_on_two_ranks(store, tmp_path)
+    assert [r["step"] for r in ranks] == [2, 2]
+    # torch.load without mmap gave each rank a private copy: the optimizer state alone is 2/3 of `size`
+    assert all(r["private_bytes_grown"] < size / 6 for r in ranks), (size, ranks)
+
+
+@pytest.mark.integration
+def test_two_ranks_of_one_machine_download_the_state_from_an_object_store_once(
+    s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.fixtures.fault_proxy import FaultProxy
+
+    store = f"{s3_bucket}/store"
+    toy_trainer(store, max_steps=2, checkpoint_every=2, width=WIDE).fit()
+    size = storage.size(f"{store}/runs/run/checkpoints/last.pt")
+    proxy = FaultProxy(s3_server, fault_rate=0.0, max_latency_s=0.0)
+    proxy.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        # one GET per download (not ranged parts), so GETs count downloads
+        monkeypatch.setenv("SAM3PIPE_MULTIPART_THRESHOLD_MB", "1024")
+        ranks = _resume_on_two_ranks(store, tmp_path)
+    finally:
+        proxy.stop()
+    assert [r["step"] for r in ranks] == [2, 2]
+    reads = [path for method, path, _ in proxy.requests if method == "GET" and path.endswith("/last.pt")]
+    assert len(reads) == 1, proxy.requests
+    assert all(r["private_bytes_grown"] < size / 6 for r in ranks), (size, ranks)
