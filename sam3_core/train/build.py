@@ -83,6 +83,12 @@ UNREACHED = (
     "segmentation_head.pixel_decoder.norms.2.",
     "backbone.language_backbone.encoder.text_projection",
 )
+# ... and without mask targets: the mask head, and the neck's 4x and 2x levels that only it reads
+UNREACHED_WITHOUT_MASKS = (
+    "segmentation_head.",
+    "backbone.vision_backbone.convs.0.",
+    "backbone.vision_backbone.convs.1.",
+)
 # DataLoader workers per rank that `data.num_workers=null` chooses on a GPU at most
 AUTO_WORKERS = 4
 
@@ -134,8 +140,8 @@ def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
     if cfg.model.freeze:
         frozen = freeze(module.detector, cfg.model.freeze)
         log.info("froze %.2fM parameters under %s", frozen / 1e6, cfg.model.freeze)
-    unreached = [*UNREACHED] if cfg.data.clips.with_masks else [*UNREACHED, "segmentation_head."]
-    freeze(module.detector, unreached)
+    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+    freeze(module.detector, [*UNREACHED] if with_masks else [*UNREACHED, *UNREACHED_WITHOUT_MASKS])
     return module
 
 
