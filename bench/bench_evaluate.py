@@ -296,12 +296,13 @@ def _sam3_suite(gt: Path, pred: Path, out: Path) -> dict[str, Any]:
 def _our_suite(gt: Path, pred: Path, workers: int) -> dict[str, Any]:
     code = (
         f"import json, time\n"
-        f"from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite\n"
+        f"from sam3_core.evaluate.families import SAM3_SUITE\n"
+        f"from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite\n"
         f"from sam3_core.evaluate.videodata import read_video_set\n"
         f"start = time.perf_counter()\n"
         f"data = read_video_set(json.load(open({str(gt)!r})), json.load(open({str(pred)!r})), "
         f"gt_source='gt', predictions_source='pred')\n"
-        f"res = evaluate_suite(data, SuiteSettings(families=FAMILIES, workers={workers}))\n"
+        f"res = evaluate_suite(data, SuiteSettings(families=SAM3_SUITE, workers={workers}))\n"
         f"elapsed = time.perf_counter() - start\n"
         f"{_RUSAGE}\n"
         f"print(json.dumps({{'eval_s': elapsed, 'metrics': res.metrics, **rss}}))"

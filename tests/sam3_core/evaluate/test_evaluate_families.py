@@ -8,7 +8,8 @@ import pytest
 
 from sam3_core.errors import InputError
 from sam3_core.evaluate.report import EvaluateConfig, video_families
-from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite
+from sam3_core.evaluate.families import SAM3_SUITE
+from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
 from tests.fixtures.masks import box_rle
 from tests.fixtures.saco import SacoShape, generate
@@ -46,7 +47,7 @@ def saco_gt(annotations: list[dict], asked: list[int], categories: int = 6) -> d
     }
 
 
-def suite(gt: dict, predictions: list, families=FAMILIES, **settings):
+def suite(gt: dict, predictions: list, families=SAM3_SUITE, **settings):
     data = read_video_set(gt, predictions, gt_source="gt.json", predictions_source="pred.json")
     return evaluate_suite(data, SuiteSettings(families=tuple(families), workers=1, **settings))
 
@@ -182,16 +183,21 @@ def test_worker_processes_give_the_same_numbers_as_one_process():
 
     one = suite(gt, predictions)
     data = read_video_set(gt, predictions, gt_source="gt.json", predictions_source="pred.json")
-    two = evaluate_suite(data, SuiteSettings(families=FAMILIES, workers=2))
+    two = evaluate_suite(data, SuiteSettings(families=SAM3_SUITE, workers=2))
 
     assert two.metrics == one.metrics
     assert two.video_np_results == one.video_np_results
 
 
-def test_sa_co_gt_defaults_to_every_family_and_yt_vis_gt_to_class_map():
-    assert video_families(EvaluateConfig(), HAND_GT) == FAMILIES
-    assert video_families(EvaluateConfig(), {k: v for k, v in HAND_GT.items() if k != "video_np_pairs"}) == ("map",)
-    assert video_families(EvaluateConfig(metrics=["hota"]), HAND_GT) == ("hota",)
+def test_sa_co_gt_defaults_to_sam3s_suite_and_yt_vis_gt_to_class_map():
+    def parsed(gt: dict):
+        return read_video_set(gt, HAND_PRED, gt_source="gt.json", predictions_source="pred.json")
+
+    yt_vis = {k: v for k, v in HAND_GT.items() if k != "video_np_pairs"}
+
+    assert video_families(EvaluateConfig(), parsed(HAND_GT)) == SAM3_SUITE
+    assert video_families(EvaluateConfig(), parsed(yt_vis)) == ("map",)
+    assert video_families(EvaluateConfig(metrics=["hota"]), parsed(HAND_GT)) == ("hota",)
 
 
 def truncated(mask: dict) -> dict:
