@@ -7,8 +7,8 @@ import math
 import pytest
 
 from sam3_core.errors import InputError
-from sam3_core.evaluate.report import EvaluateConfig, video_families
 from sam3_core.evaluate.families import SAM3_SUITE
+from sam3_core.evaluate.report import EvaluateConfig, video_families
 from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
 from tests.fixtures.masks import box_rle
