@@ -17,8 +17,9 @@ A predictions URI that names an existing object is a file; anything else is a fo
 Everything is computed before anything is written, so bad input leaves no partial output;
 ``metrics.json`` is published last, beside ``per_category.csv``, ``per_category.md``,
 ``pr_curves.png``, when cgF1 or HOTA ran ``video_np_results.json`` (sam3's per-(video, phrase)
-results), and the files of the families that write their own (``vos_per_object.csv``). The table lists only categories with GT or predictions, so a 50k-phrase
-vocabulary costs rows only for the phrases the videos use.
+results), and the files of the families that write their own (``vos_per_object.csv``). The table
+lists only categories with GT or predictions, so a 50k-phrase vocabulary costs rows only for the
+phrases the videos use.
 """
 
 from __future__ import annotations
