@@ -7,7 +7,10 @@ import math
 import pytest
 
 from sam3_core.errors import InputError
-from sam3_core.evaluate.families import SAM3_SUITE
+from sam3_core.evaluate import suite as suite_module
+from sam3_core.evaluate.families import CLASSES, FAMILIES, SAM3_SUITE
+from sam3_core.evaluate.family import FamilyResult, VideoFamily
+from sam3_core.evaluate.report import PR_PLOT, TABLE_CSV, TABLE_MD, VIDEO_NP_RESULTS
 from sam3_core.evaluate.report import EvaluateConfig, video_families
 from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
@@ -198,6 +201,41 @@ def test_sa_co_gt_defaults_to_sam3s_suite_and_yt_vis_gt_to_class_map():
     assert video_families(EvaluateConfig(), parsed(HAND_GT)) == SAM3_SUITE
     assert video_families(EvaluateConfig(), parsed(yt_vis)) == ("map",)
     assert video_families(EvaluateConfig(metrics=["hota"]), parsed(HAND_GT)) == ("hota",)
+
+
+def test_registered_families_are_video_families_with_unique_names_and_files():
+    files = [name for cls in CLASSES for name in cls.files]
+
+    assert all(issubclass(cls, VideoFamily) for cls in CLASSES)
+    assert FAMILIES == ("map", "phrase_ap", "teta", "hota", "cgf1", "vos")
+    assert len(set(files)) == len(files)
+    assert not set(files) & {TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS, "metrics.json"}
+
+
+class GtFrames(VideoFamily):
+    """A toy family: GT masklet-frames per video, and the video order it was reduced in."""
+
+    name = "gt_frames"
+    files = ("gt_frames.txt",)
+
+    def evaluate_video(self, video):
+        return video.video.length * len(video.gts)
+
+    def reduce(self, data, parts):
+        return FamilyResult({"gt_frames": float(sum(parts.values()))}, files={"gt_frames.txt": repr(list(parts))})
+
+
+def test_a_family_added_to_the_registry_is_run_per_video_and_reduced_beside_the_others(monkeypatch):
+    monkeypatch.setattr(suite_module, "CLASSES", (*CLASSES, GtFrames))
+    monkeypatch.setattr(suite_module, "FAMILIES", (*FAMILIES, "gt_frames"))
+    gt, predictions = generate(SacoShape(videos=3, frames=5, seed=8))
+
+    result = suite(gt, predictions, ["gt_frames", "map"])
+
+    assert result.metrics["gt_frames"] == 5 * len(gt["annotations"])
+    assert "video_mask_mAP_50_95" in result.metrics
+    assert result.files == {"gt_frames.txt": "[1, 2, 3]"}
+    assert result.video_np_results is None  # neither family writes per-pair rows
 
 
 def truncated(mask: dict) -> dict:
