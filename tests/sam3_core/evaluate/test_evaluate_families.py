@@ -10,8 +10,7 @@ from sam3_core.errors import InputError
 from sam3_core.evaluate import suite as suite_module
 from sam3_core.evaluate.families import CLASSES, FAMILIES, SAM3_SUITE
 from sam3_core.evaluate.family import FamilyResult, VideoFamily
-from sam3_core.evaluate.report import PR_PLOT, TABLE_CSV, TABLE_MD, VIDEO_NP_RESULTS
-from sam3_core.evaluate.report import EvaluateConfig, video_families
+from sam3_core.evaluate.report import PR_PLOT, TABLE_CSV, TABLE_MD, VIDEO_NP_RESULTS, EvaluateConfig, video_families
 from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
 from tests.fixtures.masks import box_rle
