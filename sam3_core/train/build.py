@@ -226,7 +226,8 @@ def build_trainer(
     if comm.is_main() and not resuming:
         write_config(cfg, run)
     model: torch.nn.Module = module
-    if env.distributed:
+    # DDP whenever a process group is up (torchrun's, or one a caller made, e.g. one nccl rank)
+    if comm.is_initialized():
         model = DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
