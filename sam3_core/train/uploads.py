@@ -5,8 +5,9 @@ inside that step's collectives (under nccl, a watchdog kills them after `train.d
 So rank 0 only stages a checkpoint on the training thread (a local `torch.save`: seconds for a
 full model) and hands the slow rest to this thread: hashing, the upload, the copy to last.pt,
 metrics.jsonl and the MLflow records of the `on_checkpoint` callback, which therefore runs on
-this thread. A job that failed is raised on the training thread at the next `raise_errors` or
-`wait`.
+this thread. A job that failed is raised on the training thread at the next `raise_errors`,
+`submit` or `wait`; the jobs queued after it are skipped (the store that refused one would refuse
+them too, each after its retries).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 log = logging.getLogger(__name__)
 
 
+class SkippedUpload(Exception):
+    """A job not run because an earlier one failed."""
+
+
 class BackgroundUploads:
     """One thread that runs publishing jobs in order; at most one job of each kind queued or running."""
 
@@ -26,9 +31,20 @@ class BackgroundUploads:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam3pipe-upload")
         self._jobs: list[Future[None]] = []
         self._latest: dict[str, Future[None]] = {}
+        self._failed = False
+
+    def _run(self, job: Callable[[], None]) -> None:
+        if self._failed:
+            raise SkippedUpload("skipped: an earlier checkpoint upload failed")
+        try:
+            job()
+        except BaseException:
+            self._failed = True
+            raise
 
     def submit(self, kind: str, job: Callable[[], None]) -> None:
         """Queue `job`, after waiting for the previous job of `kind` (each kind holds one staged file at most)."""
+        self.raise_errors()
         previous = self._latest.get(kind)
         if previous is not None and not previous.done():
             start = time.perf_counter()
@@ -39,7 +55,7 @@ class BackgroundUploads:
                 time.perf_counter() - start,
                 kind,
             )
-        self._latest[kind] = future = self._pool.submit(job)
+        self._latest[kind] = future = self._pool.submit(self._run, job)
         self._jobs.append(future)
 
     def raise_errors(self) -> None:
@@ -58,10 +74,11 @@ class BackgroundUploads:
             future.result()
 
     def close(self) -> None:
-        """Wait for every job and stop the thread; errors are logged (this runs while another may propagate)."""
+        """Wait for every job and stop the thread. It runs while another error may propagate (the
+        run's own, or an upload's raised already), so failures left here are warnings."""
         for future in self._jobs:
             error = future.exception()
-            if error is not None:
-                log.error("a checkpoint upload failed: %s", error)
+            if error is not None and not isinstance(error, SkippedUpload):
+                log.warning("a checkpoint upload failed: %s", error)
         self._jobs = []
         self._pool.shutdown(wait=True)
