@@ -570,7 +570,9 @@ def frame_detector_modes(ctx: QuickContext) -> list[StageResult]:
                 problems.append(f"frame {frame}: {len(found)} detections, scores finite: {found.scores[:3]}")
         peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else float("nan")
         row = {
-            "mode": "fp32" if amp == "off" else "bf16 autocast",
+            "mode": ("fp32, TF32 matmuls" if ctx.device.type == "cuda" else "fp32")
+            if amp == "off"
+            else "bf16 autocast",
             "prompts": str(DETECTOR_PROMPTS),
             "prompt batch": str(DetectionConfig().prompt_batch),
             "s/frame": f"{statistics.median(seconds[1:]):.3f}",
