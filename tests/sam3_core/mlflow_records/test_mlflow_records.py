@@ -556,7 +556,7 @@ def test_the_local_state_folder_follows_sam3pipe_home(monkeypatch: pytest.Monkey
 
 
 def test_the_parent_params_are_picked_from_the_config_and_sections_give_one_param_per_leaf() -> None:
-    from sam3_core.mlflow_records.component_runs import parent_params
+    from sam3_core.mlflow_records.recorder import parent_params
 
     flat = {"optim.lr": 3e-4, "train.max_steps": 50, "model.lora.rank": 8, "model.lora.alpha": 16, "data.uri": "x"}
     mapping = {"lr": "optim.lr", "max_steps": "train.max_steps", "lora": "model.lora", "frames": "data.clips.frames"}
