@@ -45,8 +45,8 @@ class Channel(Protocol):
     def ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call the recorder's `method` (or read an attribute) and return its answer."""
 
-    def finish(self, status: str) -> None:
-        """Flush, end the runs (`status`), and release the recorder."""
+    def finish(self, status: str) -> dict[str, Any]:
+        """Flush, end the runs (`status`), release the recorder; its `final_state()` then."""
 
 
 def _call(recorder: Recorder, method: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -66,8 +66,9 @@ class LocalChannel:
     def ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return _call(self._recorder, method, args, kwargs)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str) -> dict[str, Any]:
         self._recorder.finish(status)
+        return self._recorder.final_state()
 
 
 def plain_config(config: Any) -> dict[str, Any]:
@@ -82,18 +83,23 @@ class ComponentRun:
     def __init__(self, cfg: MlflowConfig, channel: Channel | None = None) -> None:
         self._cfg = cfg
         self._channel = channel
+        self._active = channel is not None
+        # what the recorder said at its end (run ids, what stayed pending)
+        self._final: dict[str, Any] = {}
 
     @property
     def active(self) -> bool:
         """False when tracking is off: disabled, or not rank 0."""
-        return self._channel is not None
+        return self._active
 
     def _tell(self, method: str, *args: Any, **kwargs: Any) -> None:
         if self._channel is not None:
             self._channel.tell(method, *args, **kwargs)
 
     def _ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.ask(method, *args, **kwargs) if self._channel is not None else None
+        if self._channel is None:
+            return self._final.get(method)
+        return self._channel.ask(method, *args, **kwargs)
 
     @property
     def run_id(self) -> str | None:
@@ -214,7 +220,7 @@ class ComponentRun:
         """Flush (bounded by `final_flush_timeout_s`), record what did not arrive, end the runs."""
         channel, self._channel = self._channel, None
         if channel is not None:
-            channel.finish(status)
+            self._final = channel.finish(status)
 
     def __enter__(self) -> ComponentRun:
         return self

@@ -195,6 +195,15 @@ class Recorder:
         """Records not yet on the server (checkpoints, registrations, ...), oldest first."""
         return list(self._records)
 
+    def final_state(self) -> dict[str, Any]:
+        """What the component's handle still answers once this recorder is finished."""
+        return {
+            "run_id": self.run_id,
+            "parent_run_id": self.parent_run_id,
+            "resumed": self.resumed,
+            "pending": self.pending,
+        }
+
     # ------------------------------------------------------------------ values (buffered)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
