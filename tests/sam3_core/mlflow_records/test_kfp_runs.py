@@ -3,12 +3,14 @@
 The module's fixture acts as KFP's backend would: it creates the pipeline run's parent MLflow run
 and one nested run per task with the MLflow client, on the session's real `mlflow server`, then
 runs train -> predict -> evaluate in-process, each with the environment KFP's driver gives its
-task (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID, MLFLOW_WORKSPACE). The tests read
-what landed where.
+task (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_ID). The tests read what landed where.
+MLFLOW_WORKSPACE is left out: the session's server runs without workspaces, and MLflow's own client
+refuses a workspace such a server does not support; on a cluster the client handles it, not us.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -28,6 +30,7 @@ from sam3_core.mlflow_records import TAG_COMPONENT, TAG_PIPELINE_RUN_ID, MlflowC
 from tests.fixtures.datasets import TINY_MODEL
 from tests.fixtures.mlflow import FAST_TRACKING, MlflowServer
 from tests.fixtures.s3 import use_s3_server
+from tests.fixtures.saco import SacoShape, generate
 
 COMPONENTS = ("train", "predict", "evaluate")
 
@@ -55,11 +58,10 @@ class KfpRuns:
 
 
 def kfp_task_env(env: pytest.MonkeyPatch, server: MlflowServer, experiment_id: str, run_id: str) -> None:
-    """What KFP's driver puts in a task's container (the auth variables are not needed by this server)."""
+    """What KFP's driver puts in a task's container (no auth variables or workspace: see the module doc)."""
     env.setenv("MLFLOW_TRACKING_URI", server.url)
     env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     env.setenv("MLFLOW_RUN_ID", run_id)
-    env.setenv("MLFLOW_WORKSPACE", "default")
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +153,13 @@ def test_each_component_logs_its_params_and_metrics_into_its_task_run(kfp_runs: 
 
 
 def test_the_task_runs_are_tagged_so_the_runs_table_and_reproduce_find_them(kfp_runs: KfpRuns) -> None:
+    parent_tags = kfp_runs.parent().data.tags
+    assert parent_tags[TAG_COMPONENT] == "pipeline"
     for component in COMPONENTS:
         tags = kfp_runs.run(component).data.tags
         assert tags[TAG_COMPONENT] == component
-        assert tags[TAG_PIPELINE_RUN_ID] == kfp_runs.parent_id
+        assert tags[TAG_PIPELINE_RUN_ID] == parent_tags[TAG_PIPELINE_RUN_ID]
         assert tags["mlflow.parentRunId"] == kfp_runs.parent_id
-    assert kfp_runs.parent().data.tags[TAG_COMPONENT] == "pipeline"
 
 
 def test_the_parent_row_gets_the_comparison_params_and_headline_metrics(kfp_runs: KfpRuns) -> None:
@@ -194,23 +197,16 @@ def test_a_run_id_the_server_does_not_know_is_one_clear_error(mlflow_tracking: M
 
 
 def test_the_evaluate_cli_given_an_unknown_run_id_exits_2_with_one_error_line(
-    mlflow_tracking: MlflowServer,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-    kfp_runs: KfpRuns,
-    tiny_dataset: PreparedDataset,
+    mlflow_tracking: MlflowServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     unknown = uuid.uuid4().hex
     monkeypatch.setenv("MLFLOW_RUN_ID", unknown)
-    argv = [
-        f"gt={tiny_dataset.uri}/val.json",
-        f"predictions={kfp_runs.outputs['predict']['predictions_uri']}",
-        f"output={tmp_path / 'metrics.json'}",
-        *FAST_TRACKING,
-    ]
+    gt, predictions = generate(SacoShape(videos=2, frames=4, categories=30))
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(predictions))
+    argv = [f"gt={tmp_path / 'gt.json'}", f"predictions={tmp_path / 'pred.json'}", f"output={tmp_path / 'out.json'}"]
     with caplog.at_level(logging.ERROR):
-        assert evaluate.main(argv) == 2
+        assert evaluate.main([*argv, *FAST_TRACKING]) == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert error.startswith(f"error: MLFLOW_RUN_ID={unknown}: MLflow at ") and "\n" not in error
     assert MlflowClient().get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"]) is None
