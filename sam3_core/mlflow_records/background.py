@@ -205,14 +205,18 @@ def serve(conn: Connection) -> int:
             conn.send(("answer", True, value))
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     # The component decides how its run ends on Ctrl-C; the helper must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return serve(Connection(int(argv[0])))
+    code = serve(Connection(int(argv[0])))
+    # Everything is sent or recorded by now (finish is bounded by its deadlines), and the component
+    # waits for this exit: skip the interpreter's teardown of mlflow's modules (~0.8 s of CPU).
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])
