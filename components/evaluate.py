@@ -1,8 +1,8 @@
-"""Pipeline step 4: score predictions and publish metrics.json, a per-category table and a PR plot.
+"""The evaluate component: score predictions and publish metrics.json, a per-category table and a PR plot.
 
 Video GT gets the families of sam3's SA-Co/VEval suite (`metrics=[map,phrase_ap,teta,hota,cgf1]`; by
 default all of them when the GT has `video_np_pairs`, class mAP otherwise), plus sam3's
-per-(video, phrase) results as `video_np_results.json`. Predictions may be the predict step's or
+per-(video, phrase) results as `video_np_results.json`. Predictions may be the predict component's or
 the files sam3's own video dumper writes. The MLflow run gets the same: `eval/*` metrics, those
 files, the table as a grid and a short summary.
 
