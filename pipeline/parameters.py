@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
-
-from kfp.dsl.base_component import BaseComponent
+from typing import TYPE_CHECKING, Any
 
 from sam3_core import pipeline_parameters as table
 from sam3_core.errors import InputError
+
+if TYPE_CHECKING:  # the component bodies import this module in the pods, where importing kfp.dsl here is circular
+    from kfp.dsl.base_component import BaseComponent
 
 
 def pipeline_function(
