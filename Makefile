@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
 demo: $(STAMP)
-	$(VENV)/bin/sam3pipe run --local
+	$(VENV)/bin/sam3pipe run --local profile=demo
 
 bench: $(STAMP)
 	$(PY) -m bench

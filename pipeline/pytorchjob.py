@@ -1,4 +1,4 @@
-"""training_mode=pytorchjob: the train step as a Kubeflow PyTorchJob (Training Operator v1, kubeflow.org/v1).
+"""training_mode=pytorchjob: the train component as a Kubeflow PyTorchJob (Training Operator v1, kubeflow.org/v1).
 
 For clusters with the Training Operator. The job is built from `pipeline/templates/pytorchjob.yaml`:
 one Worker pod per node running torchrun, joined by a c10d rendezvous (the operator passes it as
