@@ -32,11 +32,12 @@ from sam3_core.model.checkpoint import (
 )
 from sam3_core.train.run import RunFolder
 from sam3_core.train.trainer import HookBase, TrainingDiverged
-from sam3_core.train.uploads import BackgroundUploads
+from sam3_core.train.uploads import BackgroundUploads, Then
 
 log = logging.getLogger(__name__)
 # (kind, ref) once a checkpoint is in the store: kind is best, step or last. Called on rank 0's
-# upload thread (see sam3_core.train.uploads), in the order the checkpoints were saved
+# training thread, at the first step after its upload finished (see sam3_core.train.uploads), in
+# the order the checkpoints were saved
 CheckpointCallback = Callable[[str, CheckpointRef], None]
 # (module, val_dataset, step) -> metrics; see Validation
 Validator = Callable[[nn.Module, Any, int], dict[str, float]]
@@ -242,10 +243,10 @@ class BestCheckpoint(HookBase):
         log.info("best %s=%.4g at step %d", self.metric, self.value, self.step)
         self.uploads.submit("best", functools.partial(self._publish, staged))
 
-    def _publish(self, staged: StagedCheckpoint) -> None:
+    def _publish(self, staged: StagedCheckpoint) -> Then:
         ref = publish_checkpoint(staged)
-        if self.on_checkpoint:
-            self.on_checkpoint("best", ref)
+        on_checkpoint = self.on_checkpoint
+        return functools.partial(on_checkpoint, "best", ref) if on_checkpoint else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "mode": self.mode, "value": self.value, "step": self.step}
@@ -299,16 +300,22 @@ class PeriodicCheckpoint(HookBase):
         history = "".join(json.dumps(record) + "\n" for record in trainer.history)
         self.uploads.submit("periodic", functools.partial(self._publish, staged, history))
 
-    def _publish(self, staged: StagedCheckpoint, history: str) -> None:
+    def _publish(self, staged: StagedCheckpoint, history: str) -> Then:
         ref = publish_checkpoint(staged)
         refs = {"step" if self.keep_steps else "last": ref}
         if self.keep_steps:
             storage.copy(ref.uri, self.run.last_uri)
             refs["last"] = CheckpointRef(self.run.last_uri, ref.size, ref.sha256, ref.step, ref.metrics)
         storage.write_text(self.run.metrics_uri, history)
-        if self.on_checkpoint:
+        on_checkpoint = self.on_checkpoint
+        if on_checkpoint is None:
+            return None
+
+        def record() -> None:
             for kind, checkpoint in refs.items():
-                self.on_checkpoint(kind, checkpoint)
+                on_checkpoint(kind, checkpoint)
+
+        return record
 
 
 class AwaitUploads(HookBase):
@@ -323,7 +330,7 @@ class AwaitUploads(HookBase):
         self.uploads, self.timeout_s = uploads, timeout_s
 
     def after_step(self) -> None:
-        self.uploads.raise_errors()
+        self.uploads.deliver()
 
     def after_train(self) -> None:
         self.uploads.wait()

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -592,13 +591,13 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks: dict[str
 
 # ---------------------------------------------------------------------------- slow checkpoint uploads
 
-# collectives wait this long for the other rank; rank 0's first checkpoint publication takes longer
+# collectives wait this long for the other rank; the store takes longer to take rank 0's first checkpoint
 SHORT_TIMEOUT_S = 4
-SLOW_PUBLISH_S = 3 * SHORT_TIMEOUT_S
+SLOW_UPLOAD_S = 3 * SHORT_TIMEOUT_S
 
 
-def _slow_upload_worker(local_rank: int, port: int, out: str) -> None:
-    """6 steps on two ranks, checkpoints at steps 4 and 6; the first checkpoint's publication is slow."""
+def _slow_upload_worker(local_rank: int, port: int, store: str, out: str) -> None:
+    """6 steps on two ranks, checkpoints at steps 4 and 6 into `store` (the first one's upload is slow)."""
     os.environ.update(
         RANK=str(local_rank),
         WORLD_SIZE="2",
@@ -610,16 +609,14 @@ def _slow_upload_worker(local_rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     comm.init_process_group(SHORT_TIMEOUT_S)
     published: list[tuple[str, int]] = []
-
-    def slow(kind: str, ref: CheckpointRef) -> None:
-        # an object store or MLflow server slower than the collective timeout, once
-        if not published:
-            time.sleep(SLOW_PUBLISH_S)
-        published.append((kind, ref.step))
-
     error = ""
     trainer = toy_trainer(
-        Path(out) / "store", max_steps=6, log_every=100, checkpoint_every=4, grad_accum_steps=1, on_checkpoint=slow
+        store,
+        max_steps=6,
+        log_every=100,
+        checkpoint_every=4,
+        grad_accum_steps=1,
+        on_checkpoint=lambda kind, ref: published.append((kind, ref.step)),
     )
     try:
         trainer.fit()
@@ -630,26 +627,33 @@ def _slow_upload_worker(local_rank: int, port: int, out: str) -> None:
     os._exit(0)  # after a timeout the group is broken: leave without tearing it down
 
 
-@pytest.fixture(scope="module")
-def slow_uploads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    out = tmp_path_factory.mktemp("toy-slow-upload")
-    torch.multiprocessing.spawn(_slow_upload_worker, args=(free_port(), str(out)), nprocs=2, join=True)
-    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+@pytest.fixture
+def slow_uploads(
+    s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[str, list[dict[str, Any]]]:
+    """Two ranks training into an object store that takes SLOW_UPLOAD_S to take step 4's checkpoint."""
+    from tests.fixtures.fault_proxy import FaultProxy
+
+    store = f"{s3_bucket}/store"
+    proxy = FaultProxy(s3_server, fault_rate=0.0, max_latency_s=0.0)
+    proxy.slow(lambda method, path: method == "PUT" and path.endswith("/step_0000004.pt"), SLOW_UPLOAD_S)
+    proxy.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        torch.multiprocessing.spawn(_slow_upload_worker, args=(free_port(), store, str(tmp_path)), nprocs=2, join=True)
+    finally:
+        proxy.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    return store, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.integration
-def test_a_checkpoint_slower_to_publish_than_the_collective_timeout_holds_no_rank(
-    slow_uploads: tuple[Path, list[dict[str, Any]]],
+def test_a_checkpoint_slower_to_upload_than_the_collective_timeout_holds_no_rank_and_all_end_published(
+    slow_uploads: tuple[str, list[dict[str, Any]]],
 ) -> None:
-    _, ranks = slow_uploads
+    store, ranks = slow_uploads
     assert [(r["step"], r["error"]) for r in ranks] == [(6, ""), (6, "")]
-
-
-@pytest.mark.integration
-def test_the_run_ends_once_every_checkpoint_is_published_in_order(
-    slow_uploads: tuple[Path, list[dict[str, Any]]],
-) -> None:
-    out, ranks = slow_uploads
+    # recorded in the order saved, once each is in the store; the run ends with all of them there
     assert [tuple(p) for p in ranks[0]["published"]] == [
         ("step", 4),
         ("last", 4),
@@ -657,7 +661,7 @@ def test_the_run_ends_once_every_checkpoint_is_published_in_order(
         ("step", 6),
         ("last", 6),
     ]
-    assert load_checkpoint(str(out / "store" / "runs" / "run" / "checkpoints" / "last.pt"))["step"] == 6
+    assert load_checkpoint(f"{store}/runs/run/checkpoints/last.pt")["step"] == 6
 
 
 # ---------------------------------------------------------------------------- resuming on several ranks
