@@ -8,6 +8,7 @@ spawned processes.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -607,7 +608,11 @@ def _slow_upload_worker(local_rank: int, port: int, store: str, out: str) -> Non
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    comm.init_process_group(SHORT_TIMEOUT_S)
+    # joining may take a while on a busy machine; then every collective waits SHORT_TIMEOUT_S at most
+    comm.init_process_group(120)
+    torch.distributed.group.WORLD._get_backend(torch.device("cpu")).set_timeout(
+        datetime.timedelta(seconds=SHORT_TIMEOUT_S)
+    )
     published: list[tuple[str, int]] = []
     error = ""
     trainer = toy_trainer(
