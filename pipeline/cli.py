@@ -3,7 +3,7 @@
     sam3pipe component <data-prep|train|predict|evaluate> [hydra overrides]
     sam3pipe compile --output pipeline.yaml [--set image=...] [--sweep SPEC [--parallelism N]]
     sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
-    sam3pipe run --local [name=value ...]
+    sam3pipe run --local [--runner docker --set image=...] [name=value ...]
     sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
     sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
     run.add_argument(
         "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs"
+    )
+    run.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: steps in this environment; docker: every step in the image (--set image=...)",
     )
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
@@ -259,7 +265,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from pipeline.local import metrics_table, run_local
 
-        metrics = run_local(settings, args.parameters, args.pipeline_root)
+        if args.runner == "docker":
+            from pipeline.docker_runner import docker_runner
+
+            with docker_runner(settings.image) as runner:
+                metrics = run_local(settings, args.parameters, args.pipeline_root, runner)
+        else:
+            metrics = run_local(settings, args.parameters, args.pipeline_root)
         print(metrics_table(metrics))
         print(f"\n{_mlflow_hint()}")
     return 0
