@@ -5,6 +5,7 @@
     sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
     sam3pipe run --local [--runner docker --set image=...] [name=value ...]
     sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
+    sam3pipe render-job <trainjob|pytorchjob> [--set key=value ...] [name=value ...]
     sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
     sam3pipe reproduce <MLflow run id | pipeline run id> [--allow-other-commit] [--dry-run] [--host URL [--wait]]
@@ -82,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_sweep_command(commands, with_settings)
     _add_experiment_command(commands, with_settings)
+
+    render = commands.add_parser(
+        "render-job", help="print the training job the train step would create (TrainJob or PyTorchJob) as YAML"
+    )
+    render.add_argument("kind", choices=("trainjob", "pytorchjob"))
+    render.add_argument(
+        "parameters", nargs="*", metavar="name=value", help="pipeline parameters, dataset_uri=, pipeline_run_id="
+    )
+    with_settings(render)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
@@ -262,6 +272,10 @@ def _run(args: argparse.Namespace) -> int:
         _run_sweep(args, settings)
     elif args.command == "compile-experiment":
         _compile_experiment(args, settings)
+    elif args.command == "render-job":
+        from pipeline.render import render_job, to_yaml
+
+        print(to_yaml(render_job(args.kind, settings, args.parameters)), end="")
     else:
         from pipeline.local import metrics_table, run_local
 

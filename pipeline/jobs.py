@@ -520,6 +520,24 @@ def custom_objects_api() -> k8s.CustomObjectsApi:
 JobBuilder = Callable[[str, str, list[str], int, int, LaunchSettings, dict[str, str]], dict[str, Any]]
 
 
+def training_job(
+    build_job: JobBuilder,
+    overrides: list[str],
+    launch: LaunchSettings,
+    pipeline_run_id: str,
+    nodes: int,
+    gpus_per_node: int,
+    store: str,
+    extra_env: dict[str, str],
+    namespace: str,
+) -> tuple[dict[str, Any], str]:
+    """The job manifest that trains with `overrides`, and the URI where its rank 0 writes the train outputs."""
+    name = job_name(pipeline_run_id)
+    outputs_uri = storage.join(store, "pipeline-runs", name, "train-outputs.json")
+    args = ["-m", "torch.distributed.run", *rank_command("train", overrides, outputs_uri)]
+    return build_job(name, namespace, args, nodes, gpus_per_node, launch, extra_env), outputs_uri
+
+
 def launch_training(
     kind: JobKind,
     build_job: JobBuilder,
@@ -534,18 +552,30 @@ def launch_training(
 ) -> dict[str, Any]:
     """Train on `nodes` pods x `gpus_per_node` GPUs as a job of `kind`; return rank 0's outputs of the train step."""
     if not storage.is_remote(store):
-        raise ConfigError(
-            f"{kind.name}: the store {store!r} is local to this pod; the job's pods and the launcher need a shared "
-            "object store: set SAM3PIPE_STORE (ConfigMap sam3pipe-env) or the store parameter to s3://..."
-        )
-    name = job_name(pipeline_run_id)
-    outputs_uri = storage.join(store, "pipeline-runs", name, "train-outputs.json")
-    args = ["-m", "torch.distributed.run", *rank_command("train", overrides, outputs_uri)]
-    job = build_job(name, current_namespace(launch.namespace), args, nodes, gpus_per_node, launch, extra_env)
+        raise ConfigError(local_store_message(kind, store))
+    job, outputs_uri = training_job(
+        build_job,
+        overrides,
+        launch,
+        pipeline_run_id,
+        nodes,
+        gpus_per_node,
+        store,
+        extra_env,
+        current_namespace(launch.namespace),
+    )
     api = api or custom_objects_api()
     if kind.supported_versions:
         check_installed_crd(api, kind, job)
     run_job(api, kind, job, launch)
     if not storage.exists(outputs_uri):
+        name = job["metadata"]["name"]
         raise TrainingJobError(f"{kind.name} {name} succeeded but rank 0 wrote no outputs to {outputs_uri}")
     return storage.read_json(outputs_uri)
+
+
+def local_store_message(kind: JobKind, store: str) -> str:
+    return (
+        f"{kind.name}: the store {store!r} is local to this pod; the job's pods and the launcher need a shared "
+        "object store: set SAM3PIPE_STORE (ConfigMap sam3pipe-env) or the store parameter to s3://..."
+    )
