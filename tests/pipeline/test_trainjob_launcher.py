@@ -422,3 +422,42 @@ def test_trainjob_launch_settings_come_from_the_trainjob_settings() -> None:
     launch = LaunchSettings.from_settings(settings, settings.trainjob)
 
     assert (launch.runtime, launch.cpu) == ("team-runtime", "4")
+
+
+def test_unknown_fields_follow_objects_lists_and_maps_and_stop_at_open_objects() -> None:
+    schema = {
+        "properties": {
+            "spec": {
+                "properties": {
+                    "items": {"type": "array", "items": {"properties": {"name": {"type": "string"}}}},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                    "byName": {"type": "object", "additionalProperties": {"properties": {"a": {"type": "string"}}}},
+                }
+            }
+        }
+    }
+    obj = {
+        "spec": {
+            "items": [{"name": "x"}, {"name": "y", "extra": 1}],
+            "labels": {"any": "thing"},
+            "open": {"whatever": {"deep": 1}},
+            "byName": {"k": {"a": "1", "b": "2"}},
+            "podSpecOverrides": [],
+        },
+        "status": {},
+    }
+
+    assert jobs.unknown_fields(schema, obj) == [
+        "spec.items[1].extra",
+        "spec.byName.k.b",
+        "spec.podSpecOverrides",
+        "status",
+    ]
+
+
+def test_every_generated_trainjob_field_is_known_to_trainer_v2_3(trainjob_crd, launch) -> None:
+    job = trainjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 8, launch, {"A": "b"})
+    schema = trainjob_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+    assert jobs.unknown_fields(schema, job) == []
