@@ -31,7 +31,7 @@ def _engine_problem() -> str | None:
         client = docker.from_env()
         client.ping()
     except DockerException:
-        return "no Docker engine answers (start dockerd; see README, 'Images')"
+        return "no Docker engine answers (start dockerd; docs/pipelines.md, 'Images')"
     try:
         client.images.get(IMAGE)
     except ImageNotFound:
