@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
 demo: $(STAMP)
-	$(VENV)/bin/sam3pipe run --local
+	$(VENV)/bin/sam3pipe run --local profile=demo
 
 bench: $(STAMP)
 	$(PY) -m bench
@@ -56,11 +56,11 @@ image-base:
 image-cpu: image-base
 	SAM3PIPE_BASE_IMAGE=$(BASE_IMAGE) bash docker/build.sh cpu
 
-# `make demo` with every step in a container of the CPU image (kfp.local's DockerRunner);
+# `make demo` with every component in a container of the CPU image (kfp.local's DockerRunner);
 # DEMO_ARGS adds pipeline parameters, e.g. DEMO_ARGS=max_steps=40
 DEMO_ARGS ?=
 demo-containers: $(STAMP) image-cpu
-	$(VENV)/bin/sam3pipe run --local --runner docker --set image=$(CPU_IMAGE) $(DEMO_ARGS)
+	$(VENV)/bin/sam3pipe run --local --runner docker --set image=$(CPU_IMAGE) profile=demo $(DEMO_ARGS)
 
 # the image tests (tests/docker): skipped where no engine runs or the image is not built
 test-images: $(STAMP)

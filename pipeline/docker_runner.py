@@ -36,7 +36,6 @@ from urllib.parse import unquote, urlparse
 
 from kfp import local as kfp_local
 
-from pipeline.steps import DEFAULT_STORE
 from sam3_core import mlflow_records, storage
 from sam3_core.errors import ConfigError
 from sam3_core.mlflow_records.settings import home
@@ -98,7 +97,7 @@ def check_image(image: str) -> None:
 
 def local_store() -> Path | None:
     """The local store's absolute path (SAM3PIPE_STORE or the default), None for an s3:// store."""
-    store = os.environ.get("SAM3PIPE_STORE") or DEFAULT_STORE
+    store = storage.default_store()
     if storage.is_remote(store):
         return None
     return Path(unquote(urlparse(store).path) if store.startswith("file://") else store).resolve()

@@ -2,8 +2,8 @@
 
 For review, and for GitOps (commit it, let Argo CD or Flux apply it): the manifest is built by the
 same code as the launcher's (pipeline/jobs.py with pipeline/trainjob.py or pipeline/pytorchjob.py),
-from the same compile-time settings (`--set key=value`) and pipeline parameters (`name=value`),
-plus two values a pipeline run would supply itself:
+from the same compile-time settings (`--set key=value`) and pipeline parameters (`name=value`,
+checked by the parameter table, `profile=` included), plus two values a pipeline run supplies itself:
 
 - `dataset_uri=`: the prepared dataset (data prep's output); without it the job trains on the
   placeholder `<dataset_uri>`, which is for review only;
@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from pipeline import jobs, pytorchjob, steps, trainjob
+from pipeline import component_bodies, jobs, pytorchjob, trainjob
 from pipeline.arguments import SOURCE, parse_arguments
 from pipeline.jobs import LaunchSettings
-from pipeline.pipeline import build_pipeline
 from pipeline.settings import PipelineSettings
+from sam3_core import pipeline_parameters as table
 from sam3_core import storage
 from sam3_core.errors import InputError
 
@@ -50,57 +50,45 @@ def _split(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
     return run_values, parameters
 
 
-def pipeline_parameters(settings: PipelineSettings, pairs: list[str]) -> dict[str, Any]:
-    """Every pipeline parameter: its default, or the value given as `name=value`."""
-    pipeline = build_pipeline(settings)
-    defaults = {name: spec.default for name, spec in (pipeline.component_spec.inputs or {}).items()}
-    return {**defaults, **parse_arguments(pipeline, pairs)}
+def pipeline_parameters(mode: str, pairs: list[str]) -> dict[str, Any]:
+    """Every parameter of the pipeline run, checked by the parameter table, with `training_mode` = `mode`."""
+    chosen = parse_arguments(table.RUN, pairs, given={"training_mode": mode})
+    if chosen["training_mode"] != mode:
+        raise InputError(SOURCE, "training_mode", f"the job kind is the command's argument ({mode}); leave it out")
+    params = {**table.defaults(table.RUN), **chosen}
+    params["store"] = component_bodies.store_root(params["store"])
+    return params
 
 
-def train_overrides(params: dict[str, Any], dataset_uri: str, store: str, pipeline_run_id: str) -> list[str]:
-    """The train component's Hydra overrides for these parameters, as `steps.train` builds them.
-
-    Kept equal to steps.train's list (tests/pipeline/test_render.py compares them); once the
-    parameter table owns that list, this reads it from there.
-    """
-    overrides = [
-        f"data.uri={steps.hydra_value(dataset_uri, 'dataset_uri')}",
-        f"model={params['model_preset']}",
-        f"train.max_steps={params['max_steps']}",
-        f"optim.lr={params['lr']}",
-        f"data.batch_size={params['batch_size']}",
-        f"data.clips.frames_per_clip={params['frames_per_clip']}",
-        f"model.freeze={steps.hydra_list(params['freeze_prefixes'], 'freeze_prefixes')}",
-        f"output.store={steps.hydra_value(store, 'store')}",
-        f"output.run_name={steps.hydra_value(steps.run_name(pipeline_run_id), 'pipeline_run_id')}",
-        f"train.best_metric={steps.DEFAULT_BEST_METRIC}",
+def train_overrides(params: dict[str, Any], dataset_uri: str, pipeline_run_id: str) -> list[str]:
+    """The train component's Hydra overrides, composed as `component_bodies._train` composes them
+    outside a sweep: the table's train overrides, the wiring, then the user's `train_overrides`."""
+    return [
+        *table.hydra_overrides("train", params),
+        component_bodies.wired("data.uri", dataset_uri, "dataset_uri"),
+        component_bodies.wired("output.run_name", component_bodies.run_name(pipeline_run_id), "pipeline_run_id"),
+        *params["train_overrides"],
     ]
-    if params["checkpoint"]:
-        overrides.append(f"model.uri={steps.hydra_value(params['checkpoint'], 'checkpoint')}")
-    return [*overrides, *params["train_overrides"]]
 
 
 def render_job(mode: str, settings: PipelineSettings, pairs: list[str]) -> dict[str, Any]:
     """The job manifest of `mode` ("trainjob" or "pytorchjob") for these settings and parameters."""
     module = KINDS[mode]
     run_values, parameter_pairs = _split(pairs)
-    params = pipeline_parameters(settings, parameter_pairs)
-    if params["training_mode"] not in ("pod", mode):
-        raise InputError(SOURCE, "training_mode", f"the job kind is the command's argument ({mode}); leave it out")
-    steps.plan_training(mode, params["gpus"], params["nodes"])
-    store = steps.store_root(params["store"])
+    params = pipeline_parameters(mode, parameter_pairs)
+    store = params["store"]
     if not storage.is_remote(store):
         logger.warning("%s; the manifest below names it as it is", jobs.local_store_message(module.KIND, store))
     if run_values["dataset_uri"] == DATASET_PLACEHOLDER:
         logger.warning("no dataset_uri=: the job trains on the placeholder %s (review only)", DATASET_PLACEHOLDER)
     launch = LaunchSettings.from_settings(settings, getattr(settings, mode))
-    # the env steps.train gives a launched job: the pipeline run (MLflow parent), experiment and image
+    # the env the train component gives a launched job: the pipeline run (MLflow parent), experiment and image
     env = {
         "SAM3PIPE_PIPELINE_RUN_ID": run_values["pipeline_run_id"],
         "MLFLOW_EXPERIMENT_NAME": params["mlflow_experiment"],
         "SAM3PIPE_IMAGE": launch.image,
     }
-    overrides = train_overrides(params, run_values["dataset_uri"], store, run_values["pipeline_run_id"])
+    overrides = train_overrides(params, run_values["dataset_uri"], run_values["pipeline_run_id"])
     job, _ = jobs.training_job(
         module.build_job,
         overrides,

@@ -1,4 +1,4 @@
-"""training_mode=trainjob: the train step as a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1).
+"""training_mode=trainjob: the train component as a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1).
 
 For clusters with Kubeflow Trainer v2 (TrainJob + ClusterTrainingRuntime, on JobSet) instead of the
 Training Operator. Supported: Trainer v2.2 and later (built and tested against v2.3.0's CRDs). v2.2

@@ -1,8 +1,8 @@
-"""`sam3pipe render-job`: the printed TrainJob / PyTorchJob is the one the train step would create.
+"""`sam3pipe render-job`: the printed TrainJob / PyTorchJob is the one the train component would create.
 
 The printed YAML is checked against the vendored CRDs (Kubeflow Trainer v2.3.0's TrainJob, the
 Training Operator v1.9.0's PyTorchJob), against the shipped ClusterTrainingRuntime it references,
-and against what the train step itself hands the launcher for the same parameters.
+and against what the train component itself hands the launcher for the same parameters.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import jobs, steps
+from pipeline import component_bodies, jobs
 from pipeline.cli import main
 from pipeline.settings import load_settings
+from sam3_core import pipeline_parameters as table
 from tests.fixtures.paths import REPO
 from tests.fixtures.strategic_merge import merge
-
-# each test builds the pipeline to read its parameters (about 2 s)
-pytestmark = pytest.mark.integration
 
 RUNTIME_MANIFEST = REPO / "manifests/trainer-v2/cluster-training-runtime.yaml"
 STORE = "s3://mlpipeline/sam3pipe"
@@ -93,7 +91,7 @@ def test_without_a_dataset_the_placeholder_is_named_in_a_warning(capsys, caplog)
     assert "no dataset_uri=" in caplog.text
 
 
-def test_the_rendered_job_is_the_one_the_train_step_would_create(capsys, monkeypatch) -> None:
+def test_the_rendered_job_is_the_one_the_train_component_would_create(capsys, monkeypatch) -> None:
     launched: dict[str, Any] = {}
 
     def capture(kind, build_job, overrides, launch, run_id, nodes, gpus, store, env, api=None) -> dict[str, str]:
@@ -103,16 +101,28 @@ def test_the_rendered_job_is_the_one_the_train_step_would_create(capsys, monkeyp
         return {"run_uri": "r", "best_checkpoint_uri": "b", "last_checkpoint_uri": "l"}
 
     monkeypatch.setattr(jobs, "launch_training", capture)
-    monkeypatch.setattr(steps, "publish_pointer", lambda artifact, values: None)
-    # the train step sets these for its child processes; restored after the test
+    monkeypatch.setattr(component_bodies, "publish_pointer", lambda artifact, values: None)
+    # the train component sets these for its child processes; restored after the test
     for name in ("SAM3PIPE_PIPELINE_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
     settings = load_settings(["trainjob.namespace=team-a"])
     launch = {"trainjob": dataclasses.asdict(jobs.LaunchSettings.from_settings(settings, settings.trainjob))}
-    steps.train(
-        "s3://d/ds", "tiny", "s3://c/ckpt.pt", 30, 3e-4, 2, 4, ["backbone"], STORE, "trainjob", 8, 2, "run-9", "exp",
-        ["train.log_every=5"], launch, None,
-    )  # fmt: skip
+    params = {
+        **table.defaults(table.RUN),
+        "checkpoint": "s3://c/ckpt.pt",
+        "max_steps": 30,
+        "lr": 3e-4,
+        "frames_per_clip": 4,
+        "freeze_prefixes": ["backbone"],
+        "store": STORE,
+        "mlflow_experiment": "exp",
+        "training_mode": "trainjob",
+        "gpus": 8,
+        "nodes": 2,
+        "train_overrides": ["train.log_every=5"],
+    }
+    wiring = {"launch": launch, "model": None, "dataset_uri": "s3://d/ds", "pipeline_run_id": "run-9"}
+    component_bodies.train({**params, **wiring})
     rendered = render(
         capsys,
         "trainjob",
