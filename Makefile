@@ -62,8 +62,8 @@ DEMO_ARGS ?=
 demo-containers: $(STAMP) image-cpu
 	$(VENV)/bin/sam3pipe run --local --runner docker --set image=$(CPU_IMAGE) profile=demo $(DEMO_ARGS)
 
-# the image tests (tests/docker): skipped where no engine runs or the image is not built
-test-images: $(STAMP)
+# the image tests (tests/docker), on the CPU image built from HEAD; `make test` skips them where no engine runs
+test-images: $(STAMP) image-cpu
 	SAM3PIPE_TEST_IMAGE=$(CPU_IMAGE) $(PY) -m pytest -q tests/docker
 
 clean:
