@@ -1,6 +1,6 @@
 """The CPU image, really run: a component in a container and the whole pipeline through kfp.local's
 DockerRunner. Skipped, with the reason, where no Docker engine answers or the image is not built;
-`make test` never builds an image. Run them with `make test-images` after `make image-cpu`
+`make test` never builds an image. `make test-images` builds the CPU image from HEAD and runs them
 (SAM3PIPE_TEST_IMAGE names another image). Slow: the pipeline test takes minutes on a 2-core machine.
 """
 
