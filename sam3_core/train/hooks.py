@@ -3,9 +3,9 @@
 Registered in this order by `build_trainer`, so at a step that does everything the guard has
 already passed it, the train metrics are logged, validation has run, best.pt follows the new
 metrics and the periodic checkpoint then saves all of that (the best state included).
-Checkpoints are staged on the training thread and published by `BackgroundUploads`; the last
-hook, `AwaitUploads`, raises a failed upload and, at the end, holds every rank until rank 0's
-uploads are in the store.
+Checkpoints are staged on the training thread and published by `BackgroundUploads`; the hook
+after the checkpoint hooks, `AwaitUploads`, raises a failed upload and, at the end, holds every
+rank until rank 0's uploads are in the store.
 """
 
 from __future__ import annotations
@@ -319,7 +319,8 @@ class PeriodicCheckpoint(HookBase):
 
 
 class AwaitUploads(HookBase):
-    """Registered last: a failed checkpoint upload stops the run at the next step; the run ends with its uploads done.
+    """Registered after the checkpoint hooks: a failed checkpoint upload stops the run at the next step; the run
+    ends with its uploads done.
 
     At the end rank 0 waits for its uploads, and every rank waits for rank 0 at a barrier through
     gloo (never inside nccl) for at most `timeout_s`: the ranks of a job must not end before its

@@ -1,4 +1,4 @@
-"""The CUDA image can compile Triton's launcher: a C compiler Triton looks for, and the C runtime to link with.
+"""The CUDA image can compile Triton's launcher: a C compiler Triton looks for, the C runtime, Python's headers.
 
 On CUDA, sam3's focal loss runs a Triton kernel on every training step, and Triton compiles a
 small C launcher with the system compiler when a kernel first runs on a machine (the pinned
@@ -43,3 +43,10 @@ def test_the_cuda_image_installs_a_c_compiler_triton_finds_and_the_c_runtime_to_
     installed = _final_stage_installs()
     assert installed & {"gcc", "clang"}, installed
     assert "libc6-dev" in installed, installed
+
+
+def test_the_cuda_image_has_the_python_headers_tritons_launcher_includes_on_either_base() -> None:
+    # python:*-slim ships them; Debian's python3 (docker/base.sh) needs python3-dev
+    lines = CONTAINERFILE.read_text().replace("\\\n", " ").splitlines()
+    run = next(line for line in lines if line.startswith("RUN") and "libc6-dev" in line)
+    assert "/Python.h" in run and "python3-dev" in run, run
