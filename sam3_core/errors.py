@@ -14,6 +14,10 @@ class InputError(Sam3PipeError):
         self.source, self.field, self.message = str(source), field, message
         super().__init__(f"{self.source}: {field}: {message}")
 
+    def __reduce__(self) -> tuple[type[InputError], tuple[str, str, str]]:
+        # pickled whole (e.g. sent to the other ranks), not from its one-line message
+        return type(self), (self.source, self.field, self.message)
+
 
 class StorageError(Sam3PipeError):
     """An object-store operation failed or was refused (bad key, missing object, checksum)."""

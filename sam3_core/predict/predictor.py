@@ -1,8 +1,11 @@
 """Predict: a checkpoint + a published dataset -> COCO frame results and YTVIS video results.
 
-Frames of each video are spread over ranks by `ChunkedVideoDetector`; every rank then holds all
-of a video's outputs, and the video's owner rank (video index mod world size) post-processes
-them: COCO results per frame and masklets linked across frames. `PredictionDumper` gathers the
+Frames of each video are spread over ranks by `ChunkedVideoDetector`: each rank runs the
+detector on its frames, one prompt batch at a time (`detection.prompt_batch`, bf16 autocast and
+TF32 on GPU), keeps each frame's top-k detections as the batches come (`FrameTopK`) and sends
+only those, masks already RLE-encoded, to the video's owner rank (video index mod world size),
+which links them into masklets. So a rank's memory is one frame's prompt batch of raw outputs,
+whatever the vocabulary, the video length or the number of ranks. `PredictionDumper` gathers the
 owners' parts to rank 0, which writes `coco_predictions_bbox.json`, `coco_predictions_segm.json`
 and `video_predictions.json` under the output URI.
 
@@ -21,7 +24,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from sam3_core import comm, storage
+from sam3_core import comm, numerics, storage
 from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.config import flatten
 from sam3_core.config_checks import MISSING, check_bool, check_choice, check_float, check_int, check_str, check_uri
@@ -57,9 +60,9 @@ from sam3_core.predict.dumper import DumperConfig, PredictionDumper
 from sam3_core.predict.postprocess import (
     FrameDetections,
     PostprocessConfig,
+    batched_frame_detections,
     coco_bbox_results,
     coco_segm_results,
-    frame_detections,
 )
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,6 @@ CONTENT_SECTIONS = ("model", "data", "detection", "postprocess", "association", 
 CONTENT_NEUTRAL_KEYS = frozenset(
     {
         "data.cache_dir",
-        "detection.async_gather",
         "dumper.gather",
         "dumper.shared_dir",
         "dumper.store_uri",
@@ -285,6 +287,22 @@ def _load_weights(model: torch.nn.Module, checkpoint: LocalCheckpoint) -> None:
         raise InputError(checkpoint.uri, exc.field, exc.message.replace(str(checkpoint.path), checkpoint.uri)) from exc
 
 
+def _frame_detections(
+    detect: Callable[[int], Iterator[dict[str, torch.Tensor]]],
+    category_ids: list[int],
+    image_ids: dict[tuple[int, int], int],
+    video: Video,
+    cfg: PostprocessConfig,
+) -> Callable[[int], FrameDetections]:
+    """A frame of `video` -> its kept detections, its prompt batches reduced as they come."""
+
+    def detections(frame: int) -> FrameDetections:
+        size = (video.height, video.width)
+        return batched_frame_detections(detect(frame), category_ids, image_ids[(video.id, frame)], size, cfg)
+
+    return detections
+
+
 def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> PredictResult:
     """Run prediction on every video of the split; returns the predictions folder and the previews.
 
@@ -297,6 +315,7 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     out_uri = prepare_output(cfg, checkpoint)
     env = comm.init_process_group()
     device = comm.device()
+    numerics.use_fast_matmul(device)
     model = VideoClipDetector(build_detector(cfg.model))
     _load_weights(model, checkpoint)
     model.to(device).eval()
@@ -314,19 +333,13 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
         def image_for(frame: int, names: tuple[str, ...] = video.file_names) -> torch.Tensor:
             return frame_to_tensor(np.array(reader.image(names[frame])), cfg.model.image_size)
 
-        detector = ChunkedVideoDetector(frame_detector(model, prompts, image_for), cfg.detection)
-        owner = index % env.world_size == env.rank
-        by_frame = {}
-        for frame, outputs in detector.run(video.length):
-            if owner:
-                by_frame[frame] = frame_detections(
-                    {k: v.float().cpu() for k, v in outputs.items()},
-                    category_ids,
-                    image_ids[(video.id, frame)],
-                    (video.height, video.width),
-                    cfg.postprocess,
-                )
-        if owner:
+        detect = frame_detector(model, prompts, image_for, cfg.detection)
+        owner = index % env.world_size
+        chunked = ChunkedVideoDetector(
+            _frame_detections(detect, category_ids, image_ids, video, cfg.postprocess), reverse=cfg.detection.reverse
+        )
+        by_frame = dict(chunked.run(video.length, owner=owner))
+        if owner == env.rank:
             frames = [by_frame[f] for f in sorted(by_frame)]
             dumper.add("bbox", coco_bbox_results(frames))
             dumper.add("segm", coco_segm_results(frames))

@@ -30,6 +30,8 @@ RUN_NEUTRAL_KEYS = (
     "train.resume",
     "train.num_threads",
     "train.dist_timeout_s",
+    "train.upload_timeout_s",
+    "train.ddp_find_unused_parameters",
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_step_checkpoints",
