@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torchvision.transforms.functional as TF
@@ -47,7 +46,7 @@ from sam3_core.model.tracker import (
     inference_context,
     load_video_model_weights,
 )
-from sam3_core.predict.postprocess import FrameDetections
+from sam3_core.predict.postprocess import FrameDetections, encode_mask
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +293,6 @@ def track_prompt(
     return dict(state["tracker_metadata"].get("obj_id_to_score", {}))
 
 
-def _encode(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 def prompt_masklets(
     model: Any, frames: Sequence[torch.Tensor], height: int, width: int, prompt: str
 ) -> dict[int, Masklet] | None:
@@ -318,7 +311,7 @@ def prompt_masklets(
             break
         if outputs is not None:
             for obj_id, mask in zip(outputs["out_obj_ids"].tolist(), outputs["out_binary_masks"]):
-                rles.setdefault(int(obj_id), {})[frame] = _encode(mask)
+                rles.setdefault(int(obj_id), {})[frame] = encode_mask(torch.from_numpy(mask))
     if model.rank != 0:
         return None
     return {obj_id: Masklet(float(scores[obj_id]), by_frame) for obj_id, by_frame in sorted(rles.items())}
