@@ -311,7 +311,7 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     env = comm.init_process_group()
     device = comm.device()
     if cfg.inference == "sam3_video":
-        video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device)
+        video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device, checkpoint.uri)
     else:
         model = VideoClipDetector(build_detector(cfg.model))
         _load_weights(model, checkpoint)

@@ -37,6 +37,7 @@ from PIL import Image
 from sam3_core import comm
 from sam3_core.config_checks import check_choice
 from sam3_core.data.ytvis import Video
+from sam3_core.errors import InputError
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.tracker import (
     IMAGE_MEAN,
@@ -374,11 +375,19 @@ class VideoPrediction:
 class Sam3VideoRunner:
     """SAM3's video model with a checkpoint's weights, predicting videos one at a time."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: Sam3VideoConfig, checkpoint: str, device: torch.device) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, cfg: Sam3VideoConfig, checkpoint: str, device: torch.device, uri: str = ""
+    ) -> None:
+        """`checkpoint`: a local copy of the weights; `uri`: where they came from, named in errors."""
         self.cfg = cfg
         self.device = device
         self.model = build_video_model(model_cfg, cfg.heuristics)
-        load_video_model_weights(self.model, checkpoint)
+        try:
+            load_video_model_weights(self.model, checkpoint)
+        except InputError as exc:
+            if not uri:
+                raise
+            raise InputError(uri, exc.field, exc.message.replace(checkpoint, uri)) from exc
         self.model.to(device).eval()
         if cfg.parallel == "videos":
             # as sam3's own evaluation does: each process runs its videos alone
