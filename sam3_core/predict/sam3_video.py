@@ -338,7 +338,7 @@ def ytvis_results(masklets: Sequence[Masklet], video_id: int, category_id: int, 
     return results
 
 
-def frame_detections(
+def masklet_frames(
     masklets: Sequence[tuple[int, Masklet]], image_ids: Sequence[int], height: int, width: int
 ) -> list[FrameDetections]:
     """Every frame's shown masks as detections (category, masklet score), best first, for the COCO files."""
@@ -429,4 +429,4 @@ class Sam3VideoRunner:
         if self.model.rank != 0:
             return None
         ids = [image_ids[(video.id, t)] for t in range(video.length)]
-        return VideoPrediction(frame_detections(found, ids, video.height, video.width), masklets)
+        return VideoPrediction(masklet_frames(found, ids, video.height, video.width), masklets)
