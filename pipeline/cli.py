@@ -3,8 +3,9 @@
     sam3pipe component <data-prep|train|predict|evaluate> [hydra overrides]
     sam3pipe compile --output pipeline.yaml [--set image=...] [--sweep SPEC [--parallelism N]] [name=value ...]
     sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
-    sam3pipe run --local [name=value ...]
+    sam3pipe run --local [--runner docker --set image=...] [name=value ...]
     sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
+    sam3pipe render-job <trainjob|pytorchjob> [--set key=value ...] [name=value ...]
     sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
     sam3pipe reproduce <MLflow run id | pipeline run id> [--allow-other-commit] [--dry-run] [--host URL [--wait]]
@@ -75,11 +76,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps component outputs"
     )
+    run.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: components in this environment; docker: every component in the image (--set image=...)",
+    )
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
 
     _add_sweep_command(commands, with_settings)
     _add_experiment_command(commands, with_settings)
+
+    render = commands.add_parser(
+        "render-job", help="print the training job the train component would create (TrainJob or PyTorchJob) as YAML"
+    )
+    render.add_argument("kind", choices=("trainjob", "pytorchjob"))
+    render.add_argument(
+        "parameters", nargs="*", metavar="name=value", help="pipeline parameters, dataset_uri=, pipeline_run_id="
+    )
+    with_settings(render)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
@@ -269,10 +285,20 @@ def _run(args: argparse.Namespace) -> int:
         _run_sweep(args, settings)
     elif args.command == "compile-experiment":
         _compile_experiment(args, settings)
+    elif args.command == "render-job":
+        from pipeline.render import render_job, to_yaml
+
+        print(to_yaml(render_job(args.kind, settings, args.parameters)), end="")
     else:
         from pipeline.local import metrics_table, run_local
 
-        metrics = run_local(settings, args.parameters, args.pipeline_root)
+        if args.runner == "docker":
+            from pipeline.docker_runner import docker_runner
+
+            with docker_runner(settings.image) as runner:
+                metrics = run_local(settings, args.parameters, args.pipeline_root, runner)
+        else:
+            metrics = run_local(settings, args.parameters, args.pipeline_root)
         print(metrics_table(metrics))
         print(f"\n{_mlflow_hint()}")
     return 0

@@ -60,6 +60,7 @@ from sam3_core.train.trainer import (
     autocast_context,
     seed_everything,
 )
+from sam3_core.train.trainjob_status import trainjob_status_hook
 from sam3_core.train.validation import DetectionMetrics, ValidationLoss
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,10 @@ def build_trainer(
             on_checkpoint=on_checkpoint,
         ),
     ]
+    # last: it reports what the hooks before it logged at the step
+    progress = trainjob_status_hook(cfg.train.trainjob_status_every_s)
+    if progress is not None:
+        hooks.append(progress)
     trainer = Trainer(
         model=model,
         module=module,
