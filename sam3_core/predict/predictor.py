@@ -9,6 +9,10 @@ whatever the vocabulary, the video length or the number of ranks. `PredictionDum
 owners' parts to rank 0, which writes `coco_predictions_bbox.json`, `coco_predictions_segm.json`
 and `video_predictions.json` under the output URI.
 
+`inference` chooses how masklets are made: `linked` (per-frame detections linked by IoU,
+sam3_core.predict.association) or `sam3_video` (SAM3's own detector + tracker video inference,
+sam3_core.predict.sam3_video); both write the same three files.
+
 `model.uri` may name a registry entry (`models:/<name>@candidate`); it is resolved to its
 checkpoint first. The predictions folder is keyed by every setting that shapes its files (the
 checkpoint by the sha256 of its bytes), and records them in `predict_settings.json`: a folder
@@ -64,13 +68,16 @@ from sam3_core.predict.postprocess import (
     coco_bbox_results,
     coco_segm_results,
 )
+from sam3_core.predict.sam3_video import Sam3VideoConfig, Sam3VideoRunner
 
 log = logging.getLogger(__name__)
 
 # Written into every predictions folder: the settings that made its files (see prediction_settings).
 SETTINGS_FILE = "predict_settings.json"
 # Config sections whose values can change the prediction files ...
-CONTENT_SECTIONS = ("model", "data", "detection", "postprocess", "association", "dumper")
+CONTENT_SECTIONS = ("inference", "model", "data", "detection", "postprocess", "association", "sam3_video", "dumper")
+# how masklets are made (CONTRACTS.md item 3): each mode is a module of sam3_core.predict
+INFERENCE_MODES = ("linked", "sam3_video")
 # ... except these, which change how they are computed or gathered, never what they hold.
 CONTENT_NEUTRAL_KEYS = frozenset(
     {
@@ -130,15 +137,21 @@ class PreviewConfig:
 
 @dataclass
 class PredictConfig:
+    # "linked": per-frame detections linked by IoU; "sam3_video": SAM3's detector + tracker (see module doc)
+    inference: str = "linked"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     association: AssociationConfig = field(default_factory=AssociationConfig)
+    sam3_video: Sam3VideoConfig = field(default_factory=Sam3VideoConfig)
     dumper: DumperConfig = field(default_factory=DumperConfig)
     output: PredictOutputConfig = field(default_factory=PredictOutputConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("inference", self.inference, INFERENCE_MODES)
 
 
 @dataclass
@@ -316,9 +329,12 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     env = comm.init_process_group()
     device = comm.device()
     numerics.use_fast_matmul(device)
-    model = VideoClipDetector(build_detector(cfg.model))
-    _load_weights(model, checkpoint)
-    model.to(device).eval()
+    if cfg.inference == "sam3_video":
+        video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device, checkpoint.uri)
+    else:
+        model = VideoClipDetector(build_detector(cfg.model))
+        _load_weights(model, checkpoint)
+        model.to(device).eval()
 
     reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
     dataset = reader.dataset(cfg.data.split)
@@ -329,6 +345,16 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     previews: dict[str, Image.Image] = {}
 
     for index, video in enumerate(tqdm(dataset.videos, desc="predict", unit="video", disable=not env.is_main)):
+        if cfg.inference == "sam3_video":
+            predicted = video_model.predict(index, video, reader.image, prompts, category_ids, image_ids)
+            by_frame = dict(enumerate(predicted.frames)) if predicted else {}
+            if predicted:
+                dumper.add("bbox", coco_bbox_results(predicted.frames))
+                dumper.add("segm", coco_segm_results(predicted.frames))
+                dumper.add_video(predicted.masklets)
+            if index == 0 and env.is_main:
+                previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
+            continue
 
         def image_for(frame: int, names: tuple[str, ...] = video.file_names) -> torch.Tensor:
             return frame_to_tensor(np.array(reader.image(names[frame])), cfg.model.image_size)
