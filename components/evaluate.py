@@ -24,7 +24,9 @@ from sam3_core.errors import ConfigError
 from sam3_core.evaluate.report import (
     EvaluateConfig,
     category_rows,
-    check_config,
+    check_same_metrics,
+    evaluation_settings,
+    guard_output,
     output_folder,
     publish_report,
     report_files,
@@ -54,12 +56,13 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     """Compose the config, evaluate, publish, track; return the metrics URI and the metrics."""
     overrides = flags_to_overrides(overrides)
     cfg = load_config("evaluate", EvaluateConfig, overrides)
-    check_config(cfg)
+    guard_output(cfg)
     with component_run(
         cfg.mlflow, "evaluate", cfg, overrides=overrides, dataset_uri=cfg.gt, output_uri=output_folder(cfg.output)
     ) as run:
         report = run_evaluation(cfg)
-        metrics_uri = publish_report(report, cfg.output)
+        check_same_metrics(report, cfg)
+        metrics_uri = publish_report(report, cfg.output, evaluation_settings(cfg))
         run.log_eval(report.metrics)
         for uri in report_files(report, cfg.output):
             run.log_file(uri)

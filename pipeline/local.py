@@ -24,6 +24,7 @@ from pipeline.pipeline import build_pipeline, build_sweep_pipeline
 from pipeline.settings import PipelineSettings, StepSettings
 from sam3_core import storage
 from sam3_core.errors import Sam3PipeError
+from sam3_core.mlflow_records.settings import home
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,19 @@ class LocalRunError(Sam3PipeError):
     """A step of the local run failed; its own log lines above say why."""
 
 
-def run_pipeline(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path) -> Any:
+# kfp.local's folder for component outputs, below the local state folder
+PIPELINE_ROOT_NAME = "kfp-local"
+
+
+def default_pipeline_root() -> Path:
+    """`<SAM3PIPE_HOME, default .sam3pipe>/kfp-local`: the local state stays where SAM3PIPE_HOME says."""
+    return home() / PIPELINE_ROOT_NAME
+
+
+def run_pipeline(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path | None) -> Any:
     """Run a pipeline with kfp.local in this environment; the finished pipeline task (its outputs).
+
+    `pipeline_root` None: `default_pipeline_root()`.
 
     kfp.local indents a step's output by swapping `builtins.print` for the step's duration; steps
     of a ParallelFor run in threads, and one can restore another's swap, leaving every later print
@@ -41,7 +53,7 @@ def run_pipeline(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_r
     """
     print_before = builtins.print
     try:
-        return _run(pipeline, arguments, pipeline_root)
+        return _run(pipeline, arguments, pipeline_root or default_pipeline_root())
     finally:
         builtins.print = print_before
 
@@ -76,14 +88,14 @@ def without_retries(settings: PipelineSettings) -> PipelineSettings:
     return dataclasses.replace(settings, **once)
 
 
-def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path) -> dict[str, float]:
+def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path | None) -> dict[str, float]:
     """Run every step here with `pairs` as pipeline parameters; return the evaluation metrics."""
     pipeline = build_pipeline(without_retries(settings))
     return dict(run_pipeline(pipeline, parse_arguments(pipeline, pairs), pipeline_root).output)
 
 
 def run_local_sweep(
-    settings: PipelineSettings, spec: dict[str, Any], pairs: list[str], pipeline_root: Path
+    settings: PipelineSettings, spec: dict[str, Any], pairs: list[str], pipeline_root: Path | None
 ) -> dict[str, Any]:
     """Run a sweep here: `spec` (sweep.load_spec) as the trials, `pairs` as the other parameters.
 

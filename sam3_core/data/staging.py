@@ -151,6 +151,11 @@ def _run_task(task: _Task) -> Any:
         ]
     except InputError as exc:
         return _Failure(exc.source, exc.field, exc.message)
+    except MemoryError:
+        what = f"{source.paths[task.video_id]} ({task.kind} {task.first} to {task.stop - 1})"
+        return _Failure(
+            source.annotations, what, "out of memory staging it: lower data_prep.workers or resize_max_side"
+        )
 
 
 def _stage_frames(source: Source, settings: StageSettings, staging: Path, task: _Task) -> dict[str, dict[str, Any]]:

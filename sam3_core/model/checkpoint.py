@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sam3_core import storage
-from sam3_core.errors import InputError
+from sam3_core.errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 DETECTOR_PREFIX = "detector."
@@ -81,7 +81,13 @@ def save_checkpoint(
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / f"{name}.partial"
     try:
-        torch.save(state, path)
+        try:
+            torch.save(state, path)
+        except RuntimeError as exc:  # torch's writer reports a full or unwritable disk as a RuntimeError
+            raise StorageError(
+                f"{uri}: writing it to the staging folder {staging} failed ({str(exc).strip().splitlines()[-1][:160]}); "
+                "free space there or point TMPDIR at a disk with room for a checkpoint"
+            ) from exc
         ref = CheckpointRef(
             uri=uri, size=path.stat().st_size, sha256=storage.sha256_file(path), step=step, metrics=dict(metrics or {})
         )

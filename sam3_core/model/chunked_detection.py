@@ -19,9 +19,14 @@ from torch import nn
 
 from sam3_core import comm
 from sam3_core.config_checks import check_bool, check_float
+from sam3_core.errors import InputError
+from sam3_core.memory import available_memory
+from sam3_core.model.config import ModelConfig
 
 # detector outputs kept per frame: all a post-processor needs
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit_dec")
+# copies of a frame's outputs alive at once at the peak (decoder, mask upsampling, post-processing)
+OUTPUT_COPIES = 3
 
 
 @dataclass
@@ -127,6 +132,34 @@ class ChunkedVideoDetector:
     @property
     def buffered_frames(self) -> list[int]:
         return sorted(self._buffer)
+
+
+def detection_bytes(num_prompts: int, cfg: ModelConfig) -> int:
+    """About the bytes one frame's detection holds for `num_prompts` prompts at once: every prompt gets
+    `num_queries` masks at a quarter of the backbone's resolution (4x the patch grid), plus small heads."""
+    side = 4 * (cfg.image_size // cfg.patch_size)
+    per_query = (side * side if cfg.enable_segmentation else 0) + 4 * cfg.d_model
+    return OUTPUT_COPIES * num_prompts * cfg.num_queries * per_query * 4
+
+
+def check_prompts_fit(num_prompts: int, cfg: ModelConfig, source: str, device: torch.device | None = None) -> None:
+    """Refuse, before any work, prompt lists whose detection cannot fit in memory: every category of a
+    dataset is a prompt on every frame, so a vocabulary of 100k phrases is an out-of-memory at the first
+    frame otherwise."""
+    need = detection_bytes(num_prompts, cfg)
+    if device is not None and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory()
+    if need > free:
+        raise InputError(
+            source,
+            "categories",
+            f"{num_prompts} categories are {num_prompts} prompts on every frame: with model.num_queries="
+            f"{cfg.num_queries} and model.image_size={cfg.image_size} a frame's detection needs about "
+            f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free; use fewer categories (a dataset "
+            "of the phrases the videos use) or a smaller model.image_size",
+        )
 
 
 def frame_detector(

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from sam3_core.errors import InputError, StorageError
 from sam3_core.storage.backend import Backend, backend_for, register_backend
 from sam3_core.storage.backend import errors as _errors
-from sam3_core.storage.cache import DEFAULT_CACHE_DIR, ReadCache, cached_path
-from sam3_core.storage.local import TMP_SUFFIX, LocalBackend, local_path
+from sam3_core.storage.cache import DEFAULT_CACHE_DIR, ReadCache, cache_root, cached_path
+from sam3_core.storage.local import TMP_SUFFIX, LocalBackend, local_path, regular_file
 from sam3_core.storage.s3 import S3Backend, max_concurrency
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Backend",
     "ReadCache",
     "backend_for",
+    "cache_root",
     "cached_path",
     "copy",
     "delete",
@@ -144,6 +145,12 @@ def read_json(uri: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(uri, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(uri, "$", "nested too deeply to read (thousands of levels of lists or objects)") from None
+    except MemoryError:
+        raise InputError(
+            uri, "$", f"too big to load into the memory left ({len(text) / 2**20:.0f} MB of text)"
+        ) from None
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -240,7 +247,7 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a local file, read in chunks so checkpoints never sit in memory whole."""
     digest = hashlib.sha256()
-    with _errors(str(path), "checksum", backend_for("")), open(path, "rb") as handle:
+    with _errors(str(path), "checksum", backend_for("")), open(regular_file(Path(path)), "rb") as handle:
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -130,10 +130,14 @@ class OutputConfig:
     # run folder name under <store>/runs/; empty: derived from the config, so rerunning the
     # same command resumes the same run. A named run resumes only with the config it was started with
     run_name: str = ""
+    # replace the run folder's earlier training outputs (another config's, or with train.resume=false):
+    # refused otherwise, since logged models and the registry point at them
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_str("output.store", self.store, required=True)
         check_str("output.run_name", self.run_name)
+        check_bool("output.overwrite", self.overwrite)
         if self.run_name and (
             not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name) or len(self.run_name) > 128
         ):

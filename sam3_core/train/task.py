@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sam3_core.model.video_detector import VideoClipDetector
+from sam3_core.train.trainer import TrainingDiverged
 
 LOSS_TERMS = ("loss_bbox", "loss_giou", "loss_ce", "presence_loss", "loss_mask", "loss_dice")
 
@@ -29,7 +30,17 @@ class ClipTask:
         """`loss` (sam3's core loss) and the six weighted terms; `forward` goes to the model (e.g. with_targets)."""
         outputs = model(batch, **forward)
         targets = [self.module.detector.back_convert(target) for target in batch.find_targets]
-        raw = self.loss_fn(outputs, targets)
+        try:
+            raw = self.loss_fn(outputs, targets)
+        except ValueError as exc:
+            # sam3's Hungarian matcher (scipy) refuses a cost matrix holding NaN/Inf: the model's outputs
+            # are no longer finite, which is the divergence the NaN guard reports for losses
+            if "invalid numeric entries" not in str(exc):
+                raise
+            raise TrainingDiverged(
+                "the model's outputs became NaN/Inf (the matcher cannot match them): the weights diverged at the "
+                "last update. Lower optim.lr or optim.weight_decay, raise optim.warmup_steps or set optim.grad_clip"
+            ) from exc
         return {"loss": raw["core_loss"], **{term: raw[term] for term in LOSS_TERMS if term in raw}}
 
     def counts(self, batch: Any) -> dict[str, int]:
