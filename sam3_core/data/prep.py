@@ -34,7 +34,7 @@ from tqdm import tqdm
 from sam3_core import storage
 from sam3_core.data import synthetic
 from sam3_core.data.sources import FILE_SOURCES, SOURCES, Source, json_sha256, load_source
-from sam3_core.data.staging import StagedVideo, StageSettings, stage_videos
+from sam3_core.data.staging import StagedVideo, StageSettings, stage_videos, target_size
 from sam3_core.data.synthetic import SyntheticConfig
 from sam3_core.data.ytvis import Category, VideoDataset, to_json
 from sam3_core.errors import ConfigError, InputError, StorageError, StoreUnreachableError
@@ -53,6 +53,8 @@ MAX_FPS = 1000.0
 MAX_WORKERS = 1024
 # bytes per frame pixel a worker holds at its peak (RGB decode, mask crop, integral image, coverage)
 STAGE_BYTES_PER_PIXEL = 16
+# frames with a shorter side are warned about (the model's patches are 14 px)
+MIN_USEFUL_SIDE = 16
 
 
 def _default_store() -> str:
@@ -269,6 +271,7 @@ def load_checked_source(cfg: DataPrepConfig, scratch: Path, video_ids: list[int]
         raise InputError(
             source.annotations, "categories", "empty: a dataset needs at least one noun phrase to train on; add them"
         )
+    _warn_about_tiny_frames(source, cfg.resize_max_side)
     budget = available_memory() // worker_count(cfg)
     for video in source.dataset.videos:
         need = video.width * video.height * STAGE_BYTES_PER_PIXEL
@@ -281,6 +284,24 @@ def load_checked_source(cfg: DataPrepConfig, scratch: Path, video_ids: list[int]
                 "lower data_prep.workers or use smaller frames",
             )
     return source
+
+
+def _warn_about_tiny_frames(source: Source, max_side: int) -> None:
+    """Frames of a few pixels are valid input but almost certainly a broken export: say so."""
+    tiny = []
+    for video in source.dataset.videos:
+        width, height = target_size(video.width, video.height, max_side)
+        if min(width, height) < MIN_USEFUL_SIDE:
+            tiny.append(f"{source.paths[video.id]}: {width}x{height}")
+    if tiny:
+        logger.warning(
+            "%d video(s) have frames under %d px on a side (%s%s): the model sees them scaled up to "
+            "model.image_size, with next to nothing to learn from; check the export (or resize_max_side)",
+            len(tiny),
+            MIN_USEFUL_SIDE,
+            ", ".join(tiny[:3]),
+            ", ..." if len(tiny) > 3 else "",
+        )
 
 
 def describe(cfg: DataPrepConfig, source: Source) -> dict[str, Any]:

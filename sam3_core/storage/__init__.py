@@ -181,13 +181,18 @@ def list_files(prefix: str) -> list[str]:
 
 
 def upload_file(local: str | Path, uri: str) -> None:
-    """Copy a local file to ``uri``; big files go up in parallel multipart chunks."""
-    _on_backend(uri, f"upload of {local}", lambda backend, key: backend.upload_file(Path(local), key))
+    """Copy a local file to ``uri``; big files go up in parallel multipart chunks.
+
+    A failure is named as a write of ``uri``: the local file is often a staging copy the user never
+    named (a failure of the local side names its own path).
+    """
+    _on_backend(uri, "write", lambda backend, key: backend.upload_file(Path(local), key))
 
 
 def download_file(uri: str, local: str | Path) -> None:
-    """Copy ``uri`` to a local file; the file appears complete or not at all."""
-    _on_backend(uri, f"download to {local}", lambda backend, key: backend.download_file(key, Path(local)))
+    """Copy ``uri`` to a local file; the file appears complete or not at all (a failure is named as a
+    read of ``uri``, not by the temporary copy)."""
+    _on_backend(uri, "read", lambda backend, key: backend.download_file(key, Path(local)))
 
 
 def copy(src: str, dst: str) -> None:
