@@ -323,7 +323,11 @@ def load_spec(text: str) -> dict[str, Any]:
             spec = json.loads(text)
         else:
             spec = yaml.safe_load(storage.read_text(text))
-    except (OSError, ValueError, yaml.YAMLError, RecursionError, Sam3PipeError) as exc:
+    except RecursionError:
+        raise InputError(
+            where, "sweep", "nested too deeply to read (thousands of levels of lists or objects)"
+        ) from None
+    except (OSError, ValueError, yaml.YAMLError, Sam3PipeError) as exc:
         raise InputError(
             where, "sweep", f"expected JSON (or a JSON/YAML file) of a grid or a list of override sets: {exc}"
         ) from None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 
 def available_memory() -> int:
-    """Bytes this process can still use: MemAvailable, capped by a cgroup (container) limit."""
+    """Bytes this process can still use: MemAvailable, capped by a cgroup (container) limit and by the
+    process's address-space limit (ulimit -v)."""
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -22,4 +24,12 @@ def available_memory() -> int:
             available = min(available, int(limit) - used)
     except (OSError, ValueError):
         pass
+    limit_as = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit_as != resource.RLIM_INFINITY:
+        try:
+            status = Path("/proc/self/status").read_text()
+            mapped = int(status.split("VmSize:")[1].split()[0]) * 1024
+        except (OSError, IndexError, ValueError):
+            mapped = 0
+        available = min(available, limit_as - mapped)
     return max(available, 0)

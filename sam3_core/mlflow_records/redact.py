@@ -53,10 +53,10 @@ _DIGEST_WORDS = frozenset({"sha", "sha1", "sha256", "digest", "checksum", "hash"
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # user:password@ in any URL keeps the user and hides the password.
+    # user:password@ in any URL keeps the user and hides the password (which may hold '/', as AWS secrets do).
     # (The scheme is bounded and must start a word: an unbounded one made long letter runs quadratic.)
     (
-        re.compile(r"(?P<head>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^/\s:@]+):[^/\s@]+@"),
+        re.compile(r"(?P<head>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^/\s:@]+):[^\s@]+@"),
         rf"\g<head>:{MASK}@",
     ),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S), MASK),
@@ -99,7 +99,7 @@ def _looks_random(token: str) -> bool:
 # variables): masked wherever they appear, also where a library repeats them in its own words
 # (`Invalid bucket name "KEY:SECRET@bucket"`). Longest first, so a secret containing another is masked whole.
 _KNOWN: list[str] = []
-_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}://(?P<user>[^/\s:@]+):(?P<password>[^/\s@]+)@")
+_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}://(?P<user>[^/\s:@]+):(?P<password>[^\s@]+)@")
 # shorter environment values are not masked everywhere: they would hit ordinary words and paths
 _MIN_ENV_SECRET = 8
 

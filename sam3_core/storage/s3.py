@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -234,7 +235,7 @@ def location(uri: str, *, need_key: bool = True) -> S3Location:
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket name; write s3://<bucket>/<key>")
-    if "@" in bucket:
+    if _USERINFO.match(rest):
         raise StorageError(
             f"{uri}: an s3:// URI cannot carry credentials (user:password@); write s3://<bucket>/<key> and set "
             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
@@ -244,6 +245,8 @@ def location(uri: str, *, need_key: bool = True) -> S3Location:
     return S3Location(bucket, key)
 
 
+# `s3://KEY:SECRET@bucket/...`: a key id, a colon, anything up to an '@' (secrets may hold '/')
+_USERINFO = re.compile(r"[^/:@]+:[^@]*@")
 _clients: dict[tuple[Any, ...], Any] = {}
 _clients_lock = threading.Lock()
 

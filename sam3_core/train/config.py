@@ -46,6 +46,8 @@ AMP_MODES = ("auto", "bf16", "off")
 BEST_MODES = ("max", "min")
 # detection metrics the in-loop validation computes (`val/<iou type>_<stat>`)
 DETECTION_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# what the training diagnostics log per split (sam3_core.train.diagnostics.frame_diagnostics)
+DIAGNOSTIC_STATS = ("top_box_iou", "matched_box_iou", "matched_is_top", "query_cosine")
 _METRIC_NAME = re.compile(r"^(train|val|diag)/[\w.\-]+$")
 
 
@@ -114,6 +116,20 @@ class LoopConfig:
         if group == "val" and name == "loss" and self.val_max_clips == 0:
             raise ConfigError("train.best_metric=val/loss needs train.val_max_clips > 0")
         iou_type, _, stat = name.partition("_")
+        if group == "val" and name != "loss" and iou_type not in ("bbox", "segm"):
+            raise ConfigError(
+                f"train.best_metric={self.best_metric}: validation logs val/loss, val/bbox_<stat> and "
+                f"val/segm_<stat> (stat: {', '.join(DETECTION_STATS)})"
+            )
+        if group == "diag":
+            split, _, measure = name.partition("_")
+            if not self.diagnostics:
+                raise ConfigError(f"train.best_metric={self.best_metric} needs train.diagnostics=true")
+            if split not in ("val", "train") or measure not in DIAGNOSTIC_STATS:
+                raise ConfigError(
+                    f"train.best_metric={self.best_metric}: diagnostics log diag/val_<name> and diag/train_<name> "
+                    f"(name: {', '.join(DIAGNOSTIC_STATS)})"
+                )
         if group == "val" and iou_type in ("bbox", "segm"):
             if stat not in DETECTION_STATS:
                 raise ConfigError(
