@@ -28,13 +28,13 @@ class ClipTask:
 
     def losses(self, model: nn.Module, batch: Any, **forward: Any) -> dict[str, torch.Tensor]:
         """`loss` (sam3's core loss) and the six weighted terms; `forward` goes to the model (e.g. with_targets)."""
-        outputs = model(batch, **forward)
-        targets = [self.module.detector.back_convert(target) for target in batch.find_targets]
         try:
+            outputs = model(batch, **forward)
+            targets = [self.module.detector.back_convert(target) for target in batch.find_targets]
             raw = self.loss_fn(outputs, targets)
         except ValueError as exc:
-            # sam3's Hungarian matcher (scipy) refuses a cost matrix holding NaN/Inf: the model's outputs
-            # are no longer finite, which is the divergence the NaN guard reports for losses
+            # sam3's Hungarian matcher (scipy; in the forward and in the loss) refuses a cost matrix holding
+            # NaN/Inf: the model's outputs are no longer finite, the divergence the NaN guard reports for losses
             if "invalid numeric entries" not in str(exc):
                 raise
             raise TrainingDiverged(
