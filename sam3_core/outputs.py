@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sam3_core import storage
-from sam3_core.errors import InputError, Sam3PipeError
+from sam3_core.errors import InputError, Sam3PipeError, StoreUnreachableError
 from sam3_core.storage.backend import scheme_of
 from sam3_core.storage.local import local_path
 
@@ -103,7 +103,9 @@ def published_dataset_around(uri: str, include_self: bool = True) -> str | None:
         marker = storage.join(folder, DATASET_MARKER)
         try:
             found = storage.exists(marker)
-        except Sam3PipeError:
+        except StoreUnreachableError:
+            raise
+        except Sam3PipeError:  # a folder this process may not list (an ancestor of the store): not a dataset
             continue
         if found and _is_dataset_manifest(marker):
             return folder
