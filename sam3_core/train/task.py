@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train.trainer import TrainingDiverged
 
 LOSS_TERMS = ("loss_bbox", "loss_giou", "loss_ce", "presence_loss", "loss_mask", "loss_dice")
 
@@ -37,6 +36,10 @@ class ClipTask:
             # NaN/Inf: the model's outputs are no longer finite, the divergence the NaN guard reports for losses
             if "invalid numeric entries" not in str(exc):
                 raise
+            # imported here: importing the trainer with this module changed a resumed run's weights bit-wise
+            # (the import order of sam3's modules; tests/sam3_core/train/test_trainer.py's resume tests)
+            from sam3_core.train.trainer import TrainingDiverged
+
             raise TrainingDiverged(
                 "the model's outputs became NaN/Inf (the matcher cannot match them): the weights diverged at the "
                 "last update. Lower optim.lr or optim.weight_decay, raise optim.warmup_steps or set optim.grad_clip"

@@ -900,6 +900,14 @@ DRILL = [
         drill=6,
     ),
     case(
+        "tr-password-in-a-model-uri-with-tracking-on",
+        "train",
+        (f"model.uri=http://admin:{PLANTED_PASSWORD}@models.example.com/model.pt", "mlflow.enabled=true"),
+        ("models.example.com",),
+        secret=PLANTED_PASSWORD,
+        drill=6,
+    ),
+    case(
         "dp-password-in-the-endpoint-variable",
         "data-prep",
         "store=s3://bucket/store",
@@ -1841,3 +1849,19 @@ def test_a_replay_the_server_refuses_in_part_ends_its_runs_and_keeps_only_what_w
     assert any(r.data.metrics.get("train/loss") == 1.0 for r in runs)
     kinds = [json.loads(line).get("record", {}).get("kind") for line in unsent.read_text().splitlines()]
     assert kinds.count("register") == 1 and "metric" not in unsent.read_text()
+
+
+@pytest.mark.timeout(SUBPROCESS_TIMEOUT_S)
+def test_a_cache_folder_that_cannot_be_used_is_named_not_blamed_on_the_dataset(
+    s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = SyntheticConfig(num_videos=2, frames_per_video=2, height=32, width=32, min_size=8, max_size=16)
+    dataset = prepare_dataset(
+        DataPrepConfig(source="synthetic", synthetic=small, store=f"{s3_bucket}/store", val_fraction=0.5)
+    )
+    (tmp_path / "a-file").write_text("not a folder\n")
+    argv = [*TRAIN_BASE[1:], f"data.uri={dataset.uri}", f"data.cache_dir={tmp_path / 'a-file' / 'cache'}"]
+    status, errors, _, _ = _run_main(train.main, [*argv, f"output.store={tmp_path / 'store'}"], caplog, capsys)
+    assert status == 2 and len(errors) == 1
+    assert "data.cache_dir" in errors[0] and "a-file" in errors[0]
+    assert dataset.uri not in errors[0] and "data_prep" not in errors[0]
