@@ -15,9 +15,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sam3_core.mlflow_records import mlflow_api
-
 MASK = "***"
+# MLflow's longest param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH; a test keeps them equal).
+# A constant here: masking runs on the component's own path, which must not import mlflow.
+MAX_PARAM_VALUE_LENGTH = 6000
 
 _SECRET_WORDS = frozenset(
     {
@@ -155,7 +156,7 @@ def redact_tree(obj: Any, key: str = "") -> Any:
 def truncate(value: str) -> str:
     """MLflow refuses longer values; keep the head and say that it was cut."""
     marker = "...[truncated]"
-    limit = mlflow_api.MAX_PARAM_VAL_LENGTH
+    limit = MAX_PARAM_VALUE_LENGTH
     return value if len(value) <= limit else value[: limit - len(marker)] + marker
 
 

@@ -47,9 +47,10 @@ class Section:
 
 
 def _lines(
-    spec: RunSpec, run_id: str | None, status: str, pending: Pending, records: list[dict[str, Any]]
+    spec: RunSpec, run_id: str | None, status: str, pending: Pending, records: list[dict[str, Any]], owned: bool
 ) -> list[dict[str, Any]]:
-    lines: list[dict[str, Any]] = [{"kind": "run", "run_id": run_id, "status": status, "spec": asdict(spec)}]
+    header = {"kind": "run", "run_id": run_id, "status": status, "spec": asdict(spec), "owned": owned}
+    lines: list[dict[str, Any]] = [header]
     lines += [
         {"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
         for m in pending.metrics
@@ -67,9 +68,13 @@ def record_unsent(
     status: str,
     pending: Pending,
     records: list[dict[str, Any]] | None = None,
+    owned: bool = True,
 ) -> None:
-    """Append a section to the record at `uri` (a run may be recorded more than once)."""
-    text = "".join(json.dumps(line) + "\n" for line in _lines(spec, run_id, status, pending, records or []))
+    """Append a section to the record at `uri` (a run may be recorded more than once).
+
+    `owned` is False for a run someone else owns (KFP's): replay then logs into it without ending it.
+    """
+    text = "".join(json.dumps(line) + "\n" for line in _lines(spec, run_id, status, pending, records or [], owned))
     earlier = storage.read_text(uri) if storage.exists(uri) else ""
     storage.write_text(uri, earlier + text)
 
@@ -143,7 +148,7 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
                     refused.append((section, run_id, record, describe_error(exc)))
             if opened:
                 close_runs(client, opened, header["status"])
-            elif client.get_run(run_id).info.status == "RUNNING":
+            elif header.get("owned", True) and client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, header["status"])
             sent += len(pending.metrics)
     except tracking_errors() as exc:

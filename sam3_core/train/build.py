@@ -61,6 +61,7 @@ from sam3_core.train.trainer import (
     autocast_context,
     seed_everything,
 )
+from sam3_core.train.trainjob_status import trainjob_status_hook
 from sam3_core.train.validation import DetectionMetrics, ValidationLoss
 
 log = logging.getLogger(__name__)
@@ -152,13 +153,18 @@ def build_trainer(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),
+    run: RunFolder | None = None,
 ) -> Trainer:
-    """The trainer of `cfg`, ready to `fit()`; `validators` run after the built-in ones at validation."""
+    """The trainer of `cfg`, ready to `fit()`; `validators` run after the built-in ones at validation.
+
+    `run` is the run folder when the caller has derived it already (the train component, to
+    name its MLflow run); otherwise it is derived here from the config.
+    """
     threads = comm.set_num_threads(cfg.train.num_threads)
     env = comm.init_process_group(cfg.train.dist_timeout_s)
     device = comm.device()
     log.info("rank %d/%d on %s, %d torch thread(s)", env.rank, env.world_size, device, threads)
-    run = RunFolder(run_uri_for(cfg))
+    run = run or RunFolder(run_uri_for(cfg))
     _warn_about(cfg)
     resuming = _prepare_run(cfg, run)
     seed_everything(cfg.train.seed + env.rank)
@@ -230,6 +236,10 @@ def build_trainer(
             on_checkpoint=on_checkpoint,
         ),
     ]
+    # last: it reports what the hooks before it logged at the step
+    progress = trainjob_status_hook(cfg.train.trainjob_status_every_s)
+    if progress is not None:
+        hooks.append(progress)
     # written once everything is built (data, starting weights, hooks): a run that cannot start leaves no folder
     if comm.is_main() and not resuming:
         write_config(cfg, run)
@@ -270,7 +280,10 @@ def train(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),
+    run: RunFolder | None = None,
 ) -> TrainResult:
-    """Build the trainer of `cfg` and run it to `train.max_steps`."""
-    trainer = build_trainer(cfg, on_metrics, on_checkpoint, validators)
-    return result_of(trainer.fit(), RunFolder(run_uri_for(cfg)))
+    """Build the trainer of `cfg` and run it to `train.max_steps`, in `run` (see `build_trainer`)."""
+    trainer = build_trainer(cfg, on_metrics, on_checkpoint, validators, run)
+    checkpoints = trainer.find_hook(PeriodicCheckpoint)
+    assert checkpoints is not None, "build_trainer always adds the periodic checkpoint"
+    return result_of(trainer.fit(), checkpoints.run)

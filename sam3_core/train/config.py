@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from sam3_core import storage
 from sam3_core.config_checks import check_bool, check_choice, check_int, check_str
 from sam3_core.data.clips import ClipConfig
 from sam3_core.errors import ConfigError
@@ -82,6 +83,10 @@ class LoopConfig:
     # torch CPU threads per process; 0: OMP_NUM_THREADS if set, else cores / processes on this
     # machine (torch's own default, one per core in every process, oversubscribes shared cores)
     num_threads: int = 0
+    # in a Kubeflow Trainer TrainJob that asks for progress (TrainJobStatus feature gate): rank 0
+    # reports percent done, ETA and the latest metrics to status.trainerStatus this often (0: never;
+    # the Trainer asks for at most one report per 5 s). Outside such a job nothing is sent.
+    trainjob_status_every_s: int = 10
 
     def __post_init__(self) -> None:
         check_int("train.max_steps", self.max_steps, 1)
@@ -93,6 +98,12 @@ class LoopConfig:
         for key in ("val_every", "val_max_clips", "val_max_frames", "num_threads"):
             check_int(f"train.{key}", getattr(self, key), 0)
         check_int("train.dist_timeout_s", self.dist_timeout_s, 1)
+        check_int("train.trainjob_status_every_s", self.trainjob_status_every_s, 0)
+        if 0 < self.trainjob_status_every_s < 5:
+            raise ConfigError(
+                f"train.trainjob_status_every_s={self.trainjob_status_every_s}: the Trainer takes at most one "
+                "report per 5 s; use 0 (off) or >= 5"
+            )
         for key in ("keep_step_checkpoints", "diagnostics", "resume"):
             check_bool(f"train.{key}", getattr(self, key))
         check_choice("train.best_mode", self.best_mode, BEST_MODES)
@@ -142,7 +153,7 @@ class LoopConfig:
 
 @dataclass
 class OutputConfig:
-    store: str = ".sam3pipe/store"
+    store: str = field(default_factory=storage.default_store)
     # run folder name under <store>/runs/; empty: derived from the config, so rerunning the
     # same command resumes the same run. A named run resumes only with the config it was started with
     run_name: str = ""

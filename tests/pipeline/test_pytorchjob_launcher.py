@@ -1,5 +1,5 @@
 """The PyTorchJob launcher: the manifests it generates, how it drives a job to its end, and how the
-job's rank 0 hands the step's outputs back.
+job's rank 0 hands the component's outputs back.
 
 Jobs are checked against the Training Operator v1.9.0 CRD schema (strict about unknown fields);
 the launcher talks HTTP to the fake API server of tests/fixtures/fake_k8s.py and hands outputs
