@@ -7,6 +7,10 @@ the GT has `video_np_pairs`, class mAP otherwise; plus sam3's per-(video, phrase
 the predict component's or the files sam3's own video dumper writes. The MLflow run gets the same:
 `eval/*` metrics, those files, the table as a grid and a short summary.
 
+Before any work the output guard (sam3_core/outputs.py) refuses an `output` that would replace an
+input or lie in a published dataset, and metrics of other settings unless `overwrite=true`; the
+settings are recorded beside them in `evaluate_settings.json`.
+
 `python -m components.evaluate --gt GT.json --predictions PRED.json --output out/metrics.json`
 (or the same as Hydra overrides `gt=... predictions=... output=...`) prints
 {"metrics_uri": ..., "metrics": {name: value}} as one JSON line.

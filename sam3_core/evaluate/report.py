@@ -237,16 +237,29 @@ def check_same_metrics(report: EvaluationReport, cfg: EvaluateConfig) -> None:
     if cfg.overwrite or not storage.exists(cfg.output):
         return
     try:
-        earlier = json.dumps(storage.read_json(cfg.output), sort_keys=True)
+        earlier = storage.read_json(cfg.output)
     except InputError:
         earlier = None
-    if earlier != json.dumps(report.metrics, sort_keys=True):
+    if not _same_metrics(earlier, report.metrics):
         raise InputError(
             cfg.output,
             "output",
             "already holds other metrics of these settings (the ground truth or the predictions changed "
             "since?); pass overwrite=true to replace them, or write somewhere else",
         )
+
+
+def _same_metrics(earlier: Any, metrics: dict[str, float]) -> bool:
+    """The same names and values (NaN matching NaN; a float rounding apart, as another worker count may sum)."""
+    if not isinstance(earlier, dict) or set(earlier) != set(metrics):
+        return False
+    for name, value in metrics.items():
+        old = earlier[name]
+        if not isinstance(old, (int, float)) or isinstance(old, bool):
+            return False
+        if not (math.isnan(old) and math.isnan(value)) and not math.isclose(old, value, rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True
 
 
 def detect_kind(gt: Any, source: str, requested: str) -> str:

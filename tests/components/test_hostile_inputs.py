@@ -1027,6 +1027,13 @@ DRILL = [
         drill=7,
     ),
     case(
+        "run-local-max-steps-negative-refused-before-any-component",
+        "sam3pipe",
+        ("run", "--local", "--pipeline-root", "{root}/kfp-never", "max_steps=-5"),
+        ("max_steps", ">= 1"),
+        drill=7,
+    ),
+    case(
         "sweep-spec-nested-too-deeply",
         "sam3pipe",
         ("compile", "--output", "{root}/never.yaml", "--sweep", "[" * 5000 + "]" * 5000),
