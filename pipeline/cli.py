@@ -30,14 +30,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from components.runner import EXIT_INTERRUPTED, EXIT_USER_ERROR, TRACEBACK_ENV, user_error_message
 from pipeline.dispatch import COMPONENT_MODULES, component_module
-from sam3_core.errors import ConfigError, InputError, Sam3PipeError
+from sam3_core.console import configure_console
+from sam3_core.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from pipeline.settings import PipelineSettings
 
 logger = logging.getLogger("sam3pipe")
-LOCAL_PIPELINE_ROOT = Path(".sam3pipe/kfp-local")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,7 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
     run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
     run.add_argument(
-        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps component outputs"
+        "--pipeline-root",
+        type=Path,
+        default=None,
+        help="where kfp.local keeps component outputs (default: <SAM3PIPE_HOME, else .sam3pipe>/kfp-local)",
     )
     run.add_argument(
         "--runner",
@@ -129,7 +133,10 @@ def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any)
         help='the trials: a grid {"lr": [1e-4, 3e-4]}, override sets, or a file',
     )
     sweep.add_argument(
-        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps component outputs"
+        "--pipeline-root",
+        type=Path,
+        default=None,
+        help="where kfp.local keeps component outputs (default: <SAM3PIPE_HOME, else .sam3pipe>/kfp-local)",
     )
     sweep.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(sweep)
@@ -327,16 +334,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Errors the user can fix (ours, the operating system's on their paths, running out of memory) are
+    one masked `error:` line and exit 2, as in the components (components/runner.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    configure_console(argv)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage error (status 2) or the help (0)
         return int(exc.code or 0)
     try:
         return _run(args)
-    except Sam3PipeError as exc:
-        logger.error("error: %s", exc)
-        return 2
+    except KeyboardInterrupt:
+        logger.error("error: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        logger.error("error: %s", message)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pipeline.settings import ComponentSettings, PipelineSettings
 from sam3_core import pipeline_parameters as table
 from sam3_core import storage
 from sam3_core.errors import Sam3PipeError
+from sam3_core.mlflow_records.settings import home
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +35,24 @@ class LocalRunError(Sam3PipeError):
     """A component of the local run failed; its own log lines above say why."""
 
 
+# kfp.local's folder for component outputs, below the local state folder
+PIPELINE_ROOT_NAME = "kfp-local"
+
+
+def default_pipeline_root() -> Path:
+    """`<SAM3PIPE_HOME, default .sam3pipe>/kfp-local`: the local state stays where SAM3PIPE_HOME says."""
+    return home() / PIPELINE_ROOT_NAME
+
+
 def run_pipeline(
     pipeline: GraphComponent,
     arguments: dict[str, Any],
-    pipeline_root: Path,
+    pipeline_root: Path | None,
     runner: kfp_local.DockerRunner | None = None,
 ) -> Any:
     """Run a pipeline with kfp.local in this environment; the finished pipeline task (its outputs).
+
+    `pipeline_root` None: `default_pipeline_root()`.
 
     kfp.local indents a component's output by swapping `builtins.print` for its duration; components
     of a ParallelFor run in threads, and one can restore another's swap, leaving every later print
@@ -48,7 +60,7 @@ def run_pipeline(
     """
     print_before = builtins.print
     try:
-        return _run(pipeline, arguments, pipeline_root, runner)
+        return _run(pipeline, arguments, pipeline_root or default_pipeline_root(), runner)
     finally:
         builtins.print = print_before
 
@@ -88,7 +100,10 @@ def without_retries(settings: PipelineSettings) -> PipelineSettings:
 
 
 def run_local(
-    settings: PipelineSettings, pairs: list[str], pipeline_root: Path, runner: kfp_local.DockerRunner | None = None
+    settings: PipelineSettings,
+    pairs: list[str],
+    pipeline_root: Path | None,
+    runner: kfp_local.DockerRunner | None = None,
 ) -> dict[str, float]:
     """Run every component here (or in containers) with `pairs` as pipeline parameters; return the evaluation metrics."""
     arguments = parse_arguments(table.RUN, pairs)
@@ -96,7 +111,7 @@ def run_local(
 
 
 def run_local_sweep(
-    settings: PipelineSettings, spec: dict[str, Any], pairs: list[str], pipeline_root: Path
+    settings: PipelineSettings, spec: dict[str, Any], pairs: list[str], pipeline_root: Path | None
 ) -> dict[str, Any]:
     """Run a sweep here: `spec` (sweep.load_spec) as the trials, `pairs` as the other parameters.
 

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import Any
 
+from sam3_core.console import configure_console
 from sam3_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -208,9 +209,8 @@ def serve(conn: Connection) -> int:
 def main(argv: list[str]) -> None:
     # The component decides how its run ends on Ctrl-C; the helper must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # its lines reach the component's console: masked like the component's own (sam3_core.console)
+    configure_console(fmt=LOG_FORMAT)
     code = serve(Connection(int(argv[0])))
     # Everything is sent or recorded by now (finish is bounded by its deadlines), and the component
     # waits for this exit: skip the interpreter's teardown of mlflow's modules (~0.8 s of CPU).

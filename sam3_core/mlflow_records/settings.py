@@ -161,6 +161,8 @@ class MlflowConfig:
             raise ConfigError(f"mlflow.upload_workers={self.upload_workers!r}: must be an integer")
         if not 1 <= self.upload_workers <= 64:
             raise ConfigError(f"mlflow.upload_workers={self.upload_workers!r}: must be between 1 and 64")
+        if self.enabled:
+            check_tracking_uri(tracking_uri())
 
 
 def _check_bool(key: str, value: object) -> None:
@@ -179,6 +181,23 @@ def _check_seconds(key: str, value: object) -> None:
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI`, or the local sqlite store under the local state folder."""
     return _env("MLFLOW_TRACKING_URI") or f"sqlite:///{(home() / 'mlflow.db').resolve()}"
+
+
+# what MLflow's client opens (a database URI may name its driver: postgresql+psycopg2://)
+_TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc", *_DATABASE_SCHEMES)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow can open: refused up front, not as a traceback from inside MLflow at the first log."""
+    scheme = urlparse(uri).scheme.split("+", 1)[0].lower()
+    if scheme not in _TRACKING_SCHEMES:
+        from sam3_core.mlflow_records.redact import redact_text
+
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={redact_text(uri)!r}: MLflow has no tracking store for the scheme {scheme!r}; use "
+            "http(s)://<server>, sqlite:///<file.db>, a database URI, or unset it for the local store "
+            "(or set mlflow.enabled=false)"
+        )
 
 
 def is_local_store(uri: str) -> bool:

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from sam3_core import storage
 from sam3_core.errors import InputError, Sam3PipeError
 from sam3_core.mlflow_records import mlflow_api
-from sam3_core.mlflow_records.records import Target, apply_record
+from sam3_core.mlflow_records.records import Target, apply_record, describe_pending
 from sam3_core.mlflow_records.redact import describe_error, redact_text
 from sam3_core.mlflow_records.runs import OpenRuns, RunSpec, close_runs, open_runs
 from sam3_core.mlflow_records.sender import Pending, is_transient, tracking_errors
 from sam3_core.mlflow_records.settings import (
+    MlflowConfig,
+    fail_fast_http,
     is_local_store,
     local_artifact_root,
     tracking_uri,
@@ -120,11 +122,15 @@ def _target(client: MlflowClient, run_id: str) -> Target:
 def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
     """Send every recorded value and record to its run; remove the record when all arrived.
 
-    Returns the metric count.
+    A record the server refuses (not a transient failure) does not leave its runs RUNNING: the others
+    are sent, the runs end with their recorded status, the refused records stay in the file, and the
+    replay fails naming them. Returns the metric count.
     """
     sections = _sections(uri, storage.read_text(uri))
+    fail_fast_http(MlflowConfig())
     client = client or mlflow_api.MlflowClient(tracking_uri())
     sent = 0
+    refused: list[tuple[Section, str, dict[str, Any], str]] = []
     try:
         for section in sections:
             header, pending = section.header, section.pending
@@ -134,7 +140,12 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
                 client.log_batch(run_id, metrics=batch.metrics, params=batch.params, tags=batch.tags)
             target = _target(client, run_id)
             for record in section.records:
-                apply_record(client, target, record)
+                try:
+                    apply_record(client, target, record)
+                except tracking_errors() as exc:
+                    if is_transient(exc):
+                        raise
+                    refused.append((section, run_id, record, describe_error(exc)))
             if opened:
                 close_runs(client, opened, header["status"])
             elif header.get("owned", True) and client.get_run(run_id).info.status == "RUNNING":
@@ -146,5 +157,15 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
             f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}"
         ) from exc
     storage.delete(uri)
+    if refused:
+        for section, run_id, record, _ in refused:
+            spec = RunSpec(**section.header["spec"])
+            record_unsent(uri, spec, run_id, section.header["status"], Pending(), [record])
+        first = refused[0]
+        raise Sam3PipeError(
+            f"{uri}: the tracking server at {redact_text(tracking_uri())} refused "
+            f"{describe_pending([r for _, _, r, _ in refused])} "
+            f"({first[3]}); the other values were sent and the runs ended, the refused ones are kept in {uri}"
+        )
     logger.info("replayed %d metrics from %s; record removed", sent, uri)
     return sent

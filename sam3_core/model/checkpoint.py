@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from sam3_core import comm, storage
-from sam3_core.errors import InputError
+from sam3_core.errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 DETECTOR_PREFIX = "detector."
@@ -103,6 +103,12 @@ def stage_checkpoint(
     path = Path(name_on_disk)
     try:
         torch.save(state, path)
+    except RuntimeError as exc:  # torch's writer reports a full or unwritable disk as a RuntimeError
+        path.unlink(missing_ok=True)
+        raise StorageError(
+            f"{uri}: writing it to the staging folder {staging} failed ({str(exc).strip().splitlines()[-1][:160]}); "
+            "free space there or point TMPDIR at a disk with room for a checkpoint"
+        ) from exc
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -55,10 +55,12 @@ from sam3_core.model.checkpoint import load_model_weights
 from sam3_core.model.chunked_detection import (
     ChunkedVideoDetector,
     DetectionConfig,
+    check_prompts_fit,
     frame_detector,
 )
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
+from sam3_core.outputs import Output, check_earlier, check_outputs, claim
 from sam3_core.predict.association import AssociationConfig, associate
 from sam3_core.predict.dumper import DumperConfig, PredictionDumper
 from sam3_core.predict.postprocess import (
@@ -216,42 +218,24 @@ def output_uri_for(cfg: PredictConfig, checkpoint_sha256: str) -> str:
     return storage.join(cfg.output.store, "predictions", "pred-" + key[:16])
 
 
-def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
-    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, "(unset)") != after.get(k, "(unset)"))
-    shown = ", ".join(f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys[:4])
-    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-
-
-def check_output(out_uri: str, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to replace predictions that `out_uri` holds from other settings, unless told to.
-
-    The same settings may write again (a retried step makes the same files).
-    """
-    if overwrite:
-        return
-    record_uri = storage.join(out_uri, SETTINGS_FILE)
-    if storage.exists(record_uri):
-        recorded = storage.read_json(record_uri)
-        before = recorded.get("settings", {}) if isinstance(recorded, dict) else {}
-        if before == json.loads(json.dumps(settings, default=str)):
-            return
-        what = f"predictions made with other settings ({_changed(before, settings)})"
-    elif any(storage.exists(storage.join(out_uri, name)) for name in PREDICTION_FILES.values()):
-        what = f"predictions of unknown settings (no {SETTINGS_FILE})"
-    else:
-        return
-    raise InputError(
-        out_uri,
-        "output.uri",
-        f"already holds {what}; pass output.overwrite=true to replace them, or leave output.uri empty "
-        "for a folder of their own",
-    )
-
-
 def prepare_output(cfg: PredictConfig, checkpoint: LocalCheckpoint) -> str:
-    """The predictions folder for this config and checkpoint, checked to be free for these settings."""
+    """The predictions folder for this config and checkpoint, checked by the output guard.
+
+    It must not be or hold an input (the dataset, the checkpoint), nor lie in a published dataset;
+    predictions it holds from other settings are replaced only with `output.overwrite=true` (the
+    same settings may write again: a retried step makes the same files).
+    """
     out_uri = output_uri_for(cfg, checkpoint.sha256)
-    check_output(out_uri, prediction_settings(cfg, checkpoint.sha256), cfg.output.overwrite)
+    output = Output(out_uri, "output.uri", folder=True)
+    check_outputs([output], {"data.uri": cfg.data.uri, "model.uri": checkpoint.uri})
+    check_earlier(
+        output,
+        storage.join(out_uri, SETTINGS_FILE),
+        prediction_settings(cfg, checkpoint.sha256),
+        cfg.output.overwrite,
+        "output.overwrite",
+        lambda: any(storage.exists(storage.join(out_uri, name)) for name in PREDICTION_FILES.values()),
+    )
     return out_uri
 
 
@@ -329,16 +313,29 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     env = comm.init_process_group()
     device = comm.device()
     numerics.use_fast_matmul(device)
+    reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
+    dataset = reader.dataset(cfg.data.split)
+    check_prompts_fit(
+        len(dataset.categories),
+        cfg.model,
+        storage.join(cfg.data.uri, f"{cfg.data.split}.json"),
+        device,
+        cfg.detection.prompt_batch,
+    )
+    if not dataset.videos:
+        log.warning(
+            "the %s split of %s holds no videos: the predictions will be empty (a dataset prepared with "
+            "val_fraction=0 has no val split; predict data.split=train, or prepare it with val_fraction > 0)",
+            cfg.data.split,
+            cfg.data.uri,
+        )
+    image_ids = _frame_image_ids(reader, cfg.data.split)
     if cfg.inference == "sam3_video":
         video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device, checkpoint.uri)
     else:
         model = VideoClipDetector(build_detector(cfg.model))
         _load_weights(model, checkpoint)
         model.to(device).eval()
-
-    reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
-    dataset = reader.dataset(cfg.data.split)
-    image_ids = _frame_image_ids(reader, cfg.data.split)
     prompts = [c.name for c in dataset.categories]
     category_ids = [c.id for c in dataset.categories]
     dumper = PredictionDumper(cfg.dumper)
@@ -376,7 +373,7 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     if env.is_main:
         # the settings go first: a folder is claimed for them before its files change
         settings = prediction_settings(cfg, checkpoint.sha256)
-        storage.write_json(storage.join(out_uri, SETTINGS_FILE), {"key": settings_key(settings), "settings": settings})
+        claim(storage.join(out_uri, SETTINGS_FILE), settings, key=settings_key(settings))
     dumper.dump(out_uri)
     comm.barrier()
     if env.is_main:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from sam3_core import comm, numerics, storage
+from sam3_core import comm, numerics
 from sam3_core.config import to_yaml
 from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
@@ -41,7 +41,7 @@ from sam3_core.errors import Sam3PipeError
 from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
-from sam3_core.model.chunked_detection import DetectionConfig
+from sam3_core.model.chunked_detection import DetectionConfig, check_prompts_fit
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
@@ -59,7 +59,7 @@ from sam3_core.train.hooks import (
 )
 from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
-from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write_config
+from sam3_core.train.run import RunFolder, prepare_run, run_uri_for, write_config
 from sam3_core.train.task import ClipTask
 from sam3_core.train.trainer import (
     MetricsCallback,
@@ -106,11 +106,22 @@ class _FrameArrays:
 
 def _prepare_run(cfg: TrainConfig, run: RunFolder) -> bool:
     """Check the folder may hold this run and clear leftovers; True when resuming."""
-    check_same_config(cfg, run)
-    resuming = cfg.train.resume and storage.exists(run.last_uri)
+    resuming = prepare_run(cfg, run)
     if comm.is_main():
         remove_stale_writes(run.checkpoints_uri)
     return resuming
+
+
+def _warn_about(cfg: TrainConfig) -> None:
+    """Settings that are valid but almost certainly not what was meant."""
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        log.warning(
+            "optim.warmup_steps=%d is more than train.max_steps=%d: the learning rate never reaches optim.lr "
+            "(at most %.3g of it)",
+            cfg.optim.warmup_steps,
+            cfg.train.max_steps,
+            cfg.train.max_steps / cfg.optim.warmup_steps,
+        )
 
 
 def _initial_weights(module: VideoClipDetector, uri: str) -> None:
@@ -204,6 +215,7 @@ def build_trainer(
     numerics.use_fast_matmul(device)
     log.info("rank %d/%d on %s, %d torch thread(s)", env.rank, env.world_size, device, threads)
     run = run or RunFolder(run_uri_for(cfg))
+    _warn_about(cfg)
     resuming = _prepare_run(cfg, run)
     seed_everything(cfg.train.seed + env.rank)
 
@@ -211,6 +223,15 @@ def build_trainer(
     frames = _FrameArrays(reader)
     # parsed once: SA-V-scale annotation files take seconds to read
     train_videos = reader.dataset("train")
+    if cfg.train.val_every and cfg.train.val_max_frames:
+        # in-loop detection metrics prompt every category on each validation frame
+        check_prompts_fit(
+            len(train_videos.categories),
+            cfg.model,
+            f"{cfg.data.uri}/val_frames_coco.json",
+            device,
+            DetectionConfig().prompt_batch,
+        )
     train_set = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True)
     pin = device.type == "cuda"
     collate: Any = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
@@ -228,9 +249,6 @@ def build_trainer(
     )
 
     module = _build_module(cfg, resuming).to(device)
-    # written once the data and the starting weights have loaded: a run that cannot start leaves no folder
-    if comm.is_main() and not resuming:
-        write_config(cfg, run)
     model: torch.nn.Module = module
     # DDP whenever a process group is up (torchrun's, or one a caller made, e.g. one nccl rank)
     if comm.is_initialized():
@@ -297,6 +315,9 @@ def build_trainer(
     progress = trainjob_status_hook(cfg.train.trainjob_status_every_s)
     if progress is not None:
         hooks.append(progress)
+    # written once everything is built (data, starting weights, hooks): a run that cannot start leaves no folder
+    if comm.is_main() and not resuming:
+        write_config(cfg, run)
     trainer = Trainer(
         model=model,
         module=module,

@@ -51,6 +51,8 @@ class DataConfig:
 BEST_MODES = ("max", "min")
 # detection metrics the in-loop validation computes (`val/<iou type>_<stat>`)
 DETECTION_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# what the training diagnostics log per split (sam3_core.train.diagnostics.frame_diagnostics)
+DIAGNOSTIC_STATS = ("top_box_iou", "matched_box_iou", "matched_is_top", "query_cosine")
 _METRIC_NAME = re.compile(r"^(train|val|diag)/[\w.\-]+$")
 
 
@@ -138,6 +140,20 @@ class LoopConfig:
         if group == "val" and name == "loss" and self.val_max_clips == 0:
             raise ConfigError("train.best_metric=val/loss needs train.val_max_clips > 0")
         iou_type, _, stat = name.partition("_")
+        if group == "val" and name != "loss" and iou_type not in ("bbox", "segm"):
+            raise ConfigError(
+                f"train.best_metric={self.best_metric}: validation logs val/loss, val/bbox_<stat> and "
+                f"val/segm_<stat> (stat: {', '.join(DETECTION_STATS)})"
+            )
+        if group == "diag":
+            split, _, measure = name.partition("_")
+            if not self.diagnostics:
+                raise ConfigError(f"train.best_metric={self.best_metric} needs train.diagnostics=true")
+            if split not in ("val", "train") or measure not in DIAGNOSTIC_STATS:
+                raise ConfigError(
+                    f"train.best_metric={self.best_metric}: diagnostics log diag/val_<name> and diag/train_<name> "
+                    f"(name: {', '.join(DIAGNOSTIC_STATS)})"
+                )
         if group == "val" and iou_type in ("bbox", "segm"):
             if stat not in DETECTION_STATS:
                 raise ConfigError(
@@ -154,10 +170,14 @@ class OutputConfig:
     # run folder name under <store>/runs/; empty: derived from the config, so rerunning the
     # same command resumes the same run. A named run resumes only with the config it was started with
     run_name: str = ""
+    # replace the run folder's earlier training outputs (another config's, or with train.resume=false):
+    # refused otherwise, since logged models and the registry point at them
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_str("output.store", self.store, required=True)
         check_str("output.run_name", self.run_name)
+        check_bool("output.overwrite", self.overwrite)
         if self.run_name and (
             not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name) or len(self.run_name) > 128
         ):

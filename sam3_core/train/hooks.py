@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sam3_core import comm, storage
-from sam3_core.errors import ConfigError
+from sam3_core.errors import ConfigError, InputError
 from sam3_core.model.checkpoint import (
     CheckpointRef,
     StagedCheckpoint,
@@ -30,7 +30,7 @@ from sam3_core.model.checkpoint import (
     publish_checkpoint,
     stage_checkpoint,
 )
-from sam3_core.train.run import RunFolder
+from sam3_core.train.run import RunFolder, check_resume_state
 from sam3_core.train.trainer import HookBase, TrainingDiverged
 from sam3_core.train.uploads import BackgroundUploads, Then
 
@@ -65,7 +65,11 @@ class NonFiniteGuard(HookBase):
             return
         step = self.trainer.step + 1
         found = ", ".join(f"{name}={value}" for name, value in bad.items())
-        kept = f"; last good checkpoint: {self.last_checkpoint_uri}" if self.last_checkpoint_uri else ""
+        kept = (
+            f"; last good checkpoint: {self.last_checkpoint_uri}"
+            if self.last_checkpoint_uri and storage.exists(self.last_checkpoint_uri)
+            else "; no checkpoint was saved before it"
+        )
         raise TrainingDiverged(
             f"step {step}: {found}; stopped before applying it{kept}. "
             "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, or check the data"
@@ -281,10 +285,22 @@ class PeriodicCheckpoint(HookBase):
         self.on_checkpoint = on_checkpoint
 
     def before_train(self) -> None:
+        """Resume from last.pt, checked first to be a state this model and run can continue from."""
         if not (self.resume and storage.exists(self.run.last_uri)):
             return
-        self.trainer.load_state_dict(load_training_state(self.run.last_uri))
-        log.info("resumed %s at step %d", self.run.last_uri, self.trainer.step)
+        uri = self.run.last_uri
+        state = load_training_state(uri)
+        check_resume_state(state, uri, self.trainer.max_steps, self.trainer.module.state_dict())
+        try:
+            self.trainer.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                uri,
+                "state",
+                f"cannot be resumed ({type(exc).__name__}: {first[:200]}); pass output.overwrite=true to start over",
+            ) from exc
+        log.info("resumed %s at step %d", uri, self.trainer.step)
 
     def after_step(self) -> None:
         trainer = self.trainer

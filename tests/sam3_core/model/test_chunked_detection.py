@@ -18,6 +18,7 @@ from sam3_core.model.build import build_detector
 from sam3_core.model.chunked_detection import (
     ChunkedVideoDetector,
     DetectionConfig,
+    detection_bytes,
     frame_detector,
     suppress_duplicates,
 )
@@ -125,6 +126,12 @@ def test_mask_nms_lowers_the_logit_of_a_duplicate_detection() -> None:
     logits = out["pred_logits"][0, :, 0]
     assert logits[0] == 3.0  # the best of the duplicates is kept
     assert logits[1] < -1e3  # its duplicate is suppressed
+
+
+def test_detection_memory_grows_with_the_prompt_batch_not_with_the_vocabulary() -> None:
+    big = ModelConfig(image_size=1008, vit_pretrain_img_size=1008)
+    assert detection_bytes(100_000, big, prompt_batch=16) < detection_bytes(100_000, big, prompt_batch=0) / 100
+    assert detection_bytes(16, big, prompt_batch=16) == detection_bytes(16, big, prompt_batch=0)
 
 
 @pytest.mark.parametrize("field", ["prompt_batch", "amp"])
