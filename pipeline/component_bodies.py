@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# the exported video model in a training run's folder: `<run>/export/sam3_video.pt`
+VIDEO_CHECKPOINT = "sam3_video.pt"
+
 
 class SweepFailedError(Sam3PipeError):
     """No trial of a sweep succeeded; the sweep table says why each failed."""
@@ -200,28 +203,47 @@ def _train(args: Arguments, model: PointerArtifact) -> tuple[str, str, str]:
     return outputs["run_uri"], outputs["best_checkpoint_uri"], outputs["last_checkpoint_uri"]
 
 
-def predict(arguments: Mapping[str, Any]) -> str:
-    """Predict the validation split with the trained checkpoint, into the training run's folder.
+def role_overrides(role: str) -> list[str]:
+    """A component's second run beside the fine-tuned model's (`role="base"`): its own MLflow run."""
+    return [wired("mlflow.run_role", role, "role")] if role else []
 
-    "" for a sweep trial without a checkpoint (its training failed) or whose prediction fails.
+
+def run_folder(run_uri: str, role: str, name: str) -> str:
+    """Where a component writes `name` in the training run's folder: `<run>/<name>`, or `<run>/<role>/<name>`."""
+    return storage.join(run_uri, role, name) if role else storage.join(run_uri, name)
+
+
+def skipped(artifact: PointerArtifact, trial: Mapping[str, Any], why: str) -> None:
+    """A component with nothing to do (no checkpoint, no predictions, no base model) says so and publishes nothing."""
+    logger.info("%s; skipped", why)
+    publish_pointer(artifact, {"uri": "", "status": "skipped", **({"trial_id": trial["trial_id"]} if trial else {})})
+
+
+def predict(arguments: Mapping[str, Any]) -> str:
+    """Predict the validation split with the trained checkpoint (or, `role="base"`, the base one) into the
+    training run's folder.
+
+    "" when there is no checkpoint (a sweep trial whose training failed, no base model) or a trial's prediction fails.
     """
     args = Arguments.of(arguments)
     predictions = args.wiring["predictions"]
-    if args.trial and not args.wiring["checkpoint_uri"]:
-        logger.info("sweep trial %s: no checkpoint (training failed); prediction skipped", args.trial["trial_id"])
-        publish_pointer(predictions, {"uri": "", "trial_id": args.trial["trial_id"], "status": "skipped"})
+    if not args.wiring["checkpoint_uri"]:
+        why = f"sweep trial {args.trial['trial_id']}: training failed" if args.trial else "no base_checkpoint given"
+        skipped(predictions, args.trial, f"{why}: no checkpoint to predict with")
         return ""
     return args.run("predict", lambda: _predict(args, predictions), "", predictions)
 
 
 def _predict(args: Arguments, predictions: PointerArtifact) -> str:
     set_tracking_env(args.wiring["pipeline_run_id"], args.params["mlflow_experiment"])
+    role = args.wiring.get("role", "")
     overrides = [
         # the architecture the checkpoint was trained with
         *table.hydra_overrides("predict", args.params),
         wired("data.uri", args.wiring["dataset_uri"], "dataset_uri"),
         wired("model.uri", args.wiring["checkpoint_uri"], "checkpoint_uri"),
-        wired("output.uri", storage.join(args.wiring["run_uri"], "predictions"), "run_uri"),
+        wired("output.uri", run_folder(args.wiring["run_uri"], role, "predictions"), "run_uri"),
+        *role_overrides(role),
         *args.extra("predict"),
     ]
     outputs = distributed.run_in_pod("predict", overrides, args.params["predict_gpus"])
@@ -235,10 +257,9 @@ def evaluate(arguments: Mapping[str, Any]) -> tuple[str, dict[str, float]]:
     A sweep trial's outcome is recorded for the sweep's last component; ("", {}) when it has none.
     """
     args = Arguments.of(arguments)
-    if args.trial and not args.wiring["predictions_uri"]:
-        logger.info(
-            "sweep trial %s: no predictions (an earlier component failed); evaluation skipped", args.trial["trial_id"]
-        )
+    if not args.wiring["predictions_uri"]:
+        why = f"sweep trial {args.trial['trial_id']}: an earlier component failed" if args.trial else "no base model"
+        logger.info("%s: no predictions to evaluate; skipped", why)
         return "", {}
     metrics_uri, values = args.run("evaluate", lambda: _evaluate(args), ("", {}))
     if args.trial and metrics_uri:
@@ -249,12 +270,13 @@ def evaluate(arguments: Mapping[str, Any]) -> tuple[str, dict[str, float]]:
 
 def _evaluate(args: Arguments) -> tuple[str, dict[str, float]]:
     set_tracking_env(args.wiring["pipeline_run_id"], args.params["mlflow_experiment"])
-    dataset_uri, run_uri = args.wiring["dataset_uri"], args.wiring["run_uri"]
+    dataset_uri, run_uri, role = args.wiring["dataset_uri"], args.wiring["run_uri"], args.wiring.get("role", "")
     overrides = [
         wired("gt", storage.join(dataset_uri, "val.json"), "dataset_uri"),
         wired("frames_gt", storage.join(dataset_uri, "val_frames_coco.json"), "dataset_uri"),
         wired("predictions", args.wiring["predictions_uri"], "predictions_uri"),
-        wired("output", storage.join(run_uri, "evaluation", "metrics.json"), "run_uri"),
+        wired("output", storage.join(run_folder(run_uri, role, "evaluation"), "metrics.json"), "run_uri"),
+        *role_overrides(role),
         *args.extra("evaluate"),
     ]
     outputs = distributed.run_in_pod("evaluate", overrides, 1)
@@ -265,6 +287,54 @@ def _evaluate(args: Arguments) -> tuple[str, dict[str, float]]:
             metrics.log_metric(name, value)
     logger.info("metrics at %s", outputs["metrics_uri"])
     return outputs["metrics_uri"], values
+
+
+def export(arguments: Mapping[str, Any]) -> str:
+    """SAM3's video checkpoint (the fine-tuned detector + the base's tracker) in the run's folder, registered
+    as the video model; "" without `base_checkpoint`."""
+    args = Arguments.of(arguments)
+    video_model, base = args.wiring["video_model"], args.params["base_checkpoint"]
+    if not base:
+        skipped(video_model, {}, "no base_checkpoint given: no tracker to export the fine-tuned detector with")
+        return ""
+    set_tracking_env(args.wiring["pipeline_run_id"], args.params["mlflow_experiment"])
+    overrides = [
+        # the preset the detector was trained with: LoRA adapters are merged on it
+        f"model={table.hydra_literal(args.params['model_preset'], 'model_preset')}",
+        wired("model.uri", args.wiring["checkpoint_uri"], "checkpoint_uri"),
+        wired("base.uri", base, "base_checkpoint"),
+        wired("output.uri", storage.join(args.wiring["run_uri"], "export", VIDEO_CHECKPOINT), "run_uri"),
+    ]
+    outputs = distributed.run_in_pod("export", overrides, 1)
+    publish_pointer(video_model, {"uri": outputs["video_model_uri"], "sha256": outputs["video_model_sha256"]})
+    return outputs["video_model_uri"]
+
+
+def compare(arguments: Mapping[str, Any]) -> str:
+    """The base against the fine-tuned model's metrics, as a table in the run's folder and on the KFP UI;
+    "" without the base model's metrics."""
+    args = Arguments.of(arguments)
+    comparison: PointerArtifact = args.wiring["comparison"]
+    base_metrics, metrics = args.wiring["base_metrics_uri"], args.wiring["metrics_uri"]
+    if not base_metrics or not metrics:
+        logger.info("no base model's metrics to compare with; skipped")
+        Path(comparison.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(comparison.path).write_text("No base model was evaluated (base_checkpoint was empty).", encoding="utf-8")
+        return ""
+    set_tracking_env(args.wiring["pipeline_run_id"], args.params["mlflow_experiment"])
+    output = storage.join(args.wiring["run_uri"], "comparison")
+    overrides = [
+        wired("base", base_metrics, "base_metrics_uri"),
+        wired("fine_tuned", metrics, "metrics_uri"),
+        wired("output", output, "run_uri"),
+        wired("dataset", args.wiring["dataset_uri"], "dataset_uri"),
+    ]
+    comparison_uri = distributed.run_in_pod("compare", overrides, 1)["comparison_uri"]
+    from sam3_core.evaluate.comparison import COMPARISON_MD  # numpy: imported in the pod only
+
+    Path(comparison.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(comparison.path).write_text(storage.read_text(storage.join(output, COMPARISON_MD)), encoding="utf-8")
+    return comparison_uri
 
 
 # ---------------------------------------------------------------------- sweeps (pipeline/sweep.py)

@@ -29,6 +29,7 @@ def check_parameters(
     data_prep_shards: int,
     model_preset: str,
     checkpoint: str,
+    base_checkpoint: str,
     max_steps: int,
     lr: float,
     batch_size: int,
@@ -139,8 +140,10 @@ def predict(
     dataset_uri: str = "",
     pipeline_run_id: str = "",
     trial: dict = {},
+    role: str = "",
 ) -> NamedTuple("PredictOutputs", [("predictions_uri", str)]):
-    """Dump COCO frame predictions and YTVIS masklets for the validation videos (skipped for a failed trial)."""
+    """Dump COCO frame predictions and YTVIS masklets for the validation videos (skipped without a checkpoint:
+    a failed trial, no base model); `role="base"` predicts the base model beside the fine-tuned one."""
     arguments = dict(locals())
     from pipeline import component_bodies
 
@@ -158,12 +161,46 @@ def evaluate(
     dataset_uri: str = "",
     pipeline_run_id: str = "",
     trial: dict = {},
+    role: str = "",
 ) -> NamedTuple("EvaluateOutputs", [("metrics_uri", str), ("metric_values", dict)]):
-    """Score the predictions (COCO frame metrics and video mAP) and log them as KFP metrics; record a trial's outcome."""
+    """Score the predictions (COCO frame metrics and video metrics) and log them as KFP metrics; record a trial's
+    outcome; skipped without predictions."""
     arguments = dict(locals())
     from pipeline import component_bodies
 
     return component_bodies.evaluate(arguments)
+
+
+def export(
+    model_preset: str,
+    base_checkpoint: str,
+    mlflow_experiment: str,
+    checkpoint_uri: str,
+    run_uri: str,
+    video_model: Output[Model],
+    pipeline_run_id: str = "",
+) -> NamedTuple("ExportOutputs", [("video_model_uri", str)]):
+    """The fine-tuned detector with the base's tracker as SAM3's video checkpoint, registered (skipped without a base)."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
+
+    return (component_bodies.export(arguments),)
+
+
+def compare(
+    mlflow_experiment: str,
+    base_metrics_uri: str,
+    metrics_uri: str,
+    run_uri: str,
+    comparison: Output[Markdown],
+    dataset_uri: str = "",
+    pipeline_run_id: str = "",
+) -> NamedTuple("CompareOutputs", [("comparison_uri", str)]):
+    """Base against fine-tuned on the same split, with the difference and SAM3's published row (skipped without a base)."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
+
+    return (component_bodies.compare(arguments),)
 
 
 def plan_sweep(
@@ -215,6 +252,8 @@ class Components:
     train: PythonComponent
     predict: PythonComponent
     evaluate: PythonComponent
+    export: PythonComponent
+    compare: PythonComponent
     plan_sweep: PythonComponent
     select_best: PythonComponent
 

@@ -1,4 +1,5 @@
-"""The Kubeflow pipelines: data prep -> train -> predict -> evaluate, its sweep, and data prep alone.
+"""The Kubeflow pipelines: data prep -> train -> predict -> evaluate (-> base model, compare, export), its sweep,
+and data prep alone.
 
 Their parameters are the parameter table's (`sam3_core/pipeline_parameters.py`): the pipeline
 functions' signatures are generated from it (`pipeline.parameters.pipeline_function`), and each
@@ -29,6 +30,10 @@ Decisions:
   store; it fails only when no trial succeeded. The trials' items carry the dataset URI, and
   plan_training runs inside the loop, because kfp.local 2.17.3 hands a loop's iterations the loop
   item in place of any other upstream task output.
+- The base model (`base_checkpoint`): its predict and evaluate are the fine-tuned model's components
+  with `role="base"` (outputs under `<run>/base/`, MLflow runs `predict_base`, `evaluate_base`),
+  then `compare` and `export` (SAM3's video checkpoint, registered as the video model). Without a
+  base they run and do nothing, like a failed trial's components: no dsl.If, for kfp.local.
 - Secrets: tasks get credentials from Kubernetes Secrets by name (kfp-kubernetes); no value is
   ever part of the compiled pipeline.
 No postponed annotations in this module: KFP reads the pipeline functions' annotations as types.
@@ -214,6 +219,52 @@ def _train_predict_evaluate(
     return trained, predicted, evaluated
 
 
+def _base_model_tasks(
+    components: Components,
+    settings: PipelineSettings,
+    values: Mapping[str, Any],
+    wiring: Mapping[str, Any],
+    trained: PipelineTask,
+    evaluated: PipelineTask,
+) -> None:
+    """With `base_checkpoint`: the base model predicted and evaluated like the fine-tuned one, the two
+    compared, and the fine-tuned detector exported with the base's tracker. Without it each of these
+    tasks does nothing (kfp.local runs no dsl.If)."""
+    run_uri, base = trained.outputs["run_uri"], values["base_checkpoint"]
+    predicted = components.predict(
+        **arguments(components.predict, values), **wiring, checkpoint_uri=base, run_uri=run_uri, role="base"
+    ).set_display_name("predict base")
+    _on_gpu_nodes(predicted, settings, values["predict_gpus"])
+    _tracked(predicted, settings, settings.predict)
+
+    evaluated_base = components.evaluate(
+        **arguments(components.evaluate, values),
+        **wiring,
+        predictions_uri=predicted.outputs["predictions_uri"],
+        run_uri=run_uri,
+        checkpoint_uri=base,
+        role="base",
+    ).set_display_name("evaluate base")
+    _tracked(evaluated_base, settings, settings.evaluate)
+
+    compared = components.compare(
+        **arguments(components.compare, values),
+        **wiring,
+        base_metrics_uri=evaluated_base.outputs["metrics_uri"],
+        metrics_uri=evaluated.outputs["metrics_uri"],
+        run_uri=run_uri,
+    ).set_display_name("compare with base")
+    _tracked(compared, settings, settings.compare)
+
+    exported = components.export(
+        **arguments(components.export, values),
+        pipeline_run_id=wiring["pipeline_run_id"],
+        checkpoint_uri=trained.outputs["best_checkpoint_uri"],
+        run_uri=run_uri,
+    ).set_display_name("export video model")
+    _tracked(exported, settings, settings.export)
+
+
 def build_pipeline(settings: PipelineSettings, defaults: Mapping[str, Any] | None = None) -> GraphComponent:
     """The pipeline for these settings (image, secrets, placement are baked in at compile time).
 
@@ -232,6 +283,7 @@ def build_pipeline(settings: PipelineSettings, defaults: Mapping[str, Any] | Non
         )
         # the GPU count comes from the checks' output; the explicit edge also orders kfp.local's run
         trained.after(checks)
+        _base_model_tasks(components, settings, values, wiring, trained, evaluated)
         return evaluated.outputs["metric_values"]
 
     summary = "Fine-tune SAM3 on video clips and evaluate it; returns the evaluation metrics."

@@ -145,6 +145,12 @@ class PipelineSettings:
     evaluate: ComponentSettings = field(
         default_factory=lambda: ComponentSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600)
     )
+    # with base_checkpoint: the fine-tuned detector and the base's tracker in SAM3's video checkpoint
+    # (both checkpoints in memory: the full model's are 3.4 GB each), and base against fine-tuned
+    export: ComponentSettings = field(default_factory=lambda: ComponentSettings(cpu="2", memory="16Gi", timeout_s=3600))
+    compare: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="250m", memory="1Gi", timeout_s=900)
+    )
     pytorchjob: PyTorchJobSettings = field(default_factory=PyTorchJobSettings)
     trainjob: TrainJobSettings = field(default_factory=TrainJobSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)

@@ -245,6 +245,16 @@ PARAMETERS: tuple[Parameter, ...] = (
         check=text(),
     ),
     Parameter(
+        "base_checkpoint",
+        str,
+        "",
+        "URI of the base SAM3 checkpoint (the official sam3.pt, or one in its layout); when set, the base is "
+        "predicted and evaluated like the fine-tuned model and compared with it, and the fine-tuned detector is "
+        "exported with the base's tracker as SAM3's video checkpoint; \"\" = neither.",
+        frozenset({RUN}),
+        check=text(),
+    ),
+    Parameter(
         "max_steps",
         int,
         200,

@@ -260,6 +260,9 @@ def component_run(
         return ComponentRun(cfg)
     if rank() != 0:
         return ComponentRun(cfg)
+    if cfg.run_role:
+        component = f"{component}_{cfg.run_role}"
+        cfg = dataclasses.replace(cfg, headline_metrics=[])
     plain = plain_config(config) if config is not None else None
     opening = {
         "cfg": cfg,

@@ -78,6 +78,11 @@ class MlflowConfig:
     run_id: str = field(default_factory=lambda: _env("MLFLOW_RUN_ID"))
     registered_model_name: str = "sam3-video"
     model_alias: str = "candidate"
+    # A second run of a component under one pipeline run, e.g. `base` for the base model's predict and
+    # evaluate beside the fine-tuned model's: the run is `<component>_<role>` (a pipeline run keeps one
+    # run per component name) and copies no headline metrics onto the parent row (they would overwrite
+    # the fine-tuned model's). Empty: the component's own run.
+    run_role: str = ""
     # Parent-run params for comparing pipeline runs: name -> config key (see DEFAULT_PARENT_PARAMS).
     parent_params: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PARENT_PARAMS))
     # Metrics copied from a finished component onto the parent row (see DEFAULT_HEADLINE_METRICS).
@@ -122,6 +127,10 @@ class MlflowConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not _SAFE_ID.match(value) or len(value) > 200:
                 raise ConfigError(f"mlflow.{key}={value!r}: use letters, digits and . _ : @ - only (<= 200)")
+        if not isinstance(self.run_role, str) or not re.fullmatch(r"[a-z0-9_]*", self.run_role):
+            raise ConfigError(
+                f"mlflow.run_role={self.run_role!r}: use lower-case letters, digits and _ only, e.g. base"
+            )
         if not self.model_alias:
             raise ConfigError("mlflow.model_alias='': name the registry alias, e.g. candidate")
         if not isinstance(self.pipeline_run_name, str) or "\n" in self.pipeline_run_name:

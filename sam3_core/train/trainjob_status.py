@@ -145,7 +145,12 @@ class TrainJobStatusReporter(HookBase):
 
     def after_train(self) -> None:
         self._report()
-        self.close(FINAL_REPORT_TIMEOUT_S)
+        self.stop(FINAL_REPORT_TIMEOUT_S)
+
+    def close(self) -> None:
+        """The trainer's last call, also after a failure: stop the sender thread without waiting for a report."""
+        if self._thread.is_alive():
+            self.stop(0.0)
 
     # ------------------------------------------------------------------ reports
     def remaining_s(self) -> float | None:
@@ -196,7 +201,7 @@ class TrainJobStatusReporter(HookBase):
             while (self._pending is not None or self._busy) and time.monotonic() < deadline:
                 self._ready.wait(max(deadline - time.monotonic(), 0.0))
 
-    def close(self, timeout_s: float) -> None:
+    def stop(self, timeout_s: float) -> None:
         """Send what is pending (waiting at most `timeout_s`), then stop the thread."""
         deadline = time.monotonic() + timeout_s
         with self._ready:

@@ -61,11 +61,31 @@ def test_package_loads_back_with_kfp(compiled: Path) -> None:
 def test_dag_is_checks_then_data_prep_train_predict_evaluate(spec) -> None:
     dag = tasks(spec)
 
-    assert set(dag) == {"check-parameters", "data-prep-plan", "data-prep", "train", "predict", "evaluate"}
+    assert {"check-parameters", "data-prep-plan", "data-prep", "train", "predict", "evaluate"} <= set(dag)
     assert dag["data-prep-plan"]["dependentTasks"] == ["check-parameters"]
     assert set(dag["train"]["dependentTasks"]) == {"data-prep", "check-parameters"}
     assert "train" in dag["predict"]["dependentTasks"]
     assert "predict" in dag["evaluate"]["dependentTasks"]
+
+
+def test_the_base_model_is_predicted_evaluated_compared_and_the_best_checkpoint_exported(spec) -> None:
+    dag = tasks(spec)
+    base_predict, base_evaluate = dag["predict-2"], dag["evaluate-2"]
+
+    assert set(dag) - {"check-parameters", "data-prep-plan", "data-prep", "train", "predict", "evaluate"} == {
+        "predict-2",
+        "evaluate-2",
+        "compare",
+        "export",
+    }
+    assert base_predict["inputs"]["parameters"]["role"]["runtimeValue"]["constant"] == "base"
+    assert base_predict["inputs"]["parameters"]["checkpoint_uri"]["componentInputParameter"] == "base_checkpoint"
+    assert "predict-2" in base_evaluate["dependentTasks"]
+    assert {"evaluate", "evaluate-2"} <= set(dag["compare"]["dependentTasks"])
+    assert dag["export"]["inputs"]["parameters"]["checkpoint_uri"]["taskOutputParameter"] == {
+        "outputParameterKey": "best_checkpoint_uri",
+        "producerTask": "train",
+    }
 
 
 def test_pipeline_parameters_default_to_the_demo(spec) -> None:
@@ -74,6 +94,7 @@ def test_pipeline_parameters_default_to_the_demo(spec) -> None:
     assert params["source"]["defaultValue"] == "synthetic"
     assert params["model_preset"]["defaultValue"] == "tiny"
     assert params["training_mode"]["defaultValue"] == "pod"
+    assert params["base_checkpoint"]["defaultValue"] == ""
     assert params["gpus"]["parameterType"] == "NUMBER_INTEGER"
     assert {"lr", "batch_size", "frames_per_clip", "freeze_prefixes", "store", "mlflow_experiment", "nodes"} <= set(
         params
@@ -91,6 +112,10 @@ def test_only_data_prep_is_cached(spec) -> None:
         "train": False,
         "predict": False,
         "evaluate": False,
+        "predict-2": False,
+        "evaluate-2": False,
+        "compare": False,
+        "export": False,
     }
 
 
@@ -142,7 +167,15 @@ def test_mlflow_uri_comes_from_a_secret_for_the_tracked_components(platform) -> 
         if any(s["secretName"] == "sam3pipe-mlflow" for s in config.get("secretAsEnv", []))
     }
 
-    assert tracked == {"exec-train", "exec-predict", "exec-evaluate"}
+    assert tracked == {
+        "exec-train",
+        "exec-predict",
+        "exec-evaluate",
+        "exec-predict-2",
+        "exec-evaluate-2",
+        "exec-compare",
+        "exec-export",
+    }
 
 
 def test_package_holds_no_secret_value(compiled: Path) -> None:

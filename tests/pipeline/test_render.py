@@ -59,7 +59,9 @@ def test_rendered_pytorchjob_validates_against_the_training_operator_crd(capsys,
     job = render(capsys, "pytorchjob", "nodes=3", "gpus=4")
 
     assert job["kind"] == "PyTorchJob" and pytorchjob_schema.errors(job) == []
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    # one Worker pod per node, joined by torchrun's rendezvous (no Master replica)
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
 
 
 def test_settings_and_parameters_shape_the_job(capsys, trainjob_schema) -> None:

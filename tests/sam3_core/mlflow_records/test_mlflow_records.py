@@ -203,6 +203,11 @@ def test_a_pipeline_run_id_that_would_break_a_search_filter_is_refused() -> None
         MlflowConfig(pipeline_run_id="run' or '1'='1")
 
 
+def test_a_run_role_that_would_not_make_a_run_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"mlflow\.run_role='Base Model'"):
+        MlflowConfig(run_role="Base Model")
+
+
 def test_a_plain_checkpoint_uri_passes_resolve_unchanged() -> None:
     assert resolve_model_uri("s3://bucket/runs/r1/checkpoints/best.pt") == "s3://bucket/runs/r1/checkpoints/best.pt"
 
