@@ -29,6 +29,7 @@ RUN_NEUTRAL_KEYS = (
     "output.",
     "train.resume",
     "train.num_threads",
+    "train.deterministic",
     "train.dist_timeout_s",
     "train.log_every",
     "train.checkpoint_every",
