@@ -22,15 +22,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# two workers, each module on one of them (tests/conftest.py)
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # the unit tier: no servers, no child processes, no trainings (docs/testing.md)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
 demo: $(STAMP)
-	$(VENV)/bin/sam3pipe run --local
+	$(VENV)/bin/sam3pipe run --local profile=demo
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -1,4 +1,4 @@
-"""Pipeline step 2: fine-tune the SAM3 detector on video clips, tracked in MLflow.
+"""The train component: fine-tune the SAM3 detector on video clips, tracked in MLflow.
 
 One process, `torchrun --nproc_per_node N -m components.train ...`, or a PyTorchJob: the launcher's
 environment decides. Rerunning the same command resumes from the run's `last.pt`, and its MLflow
@@ -24,7 +24,7 @@ from sam3_core.mlflow_records import ComponentRun, component_run
 from sam3_core.model.checkpoint import CheckpointRef
 from sam3_core.train.build import train
 from sam3_core.train.config import TrainConfig
-from sam3_core.train.run import run_uri_for
+from sam3_core.train.run import RunFolder, run_uri_for
 from sam3_core.train.trainer import TrainResult
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:@-]+")
@@ -57,13 +57,13 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     the registered model. Its metric name and step are tagged on the run.
     """
     cfg = load_config("train", TrainConfig, overrides)
-    run_uri = run_uri_for(cfg)
-    cfg = grouped_by_run_folder(cfg, run_uri)
+    folder = RunFolder(run_uri_for(cfg))
+    cfg = grouped_by_run_folder(cfg, folder.uri)
     FrameReader(cfg.data.uri, cfg.data.cache_dir)  # a clear error before any work when the dataset is not there
     logged_steps: set[int] = set()
     try:
         with component_run(
-            cfg.mlflow, "train", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=run_uri
+            cfg.mlflow, "train", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=folder.uri
         ) as run:
             run.log_file(storage.join(cfg.data.uri, MANIFEST), "dataset")
 
@@ -74,7 +74,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
             def on_checkpoint(kind: str, ref: CheckpointRef) -> None:
                 run.log_checkpoint_ref(kind, ref)
 
-            result = train(cfg, on_metrics, on_checkpoint)
+            result = train(cfg, on_metrics, on_checkpoint, run=folder)
             log_history(run, result, logged_steps)
             run.set_tags({TAG_BEST_METRIC: result.best_metric, TAG_BEST_STEP: result.best_step})
             run.register_model(result.best_checkpoint_uri)

@@ -1,9 +1,9 @@
 """Multi-node training as a Kubernetes custom resource: create it, watch it to the end, clean it up.
 
 What the PyTorchJob (Training Operator v1, pipeline/pytorchjob.py) and the TrainJob (Trainer v2,
-pipeline/trainjob.py) launchers share. The train step runs the launcher in its KFP pod; the job's
+pipeline/trainjob.py) launchers share. The train component runs the launcher in its KFP pod; the job's
 pods run the same image and the same `pipeline.distributed` entry as a single-pod run, and rank 0
-writes the step's outputs to the object store, which the launcher reads back once the job
+writes the component's outputs to the object store, which the launcher reads back once the job
 succeeded. Guarantees, for either kind:
 
 - a retried launcher finds its job by name (derived from the pipeline run id) and keeps watching
@@ -11,7 +11,7 @@ succeeded. Guarantees, for either kind:
 - the job is deleted when it ends, when the watch times out and when the launcher pod is
   terminated (KFP sends SIGTERM); a failing Kubernetes API leaves it running for a retried
   launcher to adopt;
-- transient API errors (5xx, 429, lost connections) are retried; a failed job fails the step with
+- transient API errors (5xx, 429, lost connections) are retried; a failed job fails the component with
   the job's own reason and a `kubectl` command to read its pods' logs.
 """
 
@@ -54,11 +54,11 @@ class TrainingJobError(Sam3PipeError):
 class KubernetesApiError(TrainingJobError):
     """The API server refused a request; the job itself may be fine.
 
-    The step must fail so that KFP retries it and the retried launcher adopts the job (a sweep's
-    trial step lets it through rather than recording the trial as failed).
+    The component must fail so that KFP retries it and the retried launcher adopts the job (a sweep's
+    trial component lets it through rather than recording the trial as failed).
     """
 
-    retry_step = True
+    retry_component = True
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class LaunchSettings:
 
 
 def secret_env(settings: PipelineSettings) -> list[dict[str, Any]]:
-    """The same credentials and endpoints the KFP steps get, as references (never values)."""
+    """The same credentials and endpoints the KFP components get, as references (never values)."""
     store, mlflow = settings.object_store, settings.mlflow
 
     def from_secret(env: str, secret: str, key: str) -> dict[str, Any]:
@@ -332,7 +332,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """KFP stops a step with SIGTERM, whose default handler skips `finally`: make it unwind instead."""
+    """KFP stops a component with SIGTERM, whose default handler skips `finally`: make it unwind instead."""
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield
@@ -416,7 +416,7 @@ def launch_training(
     extra_env: dict[str, str],
     api: k8s.CustomObjectsApi | None = None,
 ) -> dict[str, Any]:
-    """Train on `nodes` pods x `gpus_per_node` GPUs as a job of `kind`; return rank 0's outputs of the train step."""
+    """Train on `nodes` pods x `gpus_per_node` GPUs as a job of `kind`; return rank 0's outputs of the train component."""
     if not storage.is_remote(store):
         raise ConfigError(
             f"{kind.name}: the store {store!r} is local to this pod; the job's pods and the launcher need a shared "

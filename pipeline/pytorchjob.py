@@ -1,4 +1,4 @@
-"""training_mode=pytorchjob: the train step as a Kubeflow PyTorchJob (Training Operator v1, kubeflow.org/v1).
+"""training_mode=pytorchjob: the train component as a Kubeflow PyTorchJob (Training Operator v1, kubeflow.org/v1).
 
 For clusters with the Training Operator. The job is built from `pipeline/templates/pytorchjob.yaml`
 (Master + Workers running torchrun; the operator passes the rendezvous as PET_* variables); create,

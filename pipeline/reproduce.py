@@ -21,6 +21,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from sam3_core import pipeline_parameters as table
 from sam3_core import storage
 from sam3_core.config import flatten
 from sam3_core.mlflow_records import MlflowConfig, tracking_uri
@@ -44,7 +45,7 @@ from sam3_core.mlflow_records.runs import PIPELINE
 
 logger = logging.getLogger(__name__)
 
-# Keys the pipeline's own steps set (from their wiring or KFP), never passed as extra overrides.
+# Keys the pipeline's own components set (from their wiring or KFP), never passed as extra overrides.
 _WIRED = {
     "train": ("data.uri", "output.store", "output.run_name", "mlflow."),
     "predict": ("data.uri", "model.uri", "output.uri", "output.store", "mlflow."),
@@ -158,7 +159,7 @@ def _report(client: MlflowClient, plan_: Plan, pipeline_run_id: str) -> dict[str
 
 
 def _extra(run: RecordedRun) -> list[str]:
-    """The recorded config as a step's extra overrides, less what the pipeline wires itself."""
+    """The recorded config as a component's extra overrides, less what the pipeline wires itself."""
     wired = _WIRED[run.component]
     return [
         f"{key}={hydra_value(value)}"
@@ -195,21 +196,16 @@ def pipeline_arguments(plan_: Plan, given: set[str] | frozenset[str] = frozenset
     if not plan_.whole_pipeline:
         raise ReproduceError("--host reproduces a whole pipeline run; pass its id (or rerun this component here)")
     train, predict, evaluate = plan_.runs
-    config = train.record.config
+    recorded = flatten(train.record.config)
+    # every parameter the train config records (model.uri may be None: "" is random init)
     arguments: dict[str, Any] = {
-        "model_preset": config["model"]["preset"],
-        "checkpoint": config["model"].get("uri") or "",
-        "max_steps": config["train"]["max_steps"],
-        "lr": config["optim"]["lr"],
-        "batch_size": config["data"]["batch_size"],
-        "frames_per_clip": config["data"]["clips"]["frames_per_clip"],
-        "freeze_prefixes": list(config["model"].get("freeze") or []),
-        "store": config["output"]["store"],
-        "mlflow_experiment": config["mlflow"]["experiment_name"],
-        "train_overrides": _extra(train),
-        "predict_overrides": _extra(predict),
-        "evaluate_overrides": _extra(evaluate),
+        parameter.name: parameter.default if recorded[key] is None else recorded[key]
+        for parameter in table.of_pipeline(table.RUN)
+        if (key := parameter.config_key()) in recorded
     }
+    arguments.update(
+        {f"{run.component}_overrides": _extra(run) for run in (train, predict, evaluate)},
+    )
     if "source" not in given:
         arguments.update(_data_prep_arguments(train))
     return arguments

@@ -25,6 +25,7 @@ from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentia
 from pipeline.arguments import parse_arguments
 from pipeline.compile import pipeline_for
 from pipeline.settings import PipelineSettings
+from sam3_core import pipeline_parameters as table
 from sam3_core.errors import InputError, Sam3PipeError
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,11 @@ def submit(
 ) -> dict[str, str]:
     """Compile the pipeline for `settings`, start a run with `pairs` as parameters; return its id and URL.
 
-    `enable_caching=False` reruns every step; None keeps the compiled choice (only data prep cached).
+    `enable_caching=False` reruns every component; None keeps the compiled choice (only data prep cached).
     With a sweep spec (sweep.load_spec) the sweep pipeline runs, with the spec as its arguments.
     """
+    arguments = parse_arguments(table.RUN if sweep is None else table.SWEEP, pairs, sweep)
     pipeline = pipeline_for(settings, sweep)
-    arguments = {**(sweep or {}), **parse_arguments(pipeline, pairs)}
     try:
         # kfp.Client prints links on stdout; keep stdout for the CLI's one JSON line
         with contextlib.redirect_stdout(sys.stderr):

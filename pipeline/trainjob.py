@@ -1,4 +1,4 @@
-"""training_mode=trainjob: the train step as a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1).
+"""training_mode=trainjob: the train component as a Kubeflow Trainer v2 TrainJob (trainer.kubeflow.org/v1alpha1).
 
 For clusters with Kubeflow Trainer v2 (TrainJob + ClusterTrainingRuntime, on JobSet) instead of the
 Training Operator. The TrainJob is built from `pipeline/templates/trainjob.yaml` and references the

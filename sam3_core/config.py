@@ -70,6 +70,11 @@ def _parse_error(parser: OverridesParser, override: str) -> str | None:
     return None
 
 
+def override_problem(override: str) -> str | None:
+    """Why Hydra cannot read one override as a component would get it (quoted where needed), or None."""
+    return _parse_error(OverridesParser.create(), lenient_overrides([override])[0])
+
+
 def lenient_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     """The overrides with unreadable plain values quoted, so `model.uri=/data/vidéos/a.pt` just works.
 

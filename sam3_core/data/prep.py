@@ -50,10 +50,6 @@ MAX_WORKERS = 1024
 STAGE_BYTES_PER_PIXEL = 16
 
 
-def _default_store() -> str:
-    return os.environ.get("SAM3PIPE_STORE") or ".sam3pipe/store"
-
-
 @dataclass
 class DataPrepConfig:
     """Where the data comes from, how frames are resized and written, how videos are split."""
@@ -75,7 +71,7 @@ class DataPrepConfig:
     # share of videos held out for validation (split by video, never by frame)
     val_fraction: float = 0.25
     split_seed: int = 0
-    store: str = field(default_factory=_default_store)
+    store: str = field(default_factory=storage.default_store)
     # where remote source files are cached locally (kept for the next run); None: read without keeping them
     cache_dir: str | None = None
     # processes staging videos in parallel; 0 = one per CPU core this process may use

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from sam3_core import comm
+from sam3_core import comm, pipeline_parameters
 from sam3_core.errors import ConfigError
 
 DEFAULT_EXPERIMENT = "sam3pipe"
@@ -31,17 +31,8 @@ _MAX_TIMEOUT_S = 24 * 3600.0
 
 # What a comparison of pipeline runs needs on the parent row: parent param -> config key of
 # the component that knows it (a key naming a section logs each of its leaves as `<param>.<leaf>`).
-DEFAULT_PARENT_PARAMS = {
-    "lr": "optim.lr",
-    "max_steps": "train.max_steps",
-    "preset": "model.preset",
-    "frames_per_clip": "data.clips.frames_per_clip",
-    "batch_size": "data.batch_size",
-    "freeze": "model.freeze",
-    "lora": "model.lora",
-    "seed": "train.seed",
-    "best_metric": "train.best_metric",
-}
+# The compared pipeline parameters (their table marks them), then config keys no parameter sets.
+DEFAULT_PARENT_PARAMS = {**pipeline_parameters.parent_params(), "lora": "model.lora", "seed": "train.seed"}
 # Copied onto the parent when a component finishes, where that component logged them. `val/*`
 # values are the best checkpoint's (logged at its step), `eval/*` the final evaluation's.
 DEFAULT_HEADLINE_METRICS = [

@@ -97,7 +97,7 @@ class PredictDataConfig:
 
 @dataclass
 class PredictOutputConfig:
-    store: str = ".sam3pipe/store"
+    store: str = field(default_factory=storage.default_store)
     # folder for the three prediction files; empty: <store>/predictions/pred-<hash of every setting that
     # shapes them>, so predictions made with other settings never land on each other
     uri: str = ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -29,11 +30,14 @@ from sam3_core.storage.s3 import S3Backend, max_concurrency
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
+    "DEFAULT_STORE",
+    "STORE_ENV",
     "Backend",
     "ReadCache",
     "backend_for",
     "cached_path",
     "copy",
+    "default_store",
     "delete",
     "delete_prefix",
     "download_file",
@@ -62,6 +66,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HASH_CHUNK = 1024 * 1024
+# the store root every component and the pipeline share: this variable, else a local folder
+STORE_ENV = "SAM3PIPE_STORE"
+DEFAULT_STORE = ".sam3pipe/store"
 
 _LOCAL = LocalBackend()
 register_backend("", _LOCAL)
@@ -70,6 +77,11 @@ register_backend("s3", S3Backend())
 
 
 # ---------------------------------------------------------------------------- URIs and errors
+
+
+def default_store() -> str:
+    """The store root when none is given: `SAM3PIPE_STORE`, else `.sam3pipe/store` (read at each call)."""
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
 def is_remote(uri: str) -> bool:

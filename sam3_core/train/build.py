@@ -144,8 +144,13 @@ def build_trainer(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),
+    run: RunFolder | None = None,
 ) -> Trainer:
-    """The trainer of `cfg`, ready to `fit()`; `validators` run after the built-in ones at validation."""
+    """The trainer of `cfg`, ready to `fit()`; `validators` run after the built-in ones at validation.
+
+    `run` is the run folder when the caller has derived it already (the train component, to
+    name its MLflow run); otherwise it is derived here from the config.
+    """
     threads = comm.set_num_threads(cfg.train.num_threads)
     env = comm.init_process_group(cfg.train.dist_timeout_s)
     device = comm.device()
@@ -158,7 +163,7 @@ def build_trainer(
         threads,
         "deterministic" if deterministic else "torch's default",
     )
-    run = RunFolder(run_uri_for(cfg))
+    run = run or RunFolder(run_uri_for(cfg))
     resuming = _prepare_run(cfg, run)
     seed_everything(cfg.train.seed + env.rank)
 
@@ -274,7 +279,10 @@ def train(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),
+    run: RunFolder | None = None,
 ) -> TrainResult:
-    """Build the trainer of `cfg` and run it to `train.max_steps`."""
-    trainer = build_trainer(cfg, on_metrics, on_checkpoint, validators)
-    return result_of(trainer.fit(), RunFolder(run_uri_for(cfg)))
+    """Build the trainer of `cfg` and run it to `train.max_steps`, in `run` (see `build_trainer`)."""
+    trainer = build_trainer(cfg, on_metrics, on_checkpoint, validators, run)
+    checkpoints = trainer.find_hook(PeriodicCheckpoint)
+    assert checkpoints is not None, "build_trainer always adds the periodic checkpoint"
+    return result_of(trainer.fit(), checkpoints.run)

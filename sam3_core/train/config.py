@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from sam3_core import storage
 from sam3_core.config_checks import check_bool, check_choice, check_float, check_int, check_str
 from sam3_core.data.clips import ClipConfig
 from sam3_core.errors import ConfigError
@@ -134,7 +135,7 @@ class LoopConfig:
 
 @dataclass
 class OutputConfig:
-    store: str = ".sam3pipe/store"
+    store: str = field(default_factory=storage.default_store)
     # run folder name under <store>/runs/; empty: derived from the config, so rerunning the
     # same command resumes the same run. A named run resumes only with the config it was started with
     run_name: str = ""

@@ -164,6 +164,7 @@ def test_component_input_error_is_one_line_and_exit_2(capsys, caplog) -> None:
     assert len(errors) == 1 and "source" in errors[0]
 
 
+@pytest.mark.integration
 def test_submit_sends_the_pipeline_parameters_and_token(fake_kfp, capsys, caplog) -> None:
     status, out, _ = cli(
         "submit",
@@ -190,6 +191,7 @@ def test_submit_sends_the_pipeline_parameters_and_token(fake_kfp, capsys, caplog
     assert {auth for *_, auth, _ in fake_kfp["requests"]} == {"Bearer tok-123"}
 
 
+@pytest.mark.integration
 def test_submit_no_cache_reruns_even_data_prep(fake_kfp, capsys, caplog) -> None:
     status, _, _ = cli("submit", "--host", fake_kfp["url"], "--no-cache", capsys=capsys, caplog=caplog)
 
@@ -201,6 +203,7 @@ def test_submit_no_cache_reruns_even_data_prep(fake_kfp, capsys, caplog) -> None
     assert not any(task["cachingOptions"].get("enableCache") for task in tasks.values())
 
 
+@pytest.mark.integration
 def test_submit_reads_the_service_account_token_file(tmp_path, monkeypatch, fake_kfp, capsys, caplog) -> None:
     token = tmp_path / "token"
     token.write_text("sa-token-456")
@@ -213,6 +216,7 @@ def test_submit_reads_the_service_account_token_file(tmp_path, monkeypatch, fake
     assert {auth for *_, auth, _ in fake_kfp["requests"]} == {"Bearer sa-token-456"}
 
 
+@pytest.mark.integration
 def test_submit_to_an_unreachable_server_is_one_error_line(capsys, caplog) -> None:
     status, out, errors = cli("submit", "--host", f"http://127.0.0.1:{closed_port()}", capsys=capsys, caplog=caplog)
 
@@ -253,6 +257,7 @@ def test_compile_with_a_sweep_writes_the_sweep_pipeline(tmp_path: Path) -> None:
     assert "parallelismLimit: 4" in (tmp_path / "sweep.yaml").read_text()
 
 
+@pytest.mark.integration
 def test_submit_with_a_sweep_sends_the_spec_as_run_arguments(fake_kfp, capsys, caplog) -> None:
     status, _, _ = cli(
         "submit",
@@ -304,3 +309,44 @@ def test_a_local_sweep_refuses_an_unknown_parameter_before_any_step(tmp_path, mo
     assert status == 2
     assert len(errors) == 1 and errors[0].startswith("error: command line: max_step: not a pipeline parameter")
     assert not (tmp_path / ".sam3pipe").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["run", "--local", "lr=-1"], "lr: must be a finite number > 0, got -1.0"),
+        (["sweep", "--local", "--spec", '{"frames_per_clip": [2]}', "max_steps=-5"], "max_steps: must be >= 1, got -5"),
+        (["compile", "lr=-1"], "lr: must be a finite number > 0, got -1.0"),
+        (["compile", "--sweep", '{"frames_per_clip": [2]}', "training_mode=slurm"], "training_mode: must be one of"),
+    ],
+)
+def test_a_bad_parameter_value_is_one_error_line_before_anything_runs(
+    argv: list[str], says: str, tmp_path, monkeypatch, capsys, caplog
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    status, out, errors = cli(*argv, capsys=capsys, caplog=caplog)
+
+    assert status == 2 and out == ""
+    assert len(errors) == 1 and errors[0].startswith(f"error: command line: {says}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_parameter_value_is_refused_before_anything_is_submitted(fake_kfp, capsys, caplog) -> None:
+    status, out, errors = cli("submit", "--host", fake_kfp["url"], "max_steps=-5", capsys=capsys, caplog=caplog)
+
+    assert status == 2 and out == ""
+    assert len(errors) == 1 and "command line: max_steps: must be >= 1, got -5" in errors[0]
+    assert fake_kfp["requests"] == []
+
+
+def test_compile_makes_the_given_values_and_profile_the_packages_defaults(tmp_path: Path) -> None:
+    result = sam3pipe("compile", "--output", "demo.yaml", "profile=demo", "max_steps=50", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    inputs = components.load_component_from_file(str(tmp_path / "demo.yaml")).component_spec.inputs
+    assert (inputs["max_steps"].default, inputs["lr"].default, inputs["best_metric"].default) == (
+        50,
+        1e-3,
+        "val/bbox_AP",
+    )

@@ -43,6 +43,7 @@ def prep_config(store: Path | str, **changes: Any) -> DataPrepConfig:
     return dataclasses.replace(base, **changes)
 
 
+@pytest.mark.integration
 def test_three_shards_through_kfp_local_give_the_one_process_dataset_id_and_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -67,7 +68,7 @@ def test_the_fan_out_width_is_an_integer_pipeline_parameter(tmp_path: Path) -> N
     width = spec["root"]["inputDefinitions"]["parameters"]["data_prep_shards"]
     assert width["parameterType"] == "NUMBER_INTEGER" and width["defaultValue"] == 1
     plan = spec["root"]["dag"]["tasks"]["data-prep-plan"]
-    assert plan["inputs"]["parameters"]["shards"]["componentInputParameter"] == "data_prep_shards"
+    assert plan["inputs"]["parameters"]["data_prep_shards"]["componentInputParameter"] == "data_prep_shards"
     fan_out = spec["components"]["comp-data-prep"]["dag"]["tasks"]
     loop = next(task for task in fan_out.values() if "parameterIterator" in task)
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--shards"

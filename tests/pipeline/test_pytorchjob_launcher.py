@@ -1,5 +1,5 @@
 """The PyTorchJob launcher: the manifests it generates, how it drives a job to its end, and how the
-job's rank 0 hands the step's outputs back.
+job's rank 0 hands the component's outputs back.
 
 Jobs are checked against the Training Operator v1.9.0 CRD schema (strict about unknown fields);
 the launcher talks HTTP to the fake API server of tests/fixtures/fake_k8s.py and hands outputs
@@ -262,6 +262,7 @@ def test_local_store_is_refused_before_creating_a_job(fake_k8s, launch, tmp_path
 
 
 @pytest.mark.parametrize(("rank", "writes"), [("0", True), ("1", False)])
+@pytest.mark.integration
 def test_only_rank_0_hands_the_step_outputs_back(tmp_path, rank: str, writes: bool) -> None:
     outputs = tmp_path / "outputs.json"
     command = rank_command(
