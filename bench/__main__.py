@@ -1,6 +1,6 @@
 """`make bench`: every benchmark in one run, each printing its side-by-side ratios.
 
-`python -m bench [name ...]` runs a subset (names: train, dumper, evaluate, gpu, data, tracking).
+`python -m bench [name ...]` runs a subset (names: train, dumper, evaluate, gpu, data, tracking, demo).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-BENCHMARKS = ("train", "dumper", "evaluate", "gpu", "data", "tracking")
+BENCHMARKS = ("train", "dumper", "evaluate", "gpu", "data", "tracking", "demo")
 
 
 def main(argv: list[str]) -> int:
