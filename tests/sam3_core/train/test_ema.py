@@ -134,7 +134,11 @@ def test_validation_scores_the_average_and_training_goes_on_with_its_own_weights
 def test_the_best_checkpoint_holds_the_average_of_its_step(tmp_path: Path) -> None:
     values = {4: 0.2, 8: 0.6, 12: 0.4}
     trainer = ema_toy(
-        tmp_path, val_every=4, validators=[lambda m, v, s: {"score": values[s]}], best_metric="val/score", best_mode="max"
+        tmp_path,
+        val_every=4,
+        validators=[lambda m, v, s: {"score": values[s]}],
+        best_metric="val/score",
+        best_mode="max",
     ).fit()
     run = RunFolder(str(tmp_path / "runs" / "run"))
     best = load_checkpoint(run.best_uri)
