@@ -7,6 +7,10 @@ the GT has `video_np_pairs`, class mAP otherwise; plus sam3's per-(video, phrase
 the predict component's or the files sam3's own video dumper writes. The MLflow run gets the same:
 `eval/*` metrics, those files, the table as a grid and a short summary.
 
+Before any work the output guard (sam3_core/outputs.py) refuses an `output` that would replace an
+input or lie in a published dataset, and metrics of other settings unless `overwrite=true`; the
+settings are recorded beside them in `evaluate_settings.json`.
+
 `python -m components.evaluate --gt GT.json --predictions PRED.json --output out/metrics.json`
 (or the same as Hydra overrides `gt=... predictions=... output=...`) prints
 {"metrics_uri": ..., "metrics": {name: value}} as one JSON line.
@@ -24,7 +28,9 @@ from sam3_core.errors import ConfigError
 from sam3_core.evaluate.report import (
     EvaluateConfig,
     category_rows,
-    check_config,
+    check_same_metrics,
+    evaluation_settings,
+    guard_output,
     output_folder,
     publish_report,
     report_files,
@@ -54,12 +60,13 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     """Compose the config, evaluate, publish, track; return the metrics URI and the metrics."""
     overrides = flags_to_overrides(overrides)
     cfg = load_config("evaluate", EvaluateConfig, overrides)
-    check_config(cfg)
+    guard_output(cfg)
     with component_run(
         cfg.mlflow, "evaluate", cfg, overrides=overrides, dataset_uri=cfg.gt, output_uri=output_folder(cfg.output)
     ) as run:
         report = run_evaluation(cfg)
-        metrics_uri = publish_report(report, cfg.output)
+        check_same_metrics(report, cfg)
+        metrics_uri = publish_report(report, cfg.output, evaluation_settings(cfg))
         run.log_eval(report.metrics)
         for uri in report_files(report, cfg.output):
             run.log_file(uri)

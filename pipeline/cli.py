@@ -3,8 +3,9 @@
     sam3pipe component <data-prep|train|predict|evaluate> [hydra overrides]
     sam3pipe compile --output pipeline.yaml [--set image=...] [--sweep SPEC [--parallelism N]] [name=value ...]
     sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
-    sam3pipe run --local [name=value ...]
+    sam3pipe run --local [--runner docker --set image=...] [name=value ...]
     sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
+    sam3pipe render-job <trainjob|pytorchjob> [--set key=value ...] [name=value ...]
     sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
     sam3pipe reproduce <MLflow run id | pipeline run id> [--allow-other-commit] [--dry-run] [--host URL [--wait]]
@@ -29,14 +30,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from components.runner import EXIT_INTERRUPTED, EXIT_USER_ERROR, TRACEBACK_ENV, user_error_message
 from pipeline.dispatch import COMPONENT_MODULES, component_module
-from sam3_core.errors import ConfigError, InputError, Sam3PipeError
+from sam3_core.console import configure_console
+from sam3_core.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from pipeline.settings import PipelineSettings
 
 logger = logging.getLogger("sam3pipe")
-LOCAL_PIPELINE_ROOT = Path(".sam3pipe/kfp-local")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,13 +75,31 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
     run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
     run.add_argument(
-        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps component outputs"
+        "--pipeline-root",
+        type=Path,
+        default=None,
+        help="where kfp.local keeps component outputs (default: <SAM3PIPE_HOME, else .sam3pipe>/kfp-local)",
+    )
+    run.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: components in this environment; docker: every component in the image (--set image=...)",
     )
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
 
     _add_sweep_command(commands, with_settings)
     _add_experiment_command(commands, with_settings)
+
+    render = commands.add_parser(
+        "render-job", help="print the training job the train component would create (TrainJob or PyTorchJob) as YAML"
+    )
+    render.add_argument("kind", choices=("trainjob", "pytorchjob"))
+    render.add_argument(
+        "parameters", nargs="*", metavar="name=value", help="pipeline parameters, dataset_uri=, pipeline_run_id="
+    )
+    with_settings(render)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
@@ -113,7 +133,10 @@ def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any)
         help='the trials: a grid {"lr": [1e-4, 3e-4]}, override sets, or a file',
     )
     sweep.add_argument(
-        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps component outputs"
+        "--pipeline-root",
+        type=Path,
+        default=None,
+        help="where kfp.local keeps component outputs (default: <SAM3PIPE_HOME, else .sam3pipe>/kfp-local)",
     )
     sweep.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(sweep)
@@ -269,10 +292,20 @@ def _run(args: argparse.Namespace) -> int:
         _run_sweep(args, settings)
     elif args.command == "compile-experiment":
         _compile_experiment(args, settings)
+    elif args.command == "render-job":
+        from pipeline.render import render_job, to_yaml
+
+        print(to_yaml(render_job(args.kind, settings, args.parameters)), end="")
     else:
         from pipeline.local import metrics_table, run_local
 
-        metrics = run_local(settings, args.parameters, args.pipeline_root)
+        if args.runner == "docker":
+            from pipeline.docker_runner import docker_runner
+
+            with docker_runner(settings.image) as runner:
+                metrics = run_local(settings, args.parameters, args.pipeline_root, runner)
+        else:
+            metrics = run_local(settings, args.parameters, args.pipeline_root)
         print(metrics_table(metrics))
         print(f"\n{_mlflow_hint()}")
     return 0
@@ -301,16 +334,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Errors the user can fix (ours, the operating system's on their paths, running out of memory) are
+    one masked `error:` line and exit 2, as in the components (components/runner.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    configure_console(argv)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage error (status 2) or the help (0)
         return int(exc.code or 0)
     try:
         return _run(args)
-    except Sam3PipeError as exc:
-        logger.error("error: %s", exc)
-        return 2
+    except KeyboardInterrupt:
+        logger.error("error: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        logger.error("error: %s", message)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

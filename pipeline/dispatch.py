@@ -16,6 +16,8 @@ COMPONENT_MODULES = {
     "train": "train",
     "predict": "predict",
     "evaluate": "evaluate",
+    "export": "export",
+    "compare": "compare",
 }
 
 

@@ -1,7 +1,8 @@
 """Run the whole pipeline on this machine with kfp.local, in the current Python environment.
 
 Each component runs as a subprocess of this interpreter (SubprocessRunner(use_venv=False)), exactly
-the component code that runs in the cluster's pods. kfp.local reads only the pipeline spec: the
+the component code that runs in the cluster's pods; or, with a DockerRunner (pipeline/docker_runner.py),
+as a container of the project's image. kfp.local reads only the pipeline spec: the
 kfp-kubernetes settings (secrets, GPUs, node placement, timeouts) apply on a cluster and are
 ignored here, and components see this shell's environment (SAM3PIPE_STORE, MLFLOW_TRACKING_URI, AWS_*).
 """
@@ -25,6 +26,7 @@ from pipeline.settings import ComponentSettings, PipelineSettings
 from sam3_core import pipeline_parameters as table
 from sam3_core import storage
 from sam3_core.errors import Sam3PipeError
+from sam3_core.mlflow_records.settings import home
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,24 @@ class LocalRunError(Sam3PipeError):
     """A component of the local run failed; its own log lines above say why."""
 
 
-def run_pipeline(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path) -> Any:
+# kfp.local's folder for component outputs, below the local state folder
+PIPELINE_ROOT_NAME = "kfp-local"
+
+
+def default_pipeline_root() -> Path:
+    """`<SAM3PIPE_HOME, default .sam3pipe>/kfp-local`: the local state stays where SAM3PIPE_HOME says."""
+    return home() / PIPELINE_ROOT_NAME
+
+
+def run_pipeline(
+    pipeline: GraphComponent,
+    arguments: dict[str, Any],
+    pipeline_root: Path | None,
+    runner: kfp_local.DockerRunner | None = None,
+) -> Any:
     """Run a pipeline with kfp.local in this environment; the finished pipeline task (its outputs).
+
+    `pipeline_root` None: `default_pipeline_root()`.
 
     kfp.local indents a component's output by swapping `builtins.print` for its duration; components
     of a ParallelFor run in threads, and one can restore another's swap, leaving every later print
@@ -42,15 +60,19 @@ def run_pipeline(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_r
     """
     print_before = builtins.print
     try:
-        return _run(pipeline, arguments, pipeline_root)
+        return _run(pipeline, arguments, pipeline_root or default_pipeline_root(), runner)
     finally:
         builtins.print = print_before
 
 
-def _run(pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path) -> Any:
+def _run(
+    pipeline: GraphComponent, arguments: dict[str, Any], pipeline_root: Path, runner: kfp_local.DockerRunner | None
+) -> Any:
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp_local.init(
-        runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True
+        runner=runner or kfp_local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        raise_on_error=True,
     )
     with warnings.catch_warnings():
         # kfp.local warns that the project image "may not be a Python image"; locally no image is used
@@ -77,14 +99,19 @@ def without_retries(settings: PipelineSettings) -> PipelineSettings:
     return dataclasses.replace(settings, **once)
 
 
-def run_local(settings: PipelineSettings, pairs: list[str], pipeline_root: Path) -> dict[str, float]:
-    """Run every component here with `pairs` as pipeline parameters; return the evaluation metrics."""
+def run_local(
+    settings: PipelineSettings,
+    pairs: list[str],
+    pipeline_root: Path | None,
+    runner: kfp_local.DockerRunner | None = None,
+) -> dict[str, float]:
+    """Run every component here (or in containers) with `pairs` as pipeline parameters; return the evaluation metrics."""
     arguments = parse_arguments(table.RUN, pairs)
-    return dict(run_pipeline(build_pipeline(without_retries(settings)), arguments, pipeline_root).output)
+    return dict(run_pipeline(build_pipeline(without_retries(settings)), arguments, pipeline_root, runner).output)
 
 
 def run_local_sweep(
-    settings: PipelineSettings, spec: dict[str, Any], pairs: list[str], pipeline_root: Path
+    settings: PipelineSettings, spec: dict[str, Any], pairs: list[str], pipeline_root: Path | None
 ) -> dict[str, Any]:
     """Run a sweep here: `spec` (sweep.load_spec) as the trials, `pairs` as the other parameters.
 

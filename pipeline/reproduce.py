@@ -19,7 +19,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import requests
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from sam3_core import pipeline_parameters as table
 from sam3_core import storage
@@ -27,6 +29,7 @@ from sam3_core.config import flatten
 from sam3_core.mlflow_records import MlflowConfig, tracking_uri
 from sam3_core.mlflow_records.datasets import MANIFEST
 from sam3_core.mlflow_records.lineage import REPRODUCES_ENV
+from sam3_core.mlflow_records.redact import describe_error, redact_text
 from sam3_core.mlflow_records.reproduce import (
     Difference,
     Plan,
@@ -42,6 +45,7 @@ from sam3_core.mlflow_records.reproduce import (
     plan,
 )
 from sam3_core.mlflow_records.runs import PIPELINE
+from sam3_core.mlflow_records.settings import fail_fast_http
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +69,24 @@ def reproduce(
 ) -> dict[str, Any]:
     """Rebuild, check and rerun the run `ident`; the result as the CLI's JSON line."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cfg = MlflowConfig()
+    # MLflow's own defaults retry a silent server 7 times, 120 s each: each request is bounded instead
+    fail_fast_http(cfg)
     client = MlflowClient(tracking_uri())
-    plan_ = plan(client, ident, MlflowConfig().experiment_name)
-    check(plan_, allow_other_commit)
-    if host:
-        return _submit(client, plan_, host, parameters or [], wait, existing_token)
-    if parameters:
-        raise ReproduceError(f"pipeline parameters ({' '.join(parameters)}) only apply with --host")
-    return _run_here(client, plan_, dry_run)
+    try:
+        plan_ = plan(client, ident, cfg.experiment_name)
+        check(plan_, allow_other_commit)
+        if host:
+            return _submit(client, plan_, host, parameters or [], wait, existing_token)
+        if parameters:
+            raise ReproduceError(f"pipeline parameters ({' '.join(parameters)}) only apply with --host")
+        return _run_here(client, plan_, dry_run)
+    except (MlflowException, requests.RequestException) as exc:
+        raise ReproduceError(
+            f"the tracking server at {redact_text(tracking_uri())} failed or did not answer within "
+            f"mlflow.request_timeout_s={cfg.request_timeout_s} s ({describe_error(exc)}); check MLFLOW_TRACKING_URI "
+            "and that the server is up"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- here
@@ -236,6 +250,7 @@ def _submit(
 def _wait(host: str, run_id: str, existing_token: str | None) -> None:
     import kfp
 
-    from pipeline.submit import auth_kwargs
+    from pipeline.submit import auth_kwargs, bounded_waits, request_timeout_s
 
-    kfp.Client(host=host, **auth_kwargs(existing_token)).wait_for_run_completion(run_id, timeout=7 * 24 * 3600)
+    with bounded_waits(request_timeout_s()):
+        kfp.Client(host=host, **auth_kwargs(existing_token)).wait_for_run_completion(run_id, timeout=7 * 24 * 3600)

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sam3_core import pipeline_parameters, storage
-from sam3_core.errors import InputError
+from sam3_core.errors import InputError, Sam3PipeError
 
 if TYPE_CHECKING:
     from sam3_core.mlflow_records.sweeps import TrialResult
@@ -293,18 +293,20 @@ def load_spec(text: str) -> dict[str, Any]:
     A list becomes `sweep_trials`, a mapping `sweep_grid`, a mapping with either key both.
     """
     import json
-    from pathlib import Path
 
     import yaml
 
-    path = Path(text)
     where = text if len(text) < 80 else "--sweep"
     try:
-        if text.endswith((".json", ".yaml", ".yml")) or path.is_file():
-            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-        else:
+        if text.lstrip().startswith(("{", "[")):  # inline JSON, however long: never looked up as a file name
             spec = json.loads(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+        else:
+            spec = yaml.safe_load(storage.read_text(text))
+    except RecursionError:
+        raise InputError(
+            where, "sweep", "nested too deeply to read (thousands of levels of lists or objects)"
+        ) from None
+    except (OSError, ValueError, yaml.YAMLError, Sam3PipeError) as exc:
         raise InputError(
             where, "sweep", f"expected JSON (or a JSON/YAML file) of a grid or a list of override sets: {exc}"
         ) from None

@@ -10,8 +10,13 @@ Everything a run writes goes to `<store>/runs/<run_name>/`: `config.yaml`, `metr
 `checkpoints/{last,step_XXXXXXX}.pt` (full training state) and `checkpoints/best.pt` (the
 exported weights of the best step, adapters merged). Rerunning the same command resumes from
 `last.pt` with the model, optimizer, schedule, RNG states, data position and hook states it
-saved, so an interrupted run ends with the same weights as an uninterrupted one (bit for bit
-with `train.num_threads=1` on CPU, or deterministic kernels on GPU).
+saved, so an interrupted run ends with the same weights as an uninterrupted one: bit for bit
+with `train.num_threads=1` on CPU; on a GPU up to float rounding (docs/training.md).
+
+Under DDP: the starting weights (`model.uri`) are read by rank 0 alone (DDP's construction copies
+rank 0's parameters and buffers to every rank); the parameters sam3's loss never reaches are
+frozen, so DDP needs no per-step search for unused ones; buffers are constants (RoPE tables,
+masks) and are not broadcast before every forward.
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from sam3_core import comm, storage
+from sam3_core import comm, numerics
 from sam3_core.config import to_yaml
 from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.loading import PinningCollate
 from sam3_core.data.ytvis import VideoDataset
+from sam3_core.errors import Sam3PipeError
 from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
+from sam3_core.model.chunked_detection import DetectionConfig, check_prompts_fit
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
@@ -43,6 +50,7 @@ from sam3_core.train.determinism import use_deterministic_kernels
 from sam3_core.train.diagnostics import diagnose
 from sam3_core.train.ema import WeightEma
 from sam3_core.train.hooks import (
+    AwaitUploads,
     BestCheckpoint,
     CheckpointCallback,
     MetricLogger,
@@ -54,7 +62,7 @@ from sam3_core.train.hooks import (
 )
 from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
-from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write_config
+from sam3_core.train.run import RunFolder, prepare_run, run_uri_for, write_config
 from sam3_core.train.task import ClipTask
 from sam3_core.train.trainer import (
     HookBase,
@@ -64,9 +72,30 @@ from sam3_core.train.trainer import (
     autocast_context,
     seed_everything,
 )
+from sam3_core.train.trainjob_status import trainjob_status_hook
+from sam3_core.train.uploads import BackgroundUploads
 from sam3_core.train.validation import DetectionMetrics, ValidationLoss
 
 log = logging.getLogger(__name__)
+# Detector parameters (names under `detector.`) that sam3's training loss never reaches: the neck
+# level that SAM3VLBackbone(scalp=1) drops, the pixel decoder's conv and norm for that level (it
+# uses one fewer than it builds), and the text encoder's pooled projection (the detector reads
+# token features). Frozen in training, so DDP need not search for them every step; they still load
+# and save. tests/sam3_core/train/test_trainer.py fails if sam3 starts (or stops) reaching them.
+UNREACHED = (
+    "backbone.vision_backbone.convs.3.",
+    "segmentation_head.pixel_decoder.conv_layers.2.",
+    "segmentation_head.pixel_decoder.norms.2.",
+    "backbone.language_backbone.encoder.text_projection",
+)
+# ... and without mask targets: the mask head, and the neck's 4x and 2x levels that only it reads
+UNREACHED_WITHOUT_MASKS = (
+    "segmentation_head.",
+    "backbone.vision_backbone.convs.0.",
+    "backbone.vision_backbone.convs.1.",
+)
+# DataLoader workers per rank that `data.num_workers=null` chooses on a GPU at most
+AUTO_WORKERS = 4
 
 
 class _FrameArrays:
@@ -81,18 +110,41 @@ class _FrameArrays:
 
 def _prepare_run(cfg: TrainConfig, run: RunFolder) -> bool:
     """Check the folder may hold this run and clear leftovers; True when resuming."""
-    check_same_config(cfg, run)
-    resuming = cfg.train.resume and storage.exists(run.last_uri)
+    resuming = prepare_run(cfg, run)
     if comm.is_main():
         remove_stale_writes(run.checkpoints_uri)
     return resuming
 
 
+def _warn_about(cfg: TrainConfig) -> None:
+    """Settings that are valid but almost certainly not what was meant."""
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        log.warning(
+            "optim.warmup_steps=%d is more than train.max_steps=%d: the learning rate never reaches optim.lr "
+            "(at most %.3g of it)",
+            cfg.optim.warmup_steps,
+            cfg.train.max_steps,
+            cfg.train.max_steps / cfg.optim.warmup_steps,
+        )
+
+
 def _initial_weights(module: VideoClipDetector, uri: str) -> None:
-    """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first)."""
+    """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first) on rank 0.
+
+    Under DDP the other ranks neither download nor read it: DDP's construction broadcasts rank
+    0's parameters and buffers. A failure is raised on every rank, so none waits for the others.
+    """
     from sam3_core.mlflow_records import resolve_model_uri
 
-    load_model_weights(module, resolve_model_uri(uri))
+    failure: Sam3PipeError | None = None
+    if comm.is_main():
+        try:
+            load_model_weights(module, resolve_model_uri(uri))
+        except Sam3PipeError as exc:
+            failure = exc
+    failure = comm.broadcast_object(failure)
+    if failure is not None:
+        raise failure
 
 
 def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
@@ -104,12 +156,18 @@ def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
     if cfg.model.freeze:
         frozen = freeze(module.detector, cfg.model.freeze)
         log.info("froze %.2fM parameters under %s", frozen / 1e6, cfg.model.freeze)
+    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+    freeze(module.detector, [*UNREACHED] if with_masks else [*UNREACHED, *UNREACHED_WITHOUT_MASKS])
     return module
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    on = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    return torch.bfloat16 if on else None
+def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """`data.num_workers`, or when null: on a GPU this rank's spare cores (up to AUTO_WORKERS), else 0."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    if device.type != "cuda" or cfg.data.prefetch_factor == 0:
+        return 0
+    return min(AUTO_WORKERS, comm.cores_per_process() - 1)
 
 
 def _validators(
@@ -129,7 +187,11 @@ def _validators(
     if loop.val_max_frames > 0:
         validators.append(
             DetectionMetrics(
-                reader, loop.val_max_frames, cfg.model.image_size, with_masks=cfg.model.enable_segmentation
+                reader,
+                loop.val_max_frames,
+                cfg.model.image_size,
+                with_masks=cfg.model.enable_segmentation,
+                detection=DetectionConfig(amp=loop.amp),
             )
         )
     if loop.diagnostics:
@@ -154,6 +216,7 @@ def build_trainer(
     threads = comm.set_num_threads(cfg.train.num_threads)
     env = comm.init_process_group(cfg.train.dist_timeout_s)
     device = comm.device()
+    numerics.use_fast_matmul(device)
     deterministic = use_deterministic_kernels(cfg.train.deterministic, device)
     log.info(
         "rank %d/%d on %s, %d torch thread(s), %s kernels",
@@ -164,6 +227,7 @@ def build_trainer(
         "deterministic" if deterministic else "torch's default",
     )
     run = run or RunFolder(run_uri_for(cfg))
+    _warn_about(cfg)
     resuming = _prepare_run(cfg, run)
     seed_everything(cfg.train.seed + env.rank)
 
@@ -171,6 +235,15 @@ def build_trainer(
     frames = _FrameArrays(reader)
     # parsed once: SA-V-scale annotation files take seconds to read
     train_videos = reader.dataset("train")
+    if cfg.train.val_every and cfg.train.val_max_frames:
+        # in-loop detection metrics prompt every category on each validation frame
+        check_prompts_fit(
+            len(train_videos.categories),
+            cfg.model,
+            f"{cfg.data.uri}/val_frames_coco.json",
+            device,
+            DetectionConfig().prompt_batch,
+        )
     train_set = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True)
     pin = device.type == "cuda"
     collate: Any = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
@@ -179,7 +252,7 @@ def build_trainer(
         cfg.data.batch_size,
         PinningCollate(collate) if pin else collate,
         seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
+        num_workers=_num_workers(cfg, device),
         prefetch_factor=cfg.data.prefetch_factor,
         load_ahead=load_ahead_fits(device.type, threads, comm.cores_per_process()),
         pin_memory=pin,
@@ -188,27 +261,34 @@ def build_trainer(
     )
 
     module = _build_module(cfg, resuming).to(device)
-    # written once the data and the starting weights have loaded: a run that cannot start leaves no folder
-    if comm.is_main() and not resuming:
-        write_config(cfg, run)
     model: torch.nn.Module = module
-    if env.distributed:
+    # DDP whenever a process group is up (torchrun's, or one a caller made, e.g. one nccl rank)
+    if comm.is_initialized():
         model = DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
             # not static_graph: its first-step all-reduce hooks onto output tensors found by
             # pytree, which cannot see into SAM3Output (a list subclass), so gradients were
-            # never averaged. Some parameters (e.g. the unused 0.5x neck level) get no gradient.
-            find_unused_parameters=True,
+            # never averaged
+            find_unused_parameters=cfg.train.ddp_find_unused_parameters,
+            # sam3's buffers are constants (RoPE tables, attention masks) that DDP's construction
+            # already copied from rank 0; no broadcast before every forward
+            broadcast_buffers=False,
+            # the gradients are views into DDP's all-reduce buckets: one copy of them, not two
+            gradient_as_bucket_view=True,
         )
     with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
     task = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
+    # validation clips are shared out unevenly over ranks: a loss with no collective inside
+    val_task = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks, per_rank=True), device)
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    amp = _amp_dtype(cfg, device)
+    amp = numerics.amp_dtype(cfg.train.amp, device)
 
     all_validators = (
-        [*_validators(cfg, reader, frames, train_videos, task, amp, device), *validators] if cfg.train.val_every else []
+        [*_validators(cfg, reader, frames, train_videos, val_task, amp, device), *validators]
+        if cfg.train.val_every
+        else []
     )
     val_set = (
         ClipDataset(reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
@@ -224,6 +304,7 @@ def build_trainer(
         averaging.append(ema)
         validated_weights = ema.swapped_in
         export = functools.partial(ema.exported, export)
+    uploads = BackgroundUploads()
     hooks = [
         NonFiniteGuard(run.last_uri),
         ModelStats(),
@@ -231,17 +312,32 @@ def build_trainer(
         *averaging,
         Validation(cfg.train.val_every, all_validators, val_set, validated_weights),
         BestCheckpoint(
-            cfg.train.best_metric, cfg.train.best_mode, run, export, {"config": extra["config"]}, on_checkpoint
+            cfg.train.best_metric,
+            cfg.train.best_mode,
+            run,
+            export,
+            uploads,
+            {"config": extra["config"]},
+            on_checkpoint,
         ),
         PeriodicCheckpoint(
             cfg.train.checkpoint_every,
             run,
+            uploads,
             keep_steps=cfg.train.keep_step_checkpoints,
             resume=cfg.train.resume,
             extra=extra,
             on_checkpoint=on_checkpoint,
         ),
+        AwaitUploads(uploads, cfg.train.upload_timeout_s),
     ]
+    # last: it reports what the hooks before it logged at the step
+    progress = trainjob_status_hook(cfg.train.trainjob_status_every_s)
+    if progress is not None:
+        hooks.append(progress)
+    # written once everything is built (data, starting weights, hooks): a run that cannot start leaves no folder
+    if comm.is_main() and not resuming:
+        write_config(cfg, run)
     trainer = Trainer(
         model=model,
         module=module,

@@ -27,9 +27,23 @@ class ClipTask:
 
     def losses(self, model: nn.Module, batch: Any, **forward: Any) -> dict[str, torch.Tensor]:
         """`loss` (sam3's core loss) and the six weighted terms; `forward` goes to the model (e.g. with_targets)."""
-        outputs = model(batch, **forward)
-        targets = [self.module.detector.back_convert(target) for target in batch.find_targets]
-        raw = self.loss_fn(outputs, targets)
+        try:
+            outputs = model(batch, **forward)
+            targets = [self.module.detector.back_convert(target) for target in batch.find_targets]
+            raw = self.loss_fn(outputs, targets)
+        except ValueError as exc:
+            # sam3's Hungarian matcher (scipy; in the forward and in the loss) refuses a cost matrix holding
+            # NaN/Inf: the model's outputs are no longer finite, the divergence the NaN guard reports for losses
+            if "invalid numeric entries" not in str(exc):
+                raise
+            # imported here: importing the trainer with this module changed a resumed run's weights bit-wise
+            # (the import order of sam3's modules; tests/sam3_core/train/test_trainer.py's resume tests)
+            from sam3_core.train.trainer import TrainingDiverged
+
+            raise TrainingDiverged(
+                "the model's outputs became NaN/Inf (the matcher cannot match them): the weights diverged at the "
+                "last update. Lower optim.lr or optim.weight_decay, raise optim.warmup_steps or set optim.grad_clip"
+            ) from exc
         return {"loss": raw["core_loss"], **{term: raw[term] for term in LOSS_TERMS if term in raw}}
 
     def counts(self, batch: Any) -> dict[str, int]:
