@@ -19,10 +19,18 @@ from torch import nn
 from sam3_core.model.checkpoint import load_checkpoint
 from sam3_core.train.data import MicroBatches
 from sam3_core.train.ema import WeightEma, warmed_up_decay
-from sam3_core.train.hooks import BestCheckpoint, MetricLogger, PeriodicCheckpoint, Validation, Validator
+from sam3_core.train.hooks import (
+    AwaitUploads,
+    BestCheckpoint,
+    MetricLogger,
+    PeriodicCheckpoint,
+    Validation,
+    Validator,
+)
 from sam3_core.train.optim import OptimConfig, build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder
 from sam3_core.train.trainer import HookBase, Trainer
+from sam3_core.train.uploads import BackgroundUploads
 from tests.sam3_core.train.test_trainer_loop import BATCH, MAX_STEPS, ToyData, ToyTask, collate, same_weights, toy_model
 
 DECAY = 0.9
@@ -62,10 +70,12 @@ def ema_toy(
         hooks.append(ema)
         validated = ema.swapped_in
         export = lambda: ema.exported(module.state_dict)  # noqa: E731 - as build_trainer composes it
+    uploads = BackgroundUploads()
     hooks += [
         Validation(val_every, validators, None, *([validated] if validated else [])),
-        BestCheckpoint(best_metric, best_mode, run, export),
-        PeriodicCheckpoint(1, run, extra={"config": "toy"}),
+        BestCheckpoint(best_metric, best_mode, run, export, uploads),
+        PeriodicCheckpoint(1, run, uploads, extra={"config": "toy"}),
+        AwaitUploads(uploads, timeout_s=60),
     ]
     return Trainer(
         model=module,
