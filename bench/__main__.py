@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in one run, each printing its side-by-side ratios.
 
 `python -m bench [name ...]` runs a subset (names: train, ddp, resume, dumper, evaluate, gpu, data,
-tracking, predict). Options after one name go to that benchmark (`python -m bench gpu --quick`); the
+tracking, predict, demo). Options after one name go to that benchmark (`python -m bench gpu --quick`); the
 exit status is the benchmark's when it gives one.
 """
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-BENCHMARKS = ("train", "ddp", "resume", "dumper", "evaluate", "gpu", "data", "tracking", "predict")
+BENCHMARKS = ("train", "ddp", "resume", "dumper", "evaluate", "gpu", "data", "tracking", "predict", "demo")
 
 
 def main(argv: list[str]) -> int:

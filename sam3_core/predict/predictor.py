@@ -151,9 +151,13 @@ class PredictConfig:
     output: PredictOutputConfig = field(default_factory=PredictOutputConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # torch CPU threads per process; 0: as training's default (OMP_NUM_THREADS if set, else cores /
+    # processes on this machine), so ranks under torchrun do not each take every core
+    num_threads: int = 0
 
     def __post_init__(self) -> None:
         check_choice("inference", self.inference, INFERENCE_MODES)
+        check_int("num_threads", self.num_threads, 0)
 
 
 @dataclass
@@ -310,8 +314,10 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
         with fetched_checkpoint(cfg.model.uri) as fetched:
             return predict(cfg, fetched)
     out_uri = prepare_output(cfg, checkpoint)
+    threads = comm.set_num_threads(cfg.num_threads)
     env = comm.init_process_group()
     device = comm.device()
+    log.info("rank %d/%d on %s, %d torch thread(s)", env.rank, env.world_size, device, threads)
     numerics.use_fast_matmul(device)
     reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
     dataset = reader.dataset(cfg.data.split)

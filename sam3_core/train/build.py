@@ -21,9 +21,10 @@ masks) and are not broadcast before every forward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,9 @@ from sam3_core.model.chunked_detection import DetectionConfig, check_prompts_fit
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
+from sam3_core.train.determinism import use_deterministic_kernels
 from sam3_core.train.diagnostics import diagnose
+from sam3_core.train.ema import WeightEma
 from sam3_core.train.hooks import (
     AwaitUploads,
     BestCheckpoint,
@@ -62,6 +65,7 @@ from sam3_core.train.optim import build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder, prepare_run, run_uri_for, write_config
 from sam3_core.train.task import ClipTask
 from sam3_core.train.trainer import (
+    HookBase,
     MetricsCallback,
     Trainer,
     TrainResult,
@@ -213,7 +217,15 @@ def build_trainer(
     env = comm.init_process_group(cfg.train.dist_timeout_s)
     device = comm.device()
     numerics.use_fast_matmul(device)
-    log.info("rank %d/%d on %s, %d torch thread(s)", env.rank, env.world_size, device, threads)
+    deterministic = use_deterministic_kernels(cfg.train.deterministic, device)
+    log.info(
+        "rank %d/%d on %s, %d torch thread(s), %s kernels",
+        env.rank,
+        env.world_size,
+        device,
+        threads,
+        "deterministic" if deterministic else "torch's default",
+    )
     run = run or RunFolder(run_uri_for(cfg))
     _warn_about(cfg)
     resuming = _prepare_run(cfg, run)
@@ -284,13 +296,21 @@ def build_trainer(
         else None
     )
     extra: dict[str, Any] = {"config": to_yaml(cfg), "lora": lora.lora_settings(cfg.model.lora)}
-    export = functools.partial(lora.merged_state_dict, module)
+    export: Callable[[], dict[str, torch.Tensor]] = functools.partial(lora.merged_state_dict, module)
+    averaging: list[HookBase] = []
+    validated_weights: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    if cfg.train.ema_decay > 0:
+        ema = WeightEma(cfg.train.ema_decay)
+        averaging.append(ema)
+        validated_weights = ema.swapped_in
+        export = functools.partial(ema.exported, export)
     uploads = BackgroundUploads()
     hooks = [
         NonFiniteGuard(run.last_uri),
         ModelStats(),
         MetricLogger(cfg.train.log_every),
-        Validation(cfg.train.val_every, all_validators, val_set),
+        *averaging,
+        Validation(cfg.train.val_every, all_validators, val_set, validated_weights),
         BestCheckpoint(
             cfg.train.best_metric,
             cfg.train.best_mode,

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from sam3_core import storage
-from sam3_core.config_checks import check_bool, check_choice, check_int, check_str
+from sam3_core.config_checks import check_bool, check_choice, check_float, check_int, check_str
 from sam3_core.data.clips import ClipConfig
 from sam3_core.errors import ConfigError
 from sam3_core.mlflow_records.settings import MlflowConfig
@@ -48,6 +48,7 @@ class DataConfig:
         check_int("data.prefetch_factor", self.prefetch_factor, 1 if self.num_workers else 0)
 
 
+DETERMINISTIC_MODES = ("auto", "on", "off")
 BEST_MODES = ("max", "min")
 # detection metrics the in-loop validation computes (`val/<iou type>_<stat>`)
 DETECTION_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -95,6 +96,11 @@ class LoopConfig:
     # torch CPU threads per process; 0: OMP_NUM_THREADS if set, else cores / processes on this
     # machine (torch's own default, one per core in every process, oversubscribes shared cores)
     num_threads: int = 0
+    # torch's deterministic kernels (torch.use_deterministic_algorithms): "auto" on CPU, where they
+    # cost little and make runs with the same thread count bit-identical; "on" on any device; "off"
+    deterministic: str = "auto"
+    # exponential moving average of the trained weights, validated and exported as best.pt (0: off)
+    ema_decay: float = 0.0
     # in a Kubeflow Trainer TrainJob that asks for progress (TrainJobStatus feature gate): rank 0
     # reports percent done, ETA and the latest metrics to status.trainerStatus this often (0: never;
     # the Trainer asks for at most one report per 5 s). Outside such a job nothing is sent.
@@ -105,6 +111,8 @@ class LoopConfig:
         check_int("train.grad_accum_steps", self.grad_accum_steps, 1, 4096)
         check_int("train.seed", self.seed, 0, 2**31 - 1)
         check_choice("train.amp", self.amp, AMP_MODES)
+        check_choice("train.deterministic", self.deterministic, DETERMINISTIC_MODES)
+        check_float("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         for key in ("log_every", "checkpoint_every"):
             check_int(f"train.{key}", getattr(self, key), 1)
         for key in ("val_every", "val_max_clips", "val_max_frames", "num_threads"):

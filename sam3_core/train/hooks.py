@@ -10,6 +10,7 @@ rank until rank 0's uploads are in the store.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -157,8 +158,16 @@ class Validation(HookBase):
     The random streams are forked around validation: validating never changes the weights.
     """
 
-    def __init__(self, every: int, validators: Sequence[Validator], val_dataset: Any) -> None:
+    def __init__(
+        self,
+        every: int,
+        validators: Sequence[Validator],
+        val_dataset: Any,
+        weights: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> None:
         self.every, self.validators, self.val_dataset = every, list(validators), val_dataset
+        # the weights validated: the module's own, or those `weights()` puts in it for the while (an average)
+        self.weights = weights
 
     def after_step(self) -> None:
         trainer = self.trainer
@@ -168,7 +177,7 @@ class Validation(HookBase):
         was_training = module.training
         devices = [trainer.device.index or 0] if trainer.device.type == "cuda" else []
         metrics: dict[str, float] = {}
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.weights():
             module.eval()
             try:
                 for validator in self.validators:

@@ -38,6 +38,7 @@ RUN_NEUTRAL_KEYS = (
     "output.",
     "train.resume",
     "train.num_threads",
+    "train.deterministic",
     "train.dist_timeout_s",
     "train.upload_timeout_s",
     "train.ddp_find_unused_parameters",

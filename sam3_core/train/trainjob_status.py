@@ -145,12 +145,7 @@ class TrainJobStatusReporter(HookBase):
 
     def after_train(self) -> None:
         self._report()
-        self.stop(FINAL_REPORT_TIMEOUT_S)
-
-    def close(self) -> None:
-        """The trainer's last call, also after a failure: stop the sender thread without waiting for a report."""
-        if self._thread.is_alive():
-            self.stop(0.0)
+        self.close(FINAL_REPORT_TIMEOUT_S)
 
     # ------------------------------------------------------------------ reports
     def remaining_s(self) -> float | None:
@@ -201,14 +196,19 @@ class TrainJobStatusReporter(HookBase):
             while (self._pending is not None or self._busy) and time.monotonic() < deadline:
                 self._ready.wait(max(deadline - time.monotonic(), 0.0))
 
-    def stop(self, timeout_s: float) -> None:
-        """Send what is pending (waiting at most `timeout_s`), then stop the thread."""
+    def close(self, timeout_s: float = FINAL_REPORT_TIMEOUT_S) -> None:
+        """Send what is pending (waiting at most `timeout_s`), then stop the thread.
+
+        Also the hook's `close`, which the trainer calls once `fit` ends (after `after_train`, which
+        closed it already, or on an error, maybe before the thread started).
+        """
         deadline = time.monotonic() + timeout_s
         with self._ready:
             self._stop = True
             self._ready.notify_all()
         self.flush(timeout_s)
-        self._thread.join(max(deadline - time.monotonic(), 0.0))
+        if self._thread.is_alive():
+            self._thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 def trainjob_status_hook(every_s: int, environ: Mapping[str, str] = os.environ) -> TrainJobStatusReporter | None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from components import predict as predict_cli
 from sam3_core import storage
@@ -172,6 +173,21 @@ def test_overwrite_replaces_them_and_records_the_new_settings(one_rank, checkpoi
 
 
 @pytest.mark.integration
+def test_predict_runs_torch_on_num_threads(checkpoint, tiny_dataset, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert _predict_here([*_overrides(checkpoint, tiny_dataset.uri, tmp_path), f"num_threads={before + 1}"]) == 0
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_negative_thread_count_is_refused_naming_num_threads():
+    with pytest.raises(ConfigError, match="num_threads"):
+        load_config("predict", PredictConfig, ["model.uri=/m.pt", "data.uri=/d", "num_threads=-1"])
+
+
+@pytest.mark.integration
 def test_predictions_with_other_post_processing_land_in_folders_of_their_own(
     checkpoint, tiny_dataset, tmp_path, capsys
 ):
@@ -222,6 +238,7 @@ NEUTRAL = [
     "preview.frames=1",
     "mlflow.enabled=false",
     "output.overwrite=true",
+    "num_threads=1",
 ]
 
 

@@ -186,6 +186,14 @@ def test_a_partial_endpoint_is_switched_off_with_a_warning(controller, caplog) -
     assert CA_CERT_ENV in caplog.text and TOKEN_ENV in caplog.text
 
 
+def test_a_reporter_closed_before_training_started_closes_without_sending() -> None:
+    reporter = TrainJobStatusReporter(StatusEndpoint("https://127.0.0.1:1/status", "/ca.crt", "/token"), every_s=10)
+
+    reporter.close()
+
+    assert not reporter._thread.is_alive() and reporter._pending is None
+
+
 def test_reporting_more_often_than_the_trainer_takes_is_refused() -> None:
     with pytest.raises(ConfigError, match="trainjob_status_every_s"):
         LoopConfig(trainjob_status_every_s=2)
