@@ -15,60 +15,7 @@ from sam3_core.data.shards import merge_shards, plan_shards, prepare_shard
 from sam3_core.data.sources.vos import VosConfig
 from sam3_core.data.ytvis import load_video_dataset, rle_to_mask
 from sam3_core.errors import ConfigError, InputError
-
-H, W = 24, 32
-# DAVIS's palette starts black, red, green, ...; any palette works, the index is the object
-PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [255, 255, 255] * 252
-
-
-def square(x: int, y: int, side: int = 6) -> np.ndarray:
-    mask = np.zeros((H, W), dtype=bool)
-    mask[y : y + side, x : x + side] = True
-    return mask
-
-
-def write_frame(path: Path, level: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (W, H), (level, level, level)).save(path)
-
-
-def write_indexed(path: Path, objects: dict[int, np.ndarray], void: np.ndarray | None = None) -> None:
-    """A palette PNG whose pixel values are object indices (later objects on top)."""
-    index = np.zeros((H, W), dtype=np.uint8)
-    for value, mask in objects.items():
-        index[mask] = value
-    if void is not None:
-        index[void] = 255
-    image = Image.fromarray(index, mode="P")
-    image.putpalette(PALETTE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def write_binary(path: Path, mask: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
-
-
-# object masks per video: frame -> {index: mask}; object 2 of "bear" is hidden on frame 1
-DAVIS_VIDEOS: dict[str, list[dict[int, np.ndarray]]] = {
-    "bear": [{1: square(2, 2), 2: square(20, 10)}, {1: square(4, 3)}, {1: square(6, 4), 2: square(16, 12)}],
-    "car": [{1: square(10, 10, 8)}, {1: square(12, 10, 8)}],
-    "dog": [{1: square(0, 0), 3: square(24, 16)}, {1: square(1, 1), 3: square(22, 16)}],
-}
-
-
-def davis_folder(root: Path, sets: dict[str, list[str]]) -> Path:
-    for name, frames in DAVIS_VIDEOS.items():
-        for t, objects in enumerate(frames):
-            write_frame(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg", 40 * t + 10)
-            void = square(28, 0, 3) if name == "bear" else None
-            write_indexed(root / "Annotations" / "480p" / name / f"{t:05d}.png", objects, void)
-    for set_name, videos in sets.items():
-        path = root / "ImageSets" / f"{set_name}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(v + "\n" for v in videos))
-    return root
+from tests.fixtures.vos import DAVIS_VIDEOS, H, W, davis_folder, square, write_binary, write_frame, write_indexed
 
 
 def davis_config(tmp_path: Path, **changes: Any) -> DataPrepConfig:
