@@ -29,6 +29,38 @@ def _pin_memory_is_identity() -> Iterator[None]:
         torch.Tensor.pin_memory = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _cuda_is_identity() -> Iterator[None]:
+    """`Tensor.cuda()` leaves a tensor where it is (on a machine without CUDA, where it would raise)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+
+def _patch_tracker_memory_on_cpu() -> None:
+    """The tracker's memory read moves every memory to "cuda" and pins the object pointers' positions.
+
+    `Sam3TrackerBase._prepare_memory_conditioned_features` calls `.cuda()` on each stored memory
+    (it may have been offloaded) and `_get_tpos_enc` `.pin_memory()`; with CPU features both stay put.
+    """
+    from sam3.model.sam3_tracker_base import Sam3TrackerBase
+
+    original = Sam3TrackerBase._prepare_memory_conditioned_features
+
+    @functools.wraps(original)
+    def prepare(self: Any, *args: Any, **kwargs: Any) -> Any:
+        feats = kwargs.get("current_vision_feats", args[2] if len(args) > 2 else None)
+        if feats is None or feats[-1].is_cuda:
+            return original(self, *args, **kwargs)
+        with _cuda_is_identity(), _pin_memory_is_identity():
+            return original(self, *args, **kwargs)
+
+    Sam3TrackerBase._prepare_memory_conditioned_features = prepare  # type: ignore[method-assign]
+
+
 def _patch_geometry_encoder_pin_memory() -> None:
     """`SequenceGeometryEncoder._encode_boxes` pins a 4-element scale tensor on every forward."""
     from sam3.model.geometry_encoders import SequenceGeometryEncoder
@@ -67,5 +99,6 @@ def apply() -> None:
         return
     _patch_geometry_encoder_pin_memory()
     _patch_focal_loss_triton()
+    _patch_tracker_memory_on_cpu()
     _APPLIED = True
     log.debug("sam3 CPU compatibility shims installed")
