@@ -200,7 +200,7 @@ class ClipTracker:
                 multimask_output=tracker._use_multimask(is_cond, points),
                 gt_masks=gt,
             )
-        low_multi, high_multi, ious, low, high, obj_ptr, scores = outputs
+        _, high_multi, ious, low, high, obj_ptr, scores = outputs
         frame = FrameSteps([high_multi], [ious], [scores])
         if t in clip.correct_frames:
             points, (low, high, obj_ptr, scores) = self._correct(
@@ -228,7 +228,7 @@ class ClipTracker:
         for use_gt in from_gt:
             click, label = error_click(gt, None if use_gt else high > 0, self.generator)
             points = _concat_points(points, click, label)
-            low_multi, high_multi, ious, low, high, obj_ptr, scores = tracker._forward_sam_heads(
+            _, high_multi, ious, low, high, obj_ptr, scores = tracker._forward_sam_heads(
                 backbone_features=pix,
                 point_inputs=points,
                 mask_inputs=low,
