@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,6 +153,14 @@ class TrackerBatch:
 
 def collate_tracker_clips(clips: list[TrackerClip]) -> TrackerBatch:
     return TrackerBatch(images=torch.cat([clip.images for clip in clips]), clips=clips)
+
+
+@dataclass
+class JointBatch:
+    """Stage joint: a detector clip batch (sam3's collated `BatchedDatapoint`) and a tracker clip batch."""
+
+    detector: Any
+    tracker: TrackerBatch
 
 
 def _visible(track: Track, frame: int) -> bool:
@@ -316,3 +325,31 @@ class TrackerClipDataset(torch.utils.data.Dataset):
             gt_clicks=gt_clicks,
             seed=int(rng.integers(2**31 - 1)),
         )
+
+
+class JointClipDataset(torch.utils.data.Dataset):
+    """Stage joint: item i is detector clip i and tracker clip i, each cycled over the longer of the two."""
+
+    def __init__(self, detector: torch.utils.data.Dataset, tracker: TrackerClipDataset) -> None:
+        self.detector, self.tracker = detector, tracker
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in (self.detector, self.tracker):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return max(len(self.detector), len(self.tracker))
+
+    def __getitem__(self, index: int) -> tuple[Any, TrackerClip]:
+        return self.detector[index % len(self.detector)], self.tracker[index % len(self.tracker)]
+
+
+class JointCollate:
+    """Picklable collate of `JointClipDataset` items: the detector's collate and `collate_tracker_clips`."""
+
+    def __init__(self, detector: Callable[[list[Any]], Any]) -> None:
+        self.detector = detector
+
+    def __call__(self, items: list[tuple[Any, TrackerClip]]) -> JointBatch:
+        return JointBatch(self.detector([d for d, _ in items]), collate_tracker_clips([t for _, t in items]))

@@ -28,13 +28,15 @@ after the other (each has its own conditioning frames and prompts) over features
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from sam3_core.data.tracker_clips import NEGATIVE, POSITIVE, PointPrompt, TrackerBatch, TrackerClip
+from sam3_core.data.tracker_clips import NEGATIVE, POSITIVE, JointBatch, PointPrompt, TrackerBatch, TrackerClip
+from sam3_core.model.video_detector import VideoClipDetector
 
 
 @dataclass
@@ -74,6 +76,16 @@ def tracker_features(
     levels = {"backbone_fpn": fpn, "vision_pos_enc": list(out["vision_pos_enc"])}
     _, feats, pos, sizes = tracker._prepare_backbone_features(levels)
     return feats, pos, sizes
+
+
+def add_tracker_neck(detector: nn.Module, replace: bool = False) -> None:
+    """Give the detector the tracker's neck (`sam2_convs`): a copy of its own neck, as sam3 builds it.
+
+    `replace`: copy the neck again (after loading weights that had no tracker neck).
+    """
+    neck = detector.backbone.vision_backbone
+    if neck.sam2_convs is None or replace:
+        neck.sam2_convs = copy.deepcopy(neck.convs)
 
 
 def error_click(
@@ -203,10 +215,8 @@ class ClipTracker:
         _, high_multi, ious, low, high, obj_ptr, scores = outputs
         frame = FrameSteps([high_multi], [ious], [scores])
         if t in clip.correct_frames:
-            points, (low, high, obj_ptr, scores) = self._correct(
-                t, is_cond, points, pix, high_res, gt, low, high, frame
-            )
-        self._remember(t, is_cond, feats, points, high, obj_ptr, scores)
+            points, high, obj_ptr = self._correct(t, is_cond, points, pix, high_res, gt, (low, high, obj_ptr), frame)
+        self._remember(t, is_cond, feats, points, high, obj_ptr, frame)
         return frame
 
     def _correct(
@@ -217,15 +227,17 @@ class ClipTracker:
         pix: torch.Tensor,
         high_res: list[torch.Tensor],
         gt: torch.Tensor,
-        low: torch.Tensor,
-        high: torch.Tensor,
+        predicted: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         frame: FrameSteps,
-    ) -> tuple[dict[str, torch.Tensor] | None, tuple[torch.Tensor, ...]]:
-        """Corrective clicks one at a time, each with the previous logits fed back; every step kept in `frame`."""
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Corrective clicks one at a time, each with the previous logits fed back; every step kept in `frame`.
+
+        `predicted`: the frame's low-res logits, input-size logits and object pointer so far; the
+        points (with the clicks), the final input-size logits and object pointer are returned.
+        """
         tracker = self.tracker
-        from_gt = self.clip.gt_clicks[self.clip.correct_frames.index(t)].tolist()
-        obj_ptr = scores = None
-        for use_gt in from_gt:
+        low, high, obj_ptr = predicted
+        for use_gt in self.clip.gt_clicks[self.clip.correct_frames.index(t)].tolist():
             click, label = error_click(gt, None if use_gt else high > 0, self.generator)
             points = _concat_points(points, click, label)
             _, high_multi, ious, low, high, obj_ptr, scores = tracker._forward_sam_heads(
@@ -239,7 +251,7 @@ class ClipTracker:
             frame.multimasks.append(high_multi)
             frame.ious.append(ious)
             frame.object_scores.append(scores)
-        return points, (low, high, obj_ptr, scores)
+        return points, high, obj_ptr
 
     def _remember(
         self,
@@ -249,10 +261,16 @@ class ClipTracker:
         points: dict[str, torch.Tensor] | None,
         high: torch.Tensor,
         obj_ptr: torch.Tensor,
-        scores: torch.Tensor,
+        frame: FrameSteps,
     ) -> None:
-        """The frame's final prediction encoded into memory; conditioning frames (and corrected ones) as conditioning."""
-        features, position = self.tracker._encode_new_memory(
+        """The frame's final prediction encoded into memory; conditioning frames (and corrected ones) as conditioning.
+
+        With SAM3's memory selection the frame's memory score (object score x predicted IoU) is kept
+        too, as sam3's `track_step` keeps it: later frames choose their memories by it.
+        """
+        tracker = self.tracker
+        scores = frame.object_scores[-1]
+        features, position = tracker._encode_new_memory(
             image=None,
             current_vision_feats=feats,
             feat_sizes=self.sizes,
@@ -260,8 +278,11 @@ class ClipTracker:
             object_score_logits=scores,
             is_mask_from_pts=points is not None,
         )
+        out = {"obj_ptr": obj_ptr, "maskmem_features": features, "maskmem_pos_enc": position}
+        if tracker.use_memory_selection:
+            out["eff_iou_score"] = tracker.cal_mem_score(scores, frame.ious[-1].max(-1)[0])
         kind = "cond_frame_outputs" if is_cond or t in self.clip.correct_frames else "non_cond_frame_outputs"
-        self.output[kind][t] = {"obj_ptr": obj_ptr, "maskmem_features": features, "maskmem_pos_enc": position}
+        self.output[kind][t] = out
 
 
 def track_clips(
@@ -278,3 +299,35 @@ def track_clips(
         results.append(ClipTracker(tracker, feats, pos, sizes, clip, first).run())
         first += clip.num_frames
     return results
+
+
+class VideoClipModel(VideoClipDetector):
+    """The detector and SAM3's tracker in training; the state dict is SAM3's layout (`detector.*`, `tracker.*`).
+
+    One forward for DDP whatever the stage: a detector clip batch gives the detector's stages (as
+    `VideoClipDetector`), a `TrackerBatch` the tracked clips, a `JointBatch` both. With
+    `frozen_detector` (stage tracker) the detector stays in eval mode when the model trains, so
+    the tracker sees the features it will see in inference (no drop-path or dropout).
+    """
+
+    def __init__(self, detector: nn.Module, tracker: nn.Module, frozen_detector: bool = False) -> None:
+        super().__init__(detector)
+        self.tracker = tracker
+        self.frozen_detector = frozen_detector
+
+    def train(self, mode: bool = True) -> VideoClipModel:
+        super().train(mode)
+        if self.frozen_detector:
+            self.detector.eval()
+        return self
+
+    def track(self, batch: TrackerBatch) -> list[dict[int, FrameSteps]]:
+        backbone_grad = any(p.requires_grad for p in self.detector.backbone.vision_backbone.parameters())
+        return track_clips(self.detector.backbone, self.tracker, batch, backbone_grad)
+
+    def forward(self, batch: Any, with_targets: bool | None = None) -> Any:
+        if isinstance(batch, TrackerBatch):
+            return self.track(batch)
+        if isinstance(batch, JointBatch):
+            return super().forward(batch.detector, with_targets), self.track(batch.tracker)
+        return super().forward(batch, with_targets)

@@ -31,10 +31,12 @@ from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.loading import PinningCollate
+from sam3_core.data.tracker_clips import JointClipDataset, JointCollate, TrackerClipDataset, collate_tracker_clips
 from sam3_core.data.ytvis import VideoDataset
 from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
+from sam3_core.model.tracker_training import TrackingSettings, VideoClipModel, add_tracker_neck, prepare_tracker
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
@@ -52,9 +54,13 @@ from sam3_core.train.hooks import (
 from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write_config
+from sam3_core.train.stages import TRACKER_NECK, freeze_all, train_tracker_preset
 from sam3_core.train.task import ClipTask
+from sam3_core.train.tracker_loss import TrackerLoss
+from sam3_core.train.tracker_task import JointTask, TrackerTask, TrackerValidationLoss
 from sam3_core.train.trainer import (
     MetricsCallback,
+    Task,
     Trainer,
     TrainResult,
     autocast_context,
@@ -91,16 +97,56 @@ def _initial_weights(module: VideoClipDetector, uri: str) -> None:
     load_model_weights(module, resolve_model_uri(uri))
 
 
-def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
-    module = VideoClipDetector(build_detector(cfg.model))
-    if cfg.model.uri and not resuming:
-        _initial_weights(module, cfg.model.uri)
+def _train_detector_as_configured(cfg: TrainConfig, module: VideoClipDetector) -> None:
+    """The detector's LoRA adapters and frozen prefixes (`model.lora`, `model.freeze`)."""
     if cfg.model.lora.rank > 0:
         lora.add_adapters(module.detector, cfg.model.lora)
     if cfg.model.freeze:
         frozen = freeze(module.detector, cfg.model.freeze)
         log.info("froze %.2fM parameters under %s", frozen / 1e6, cfg.model.freeze)
+
+
+def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
+    if cfg.train.stage != "detector":
+        return _build_tracking_module(cfg, resuming)
+    module = VideoClipDetector(build_detector(cfg.model))
+    if cfg.model.uri and not resuming:
+        _initial_weights(module, cfg.model.uri)
+    _train_detector_as_configured(cfg, module)
     return module
+
+
+def _build_tracking_module(cfg: TrainConfig, resuming: bool) -> VideoClipModel:
+    """Stages tracker and joint: the detector with its tracker's neck, and SAM3's tracker.
+
+    `model.uri` fills both where it holds both (an export or SAM3's checkpoint); a detector-only
+    checkpoint leaves the tracker at its initial weights, and its neck a copy of the loaded
+    detector neck, as sam3 builds it.
+    """
+    from sam3_core.mlflow_records import resolve_model_uri
+    from sam3_core.model.tracker import build_tracker, load_video_model_weights
+
+    detector = build_detector(cfg.model)
+    add_tracker_neck(detector)
+    stage, settings = cfg.train.stage, cfg.tracker_train
+    module = VideoClipModel(detector, build_tracker(cfg.model, predictor=False), frozen_detector=stage == "tracker")
+    if cfg.model.uri and not resuming:
+        report, _ = load_video_model_weights(module, resolve_model_uri(cfg.model.uri))
+        if any(key.startswith("detector." + TRACKER_NECK) for key in report.missing):
+            add_tracker_neck(module.detector, replace=True)
+            log.info("the checkpoint has no tracker neck: it starts as a copy of the detector's neck")
+    prepare_tracker(
+        module.tracker,
+        TrackingSettings(settings.teacher_force_obj_scores, settings.spatial_memory_dropout),
+        cfg.train.seed,
+    )
+    if stage == "tracker":
+        freeze_all(module.detector)
+    else:
+        _train_detector_as_configured(cfg, module)
+    trained = train_tracker_preset(module.detector, module.tracker, settings.trainable)
+    log.info("stage %s: %.2fM tracker parameters train (preset %s)", stage, trained / 1e6, settings.trainable)
+    return module.train()
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -113,26 +159,60 @@ def _validators(
     reader: FrameReader,
     frames: _FrameArrays,
     train_videos: VideoDataset,
-    task: ClipTask,
+    task: Task,
     amp: torch.dtype | None,
     device: torch.device,
 ) -> list[Validator]:
+    """The built-in validators of the stage: the detector's (not in stage tracker), then the tracker's."""
     loop = cfg.train
+    autocast = functools.partial(autocast_context, device, amp)
     validators: list[Validator] = []
-    if loop.val_max_clips > 0:
-        autocast = functools.partial(autocast_context, device, amp)
-        validators.append(ValidationLoss(task, loop.val_max_clips, cfg.data.clips.with_masks, autocast))
-    if loop.val_max_frames > 0:
-        validators.append(
-            DetectionMetrics(
-                reader, loop.val_max_frames, cfg.model.image_size, with_masks=cfg.model.enable_segmentation
+    detector_task = task.detector if isinstance(task, JointTask) else task
+    if loop.stage != "tracker" and isinstance(detector_task, ClipTask):
+        if loop.val_max_clips > 0:
+            validators.append(ValidationLoss(detector_task, loop.val_max_clips, cfg.data.clips.with_masks, autocast))
+        if loop.val_max_frames > 0:
+            validators.append(
+                DetectionMetrics(
+                    reader, loop.val_max_frames, cfg.model.image_size, with_masks=cfg.model.enable_segmentation
+                )
             )
+        if loop.diagnostics:
+            # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
+            seen = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False)
+            validators.append(functools.partial(diagnose, train_dataset=seen))
+    tracker_task = task.tracker if isinstance(task, JointTask) else task
+    if isinstance(tracker_task, TrackerTask) and loop.val_max_clips > 0:
+        clips = TrackerClipDataset(
+            reader.dataset("val"), frames, cfg.data.tracker_clips, cfg.model.image_size, loop.seed, train=False
         )
-    if loop.diagnostics:
-        # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
-        seen = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False)
-        validators.append(functools.partial(diagnose, train_dataset=seen))
+        validators.append(TrackerValidationLoss(tracker_task, clips, loop.val_max_clips, autocast))
     return validators
+
+
+def _training_data(cfg: TrainConfig, videos: VideoDataset, frames: _FrameArrays) -> tuple[Any, Any]:
+    """The training clips of the stage and their collate function."""
+    size, seed = cfg.model.image_size, cfg.train.seed
+    detector_collate = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
+    if cfg.train.stage == "detector":
+        return ClipDataset(videos, frames, cfg.data.clips, size, seed, train=True), detector_collate
+    tracker_clips = TrackerClipDataset(videos, frames, cfg.data.tracker_clips, size, seed, train=True)
+    if cfg.train.stage == "tracker":
+        return tracker_clips, collate_tracker_clips
+    detector_clips = ClipDataset(videos, frames, cfg.data.clips, size, seed, train=True)
+    return JointClipDataset(detector_clips, tracker_clips), JointCollate(detector_collate)
+
+
+def _task(cfg: TrainConfig, module: VideoClipDetector, device: torch.device) -> Task:
+    """What the loop minimises at the stage: sam3's detector loss, SAM2's tracker loss, or their sum."""
+    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+    tracker = TrackerTask(TrackerLoss(cfg.tracker_train.loss), device)
+    if cfg.train.stage == "tracker":
+        return tracker
+    detector = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
+    if cfg.train.stage == "detector":
+        return detector
+    return JointTask(detector, tracker, cfg.tracker_train.tracker_weight)
 
 
 def build_trainer(
@@ -154,9 +234,8 @@ def build_trainer(
     frames = _FrameArrays(reader)
     # parsed once: SA-V-scale annotation files take seconds to read
     train_videos = reader.dataset("train")
-    train_set = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True)
+    train_set, collate = _training_data(cfg, train_videos, frames)
     pin = device.type == "cuda"
-    collate: Any = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
     data = MicroBatches(
         train_set,
         cfg.data.batch_size,
@@ -184,8 +263,7 @@ def build_trainer(
             # never averaged. Some parameters (e.g. the unused 0.5x neck level) get no gradient.
             find_unused_parameters=True,
         )
-    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
-    task = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
+    task = _task(cfg, module, device)
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     amp = _amp_dtype(cfg, device)
@@ -195,7 +273,7 @@ def build_trainer(
     )
     val_set = (
         ClipDataset(reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
-        if all_validators
+        if all_validators and cfg.train.stage != "tracker"
         else None
     )
     extra: dict[str, Any] = {"config": to_yaml(cfg), "lora": lora.lora_settings(cfg.model.lora)}

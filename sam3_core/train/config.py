@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 from sam3_core.config_checks import check_bool, check_choice, check_int, check_str
 from sam3_core.data.clips import ClipConfig
+from sam3_core.data.tracker_clips import TrackerClipConfig
 from sam3_core.errors import ConfigError
 from sam3_core.mlflow_records.settings import MlflowConfig
 from sam3_core.model.config import ModelConfig
 from sam3_core.train.loss import LossConfig
 from sam3_core.train.optim import OptimConfig
+from sam3_core.train.stages import STAGES, TrackerTrainConfig
 
 
 @dataclass
@@ -26,7 +28,9 @@ class DataConfig:
     # most bytes of frames a remote dataset keeps in the local cache (least recently used evicted); 0 = no limit
     cache_bytes: int = 0
     clips: ClipConfig = field(default_factory=ClipConfig)
-    # clips per process per micro-batch
+    # stages tracker and joint: the tracker's clips (objects and their prompts)
+    tracker_clips: TrackerClipConfig = field(default_factory=TrackerClipConfig)
+    # clips per process per micro-batch (stage joint: that many of each kind)
     batch_size: int = 2
     num_workers: int = 0
     # batches loaded ahead of the step: by each DataLoader worker (num_workers > 0), or, with num_workers = 0
@@ -51,6 +55,9 @@ _METRIC_NAME = re.compile(r"^(train|val|diag)/[\w.\-]+$")
 
 @dataclass
 class LoopConfig:
+    # detector: the detector on noun-phrase clips; tracker: SAM3's tracker on object clips, the detector
+    # frozen; joint: both, their losses summed (see sam3_core.train.stages)
+    stage: str = "detector"
     max_steps: int = 200
     grad_accum_steps: int = 1
     seed: int = 0
@@ -82,6 +89,7 @@ class LoopConfig:
     num_threads: int = 0
 
     def __post_init__(self) -> None:
+        check_choice("train.stage", self.stage, STAGES)
         check_int("train.max_steps", self.max_steps, 1)
         check_int("train.grad_accum_steps", self.grad_accum_steps, 1, 4096)
         check_int("train.seed", self.seed, 0, 2**31 - 1)
@@ -111,8 +119,16 @@ class LoopConfig:
                 f"train.best_metric={self.best_metric} needs validation: set train.val_every > 0 "
                 "or choose a train/ metric (train.best_metric=train/loss train.best_mode=min)"
             )
-        if group == "val" and name == "loss" and self.val_max_clips == 0:
-            raise ConfigError("train.best_metric=val/loss needs train.val_max_clips > 0")
+        if group == "val" and name in ("loss", "tracker_loss") and self.val_max_clips == 0:
+            raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_clips > 0")
+        if group == "val" and name == "tracker_loss" and self.stage == "detector":
+            raise ConfigError("train.best_metric=val/tracker_loss needs train.stage=tracker or joint")
+        detector_metric = group == "val" and (name == "loss" or name.startswith(("bbox_", "segm_")))
+        if self.stage == "tracker" and (detector_metric or group == "diag"):
+            raise ConfigError(
+                f"train.best_metric={self.best_metric}: train.stage=tracker leaves the detector unchanged; choose a "
+                "tracker metric: train.best_metric=val/tracker_loss train.best_mode=min"
+            )
         iou_type, _, stat = name.partition("_")
         if group == "val" and iou_type in ("bbox", "segm"):
             if stat not in DETECTION_STATS:
@@ -149,12 +165,19 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # stages tracker and joint: what of SAM3's tracker trains, and its loss
+    tracker_train: TrackerTrainConfig = field(default_factory=TrackerTrainConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the run is tracked in MLflow; leaves the run folder name alone (see run_name_for)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
+        if self.train.stage == "tracker" and self.model.lora.rank > 0:
+            raise ConfigError(
+                "model.lora.rank: train.stage=tracker keeps the detector frozen; set model.lora.rank=0 "
+                "(or train.stage=joint to adapt the detector too)"
+            )
         if self.train.best_metric.startswith("val/segm_") and not self.model.enable_segmentation:
             raise ConfigError(
                 f"train.best_metric={self.train.best_metric} needs masks but model.enable_segmentation=false; "

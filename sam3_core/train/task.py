@@ -27,7 +27,10 @@ class ClipTask:
 
     def losses(self, model: nn.Module, batch: Any, **forward: Any) -> dict[str, torch.Tensor]:
         """`loss` (sam3's core loss) and the six weighted terms; `forward` goes to the model (e.g. with_targets)."""
-        outputs = model(batch, **forward)
+        return self.stage_losses(model(batch, **forward), batch)
+
+    def stage_losses(self, outputs: Any, batch: Any) -> dict[str, torch.Tensor]:
+        """The losses of the model's per-frame stages `outputs` for `batch`."""
         targets = [self.module.detector.back_convert(target) for target in batch.find_targets]
         raw = self.loss_fn(outputs, targets)
         return {"loss": raw["core_loss"], **{term: raw[term] for term in LOSS_TERMS if term in raw}}

@@ -1,0 +1,99 @@
+"""Training stages: which half of SAM3 a run trains (`train.stage`), and the tracker's training settings.
+
+- ``detector`` (default): the detector on noun-phrase clips, as before; no tracker is built.
+- ``tracker``: SAM3's tracker on object clips (`data.tracker_clips`), the detector frozen: every
+  ``detector.*`` weight stays bit-identical (the tracker reads its features). What of the tracker
+  trains is a preset (`tracker_train.trainable`):
+
+  | preset | trains |
+  | --- | --- |
+  | ``memory`` | memory attention, memory encoder, memory embeddings, object pointers |
+  | ``memory_decoder`` (default) | the above and SAM's mask decoder (SAM2's fine-tuning set without the image encoder) |
+  | ``all`` | every tracker weight (prompt encoder too) and the tracker's own neck inside the detector (``sam2_convs``) |
+
+- ``joint``: both, each step on a detector clip batch and a tracker clip batch, their losses
+  summed (`tracker_train.tracker_weight` scales the tracker's); the detector trains as in stage
+  detector (`model.freeze`, `model.lora`), the tracker per its preset.
+
+Checkpoints keep SAM3's layout (``detector.*``, ``tracker.*``), so the export merges a trained
+tracker and SAM3's own video model loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from sam3_core.config_checks import check_bool, check_choice, check_float
+from sam3_core.train.tracker_loss import TrackerLossConfig
+
+STAGES = ("detector", "tracker", "joint")
+# the tracker's parameter-name prefixes each preset trains (names inside Sam3TrackerBase)
+_MEMORY = (
+    "transformer.",
+    "maskmem_backbone.",
+    "maskmem_tpos_enc",
+    "no_mem_embed",
+    "no_mem_pos_enc",
+    "no_obj_embed_spatial",
+    "obj_ptr_proj.",
+    "obj_ptr_tpos_proj.",
+    "no_obj_ptr",
+)
+TRACKER_PRESETS: dict[str, tuple[str, ...]] = {
+    "memory": _MEMORY,
+    "memory_decoder": (*_MEMORY, "sam_mask_decoder."),
+    "all": ("",),
+}
+# the tracker's neck: a copy of the detector's neck inside the detector, read by the tracker only
+TRACKER_NECK = "backbone.vision_backbone.sam2_convs."
+
+
+@dataclass
+class TrackerTrainConfig:
+    """Key `tracker_train`: what of SAM3's tracker trains in stages tracker and joint, and how."""
+
+    # memory | memory_decoder | all (see sam3_core.train.stages)
+    trainable: str = "memory_decoder"
+    # the ground truth, not the predicted object score, decides whether a frame's memory holds the object
+    teacher_force_obj_scores: bool = True
+    # probability of dropping part of the spatial memory when a frame is tracked (sam3's knob; 0: off)
+    spatial_memory_dropout: float = 0.0
+    # stage joint: the tracker's loss is multiplied by this before it is added to the detector's
+    tracker_weight: float = 1.0
+    loss: TrackerLossConfig = field(default_factory=TrackerLossConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("tracker_train.trainable", self.trainable, TRACKER_PRESETS)
+        check_bool("tracker_train.teacher_force_obj_scores", self.teacher_force_obj_scores)
+        check_float("tracker_train.spatial_memory_dropout", self.spatial_memory_dropout, 0.0, 1.0)
+        check_float("tracker_train.tracker_weight", self.tracker_weight, 0.0)
+
+
+def freeze_all(module: nn.Module) -> int:
+    """Turn off every gradient of `module`; returns how many parameters."""
+    count = 0
+    for param in module.parameters():
+        param.requires_grad_(False)
+        count += param.numel()
+    return count
+
+
+def train_tracker_preset(detector: nn.Module, tracker: nn.Module, preset: str) -> int:
+    """Gradients on for the tracker weights `preset` names (off for the rest of the tracker); returns how many.
+
+    Preset ``all`` also trains the tracker's neck inside the detector.
+    """
+    prefixes = TRACKER_PRESETS[preset]
+    count = 0
+    for name, param in tracker.named_parameters():
+        on = any(name.startswith(prefix) for prefix in prefixes)
+        param.requires_grad_(on)
+        count += param.numel() if on else 0
+    if preset == "all":
+        for name, param in detector.named_parameters():
+            if name.startswith(TRACKER_NECK):
+                param.requires_grad_(True)
+                count += param.numel()
+    return count

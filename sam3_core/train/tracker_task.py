@@ -1,0 +1,101 @@
+"""The tracker's tasks for the generic loop: stage tracker (`TrackerTask`) and stage joint (`JointTask`).
+
+Logged names: the tracker's terms are ``tracker_loss_mask``, ``tracker_loss_dice``,
+``tracker_loss_iou``, ``tracker_loss_class`` and its weighted total ``tracker_loss``; in stage
+joint ``loss`` is the detector's core loss plus ``tracker_train.tracker_weight`` x ``tracker_loss``,
+and the detector's terms keep their names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from sam3_core import comm
+from sam3_core.data.loading import pin_tensors
+from sam3_core.data.tracker_clips import JointBatch, TrackerBatch, TrackerClipDataset, collate_tracker_clips
+from sam3_core.train.task import ClipTask
+from sam3_core.train.tracker_loss import TERMS, TrackerLoss
+
+
+def _named(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tracker loss's terms under their logged names."""
+    return {"tracker_loss": losses["loss"], **{f"tracker_{term}": losses[term] for term in TERMS}}
+
+
+def _tracker_counts(batch: TrackerBatch) -> dict[str, int]:
+    return {
+        "clips": len(batch.clips),
+        "frames": int(batch.images.shape[0]),
+        "objects": sum(len(clip.track_ids) for clip in batch.clips),
+    }
+
+
+class TrackerTask:
+    """SAM2's tracker loss on the clips a `VideoClipModel` tracked (stage tracker)."""
+
+    def __init__(self, loss: TrackerLoss, device: torch.device) -> None:
+        self.loss, self.device = loss, device
+
+    def to_device(self, batch: TrackerBatch) -> TrackerBatch:
+        if self.device.type == "cpu":
+            return batch
+        return pin_tensors(batch, lambda tensor: tensor.to(self.device, non_blocking=True))
+
+    def tracked_losses(self, tracked: list, batch: TrackerBatch) -> dict[str, torch.Tensor]:
+        return _named(self.loss(tracked, [clip.masks for clip in batch.clips]))
+
+    def losses(self, model: nn.Module, batch: TrackerBatch) -> dict[str, torch.Tensor]:
+        named = self.tracked_losses(model(batch), batch)
+        return {"loss": named["tracker_loss"], **named}
+
+    def counts(self, batch: TrackerBatch) -> dict[str, int]:
+        return _tracker_counts(batch)
+
+
+class JointTask:
+    """Stage joint: the detector's loss on its clips plus the weighted tracker loss, from one forward."""
+
+    def __init__(self, detector: ClipTask, tracker: TrackerTask, tracker_weight: float) -> None:
+        self.detector, self.tracker, self.tracker_weight = detector, tracker, tracker_weight
+
+    def to_device(self, batch: JointBatch) -> JointBatch:
+        return JointBatch(self.detector.to_device(batch.detector), self.tracker.to_device(batch.tracker))
+
+    def losses(self, model: nn.Module, batch: JointBatch) -> dict[str, torch.Tensor]:
+        stages, tracked = model(batch)
+        detector = self.detector.stage_losses(stages, batch.detector)
+        tracker = self.tracker.tracked_losses(tracked, batch.tracker)
+        total = detector["loss"] + self.tracker_weight * tracker["tracker_loss"]
+        return {**detector, "detector_loss": detector["loss"], **tracker, "loss": total}
+
+    def counts(self, batch: JointBatch) -> dict[str, int]:
+        tracked = _tracker_counts(batch.tracker)
+        return {
+            **self.detector.counts(batch.detector),
+            "tracker_clips": tracked["clips"],
+            "objects": tracked["objects"],
+        }
+
+
+class TrackerValidationLoss:
+    """`tracker_loss`: the mean tracker loss of the first `max_clips` validation clips (first-frame mask prompts)."""
+
+    def __init__(
+        self, task: TrackerTask, dataset: TrackerClipDataset, max_clips: int, autocast: Callable[[], Any]
+    ) -> None:
+        self.task, self.dataset, self.max_clips, self.autocast = task, dataset, max_clips, autocast
+
+    def __call__(self, module: nn.Module, val_set: Any, step: int) -> dict[str, float]:
+        count = min(len(self.dataset), self.max_clips)
+        total = torch.zeros(2, dtype=torch.float64)
+        for index in range(comm.rank(), count, comm.world_size()):
+            batch = self.task.to_device(collate_tracker_clips([self.dataset[index]]))
+            with self.autocast():
+                total[0] += float(self.task.losses(module, batch)["loss"])
+            total[1] += 1
+        total = comm.all_reduce_sum(total)
+        return {"tracker_loss": float(total[0] / total[1])} if total[1] > 0 else {}
