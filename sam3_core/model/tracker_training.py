@@ -29,14 +29,22 @@ after the other (each has its own conditioning frames and prompts) over features
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from sam3_core.data.tracker_clips import NEGATIVE, POSITIVE, JointBatch, PointPrompt, TrackerBatch, TrackerClip
 from sam3_core.model.video_detector import VideoClipDetector
+
+if TYPE_CHECKING:
+    from sam3_core.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+# the tracker's neck: a copy of the detector's neck inside the detector, read by the tracker only
+TRACKER_NECK_PREFIX = "detector.backbone.vision_backbone.sam2_convs."
 
 
 @dataclass
@@ -331,3 +339,27 @@ class VideoClipModel(VideoClipDetector):
         if isinstance(batch, JointBatch):
             return super().forward(batch.detector, with_targets), self.track(batch.tracker)
         return super().forward(batch, with_targets)
+
+
+def build_video_clip_model(cfg: ModelConfig, frozen_detector: bool = False) -> VideoClipModel:
+    """The detector (with its tracker's neck) and SAM3's tracker at the sizes of `cfg`, weights initialised."""
+    from sam3_core.model.build import build_detector
+    from sam3_core.model.tracker import build_tracker
+
+    detector = build_detector(cfg)
+    add_tracker_neck(detector)
+    return VideoClipModel(detector, build_tracker(cfg, predictor=False), frozen_detector=frozen_detector)
+
+
+def load_video_clip_weights(module: VideoClipModel, uri: str) -> None:
+    """A checkpoint's `detector.*` and `tracker.*` weights, whichever it has (ours, an export, SAM3's).
+
+    A checkpoint without the tracker's neck (a detector trained here) leaves it a copy of the
+    loaded detector neck, as sam3 builds it; one without `tracker.*` leaves the tracker as built.
+    """
+    from sam3_core.model.tracker import load_video_model_weights
+
+    report, _ = load_video_model_weights(module, uri)
+    if any(key.startswith(TRACKER_NECK_PREFIX) for key in report.missing):
+        add_tracker_neck(module.detector, replace=True)
+        log.info("%s has no tracker neck: it starts as a copy of the detector's neck", uri)

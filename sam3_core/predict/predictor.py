@@ -39,7 +39,7 @@ from sam3_core.config_checks import MISSING, check_bool, check_choice, check_flo
 from sam3_core.data.datapoints import frame_to_tensor
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import SPLITS
-from sam3_core.data.ytvis import Video
+from sam3_core.data.ytvis import Video, VideoDataset
 from sam3_core.errors import InputError
 from sam3_core.mlflow_records import draw_masks, resolve_model_uri
 from sam3_core.mlflow_records.settings import MlflowConfig
@@ -51,7 +51,9 @@ from sam3_core.model.chunked_detection import (
     frame_detector,
 )
 from sam3_core.model.config import ModelConfig
+from sam3_core.model.tracker_training import build_video_clip_model, load_video_clip_weights
 from sam3_core.model.video_detector import VideoClipDetector
+from sam3_core.predict import vos
 from sam3_core.predict.association import AssociationConfig, associate
 from sam3_core.predict.dumper import DumperConfig, PredictionDumper
 from sam3_core.predict.postprocess import (
@@ -67,7 +69,7 @@ log = logging.getLogger(__name__)
 # Written into every predictions folder: the settings that made its files (see prediction_settings).
 SETTINGS_FILE = "predict_settings.json"
 # Config sections whose values can change the prediction files ...
-CONTENT_SECTIONS = ("model", "data", "detection", "postprocess", "association", "dumper")
+CONTENT_SECTIONS = ("inference", "model", "data", "detection", "postprocess", "association", "dumper")
 # ... except these, which change how they are computed or gathered, never what they hold.
 CONTENT_NEUTRAL_KEYS = frozenset(
     {
@@ -126,8 +128,14 @@ class PreviewConfig:
         check_float("preview.min_score", self.min_score, 0.0, 1.0)
 
 
+# how masklets are made: linked (per-frame detections linked by IoU), vos (SAM3's tracker from each
+# ground-truth object's first-frame mask, semi-supervised VOS; see sam3_core.predict.vos)
+INFERENCE_MODES = ("linked", "vos")
+
+
 @dataclass
 class PredictConfig:
+    inference: str = "linked"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
@@ -137,6 +145,9 @@ class PredictConfig:
     output: PredictOutputConfig = field(default_factory=PredictOutputConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        check_choice("inference", self.inference, INFERENCE_MODES)
 
 
 @dataclass
@@ -297,16 +308,73 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     out_uri = prepare_output(cfg, checkpoint)
     env = comm.init_process_group()
     device = comm.device()
-    model = VideoClipDetector(build_detector(cfg.model))
-    _load_weights(model, checkpoint)
-    model.to(device).eval()
-
     reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
     dataset = reader.dataset(cfg.data.split)
     image_ids = _frame_image_ids(reader, cfg.data.split)
+    dumper = PredictionDumper(cfg.dumper)
+    if cfg.inference == "vos":
+        previews = _predict_vos(cfg, checkpoint, reader, dataset, image_ids, dumper, device)
+    else:
+        previews = _predict_linked(cfg, checkpoint, reader, dataset, image_ids, dumper, env, device)
+    if env.is_main:
+        # the settings go first: a folder is claimed for them before its files change
+        settings = prediction_settings(cfg, checkpoint.sha256)
+        storage.write_json(storage.join(out_uri, SETTINGS_FILE), {"key": settings_key(settings), "settings": settings})
+    dumper.dump(out_uri)
+    comm.barrier()
+    if env.is_main:
+        log.info("predictions written to %s (%s)", out_uri, ", ".join(PREDICTION_FILES.values()))
+    return PredictResult(out_uri, previews)
+
+
+def _predict_vos(
+    cfg: PredictConfig,
+    checkpoint: LocalCheckpoint,
+    reader: FrameReader,
+    dataset: VideoDataset,
+    image_ids: dict[tuple[int, int], int],
+    dumper: PredictionDumper,
+    device: torch.device,
+) -> dict[str, Image.Image]:
+    """inference=vos: each rank propagates its share of the videos (video index mod world size)."""
+    model = build_video_clip_model(cfg.model)
+    try:
+        load_video_clip_weights(model, str(checkpoint.path))
+    except InputError as exc:
+        raise InputError(checkpoint.uri, exc.field, exc.message.replace(str(checkpoint.path), checkpoint.uri)) from exc
+    model.to(device).eval()
+    names = {c.id: c.name for c in dataset.categories}
+    previews: dict[str, Image.Image] = {}
+    mine = [(i, v) for i, v in enumerate(dataset.videos) if i % comm.world_size() == comm.rank()]
+    for index, video in tqdm(mine, desc="predict vos", unit="video", disable=not comm.is_main()):
+        images = vos.frame_images(reader.image, video, cfg.model.image_size)
+        propagation = vos.VideoPropagation(model, video, dataset.tracks_of(video.id), images)
+        propagation.run()
+        frames = propagation.frames(image_ids)
+        dumper.add("bbox", coco_bbox_results(frames))
+        dumper.add("segm", coco_segm_results(frames))
+        dumper.add_video(propagation.masklets())
+        if index == 0:
+            previews = _previews(reader, video, dict(enumerate(frames)), names, cfg.preview)
+    return previews
+
+
+def _predict_linked(
+    cfg: PredictConfig,
+    checkpoint: LocalCheckpoint,
+    reader: FrameReader,
+    dataset: VideoDataset,
+    image_ids: dict[tuple[int, int], int],
+    dumper: PredictionDumper,
+    env: comm.LaunchEnv,
+    device: torch.device,
+) -> dict[str, Image.Image]:
+    """inference=linked: per-frame detections (frames spread over ranks) linked into masklets by IoU."""
+    model = VideoClipDetector(build_detector(cfg.model))
+    _load_weights(model, checkpoint)
+    model.to(device).eval()
     prompts = [c.name for c in dataset.categories]
     category_ids = [c.id for c in dataset.categories]
-    dumper = PredictionDumper(cfg.dumper)
     previews: dict[str, Image.Image] = {}
 
     for index, video in enumerate(tqdm(dataset.videos, desc="predict", unit="video", disable=not env.is_main)):
@@ -333,13 +401,4 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
             dumper.add_video(associate(frames, video.id, cfg.association))
         if index == 0 and env.is_main:
             previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
-
-    if env.is_main:
-        # the settings go first: a folder is claimed for them before its files change
-        settings = prediction_settings(cfg, checkpoint.sha256)
-        storage.write_json(storage.join(out_uri, SETTINGS_FILE), {"key": settings_key(settings), "settings": settings})
-    dumper.dump(out_uri)
-    comm.barrier()
-    if env.is_main:
-        log.info("predictions written to %s (%s)", out_uri, ", ".join(PREDICTION_FILES.values()))
-    return PredictResult(out_uri, previews)
+    return previews

@@ -36,7 +36,13 @@ from sam3_core.data.ytvis import VideoDataset
 from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
-from sam3_core.model.tracker_training import TrackingSettings, VideoClipModel, add_tracker_neck, prepare_tracker
+from sam3_core.model.tracker_training import (
+    TrackingSettings,
+    VideoClipModel,
+    build_video_clip_model,
+    load_video_clip_weights,
+    prepare_tracker,
+)
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
@@ -54,7 +60,7 @@ from sam3_core.train.hooks import (
 from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write_config
-from sam3_core.train.stages import TRACKER_NECK, freeze_all, train_tracker_preset
+from sam3_core.train.stages import freeze_all, train_tracker_preset
 from sam3_core.train.task import ClipTask
 from sam3_core.train.tracker_loss import TrackerLoss
 from sam3_core.train.tracker_task import JointTask, TrackerTask, TrackerValidationLoss
@@ -117,29 +123,15 @@ def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
 
 
 def _build_tracking_module(cfg: TrainConfig, resuming: bool) -> VideoClipModel:
-    """Stages tracker and joint: the detector with its tracker's neck, and SAM3's tracker.
-
-    `model.uri` fills both where it holds both (an export or SAM3's checkpoint); a detector-only
-    checkpoint leaves the tracker at its initial weights, and its neck a copy of the loaded
-    detector neck, as sam3 builds it.
-    """
+    """Stages tracker and joint: the detector with its tracker's neck, and SAM3's tracker (see `load_video_clip_weights`)."""
     from sam3_core.mlflow_records import resolve_model_uri
-    from sam3_core.model.tracker import build_tracker, load_video_model_weights
 
-    detector = build_detector(cfg.model)
-    add_tracker_neck(detector)
     stage, settings = cfg.train.stage, cfg.tracker_train
-    module = VideoClipModel(detector, build_tracker(cfg.model, predictor=False), frozen_detector=stage == "tracker")
+    module = build_video_clip_model(cfg.model, frozen_detector=stage == "tracker")
     if cfg.model.uri and not resuming:
-        report, _ = load_video_model_weights(module, resolve_model_uri(cfg.model.uri))
-        if any(key.startswith("detector." + TRACKER_NECK) for key in report.missing):
-            add_tracker_neck(module.detector, replace=True)
-            log.info("the checkpoint has no tracker neck: it starts as a copy of the detector's neck")
-    prepare_tracker(
-        module.tracker,
-        TrackingSettings(settings.teacher_force_obj_scores, settings.spatial_memory_dropout),
-        cfg.train.seed,
-    )
+        load_video_clip_weights(module, resolve_model_uri(cfg.model.uri))
+    tracking = TrackingSettings(settings.teacher_force_obj_scores, settings.spatial_memory_dropout)
+    prepare_tracker(module.tracker, tracking, cfg.train.seed)
     if stage == "tracker":
         freeze_all(module.detector)
     else:
