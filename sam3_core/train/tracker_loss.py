@@ -32,7 +32,7 @@ TERMS = ("loss_mask", "loss_dice", "loss_iou", "loss_class")
 
 @dataclass
 class TrackerLossConfig:
-    """Key `tracker_loss`: SAM2's loss weights and focal settings."""
+    """Key `tracker_train.loss`: SAM2's loss weights and focal settings."""
 
     loss_mask: float = 20.0
     loss_dice: float = 1.0
@@ -43,8 +43,8 @@ class TrackerLossConfig:
 
     def __post_init__(self) -> None:
         for key in ("loss_mask", "loss_dice", "loss_iou", "loss_class", "focal_gamma"):
-            check_float(f"tracker_loss.{key}", getattr(self, key), 0.0)
-        check_float("tracker_loss.focal_alpha", self.focal_alpha, 0.0, 1.0)
+            check_float(f"tracker_train.loss.{key}", getattr(self, key), 0.0)
+        check_float("tracker_train.loss.focal_alpha", self.focal_alpha, 0.0, 1.0)
 
 
 def focal_per_mask(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:

@@ -57,6 +57,12 @@ BAD_OVERRIDES = [
     ("train.val_every=0", "train.best_metric"),
     ("train.val_max_frames=0", "train.best_metric"),
     ("output.run_name=../elsewhere", "output.run_name"),
+    ("train.stage=both", "train.stage"),
+    ("tracker_train.trainable=everything", "tracker_train.trainable"),
+    ("tracker_train.loss.loss_mask=-1", "tracker_train.loss.loss_mask"),
+    ("data.tracker_clips.max_objects=0", "data.tracker_clips.max_objects"),
+    ("data.tracker_clips.max_correct_frames=1", "data.tracker_clips.max_correct_frames"),
+    ("data.tracker_clips.point_prob=2", "data.tracker_clips.point_prob"),
 ]
 
 
@@ -120,6 +126,31 @@ def test_keys_that_shape_nothing_leave_the_run_name_alone() -> None:
     ]
     assert run_name_for(config(neutral)) == base
     assert run_name_for(config(["optim.lr=0.001"])) != base
+
+
+def test_keys_of_another_stage_leave_the_run_name_alone() -> None:
+    detector = run_name_for(config([]))
+    assert run_name_for(config(["data.tracker_clips.max_objects=2", "tracker_train.loss.loss_dice=2"])) == detector
+    tracker = ["train.stage=tracker", "train.best_metric=val/tracker_loss", "train.best_mode=min"]
+    assert run_name_for(config(tracker)) != detector
+    assert run_name_for(config([*tracker, "data.clips.num_negatives=3"])) == run_name_for(config(tracker))
+    assert run_name_for(config([*tracker, "data.tracker_clips.max_objects=2"])) != run_name_for(config(tracker))
+
+
+@pytest.mark.parametrize("metric", ["val/segm_AP", "val/bbox_AP50", "val/loss", "diag/top_box_iou"])
+def test_stage_tracker_refuses_a_detector_metric_for_the_best_checkpoint(metric: str) -> None:
+    with pytest.raises(ConfigError, match="leaves the detector unchanged"):
+        config(["train.stage=tracker", f"train.best_metric={metric}"])
+
+
+def test_the_tracker_validation_loss_needs_a_stage_with_a_tracker() -> None:
+    with pytest.raises(ConfigError, match="needs train.stage=tracker or joint"):
+        config(["train.best_metric=val/tracker_loss", "train.best_mode=min"])
+
+
+def test_stage_tracker_refuses_detector_lora() -> None:
+    with pytest.raises(ConfigError, match="keeps the detector frozen"):
+        config(["train.stage=tracker", "train.best_metric=train/loss", "model.lora.rank=4"])
 
 
 def test_config_differences_name_each_shaping_key_with_both_values() -> None:
