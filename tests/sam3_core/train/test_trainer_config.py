@@ -144,7 +144,7 @@ def test_stage_tracker_refuses_a_detector_metric_for_the_best_checkpoint(metric:
 
 
 def test_the_tracker_validation_loss_needs_a_stage_with_a_tracker() -> None:
-    with pytest.raises(ConfigError, match="needs train.stage=tracker or joint"):
+    with pytest.raises(ConfigError, match=r"needs train\.stage=tracker or joint"):
         config(["train.best_metric=val/tracker_loss", "train.best_mode=min"])
 
 
