@@ -6,7 +6,8 @@ then the largest batch (clips per step) that fits, found by doubling and bisecti
 accelerator runs out of memory. The modes are built as training builds them: `model.freeze` of
 the vision backbone, and `model.lora.rank` adapters on the default targets (everything else frozen).
 
-`python -m bench gpu` on a CUDA machine runs the `full` preset at 1008 px. Without CUDA it says so
+`python -m bench gpu` on a CUDA machine runs the `full` preset at 1008 px, then the tracker stage's
+step on SAM2's 8-frame clips (`bench.tracker_step`). Without CUDA it says so
 and returns; `python -m bench.bench_gpu --preset tiny --allow-cpu` exercises the same code on CPU
 (full precision there, and no batch search unless `--max-batch` is given).
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench import tracker_step
 from sam3_core.config import load_config
 from sam3_core.data.datapoints import FrameObject, Prompt, collate_clips, make_datapoint
 from sam3_core.model import lora
@@ -169,6 +171,7 @@ def run(bench: GpuBench) -> None:
 
 def main() -> None:
     run(GpuBench())
+    tracker_step.run(tracker_step.TrackerBench())
 
 
 if __name__ == "__main__":
