@@ -22,8 +22,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# two workers, each module on one of them (tests/conftest.py)
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # the unit tier: no servers, no child processes, no trainings (docs/testing.md)
 test-fast: $(STAMP)

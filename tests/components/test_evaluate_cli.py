@@ -125,6 +125,7 @@ FRAME_METRICS = {
 VIDEO_METRICS = {f"video_{k}_mAP_{i}" for k in ("bbox", "mask") for i in ("50_95", "50", "75")}
 
 
+@pytest.mark.integration
 def test_cli_prints_one_json_line_and_publishes_metrics_table_and_plot(tmp_path):
     gt = write(tmp_path / "gt.json", frames_gt())
     predictions = write(tmp_path / "pred.json", perfect_frame_predictions())
@@ -149,6 +150,7 @@ def test_cli_prints_one_json_line_and_publishes_metrics_table_and_plot(tmp_path)
     assert (output.parent / "pr_curves.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.integration
 def test_malformed_predictions_exit_non_zero_name_the_field_and_write_nothing(tmp_path):
     gt = write(tmp_path / "gt.json", frames_gt())
     bad = [{k: v for k, v in p.items() if k != "score"} for p in perfect_frame_predictions()]
@@ -162,6 +164,7 @@ def test_malformed_predictions_exit_non_zero_name_the_field_and_write_nothing(tm
     assert not output.parent.exists()
 
 
+@pytest.mark.integration
 def test_hydra_overrides_give_the_same_result_as_flags(tmp_path):
     gt = write(tmp_path / "gt.json", frames_gt())
     predictions = write(tmp_path / "pred.json", perfect_frame_predictions())
@@ -411,6 +414,7 @@ def test_yt_vis_gt_scores_class_map_only_unless_metrics_asks_for_more(tmp_path):
     assert not any("_mAP_" in k for k in chosen)
 
 
+@pytest.mark.integration
 def test_evaluation_with_tracking_off_never_imports_mlflow(tmp_path):
     """Importing mlflow takes about a second: a short evaluation that tracks nothing must not pay it."""
     gt, predictions = generate(SacoShape(videos=1, frames=3, seed=23))

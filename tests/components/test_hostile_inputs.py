@@ -44,6 +44,9 @@ from tests.fixtures.datasets import TINY_MODEL, TINY_TRAIN, TINY_VIDEOS, single_
 from tests.fixtures.network import free_port
 from tests.fixtures.paths import REPO
 
+# every test here starts processes, servers or trainings (the integration tier)
+pytestmark = pytest.mark.integration
+
 MAINS = {"data-prep": data_prep.main, "train": train.main, "predict": predict.main, "evaluate": evaluate.main}
 MODULES = {
     "data-prep": "components.data_prep",

@@ -164,6 +164,7 @@ def test_component_input_error_is_one_line_and_exit_2(capsys, caplog) -> None:
     assert len(errors) == 1 and "source" in errors[0]
 
 
+@pytest.mark.integration
 def test_submit_sends_the_pipeline_parameters_and_token(fake_kfp, capsys, caplog) -> None:
     status, out, _ = cli(
         "submit",
@@ -190,6 +191,7 @@ def test_submit_sends_the_pipeline_parameters_and_token(fake_kfp, capsys, caplog
     assert {auth for *_, auth, _ in fake_kfp["requests"]} == {"Bearer tok-123"}
 
 
+@pytest.mark.integration
 def test_submit_no_cache_reruns_even_data_prep(fake_kfp, capsys, caplog) -> None:
     status, _, _ = cli("submit", "--host", fake_kfp["url"], "--no-cache", capsys=capsys, caplog=caplog)
 
@@ -201,6 +203,7 @@ def test_submit_no_cache_reruns_even_data_prep(fake_kfp, capsys, caplog) -> None
     assert not any(task["cachingOptions"].get("enableCache") for task in tasks.values())
 
 
+@pytest.mark.integration
 def test_submit_reads_the_service_account_token_file(tmp_path, monkeypatch, fake_kfp, capsys, caplog) -> None:
     token = tmp_path / "token"
     token.write_text("sa-token-456")
@@ -213,6 +216,7 @@ def test_submit_reads_the_service_account_token_file(tmp_path, monkeypatch, fake
     assert {auth for *_, auth, _ in fake_kfp["requests"]} == {"Bearer sa-token-456"}
 
 
+@pytest.mark.integration
 def test_submit_to_an_unreachable_server_is_one_error_line(capsys, caplog) -> None:
     status, out, errors = cli("submit", "--host", f"http://127.0.0.1:{closed_port()}", capsys=capsys, caplog=caplog)
 
@@ -253,6 +257,7 @@ def test_compile_with_a_sweep_writes_the_sweep_pipeline(tmp_path: Path) -> None:
     assert "parallelismLimit: 4" in (tmp_path / "sweep.yaml").read_text()
 
 
+@pytest.mark.integration
 def test_submit_with_a_sweep_sends_the_spec_as_run_arguments(fake_kfp, capsys, caplog) -> None:
     status, _, _ = cli(
         "submit",

@@ -43,6 +43,7 @@ def prep_config(store: Path | str, **changes: Any) -> DataPrepConfig:
     return dataclasses.replace(base, **changes)
 
 
+@pytest.mark.integration
 def test_three_shards_through_kfp_local_give_the_one_process_dataset_id_and_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -262,6 +262,7 @@ def test_local_store_is_refused_before_creating_a_job(fake_k8s, launch, tmp_path
 
 
 @pytest.mark.parametrize(("rank", "writes"), [("0", True), ("1", False)])
+@pytest.mark.integration
 def test_only_rank_0_hands_the_step_outputs_back(tmp_path, rank: str, writes: bool) -> None:
     outputs = tmp_path / "outputs.json"
     command = rank_command(

@@ -168,6 +168,7 @@ def test_a_trial_with_a_bad_assignment_exits_2(capsys) -> None:
     assert status == 2 and capsys.readouterr().out == ""
 
 
+@pytest.mark.integration
 def test_a_trial_trains_evaluates_reports_its_metrics_and_nests_under_the_sweep_run(
     tiny_dataset, torch_single_thread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,6 +28,9 @@ from sam3_core.mlflow_records import sweeps
 from sam3_core.mlflow_records.runs import SWEEP, TAG_COMPONENT, TAG_PIPELINE_RUN_ID, TAG_SWEEP_ID
 from tests.fixtures.datasets import TINY_MODEL
 
+# every test here starts processes, servers or trainings (the integration tier)
+pytestmark = pytest.mark.integration
+
 TINY_DATA = [
     "synthetic.num_videos=4",
     "synthetic.frames_per_video=4",

@@ -215,6 +215,7 @@ def test_ytvis_files_on_s3_give_the_same_dataset_as_the_same_files_on_disk(s3_bu
     assert remote.dataset_id == local.dataset_id
 
 
+@pytest.mark.integration
 def test_component_cli_prints_the_dataset_uri_and_id(tmp_path: Path) -> None:
     env = {**os.environ, "SAM3PIPE_STORE": str(tmp_path / "store"), "PYTHONPATH": str(REPO)}
     result = subprocess.run(

@@ -59,6 +59,7 @@ def single_process_outputs(torch_single_thread) -> dict[int, dict[str, torch.Ten
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.integration
 def test_two_ranks_give_every_rank_the_single_process_outputs(tmp_path, single_process_outputs, reverse):
     mp.spawn(_worker, args=(2, free_port(), reverse, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

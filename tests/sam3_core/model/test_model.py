@@ -128,6 +128,7 @@ def test_full_preset_composes_through_hydra_with_the_official_dimensions() -> No
     assert model.preset == "full"
 
 
+@pytest.mark.integration
 def test_full_preset_builds_the_official_architecture_parameter_for_parameter() -> None:
     """840,509,750 parameters (vision trunk 446.2M, text 353.7M): sam3 0.1.4's image detector."""
     model = build_detector(load_config("train", TrainConfig, ["model=full", "data.uri=x"]).model)

@@ -131,6 +131,7 @@ def _dump_from_rank(rank: int, world: int, cfg: DumperConfig, dest: str) -> None
 
 
 @pytest.mark.parametrize("route", ["collective", "filesystem", "store"])
+@pytest.mark.integration
 def test_two_gloo_ranks_dump_the_upstream_merge(
     route: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:

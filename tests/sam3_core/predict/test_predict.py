@@ -73,6 +73,7 @@ def one_rank(checkpoint, tiny_dataset, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_predict_writes_the_three_prediction_files_and_the_settings_that_made_them(one_rank, checkpoint):
     assert sorted(storage.list_files(str(one_rank))) == sorted([*PREDICTION_FILES.values(), SETTINGS_FILE])
     record = storage.read_json(str(one_rank / SETTINGS_FILE))
@@ -99,6 +100,7 @@ def test_video_results_have_one_entry_per_frame(one_rank, tiny_dataset):
         assert len(masklet["segmentations"]) == len(masklet["bboxes"]) == lengths[masklet["video_id"]]
 
 
+@pytest.mark.integration
 def test_two_ranks_write_the_same_predictions_as_one(one_rank, checkpoint, tiny_dataset, tmp_path):
     out = tmp_path / "pred2"
     proc = _run(
@@ -122,6 +124,7 @@ def test_two_ranks_write_the_same_predictions_as_one(one_rank, checkpoint, tiny_
         assert storage.read_json(str(out / name)) == storage.read_json(str(one_rank / name)), name
 
 
+@pytest.mark.integration
 def test_predict_without_a_checkpoint_exits_2_with_one_line(tiny_dataset, tmp_path):
     proc = _run([sys.executable, "-m", "components.predict", f"data.uri={tiny_dataset.uri}", f"output.uri={tmp_path}"])
     assert proc.returncode == 2
@@ -168,6 +171,7 @@ def test_overwrite_replaces_them_and_records_the_new_settings(one_rank, checkpoi
     assert max(sum(r["image_id"] == i for r in bbox) for i in {r["image_id"] for r in bbox}) == 3
 
 
+@pytest.mark.integration
 def test_predictions_with_other_post_processing_land_in_folders_of_their_own(
     checkpoint, tiny_dataset, tmp_path, capsys
 ):
@@ -226,11 +230,13 @@ def _keyed_uri(overrides: list[str], sha256: str = "0" * 64) -> str:
 
 
 @pytest.mark.parametrize("override", SHAPING)
+@pytest.mark.integration
 def test_every_setting_that_shapes_the_files_changes_the_output_folder(override):
     assert _keyed_uri([override]) != _keyed_uri([])
 
 
 @pytest.mark.parametrize("overrides", NEUTRAL)
+@pytest.mark.integration
 def test_settings_that_leave_the_files_alone_keep_the_output_folder(overrides):
     assert _keyed_uri(overrides.split(",")) == _keyed_uri([])
 

@@ -248,6 +248,7 @@ def overfit_run(tiny_dataset: PreparedDataset, torch_single_thread: None) -> dic
     return {"per_frame": per_frame, "diag": diagnose(module, val, OVERFIT_STEPS, train_dataset=[clip])}
 
 
+@pytest.mark.integration
 def test_overfitting_one_clip_puts_the_highest_scoring_query_on_every_object(overfit_run: dict[str, Any]) -> None:
     ious = [iou for frame in overfit_run["per_frame"] for iou in frame["top_box_iou"]]
     assert len(ious) >= 2

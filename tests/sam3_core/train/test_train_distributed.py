@@ -19,6 +19,9 @@ from tests.fixtures.datasets import single_thread_env
 from tests.fixtures.network import free_port
 from tests.fixtures.paths import REPO
 
+# every test here starts processes, servers or trainings (the integration tier)
+pytestmark = pytest.mark.integration
+
 RANKS = 2
 # 3 train videos x 4 frames, 2-frame clips: 6 clips; one clip per rank per step
 CLIPS_PER_EPOCH = 6

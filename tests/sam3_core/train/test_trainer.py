@@ -82,6 +82,7 @@ def finished_run(
     return overrides, train(config(overrides))
 
 
+@pytest.mark.integration
 def test_training_loss_falls_clearly_within_twelve_steps(finished_run: tuple[list[str], TrainResult]) -> None:
     # margin checked over seeds 0-6: last/first window ratio 0.57-0.77
     history = finished_run[1].history
@@ -154,6 +155,7 @@ def test_validation_logs_the_loss_and_coco_metrics_of_the_predict_path_at_its_st
         assert all(-1.0 <= record[f"val/{iou}_AP"] <= 1.0 for iou in ("bbox", "segm"))
 
 
+@pytest.mark.integration
 def test_with_diagnostics_on_validation_logs_them_for_training_and_validation_clips_and_best_may_follow_one(
     tiny_train_overrides: list[str], train_store: str
 ) -> None:
@@ -276,6 +278,7 @@ def test_model_uri_may_name_a_registered_model(finished_run: tuple[list[str], Tr
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "list"], ids=["empty", "text", "list"])
+@pytest.mark.integration
 def test_a_model_uri_that_is_no_checkpoint_exits_2_with_one_line_naming_it(
     tiny_train_overrides: list[str],
     tmp_path: Path,
@@ -295,6 +298,7 @@ def test_a_model_uri_that_is_no_checkpoint_exits_2_with_one_line_naming_it(
     assert "mmap" not in errors[0] and "Traceback" not in errors[0]
 
 
+@pytest.mark.integration
 def test_a_lora_run_checkpoints_its_adapters_and_exports_merged_weights_in_the_official_layout(
     tiny_train_overrides: list[str], train_store: str
 ) -> None:
@@ -328,6 +332,7 @@ def kill_when_exists(path: Path, proc: subprocess.Popen[bytes]) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
     tiny_train_overrides: list[str], train_store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -378,6 +383,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(
 RESUME_EVERY_STEPS = 8
 
 
+@pytest.mark.integration
 def test_resuming_from_every_checkpoint_in_a_fresh_process_ends_with_the_uninterrupted_weights(
     tiny_train_overrides: list[str], train_store: str
 ) -> None:
@@ -459,6 +465,7 @@ def test_a_dataset_uri_with_no_published_dataset_is_an_input_error(
     assert raised.value.source == nowhere
 
 
+@pytest.mark.integration
 def test_a_missing_data_uri_exits_2_with_a_one_line_error(tmp_path: Path) -> None:
     env = single_thread_env({k: v for k, v in os.environ.items() if k != "SAM3PIPE_STORE"})
     proc = subprocess.run(

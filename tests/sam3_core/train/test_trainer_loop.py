@@ -352,6 +352,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Train
 
 
 @pytest.mark.parametrize("stop", range(1, MAX_STEPS))
+@pytest.mark.integration
 def test_resuming_from_any_checkpoint_ends_with_the_uninterrupted_weights_and_logs(
     uninterrupted: tuple[Path, Trainer], tmp_path: Path, stop: int
 ) -> None:
@@ -438,6 +439,7 @@ print("same" if all(torch.equal(a, b) for a, b in zip(first, later)) else "diffe
 """
 
 
+@pytest.mark.integration
 def test_a_step_through_a_scripted_loss_updates_alike_whether_or_not_it_is_the_first_of_the_process() -> None:
     # sam3's GIoU is a TorchScript function: with the executor's optimisation on, its first call in a
     # process is differentiated differently from later ones (a resumed run drifted); a fresh process
@@ -544,6 +546,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[s
     return {name: [rank[name] for rank in ranks] for name in ("clean", "nan")}
 
 
+@pytest.mark.integration
 def test_under_two_ranks_only_rank_zero_reports_metrics(two_ranks: dict[str, list[dict[str, Any]]]) -> None:
     assert [len(r["logged"]) for r in two_ranks["clean"]] == [6, 0]
 
@@ -571,6 +574,7 @@ def test_under_two_ranks_the_weights_stay_identical(two_ranks: dict[str, list[di
     assert two_ranks["clean"][0]["weights"] == two_ranks["clean"][1]["weights"]
 
 
+@pytest.mark.integration
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks: dict[str, list[dict[str, Any]]]) -> None:
     ranks = two_ranks["nan"]
     assert [r["step"] for r in ranks] == [4, 4]
