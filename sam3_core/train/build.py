@@ -138,6 +138,8 @@ def _build_tracking_module(cfg: TrainConfig, resuming: bool) -> VideoClipModel:
         _train_detector_as_configured(cfg, module)
     trained = train_tracker_preset(module.detector, module.tracker, settings.trainable)
     log.info("stage %s: %.2fM tracker parameters train (preset %s)", stage, trained / 1e6, settings.trainable)
+    if settings.lora.rank > 0:
+        lora.add_adapters(module.tracker, settings.lora)
     return module.train()
 
 

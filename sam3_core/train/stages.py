@@ -2,7 +2,8 @@
 
 - ``detector`` (default): the detector on noun-phrase clips, as before; no tracker is built.
 - ``tracker``: SAM3's tracker on object clips (`data.tracker_clips`), the detector frozen: every
-  ``detector.*`` weight stays bit-identical (the tracker reads its features). What of the tracker
+  ``detector.*`` weight stays bit-identical (the tracker reads its features; only preset ``all``
+  trains the tracker's neck, which lives in the detector). What of the tracker
   trains is a preset (`tracker_train.trainable`):
 
   | preset | trains |
@@ -10,6 +11,10 @@
   | ``memory`` | memory attention, memory encoder, memory embeddings, object pointers |
   | ``memory_decoder`` (default) | the above and SAM's mask decoder (SAM2's fine-tuning set without the image encoder) |
   | ``all`` | every tracker weight (prompt encoder too) and the tracker's own neck inside the detector (``sam2_convs``) |
+
+  With `tracker_train.lora.rank` > 0 only LoRA adapters on the tracker's linears train instead
+  (plus `tracker_train.lora.trainable`); the training checkpoints keep the adapters, best.pt has
+  them merged.
 
 - ``joint``: both, each step on a detector clip batch and a tracker clip batch, their losses
   summed (`tracker_train.tracker_weight` scales the tracker's); the detector trains as in stage
@@ -22,10 +27,12 @@ tracker and SAM3's own video model loads it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
 from sam3_core.config_checks import check_bool, check_choice, check_float
+from sam3_core.model.config import LoraConfig
 from sam3_core.train.tracker_loss import TrackerLossConfig
 
 STAGES = ("detector", "tracker", "joint")
@@ -51,6 +58,40 @@ TRACKER_NECK = "backbone.vision_backbone.sam2_convs."
 
 
 @dataclass
+class TrackerLoraConfig(LoraConfig):
+    """Key `tracker_train.lora`: LoRA adapters on the tracker's linears (`rank: 0` turns them off).
+
+    With adapters on, only they (and the `trainable` prefixes) train, whatever the preset: the
+    memory attention's and the mask decoder's attention projections (SAM's attention calls all four,
+    ``out_proj`` included), their MLPs, and the memory encoder's ConvNeXt pointwise layers.
+    """
+
+    # parameter-name prefixes of the tracker under which layers get adapters
+    modules: list[str] = field(
+        default_factory=lambda: ["transformer", "sam_mask_decoder.transformer", "maskmem_backbone"]
+    )
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "out_proj",
+            "linear1",
+            "linear2",
+            "lin1",
+            "lin2",
+            "pwconv1",
+            "pwconv2",
+        ]
+    )
+
+    KEY: ClassVar[str] = "tracker_train.lora"
+
+    def _check_targets(self) -> None:
+        """Every listed name is fine: the tracker has no `nn.MultiheadAttention` whose `out_proj` goes unused."""
+
+
+@dataclass
 class TrackerTrainConfig:
     """Key `tracker_train`: what of SAM3's tracker trains in stages tracker and joint, and how."""
 
@@ -63,6 +104,7 @@ class TrackerTrainConfig:
     # stage joint: the tracker's loss is multiplied by this before it is added to the detector's
     tracker_weight: float = 1.0
     loss: TrackerLossConfig = field(default_factory=TrackerLossConfig)
+    lora: TrackerLoraConfig = field(default_factory=TrackerLoraConfig)
 
     def __post_init__(self) -> None:
         check_choice("tracker_train.trainable", self.trainable, TRACKER_PRESETS)

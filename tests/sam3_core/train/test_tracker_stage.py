@@ -137,3 +137,20 @@ def test_stage_joint_trains_the_detector_and_the_tracker_from_one_loss(
     record = result.history[-1]
     assert {"train/loss", "train/detector_loss", "train/tracker_loss"} <= set(record)
     assert storage.exists(result.best_checkpoint_uri)
+
+
+def test_tracker_lora_trains_only_its_adapters_and_best_pt_has_them_merged(
+    tiny_train_overrides: list[str], detector_checkpoint: str, tmp_path: Path
+) -> None:
+    overrides = tracker_overrides(
+        tiny_train_overrides, tmp_path, detector_checkpoint, "train.max_steps=2", "tracker_train.lora.rank=2"
+    )
+    result = train(config(overrides))
+    last = load_checkpoint(result.last_checkpoint_uri)["model"]
+    assert any(".lora_A." in key for key in last if key.startswith("tracker."))
+    best = load_checkpoint(result.best_checkpoint_uri)["model"]
+    video_model = build_video_model(config(overrides).model)
+    video_model.load_state_dict(best, strict=True)
+    initial = build_video_clip_model(config(overrides).model).state_dict()
+    changed = [k for k, v in best.items() if k.startswith("tracker.") and not torch.equal(v, initial[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)
