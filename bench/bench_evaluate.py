@@ -7,6 +7,7 @@ Video level: sam3's own ``VEvalEvaluator`` (the SA-Co/VEval suite: class mAP, ph
 phrase HOTA, cgF1) vs sam3pipe's suite on a SA-Co-shaped set, each in its own process (wall time,
 peak RSS), with every sam3 number asserted equal. Then the whole evaluate CLI, start to exit, on a
 one-video SA-Co-shaped file, with MLflow tracking off and on (local sqlite), and sam3 on that file.
+Last, the ``vos`` family (DAVIS J&F) alone on a semi-supervised set the size of DAVIS 2017 val.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from pycocotools import mask as mask_utils
 
 from sam3_core.evaluate.coco import evaluate_frames, prepare_frame_gt
 from sam3_core.evaluate.report import EvaluateConfig
+from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
+from sam3_core.evaluate.videodata import read_video_set
 from tests.fixtures.saco import SacoShape, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +85,12 @@ class EvaluateBench:
         )
     )
     one_video_predictions: int = 20
+    # the vos row: DAVIS 2017 val's size (30 videos, 61 objects, ~67 frames each at 854x480)
+    vos_videos: int = 30
+    vos_objects_per_video: int = 2
+    vos_frames: int = 67
+    vos_height: int = 480
+    vos_width: int = 854
     # sam3 on the one-video file takes minutes and ~11 GB (class mAP over 51,248 categories)
     sam3_one_video: bool = True
     seed: int = 0
@@ -296,12 +305,13 @@ def _sam3_suite(gt: Path, pred: Path, out: Path) -> dict[str, Any]:
 def _our_suite(gt: Path, pred: Path, workers: int) -> dict[str, Any]:
     code = (
         f"import json, time\n"
-        f"from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite\n"
+        f"from sam3_core.evaluate.families import SAM3_SUITE\n"
+        f"from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite\n"
         f"from sam3_core.evaluate.videodata import read_video_set\n"
         f"start = time.perf_counter()\n"
         f"data = read_video_set(json.load(open({str(gt)!r})), json.load(open({str(pred)!r})), "
         f"gt_source='gt', predictions_source='pred')\n"
-        f"res = evaluate_suite(data, SuiteSettings(families=FAMILIES, workers={workers}))\n"
+        f"res = evaluate_suite(data, SuiteSettings(families=SAM3_SUITE, workers={workers}))\n"
         f"elapsed = time.perf_counter() - start\n"
         f"{_RUSAGE}\n"
         f"print(json.dumps({{'eval_s': elapsed, 'metrics': res.metrics, **rss}}))"
@@ -441,6 +451,56 @@ def _cli_rows(bench: EvaluateBench, folder: Path) -> None:
         )
 
 
+def _polygon_rle(cy: float, cx: float, ry: float, rx: float, height: int, width: int) -> dict[str, Any]:
+    angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    polygon = np.stack([cx + rx * np.cos(angles), cy + ry * np.sin(angles)], axis=1).ravel().tolist()
+    rle = mask_utils.merge(mask_utils.frPyObjects([polygon], height, width))
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def vos_data(bench: EvaluateBench) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A YT-VIS GT of drifting ellipses and inference=vos-style predictions (jittered, one per object, gt_id)."""
+    rng = np.random.default_rng(bench.seed)
+    h, w, length = bench.vos_height, bench.vos_width, bench.vos_frames
+    gt: dict[str, Any] = {"videos": [], "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+    predictions = []
+    for video_id in range(1, bench.vos_videos + 1):
+        gt["videos"].append({"id": video_id, "height": h, "width": w, "length": length})
+        for _ in range(bench.vos_objects_per_video):
+            cy, cx = rng.uniform(0.2 * h, 0.8 * h), rng.uniform(0.2 * w, 0.8 * w)
+            ry, rx = rng.uniform(0.06 * h, 0.25 * h), rng.uniform(0.04 * w, 0.18 * w)
+            vy, vx = rng.normal(0, 2, size=2)
+            annotation_id = len(gt["annotations"]) + 1
+            segmentations = [_polygon_rle(cy + t * vy, cx + t * vx, ry, rx, h, w) for t in range(length)]
+            gt["annotations"].append(
+                {"id": annotation_id, "video_id": video_id, "category_id": 1, "segmentations": segmentations}
+            )
+            guesses = [
+                _polygon_rle(
+                    cy + t * vy + rng.normal(0, 4), cx + t * vx + rng.normal(0, 4), ry * rng.uniform(0.9, 1.1), rx, h, w
+                )
+                for t in range(length)
+            ]
+            predictions.append(
+                {"video_id": video_id, "category_id": 1, "score": 1.0, "gt_id": annotation_id, "segmentations": guesses}
+            )
+    return gt, predictions
+
+
+def _vos_rows(bench: EvaluateBench) -> None:
+    gt, predictions = vos_data(bench)
+    data = read_video_set(gt, predictions, gt_source="synthetic", predictions_source="synthetic")
+    objects = len(gt["annotations"])
+    scored = objects * (bench.vos_frames - 2)
+    print(
+        f"\nvos family (DAVIS J&F): {bench.vos_videos} videos x {bench.vos_frames} frames at "
+        f"{bench.vos_width}x{bench.vos_height}, {objects} objects, {scored} scored object-frames, one process"
+    )
+    seconds, result = _timed(lambda: evaluate_suite(data, SuiteSettings(families=("vos",), workers=1)), bench.repeats)
+    print(f"{'evaluate s':>12}{'ms per object-frame':>22}{'vos_JF_mean':>14}")
+    print(f"{seconds:>12.2f}{1000 * seconds / scored:>22.2f}{result.metrics['vos_JF_mean']:>14.4f}")
+
+
 def main() -> None:
     bench = EvaluateBench()
     _frame_rows(bench)
@@ -448,6 +508,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sam3pipe-bench-eval-") as tmp:
         _suite_rows(bench, Path(tmp))
         _cli_rows(bench, Path(tmp))
+    _vos_rows(bench)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Pipeline step 4: score predictions and publish metrics.json, a per-category table and a PR plot.
 
-Video GT gets the families of sam3's SA-Co/VEval suite (`metrics=[map,phrase_ap,teta,hota,cgf1]`; by
-default all of them when the GT has `video_np_pairs`, class mAP otherwise), plus sam3's
-per-(video, phrase) results as `video_np_results.json`. Predictions may be the predict step's or
-the files sam3's own video dumper writes. The MLflow run gets the same: `eval/*` metrics, those
-files, the table as a grid and a short summary.
+Video GT gets the families of `metrics` (`map, phrase_ap, teta, hota, cgf1` of sam3's SA-Co/VEval
+suite, `vos` for DAVIS J&F); by default `vos` when the predictions carry `gt_id`, sam3's five when
+the GT has `video_np_pairs`, class mAP otherwise; plus sam3's per-(video, phrase) results as
+`video_np_results.json` and the vos per-object table as `vos_per_object.csv`. Predictions may be
+the predict step's or the files sam3's own video dumper writes. The MLflow run gets the same:
+`eval/*` metrics, those files, the table as a grid and a short summary.
 
 `python -m components.evaluate --gt GT.json --predictions PRED.json --output out/metrics.json`
 (or the same as Hydra overrides `gt=... predictions=... output=...`) prints

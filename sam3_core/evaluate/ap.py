@@ -24,12 +24,13 @@ matched (pycocotools tests the id's truthiness).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from sam3_core.evaluate.coco import EvalArrays, Evaluation, summarize
+from sam3_core.evaluate.family import Scoring, VideoContext
 from sam3_core.evaluate.videodata import Masklet
 
 # Mean masklet area in pixels: all, small (< 128²), medium (< 256²), large, as in YT-VIS.
@@ -92,6 +93,30 @@ def match_group(dts: Sequence[Masklet], gts: Sequence[Masklet], ious: np.ndarray
     outside = (dt_area < lo) | (dt_area > hi)  # [A, D]
     ignored |= ~matched & outside[:, None]
     return Matches(np.array([t.score for t in dts], dtype=float), matched, ignored, gt_ignored)
+
+
+def video_matches(video: VideoContext, scoring: Scoring) -> dict[tuple[int, str], Matches]:
+    """The matching of every (category, IoU type) of one video with GT or predictions.
+
+    Class mAP and phrase AP read the same matching: the first of them to ask computes it.
+    """
+
+    def compute() -> dict[tuple[int, str], Matches]:
+        gts, predictions = video.gts_by_category, video.predictions_by_category
+        out = {}
+        for category in sorted(set(gts) | set(predictions)):
+            dts = sorted_predictions(predictions.get(category, []), scoring.max_dets[-1])
+            group = gts.get(category, [])
+            for iou_type in scoring.iou_types:
+                out[category, iou_type] = match_group(dts, group, video.track_iou(iou_type, dts, group))
+        return out
+
+    return video.shared(("ap_matches", scoring.iou_types, scoring.max_dets[-1]), compute)
+
+
+def matches_of(parts: Mapping[int, dict[tuple[int, str], Matches]], iou_type: str) -> dict[tuple[int, int], Matches]:
+    """Every video's matches of one IoU type, keyed by (video, category)."""
+    return {(v, c): m for v, part in parts.items() for (c, t), m in part.items() if t == iou_type}
 
 
 def precision_recall(group: Sequence[Matches], max_det: int) -> tuple[np.ndarray, np.ndarray]:

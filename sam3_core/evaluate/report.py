@@ -7,17 +7,19 @@ YT-VIS or SA-Co/VEval file, ``images`` for a COCO file):
 - COCO GT + the predict step's folder: bbox from ``coco_predictions_bbox.json``, segm from
   ``coco_predictions_segm.json``.
 - Video GT + a predictions file (the predict step's ``video_predictions.json`` or a file sam3's
-  video dumper wrote): the video families of ``metrics`` (:mod:`.suite`): all of sam3's SA-Co/VEval
-  suite for a GT with ``video_np_pairs``, class mAP for plain YT-VIS GT, unless configured.
+  video dumper wrote): the video families of ``metrics`` (:mod:`.suite`); unless configured, ``vos``
+  (DAVIS J&F) for predictions that carry ``gt_id`` (semi-supervised, prompted by GT objects), all of
+  sam3's SA-Co/VEval suite for a GT with ``video_np_pairs``, class mAP for plain YT-VIS GT.
 - Video GT + the predict step's folder: the same from ``video_predictions.json``, and frame
   metrics from the two COCO files against ``frames_gt`` when it is given.
 
 A predictions URI that names an existing object is a file; anything else is a folder.
 Everything is computed before anything is written, so bad input leaves no partial output;
 ``metrics.json`` is published last, beside ``per_category.csv``, ``per_category.md``,
-``pr_curves.png`` and, when cgF1 or HOTA ran, ``video_np_results.json`` (sam3's per-(video,
-phrase) results). The table lists only categories with GT or predictions, so a 50k-phrase
-vocabulary costs rows only for the phrases the videos use.
+``pr_curves.png``, when cgF1 or HOTA ran ``video_np_results.json`` (sam3's per-(video, phrase)
+results), and the files of the families that write their own (``vos_per_object.csv``). The table
+lists only categories with GT or predictions, so a 50k-phrase vocabulary costs rows only for the
+phrases the videos use.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ from sam3_core.evaluate.coco import (
     evaluate_frames,
     prepare_frame_gt,
 )
-from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite
-from sam3_core.evaluate.videodata import read_video_set
+from sam3_core.evaluate.families import FAMILIES, default_families, family_files
+from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
+from sam3_core.evaluate.videodata import VideoSet, read_video_set
 from sam3_core.mlflow_records.settings import MlflowConfig
 
 if TYPE_CHECKING:
@@ -85,8 +88,8 @@ class EvaluateConfig:
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
     # "auto" reads the GT kind from its keys; "video" or "coco" insists on one
     kind: str = "auto"
-    # video metric families, a subset of map, phrase_ap, teta, hota, cgf1; empty: all of them for
-    # SA-Co/VEval GT (it has video_np_pairs), map for plain YT-VIS GT
+    # video metric families, a subset of map, phrase_ap, teta, hota, cgf1, vos; empty: vos for
+    # predictions carrying gt_id, sam3's five for SA-Co/VEval GT (video_np_pairs), map for YT-VIS GT
     metrics: list[str] = field(default_factory=list)
     # cgF1 and TETA count predictions scoring >= this, HOTA those scoring above it (sam3: 0.5)
     score_threshold: float = 0.5
@@ -146,7 +149,7 @@ class EvaluateConfig:
                 raise ConfigError(
                     f"evaluate.output={self.output!r}: must name the metrics file (<folder>/metrics.json)"
                 )
-            if name in (TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS):
+            if name in (TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS, *family_files()):
                 raise ConfigError(
                     f"evaluate.output={self.output!r}: collides with the table/plot/results written "
                     "beside it; name it metrics.json"
@@ -162,6 +165,8 @@ class EvaluationReport:
     video_metrics: dict[str, float] = field(default_factory=dict)
     # sam3's per-(video, phrase) results (cgF1 / HOTA); None when those families did not run
     video_np_results: list[dict[str, Any]] | None = None
+    # name -> text of the files families publish beside metrics.json (vos_per_object.csv)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -210,16 +215,15 @@ def _frame_evaluations(cfg: EvaluateConfig, raw_gt: Any, gt_uri: str, files: dic
     ]
 
 
-def video_families(cfg: EvaluateConfig, gt: dict[str, Any]) -> tuple[str, ...]:
-    """The configured families, or the GT's default: all of sam3's suite for SA-Co/VEval, mAP for YT-VIS."""
-    if cfg.metrics:
-        return tuple(cfg.metrics)
-    return FAMILIES if "video_np_pairs" in gt else ("map",)
+def video_families(cfg: EvaluateConfig, data: VideoSet) -> tuple[str, ...]:
+    """The configured families, or the inputs' default (see ``families.default_families``)."""
+    return tuple(cfg.metrics) if cfg.metrics else default_families(data)
 
 
 def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str) -> EvaluationReport:
     """The video families of ``cfg`` on a video GT; AP evaluations feed the table and the PR plot."""
-    families = video_families(cfg, gt)
+    data = read_video_set(gt, storage.read_json(predictions_uri), gt_source=cfg.gt, predictions_source=predictions_uri)
+    families = video_families(cfg, data)
     settings = SuiteSettings(
         families=families,
         iou_types=tuple(cfg.iou_types),
@@ -227,12 +231,10 @@ def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str)
         threshold=cfg.score_threshold,
         workers=cfg.workers,
     )
-    data = read_video_set(gt, storage.read_json(predictions_uri), gt_source=cfg.gt, predictions_source=predictions_uri)
     result = evaluate_suite(data, settings)
     ap_metrics = {k for e in result.evaluations for k in e.metrics}
     others = {k: v for k, v in result.metrics.items() if k not in ap_metrics}
-    per_pair = result.video_np_results if {"cgf1", "hota"} & set(families) else None
-    return EvaluationReport(result.evaluations, data.category_names, others, per_pair)
+    return EvaluationReport(result.evaluations, data.category_names, others, result.video_np_results, result.files)
 
 
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
@@ -260,7 +262,9 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
     frames_gt = storage.read_json(cfg.frames_gt)
     frame_evaluations = _frame_evaluations(cfg, frames_gt, cfg.frames_gt, files)
     names = {**_category_names(frames_gt), **video.category_names}
-    return EvaluationReport(frame_evaluations + video.evaluations, names, video.video_metrics, video.video_np_results)
+    return EvaluationReport(
+        frame_evaluations + video.evaluations, names, video.video_metrics, video.video_np_results, video.files
+    )
 
 
 def category_rows(report: EvaluationReport) -> tuple[list[str], list[list[Any]]]:
@@ -350,6 +354,7 @@ def report_files(report: EvaluationReport, output: str) -> list[str]:
     """URIs of everything `publish_report` writes for `output`, metrics.json last."""
     folder = output_folder(output)
     names = [TABLE_CSV, TABLE_MD, PR_PLOT] + ([VIDEO_NP_RESULTS] if report.video_np_results is not None else [])
+    names += list(report.files)
     return [storage.join(folder, name) for name in names] + [output]
 
 
@@ -363,6 +368,8 @@ def publish_report(report: EvaluationReport, output: str) -> str:
         pr_figure(report).savefig(folder / PR_PLOT, dpi=100)
         if report.video_np_results is not None:
             (folder / VIDEO_NP_RESULTS).write_text(json.dumps(report.video_np_results) + "\n", encoding="utf-8")
+        for name, text in report.files.items():
+            (folder / name).write_text(text, encoding="utf-8")
         marker = posixpath.basename(output)
         (folder / marker).write_text(json.dumps(report.metrics, sort_keys=True, indent=1) + "\n", encoding="utf-8")
         storage.publish_dir(folder, output_folder(output), marker=marker)

@@ -13,6 +13,8 @@ Accepted as published or dumped:
 - Predictions: a list of masklets as sam3's video dumper (and our predict step) write them:
   ``video_id``, ``category_id``, ``score``, per-frame ``bboxes``, ``segmentations``, ``areas``.
   Absent frames may be ``null`` or, as sam3's dense dumps have them, a zero box with an empty mask.
+  Semi-supervised (VOS) predictions also carry ``gt_id``: the id of the GT annotation whose mask
+  prompted the object.
 
 Masks may be compressed (``counts`` a string) or uncompressed (a list of run lengths, as YT-VIS
 publishes); both are checked to decode to ``height * width`` pixels first (see :mod:`.rle`).
@@ -66,6 +68,8 @@ class Masklet:
     has_boxes: bool = True  # whether the entry carried `bboxes` / `segmentations` / `tags` at all
     has_masks: bool = True
     has_tags: bool = False
+    has_id: bool = False  # GT: whether the annotation carried its `id`
+    gt_id: int | None = None  # predictions: the GT annotation that prompted it (VOS), when given
 
     @property
     def box_zero(self) -> np.ndarray:
@@ -279,6 +283,9 @@ def _masklet(
         if not _is_int(raw["id"]):
             raise InputError(source, f"{where}.id", "not an integer")
         track_id = raw["id"]
+    gt_id = raw.get("gt_id") if not is_gt else None
+    if gt_id is not None and not _is_int(gt_id):
+        raise InputError(source, f"{where}.gt_id", f"must be the integer id of a GT annotation, got {gt_id!r:.40}")
     if "bboxes" in raw:
         boxes, box_null = _boxes(_frames(raw, "bboxes", video, source, where), source, f"{where}.bboxes")
     else:
@@ -310,6 +317,8 @@ def _masklet(
         has_boxes="bboxes" in raw,
         has_masks=frame_masks is not None,
         has_tags="tags" in raw,
+        has_id=is_gt and "id" in raw,
+        gt_id=gt_id,
     )
     return masklet
 

@@ -1,7 +1,7 @@
 """Every workaround for the pinned sam3 (0.1.4) on a machine without CUDA, in one place.
 
 Each shim is a no-op on CUDA tensors, is applied once by `apply()`, and has a test in
-tests/test_cpu_compat.py that fails if the pinned sam3 stops needing it (so it can be removed).
+tests/sam3_core/model/test_cpu_compat.py that fails if the pinned sam3 stops needing it (so it can be removed).
 """
 
 from __future__ import annotations

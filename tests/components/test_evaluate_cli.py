@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -439,3 +440,75 @@ def test_evaluation_with_tracking_off_never_imports_mlflow(tmp_path):
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "mlflow imported: False"
+
+
+def vos_predictions(gt: dict, skip: int) -> list[dict]:
+    """What inference=vos writes: one masklet per GT object, naming it by gt_id (here a perfect copy),
+    for every object but annotations[skip]."""
+    return [
+        {
+            "video_id": a["video_id"],
+            "category_id": a["category_id"],
+            "score": 1.0,
+            "gt_id": a["id"],
+            "bboxes": a["bboxes"],
+            "segmentations": a["segmentations"],
+            "areas": a["areas"],
+        }
+        for i, a in enumerate(gt["annotations"])
+        if i != skip
+    ]
+
+
+@pytest.mark.integration
+def test_vos_predictions_get_davis_j_and_f_and_a_per_object_table_from_the_cli(tmp_path):
+    gt, _ = generate(SacoShape(videos=2, frames=6, seed=24))
+    gt.pop("video_np_pairs")
+    skipped = gt["annotations"][1]
+    folder = tmp_path / "predictions"
+    write(folder / "video_predictions.json", vos_predictions(gt, skip=1))
+    output = tmp_path / "eval" / "metrics.json"
+
+    done = run_cli(
+        "--gt",
+        write(tmp_path / "dataset" / "val.json", gt),
+        "--predictions",
+        str(folder),
+        "--output",
+        str(output),
+        "mlflow.enabled=false",
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])["metrics"]
+    assert set(metrics) == {f"vos_{m}_{s}" for m in ("J", "F") for s in ("mean", "recall", "decay")} | {"vos_JF_mean"}
+    assert 0 < metrics["vos_JF_mean"] < 1
+    assert json.loads(output.read_text()) == metrics
+    assert "vos_per_object.csv" in {p.name for p in output.parent.iterdir()}
+    with open(output.parent / "vos_per_object.csv", newline="") as handle:
+        rows = {int(r["object_id"]): r for r in csv.DictReader(handle)}
+    assert set(rows) == {a["id"] for a in gt["annotations"]}
+    assert rows[skipped["id"]]["predicted"] == "0" and float(rows[skipped["id"]]["JF_mean"]) < 1
+    assert {float(r["JF_mean"]) for k, r in rows.items() if k != skipped["id"]} == {1.0}
+
+
+def test_a_vos_prediction_naming_no_gt_object_is_one_error_naming_the_field(tmp_path, caplog, capsys):
+    from components.evaluate import main
+
+    gt, _ = generate(SacoShape(videos=1, frames=5, seed=25))
+    predictions = vos_predictions(gt, skip=-1)
+    predictions[0]["gt_id"] = 10_000
+    output = tmp_path / "eval" / "metrics.json"
+    pred_path = write(tmp_path / "p.json", predictions)
+    caplog.set_level(logging.WARNING)
+
+    args = ["--gt", write(tmp_path / "val.json", gt), "--predictions", pred_path, "--output", str(output)]
+
+    code = main([*args, "mlflow.enabled=false"])
+
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"error: {pred_path}: [0].gt_id: 10000 is not the id of a GT annotation of video 1"]
+    assert capsys.readouterr().out == ""
+    assert not output.parent.exists()

@@ -7,8 +7,11 @@ import math
 import pytest
 
 from sam3_core.errors import InputError
-from sam3_core.evaluate.report import EvaluateConfig, video_families
-from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite
+from sam3_core.evaluate import suite as suite_module
+from sam3_core.evaluate.families import CLASSES, FAMILIES, SAM3_SUITE
+from sam3_core.evaluate.family import FamilyResult, VideoFamily
+from sam3_core.evaluate.report import PR_PLOT, TABLE_CSV, TABLE_MD, VIDEO_NP_RESULTS, EvaluateConfig, video_families
+from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
 from tests.fixtures.masks import box_rle
 from tests.fixtures.saco import SacoShape, generate
@@ -46,7 +49,7 @@ def saco_gt(annotations: list[dict], asked: list[int], categories: int = 6) -> d
     }
 
 
-def suite(gt: dict, predictions: list, families=FAMILIES, **settings):
+def suite(gt: dict, predictions: list, families=SAM3_SUITE, **settings):
     data = read_video_set(gt, predictions, gt_source="gt.json", predictions_source="pred.json")
     return evaluate_suite(data, SuiteSettings(families=tuple(families), workers=1, **settings))
 
@@ -182,16 +185,56 @@ def test_worker_processes_give_the_same_numbers_as_one_process():
 
     one = suite(gt, predictions)
     data = read_video_set(gt, predictions, gt_source="gt.json", predictions_source="pred.json")
-    two = evaluate_suite(data, SuiteSettings(families=FAMILIES, workers=2))
+    two = evaluate_suite(data, SuiteSettings(families=SAM3_SUITE, workers=2))
 
     assert two.metrics == one.metrics
     assert two.video_np_results == one.video_np_results
 
 
-def test_sa_co_gt_defaults_to_every_family_and_yt_vis_gt_to_class_map():
-    assert video_families(EvaluateConfig(), HAND_GT) == FAMILIES
-    assert video_families(EvaluateConfig(), {k: v for k, v in HAND_GT.items() if k != "video_np_pairs"}) == ("map",)
-    assert video_families(EvaluateConfig(metrics=["hota"]), HAND_GT) == ("hota",)
+def test_sa_co_gt_defaults_to_sam3s_suite_and_yt_vis_gt_to_class_map():
+    def parsed(gt: dict):
+        return read_video_set(gt, HAND_PRED, gt_source="gt.json", predictions_source="pred.json")
+
+    yt_vis = {k: v for k, v in HAND_GT.items() if k != "video_np_pairs"}
+
+    assert video_families(EvaluateConfig(), parsed(HAND_GT)) == SAM3_SUITE
+    assert video_families(EvaluateConfig(), parsed(yt_vis)) == ("map",)
+    assert video_families(EvaluateConfig(metrics=["hota"]), parsed(HAND_GT)) == ("hota",)
+
+
+def test_registered_families_are_video_families_with_unique_names_and_files():
+    files = [name for cls in CLASSES for name in cls.files]
+
+    assert all(issubclass(cls, VideoFamily) for cls in CLASSES)
+    assert FAMILIES == ("map", "phrase_ap", "teta", "hota", "cgf1", "vos")
+    assert len(set(files)) == len(files)
+    assert not set(files) & {TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS, "metrics.json"}
+
+
+class GtFrames(VideoFamily):
+    """A toy family: GT masklet-frames per video, and the video order it was reduced in."""
+
+    name = "gt_frames"
+    files = ("gt_frames.txt",)
+
+    def evaluate_video(self, video):
+        return video.video.length * len(video.gts)
+
+    def reduce(self, data, parts):
+        return FamilyResult({"gt_frames": float(sum(parts.values()))}, files={"gt_frames.txt": repr(list(parts))})
+
+
+def test_a_family_added_to_the_registry_is_run_per_video_and_reduced_beside_the_others(monkeypatch):
+    monkeypatch.setattr(suite_module, "CLASSES", (*CLASSES, GtFrames))
+    monkeypatch.setattr(suite_module, "FAMILIES", (*FAMILIES, "gt_frames"))
+    gt, predictions = generate(SacoShape(videos=3, frames=5, seed=8))
+
+    result = suite(gt, predictions, ["gt_frames", "map"])
+
+    assert result.metrics["gt_frames"] == 5 * len(gt["annotations"])
+    assert "video_mask_mAP_50_95" in result.metrics
+    assert result.files == {"gt_frames.txt": "[1, 2, 3]"}
+    assert result.video_np_results is None  # neither family writes per-pair rows
 
 
 def truncated(mask: dict) -> dict:

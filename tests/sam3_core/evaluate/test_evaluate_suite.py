@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sam3_core.evaluate.suite import FAMILIES, SuiteSettings, evaluate_suite
+from sam3_core.evaluate.families import SAM3_SUITE
+from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import read_video_set
 from tests.fixtures import sam3_reference
 from tests.fixtures.saco import SacoShape, generate
@@ -52,7 +53,7 @@ def cases(tmp_path_factory) -> dict[str, tuple[Path, Path, object]]:
             gt_source=str(gt_path),
             predictions_source=str(pred_path),
         )
-        out[name] = (gt_path, pred_path, evaluate_suite(data, SuiteSettings(families=FAMILIES, workers=1)))
+        out[name] = (gt_path, pred_path, evaluate_suite(data, SuiteSettings(families=SAM3_SUITE, workers=1)))
     return out
 
 

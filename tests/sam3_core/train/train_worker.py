@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_train_distributed.py: train, then record what this rank ended with.
+"""Run under torchrun by tests/sam3_core/train/test_train_distributed.py: train, then record what this rank ended with.
 
-`python -m torch.distributed.run --nproc_per_node N tests/train_worker.py OUT_DIR key=value ...`
+`python -m torch.distributed.run --nproc_per_node N tests/sam3_core/train/train_worker.py OUT_DIR key=value ...`
 trains with the `train` overrides and writes, per rank, `OUT_DIR/rank<r>.pt` (the final model
 state dict) and `OUT_DIR/rank<r>.json` (the train-clip indices this rank loaded, per epoch, and the
 metrics it reported: only rank 0 reports).

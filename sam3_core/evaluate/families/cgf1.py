@@ -1,4 +1,4 @@
-"""Video cgF1 (the "demo" family): thresholded predictions matched one-to-one per (video, phrase) pair.
+"""``cgf1``: video cgF1 (the "demo" family), thresholded predictions matched one-to-one per (video, phrase) pair.
 
 Definitions (SAM3 paper; sam3's ``VideoCGF1Evaluator`` on ``CGF1Eval``): every (video, phrase)
 pair is an "image": the pairs with GT or predictions and, with SA-Co/VEval GT, the negative pairs
@@ -30,12 +30,15 @@ F1 = 2TP / (2TP + FP + FN), 1 when the pair has neither GT nor predictions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from sam3_core.evaluate.family import KIND, FamilyResult, VideoContext, VideoFamily, require_iou_types
 from sam3_core.evaluate.lsap import linear_sum_assignment
+from sam3_core.evaluate.videodata import Pair, VideoSet
 
 # COCO's params.iouThrs; 0.5 and 0.75 are found in it by equality, as the reference does
 THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -155,3 +158,42 @@ def summarize(pairs: Sequence[PairCounts], prefix: str, with_image_level: bool) 
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[f"{prefix}_ilmcc_{suffix}"] = float(np.float64(cgf1_micro) / np.float64(pmf1_micro))
     return out
+
+
+def _images(data: VideoSet, pairs: Iterable[Pair]) -> list[Pair]:
+    """sam3's order of cgF1 images: pairs with GT or predictions sorted, then the other asked pairs."""
+    present = sorted(set(pairs))
+    seen = set(present)
+    extra = [p for p in dict.fromkeys(data.asked or []) if p not in seen]
+    return present + extra
+
+
+class Cgf1(VideoFamily):
+    name = "cgf1"
+    per_pair_results = True
+
+    def prepare(self, data: VideoSet) -> None:
+        require_iou_types(data, self.scoring.iou_types)
+
+    def evaluate_video(self, video: VideoContext) -> dict[tuple[int, str], PairCounts]:
+        """Counts of every (category, IoU type) with GT, predictions, or asked of the video."""
+        gts, predictions = video.gts_by_category, video.predictions_by_category
+        out = {}
+        for category in set(gts) | set(predictions) | set(video.asked):
+            group = [g for g in gts.get(category, []) if not g.crowd]
+            dts = [p for p in predictions.get(category, []) if p.score >= self.scoring.threshold]
+            for iou_type in self.scoring.iou_types:
+                out[category, iou_type] = match_pair(video.track_iou(iou_type, dts, group))
+        return out
+
+    def reduce(self, data: VideoSet, parts: Mapping[int, Any]) -> FamilyResult:
+        metrics: dict[str, float] = {}
+        per_pair: dict[Pair, dict[str, float]] = {}
+        for iou_type in self.scoring.iou_types:
+            kind = KIND[iou_type]
+            counts = {(v, c): p for v, part in parts.items() for (c, t), p in part.items() if t == iou_type}
+            images = _images(data, counts)
+            metrics.update(summarize([counts[p] for p in images], f"video_{kind}_demo", data.is_saco))
+            for pair in images:
+                per_pair.setdefault(pair, {}).update(counts[pair].video_np_result(kind))
+        return FamilyResult(metrics, per_pair=per_pair)

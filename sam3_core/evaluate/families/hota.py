@@ -1,4 +1,4 @@
-"""Phrase HOTA: HOTA (Luiten et al., IJCV 2020) on every (video, phrase) pair as its own sequence.
+"""``hota``: phrase HOTA, HOTA (Luiten et al., IJCV 2020) on every (video, phrase) pair as its own sequence.
 
 The definition is sam3's ``VideoPhraseHotaEvaluator``, which runs its vendored TrackEval
 (YouTubeVIS dataset, HOTA metric) on the pairs remapped to sequences of one class:
@@ -24,12 +24,20 @@ matplotlib and every dataset class on import, and its HOTA is the per-alpha loop
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from sam3_core.errors import InputError
+from sam3_core.evaluate.family import KIND, FamilyResult, VideoContext, VideoFamily, require_iou_types
 from sam3_core.evaluate.lsap import linear_sum_assignment
+from sam3_core.evaluate.overlaps import frame_box_iou
+from sam3_core.evaluate.videodata import Masklet, Pair, VideoSet, require
+
+logger = logging.getLogger(__name__)
 
 ALPHAS = np.arange(0.05, 0.99, 0.05)  # TrackEval's array_labels: 19 thresholds
 EPS = np.finfo("float").eps
@@ -151,3 +159,97 @@ def relabel(ids_per_frame: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]
     """Ids mapped to 0..n-1 in sorted order of the ids that occur, as TrackEval relabels them."""
     present = np.unique(np.concatenate(ids_per_frame)) if ids_per_frame else np.zeros(0, dtype=np.int64)
     return [np.searchsorted(present, ids).astype(np.int64) for ids in ids_per_frame], len(present)
+
+
+def _present(p: Masklet) -> np.ndarray:
+    """sam3's HOTA drops a predicted frame whose area is 0 or whose box is null or all zeros."""
+    area = p.areas if p.areas is not None else p.mask_areas
+    return ~(p.box_zero | (area == 0))
+
+
+def _pair(video: VideoContext, iou_type: str, gts: list[Masklet], predictions: list[Masklet]) -> SequenceResult:
+    """HOTA of one (video, phrase) pair as its own sequence."""
+    length = video.video.length
+    if iou_type == "segm":
+        gt_present = np.array([[m is not None for m in g.masks] for g in gts], dtype=bool).reshape(len(gts), length)
+    else:
+        gt_present = np.array([~g.box_null for g in gts], dtype=bool).reshape(len(gts), length)
+    tracker_present = np.array([_present(p) for p in predictions], dtype=bool).reshape(len(predictions), length)
+    gt_track_ids = np.array([g.track_id for g in gts], dtype=np.int64)
+    rows, cols = video.rows(predictions), video.cols(gts)
+    gt_ids, tracker_ids, sims = [], [], []
+    for t in np.flatnonzero(gt_present.any(axis=0) | tracker_present.any(axis=0)):  # empty frames add nothing
+        g, d = np.flatnonzero(gt_present[:, t]), np.flatnonzero(tracker_present[:, t])
+        gt_ids.append(gt_track_ids[g])
+        tracker_ids.append(d)
+        if not len(g) or not len(d):
+            sims.append(np.zeros((len(g), len(d)), dtype=np.float32 if iou_type == "bbox" else float))
+        elif iou_type == "bbox":
+            sims.append(
+                frame_box_iou(np.stack([gts[j].boxes[t] for j in g]), np.stack([predictions[i].boxes[t] for i in d]))
+            )
+        else:
+            sims.append(video.overlaps.frame_iou(int(t), rows[d], cols[g]).T)
+    gt_labels, num_gt = relabel(gt_ids)
+    tracker_labels, num_tracker = relabel(tracker_ids)
+    frames = [Frame(g, d, s) for g, d, s in zip(gt_labels, tracker_labels, sims)]
+    return evaluate_sequence(frames, num_gt, num_tracker)
+
+
+class Hota(VideoFamily):
+    name = "hota"
+    per_pair_results = True
+
+    def prepare(self, data: VideoSet) -> None:
+        """Boxes everywhere (a frame counts where its box is set); masks where a counted prediction is."""
+        require_iou_types(data, self.scoring.iou_types)
+        require(data, "bboxes", "HOTA (a frame counts where its box is set)")
+        if "segm" not in self.scoring.iou_types:
+            return
+        for p in data.predictions:
+            if p.score <= self.scoring.threshold:
+                continue
+            missing = np.flatnonzero(_present(p) & np.array([mask is None for mask in p.masks]))
+            if len(missing):
+                raise InputError(
+                    data.predictions_source,
+                    f"[{p.index}].segmentations[{missing[0]}]",
+                    "null in a frame where the box is set: HOTA compares the masks of every frame with a box",
+                )
+
+    def evaluate_video(self, video: VideoContext) -> dict[tuple[int, str], SequenceResult]:
+        """Every (category, IoU type) with GT or a prediction above the threshold."""
+        gts, predictions = video.gts_by_category, video.predictions_by_category
+        confident = {c: [p for p in ps if p.score > self.scoring.threshold] for c, ps in predictions.items()}
+        out = {}
+        for category in set(gts) | {c for c, ps in confident.items() if ps}:
+            for iou_type in self.scoring.iou_types:
+                out[category, iou_type] = _pair(video, iou_type, gts.get(category, []), confident.get(category, []))
+        return out
+
+    def reduce(self, data: VideoSet, parts: Mapping[int, Any]) -> FamilyResult:
+        metrics: dict[str, float] = {}
+        per_pair: dict[Pair, dict[str, float]] = {}
+        for iou_type in self.scoring.iou_types:
+            kind = KIND[iou_type]
+            sequences = {(v, c): s for v, part in parts.items() for (c, t), s in part.items() if t == iou_type}
+            ordered = sorted(sequences)
+            for pair in ordered:
+                per_pair.setdefault(pair, {}).update({f"{kind}_{k}": v for k, v in sequences[pair].means().items()})
+            combined = combine([sequences[p] for p in ordered]).means()
+            metrics.update({f"video_{kind}_all_phrase_{k}": v for k, v in combined.items()})
+            if data.gt and all(g.has_tags for g in data.gt):  # sam3 then also combines the challenging pairs
+                metrics.update(_challenging(data, sequences, ordered, kind))
+        return FamilyResult(metrics, per_pair=per_pair)
+
+
+def _challenging(
+    data: VideoSet, sequences: dict[Pair, SequenceResult], ordered: list[Pair], kind: str
+) -> dict[str, float]:
+    """``..._challenging_phrase_*``: the pairs with an annotation tagged ``tracking_challenging_pair``."""
+    challenging = {(g.video_id, g.category_id) for g in data.gt if CHALLENGING_TAG in g.tags}
+    chosen = [sequences[p] for p in ordered if p in challenging]
+    if not chosen:
+        logger.warning("every annotation has tags but none is %r: no challenging HOTA", CHALLENGING_TAG)
+        return {}
+    return {f"video_{kind}_challenging_phrase_{k}": v for k, v in combine(chosen).means().items()}

@@ -1,4 +1,4 @@
-"""TETA (Track Every Thing Accuracy, Li et al., ECCV 2022) on masks, as sam3's SA-Co/VEval suite runs it.
+"""``teta``: TETA (Track Every Thing Accuracy, Li et al., ECCV 2022) on masks, as sam3's SA-Co/VEval suite runs it.
 
 The definition is sam3's ``VideoTetaEvaluator(use_mask=True, is_exhaustive=True)`` with its
 vendored TETA toolkit (COCO dataset class, threshold 50); what that amounts to:
@@ -25,12 +25,16 @@ the classes present in a video are evaluated there: cost follows the data, not t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from sam3_core.errors import InputError
+from sam3_core.evaluate.family import FamilyResult, VideoContext, VideoFamily
 from sam3_core.evaluate.lsap import linear_sum_assignment
+from sam3_core.evaluate.videodata import Masklet, VideoSet, require
 
 ALPHAS = np.arange(0.0, 0.99, 0.05)  # 20 localisation thresholds
 CLS_ALPHAS = np.arange(0.5, 0.99, 0.05)  # 10 classification thresholds: ALPHAS[10:]
@@ -262,3 +266,69 @@ def summary(classes: Sequence[Counts]) -> dict[str, float]:
         mean = np.mean([f[name] for f in fields], axis=0) if fields else np.nan
         out[reported] = float(f"{100 * np.mean(mean):1.5g}")
     return out
+
+
+def _class_list(data: VideoSet) -> dict[int, int]:
+    """TETA's class list: categories with a GT box somewhere, in the GT's category order; names unique."""
+    with_gt = {g.category_id for g in data.gt if not g.box_null.all()}
+    order = [c for c in data.category_names if c in with_gt]
+    owners: dict[str, int] = {}
+    for c, name in data.category_names.items():
+        if name in owners and (c in with_gt or owners[name] in with_gt):
+            raise InputError(
+                data.gt_source,
+                "categories",
+                f"name {name!r} is used by categories {owners[name]} and {c}: TETA tells classes apart "
+                "by name (as sam3's toolkit does)",
+            )
+        owners[name] = c
+    return {c: i for i, c in enumerate(order)}
+
+
+def _check_masks(source: str, prefix: str, masklets: Iterable[Masklet], counted: Callable[[Masklet], Any]) -> None:
+    for m in masklets:
+        missing = np.flatnonzero(counted(m) & np.array([mask is None for mask in m.masks]))
+        if len(missing):
+            raise InputError(
+                source,
+                f"{prefix}[{m.index}].segmentations[{missing[0]}]",
+                "null in a frame where the box is set: TETA compares the masks of every frame with a box",
+            )
+
+
+class Teta(VideoFamily):
+    name = "teta"
+
+    rank: dict[int, int]  # the class list (category -> position), set by prepare
+
+    def prepare(self, data: VideoSet) -> None:
+        """Boxes and masks everywhere, a mask in every counted frame; the class list."""
+        require(data, "bboxes", "TETA (a frame counts where its box is set)")
+        require(data, "segmentations", "TETA (on masks)")
+        _check_masks(data.gt_source, "annotations", data.gt, lambda m: ~m.box_null)
+        confident = [p for p in data.predictions if p.score >= self.scoring.threshold]
+        _check_masks(data.predictions_source, "", confident, lambda m: ~m.box_zero)
+        self.rank = _class_list(data)
+
+    def evaluate_video(self, video: VideoContext) -> dict[int, Counts]:
+        length = video.video.length
+        gts = video.gts
+        trackers = [p for p in video.predictions if p.score >= self.scoring.threshold]
+        gt_present = np.array([~g.box_null for g in gts], dtype=bool).reshape(len(gts), length)
+        tracker_present = np.array([~p.box_zero for p in trackers], dtype=bool).reshape(len(trackers), length)
+        gt_ids = np.array([g.track_id for g in gts], dtype=np.int64)
+        gt_classes = np.array([g.category_id for g in gts], dtype=np.int64)
+        tracker_classes = np.array([p.category_id for p in trackers], dtype=np.int64)
+        rows, cols = video.rows(trackers), video.cols(gts)
+        frames, classes = [], set()
+        for t in np.flatnonzero(gt_present.any(axis=0)):  # frames without GT are not part of the sequence
+            g, d = np.flatnonzero(gt_present[:, t]), np.flatnonzero(tracker_present[:, t])
+            similarity = video.overlaps.frame_iou(int(t), rows[d], cols[g]).T
+            frames.append(Frame(gt_ids[g], gt_classes[g], d, tracker_classes[d], similarity))
+            classes.update(gt_classes[g].tolist(), tracker_classes[d].tolist())
+        known = set(self.rank)
+        return evaluate_video(frames, sorted(classes & known, key=self.rank.__getitem__), known)
+
+    def reduce(self, data: VideoSet, parts: Mapping[int, Any]) -> FamilyResult:
+        combined = [combine(part[c] for part in parts.values() if c in part) for c in self.rank]
+        return FamilyResult({f"video_mask_{name}": value for name, value in summary(combined).items()})
