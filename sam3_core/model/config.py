@@ -59,6 +59,45 @@ class LoraConfig:
 
 
 @dataclass
+class TrackerConfig:
+    """Key `model.tracker`: the sizes of SAM3's memory tracker. Defaults: the tiny preset; `full`: SAM3's.
+
+    Its image side, feature stride and width come from the detector (`model.image_size`,
+    `model.patch_size`, `model.d_model`): the tracker reads the detector's trunk.
+    """
+
+    # memory bank: the conditioning frames plus num_maskmem - 1 recent frames
+    num_maskmem: int = 7
+    # channels of a memory feature; an object pointer is split into d_model / mem_dim memory tokens
+    mem_dim: int = 16
+    # memory attention (self-attention + cross-attention to the memories, RoPE): layers, FFN width, heads
+    memory_layers: int = 1
+    memory_ffn_dim: int = 256
+    memory_heads: int = 1
+    # ConvNeXt blocks fusing a mask into the frame's features in the memory encoder
+    fuser_layers: int = 2
+    dropout: float = 0.0
+    # conditioning frames attended at most (the temporally closest ones)
+    max_cond_frames_in_attn: int = 4
+    # object pointers of other frames attended at most
+    max_obj_ptrs_in_encoder: int = 16
+    # SAM3's temporal disambiguation: memory frames chosen by the quality of their masks (SAM2Long)
+    memory_selection: bool = True
+    # a frame scoring at or below this is never chosen as a memory
+    memory_selection_threshold: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_int("model.tracker.num_maskmem", self.num_maskmem, 1)
+        for key in ("mem_dim", "memory_layers", "memory_ffn_dim", "memory_heads", "fuser_layers"):
+            check_int(f"model.tracker.{key}", getattr(self, key), 1)
+        check_float("model.tracker.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_int("model.tracker.max_cond_frames_in_attn", self.max_cond_frames_in_attn, 2)
+        check_int("model.tracker.max_obj_ptrs_in_encoder", self.max_obj_ptrs_in_encoder, 1)
+        check_bool("model.tracker.memory_selection", self.memory_selection)
+        check_float("model.tracker.memory_selection_threshold", self.memory_selection_threshold, 0.0, 1.0)
+
+
+@dataclass
 class ModelConfig:
     """Dimensions of the SAM3 detector built from the pinned sam3 classes.
 
@@ -100,6 +139,8 @@ class ModelConfig:
     # parameter-name prefixes to freeze, e.g. ["backbone.vision_backbone", "backbone.language_backbone"]
     freeze: list[str] = field(default_factory=list)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # SAM3's memory tracker (video inference, tracker training): sizes; side, stride and width are the detector's
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
     init_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -152,3 +193,19 @@ class ModelConfig:
         check_str_list("model.freeze", self.freeze)
         if not isinstance(self.lora, LoraConfig):
             raise ConfigError(f"model.lora={self.lora!r}: expected a mapping of LoRA settings")
+        self._check_tracker_fits()
+
+    def _check_tracker_fits(self) -> None:
+        """The tracker shares the detector's width: SAM's mask decoder runs 8 heads on half of it, an
+        object pointer becomes d_model / mem_dim memory tokens, and RoPE needs a multiple of 4 per head."""
+        if not isinstance(self.tracker, TrackerConfig):
+            raise ConfigError(f"model.tracker={self.tracker!r}: expected a mapping of tracker settings")
+        if self.d_model % 16:
+            raise ConfigError(f"model.d_model={self.d_model}: SAM3's tracker needs a multiple of 16")
+        if self.d_model % self.tracker.mem_dim:
+            raise ConfigError(f"model.tracker.mem_dim={self.tracker.mem_dim}: must divide model.d_model={self.d_model}")
+        if self.d_model % (4 * self.tracker.memory_heads):
+            raise ConfigError(
+                f"model.tracker.memory_heads={self.tracker.memory_heads}: model.d_model={self.d_model} must be a "
+                "multiple of 4 x memory_heads (RoPE)"
+            )

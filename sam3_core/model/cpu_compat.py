@@ -1,7 +1,8 @@
 """Every workaround for the pinned sam3 (0.1.4) on a machine without CUDA, in one place.
 
-Each shim is a no-op on CUDA tensors, is applied once by `apply()`, and has a test in
-tests/sam3_core/model/test_cpu_compat.py that fails if the pinned sam3 stops needing it (so it can be removed).
+Each shim is a no-op on CUDA tensors, is applied once by `apply()` (or scoped by
+`cuda_calls_on_cpu()`), and has a test in tests/sam3_core/model/test_cpu_compat.py that fails if
+the pinned sam3 stops needing it (so it can be removed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 _APPLIED = False
@@ -27,38 +29,6 @@ def _pin_memory_is_identity() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.pin_memory = original  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def _cuda_is_identity() -> Iterator[None]:
-    """`Tensor.cuda()` leaves a tensor where it is (on a machine without CUDA, where it would raise)."""
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original  # type: ignore[method-assign]
-
-
-def _patch_tracker_memory_on_cpu() -> None:
-    """The tracker's memory read moves every memory to "cuda" and pins the object pointers' positions.
-
-    `Sam3TrackerBase._prepare_memory_conditioned_features` calls `.cuda()` on each stored memory
-    (it may have been offloaded) and `_get_tpos_enc` `.pin_memory()`; with CPU features both stay put.
-    """
-    from sam3.model.sam3_tracker_base import Sam3TrackerBase
-
-    original = Sam3TrackerBase._prepare_memory_conditioned_features
-
-    @functools.wraps(original)
-    def prepare(self: Any, *args: Any, **kwargs: Any) -> Any:
-        feats = kwargs.get("current_vision_feats", args[2] if len(args) > 2 else None)
-        if feats is None or feats[-1].is_cuda:
-            return original(self, *args, **kwargs)
-        with _cuda_is_identity(), _pin_memory_is_identity():
-            return original(self, *args, **kwargs)
-
-    Sam3TrackerBase._prepare_memory_conditioned_features = prepare  # type: ignore[method-assign]
 
 
 def _patch_geometry_encoder_pin_memory() -> None:
@@ -92,6 +62,75 @@ def _patch_focal_loss_triton() -> None:
     loss_fns.sigmoid_focal_loss = sigmoid_focal_loss
 
 
+def _patch_connected_components_empty_batch() -> None:
+    """`connected_components_cpu` stacks one result per mask and fails on zero masks (`torch.stack([])`).
+
+    sam3's video model fills holes in the masks of a frame's new detections, which are often none;
+    on a GPU the Triton kernel takes empty batches.
+    """
+    from sam3.perflib import connected_components
+
+    original = connected_components.connected_components_cpu
+
+    @functools.wraps(original)
+    def connected_components_cpu(input_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_tensor.shape[0] == 0:
+            empty = torch.zeros(input_tensor.shape, dtype=torch.int64, device=input_tensor.device)
+            return empty, empty.clone()
+        return original(input_tensor)
+
+    connected_components.connected_components_cpu = connected_components_cpu
+
+
+def _patch_video_predictor_gpu_properties() -> None:
+    """`Sam3VideoPredictor.start_session` logs the current GPU's properties, which raises without one."""
+    from sam3.model.sam3_video_predictor import Sam3VideoPredictor
+
+    original = Sam3VideoPredictor._get_torch_and_gpu_properties
+
+    @functools.wraps(original)
+    def properties(self: Any) -> str:
+        if torch.cuda.is_available():
+            return original(self)
+        return f"torch: {torch.__version__}, no GPU"
+
+    Sam3VideoPredictor._get_torch_and_gpu_properties = properties  # type: ignore[method-assign]
+
+
+def _is_cuda(device: Any) -> bool:
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
+
+
+class _CudaCallsOnCpu(TorchFunctionMode):
+    """sam3's explicit CUDA placements, kept on the CPU: `.cuda()`, `.pin_memory()`, `device="cuda"`, `.to("cuda")`.
+
+    sam3's video stack places memories, frames and states on "cuda" by name (tracker memory
+    read-back, `storage_device`, frame loading, pinned index copies); builders precompute caches
+    on "cuda".
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("cuda", "pin_memory"):
+            return args[0]
+        if _is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if name == "to" and any(_is_cuda(arg) for arg in args[1:]):
+            args = tuple("cpu" if _is_cuda(arg) else arg for arg in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_calls_on_cpu() -> Iterator[None]:
+    """Run sam3 code that names "cuda" on a machine without one (a no-op where CUDA is available)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with _CudaCallsOnCpu():
+        yield
+
+
 def apply() -> None:
     """Install the shims (idempotent). Called by the model builder and the loss builder."""
     global _APPLIED
@@ -99,6 +138,7 @@ def apply() -> None:
         return
     _patch_geometry_encoder_pin_memory()
     _patch_focal_loss_triton()
-    _patch_tracker_memory_on_cpu()
+    _patch_connected_components_empty_batch()
+    _patch_video_predictor_gpu_properties()
     _APPLIED = True
     log.debug("sam3 CPU compatibility shims installed")

@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from sam3_core.data.tracker_clips import NEGATIVE, POSITIVE, JointBatch, PointPrompt, TrackerBatch, TrackerClip
+from sam3_core.model import cpu_compat
+from sam3_core.model.tracker import TRACKER_NECK_PREFIX, build_tracker, load_video_model_weights
 from sam3_core.model.video_detector import VideoClipDetector
 
 if TYPE_CHECKING:
     from sam3_core.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
-# the tracker's neck: a copy of the detector's neck inside the detector, read by the tracker only
-TRACKER_NECK_PREFIX = "detector.backbone.vision_backbone.sam2_convs."
 
 
 @dataclass
@@ -203,15 +203,16 @@ class ClipTracker:
             pix = feats[-1].permute(1, 2, 0).reshape(count, channels, *self.sizes[-1])
             outputs = tracker._use_mask_as_output(pix, high_res, mask_input)
         else:
-            pix = tracker._prepare_memory_conditioned_features(
-                frame_idx=t,
-                is_init_cond_frame=is_cond,
-                current_vision_feats=feats[-1:],
-                current_vision_pos_embeds=pos[-1:],
-                feat_sizes=self.sizes[-1:],
-                output_dict=self.output,
-                num_frames=clip.num_frames,
-            )
+            with cpu_compat.cuda_calls_on_cpu():  # the memory read moves memories to "cuda"
+                pix = tracker._prepare_memory_conditioned_features(
+                    frame_idx=t,
+                    is_init_cond_frame=is_cond,
+                    current_vision_feats=feats[-1:],
+                    current_vision_pos_embeds=pos[-1:],
+                    feat_sizes=self.sizes[-1:],
+                    output_dict=self.output,
+                    num_frames=clip.num_frames,
+                )
             outputs = tracker._forward_sam_heads(
                 backbone_features=pix,
                 point_inputs=points,
@@ -344,7 +345,6 @@ class VideoClipModel(VideoClipDetector):
 def build_video_clip_model(cfg: ModelConfig, frozen_detector: bool = False) -> VideoClipModel:
     """The detector (with its tracker's neck) and SAM3's tracker at the sizes of `cfg`, weights initialised."""
     from sam3_core.model.build import build_detector
-    from sam3_core.model.tracker import build_tracker
 
     detector = build_detector(cfg)
     add_tracker_neck(detector)
@@ -357,8 +357,6 @@ def load_video_clip_weights(module: VideoClipModel, uri: str) -> None:
     A checkpoint without the tracker's neck (a detector trained here) leaves it a copy of the
     loaded detector neck, as sam3 builds it; one without `tracker.*` leaves the tracker as built.
     """
-    from sam3_core.model.tracker import load_video_model_weights
-
     report, _ = load_video_model_weights(module, uri)
     if any(key.startswith(TRACKER_NECK_PREFIX) for key in report.missing):
         add_tracker_neck(module.detector, replace=True)

@@ -6,6 +6,12 @@ them: COCO results per frame and masklets linked across frames. `PredictionDumpe
 owners' parts to rank 0, which writes `coco_predictions_bbox.json`, `coco_predictions_segm.json`
 and `video_predictions.json` under the output URI.
 
+`inference` chooses how masklets are made: `linked` (per-frame detections linked by IoU,
+sam3_core.predict.association), `sam3_video` (SAM3's own detector + tracker video inference,
+sam3_core.predict.sam3_video) or `vos` (SAM3's tracker from each ground-truth object's first-frame
+mask, semi-supervised VOS, sam3_core.predict.vos; its masklets carry `gt_id`); all write the same
+three files.
+
 `model.uri` may name a registry entry (`models:/<name>@candidate`); it is resolved to its
 checkpoint first. The predictions folder is keyed by every setting that shapes its files (the
 checkpoint by the sha256 of its bytes), and records them in `predict_settings.json`: a folder
@@ -63,13 +69,14 @@ from sam3_core.predict.postprocess import (
     coco_segm_results,
     frame_detections,
 )
+from sam3_core.predict.sam3_video import Sam3VideoConfig, Sam3VideoRunner
 
 log = logging.getLogger(__name__)
 
 # Written into every predictions folder: the settings that made its files (see prediction_settings).
 SETTINGS_FILE = "predict_settings.json"
 # Config sections whose values can change the prediction files ...
-CONTENT_SECTIONS = ("inference", "model", "data", "detection", "postprocess", "association", "dumper")
+CONTENT_SECTIONS = ("inference", "model", "data", "detection", "postprocess", "association", "sam3_video", "dumper")
 # ... except these, which change how they are computed or gathered, never what they hold.
 CONTENT_NEUTRAL_KEYS = frozenset(
     {
@@ -128,19 +135,22 @@ class PreviewConfig:
         check_float("preview.min_score", self.min_score, 0.0, 1.0)
 
 
-# how masklets are made: linked (per-frame detections linked by IoU), vos (SAM3's tracker from each
-# ground-truth object's first-frame mask, semi-supervised VOS; see sam3_core.predict.vos)
-INFERENCE_MODES = ("linked", "vos")
+# how masklets are made (CONTRACTS.md item 3), each mode a module of sam3_core.predict: linked (per-frame
+# detections linked by IoU), sam3_video (SAM3's detector + tracker), vos (SAM3's tracker from each
+# ground-truth object's first-frame mask: semi-supervised VOS)
+INFERENCE_MODES = ("linked", "sam3_video", "vos")
 
 
 @dataclass
 class PredictConfig:
+    # linked | sam3_video | vos (see INFERENCE_MODES)
     inference: str = "linked"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     association: AssociationConfig = field(default_factory=AssociationConfig)
+    sam3_video: Sam3VideoConfig = field(default_factory=Sam3VideoConfig)
     dumper: DumperConfig = field(default_factory=DumperConfig)
     output: PredictOutputConfig = field(default_factory=PredictOutputConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
@@ -314,6 +324,8 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     dumper = PredictionDumper(cfg.dumper)
     if cfg.inference == "vos":
         previews = _predict_vos(cfg, checkpoint, reader, dataset, image_ids, dumper, device)
+    elif cfg.inference == "sam3_video":
+        previews = _predict_sam3_video(cfg, checkpoint, reader, dataset, image_ids, dumper, env, device)
     else:
         previews = _predict_linked(cfg, checkpoint, reader, dataset, image_ids, dumper, env, device)
     if env.is_main:
@@ -356,6 +368,33 @@ def _predict_vos(
         dumper.add_video(propagation.masklets())
         if index == 0:
             previews = _previews(reader, video, dict(enumerate(frames)), names, cfg.preview)
+    return previews
+
+
+def _predict_sam3_video(
+    cfg: PredictConfig,
+    checkpoint: LocalCheckpoint,
+    reader: FrameReader,
+    dataset: VideoDataset,
+    image_ids: dict[tuple[int, int], int],
+    dumper: PredictionDumper,
+    env: comm.LaunchEnv,
+    device: torch.device,
+) -> dict[str, Image.Image]:
+    """inference=sam3_video: SAM3's own video inference, every category a text prompt (sam3_core.predict.sam3_video)."""
+    video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device)
+    prompts = [c.name for c in dataset.categories]
+    category_ids = [c.id for c in dataset.categories]
+    previews: dict[str, Image.Image] = {}
+    for index, video in enumerate(tqdm(dataset.videos, desc="predict", unit="video", disable=not env.is_main)):
+        predicted = video_model.predict(index, video, reader.image, prompts, category_ids, image_ids)
+        by_frame = dict(enumerate(predicted.frames)) if predicted else {}
+        if predicted:
+            dumper.add("bbox", coco_bbox_results(predicted.frames))
+            dumper.add("segm", coco_segm_results(predicted.frames))
+            dumper.add_video(predicted.masklets)
+        if index == 0 and env.is_main:
+            previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
     return previews
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from sam3_core.data.datapoints import frame_to_tensor, resize_mask
 from sam3_core.data.ytvis import Track, Video, rle_to_mask
+from sam3_core.model import cpu_compat
 from sam3_core.model.tracker_training import tracker_features
 from sam3_core.predict.postprocess import FrameDetections, encode_mask
 
@@ -120,15 +121,16 @@ class VideoPropagation:
             pix = feats[-1].permute(1, 2, 0).reshape(count, tracker.hidden_dim, *sizes[-1])
             outputs = tracker._use_mask_as_output(pix, high_res, self._prompt(group, t))
         else:
-            pix = tracker._prepare_memory_conditioned_features(
-                frame_idx=t,
-                is_init_cond_frame=False,
-                current_vision_feats=feats[-1:],
-                current_vision_pos_embeds=pos[-1:],
-                feat_sizes=sizes[-1:],
-                output_dict=group.output,
-                num_frames=self.video.length,
-            )
+            with cpu_compat.cuda_calls_on_cpu():  # the memory read moves memories to "cuda"
+                pix = tracker._prepare_memory_conditioned_features(
+                    frame_idx=t,
+                    is_init_cond_frame=False,
+                    current_vision_feats=feats[-1:],
+                    current_vision_pos_embeds=pos[-1:],
+                    feat_sizes=sizes[-1:],
+                    output_dict=group.output,
+                    num_frames=self.video.length,
+                )
             outputs = tracker._forward_sam_heads(
                 backbone_features=pix,
                 point_inputs=None,

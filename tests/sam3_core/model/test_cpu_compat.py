@@ -120,3 +120,87 @@ def test_sam3_decoder_with_resolution_and_stride_fails_without_a_gpu() -> None:
             resolution=56,
             stride=14,
         )
+
+
+@needs_no_gpu
+def test_sam3_connected_components_on_cpu_still_fail_on_zero_masks() -> None:
+    from sam3.perflib import connected_components
+
+    unpatched = inspect.unwrap(connected_components.connected_components_cpu)
+    with pytest.raises(RuntimeError, match="non-empty"):
+        unpatched(torch.zeros(0, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_connected_components_of_zero_masks_are_empty_after_apply() -> None:
+    from sam3.perflib.connected_components import connected_components
+
+    cpu_compat.apply()
+    labels, counts = connected_components(torch.zeros(0, 1, 8, 8, dtype=torch.uint8))
+    assert labels.shape == counts.shape == (0, 1, 8, 8)
+
+
+def test_connected_components_of_masks_are_sam3s_after_apply() -> None:
+    from sam3.perflib import connected_components
+
+    cpu_compat.apply()
+    masks = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    masks[0, 0, 1:3, 1:3] = 1
+    masks[1, 0, 4:8, 0:2] = 1
+    labels, counts = connected_components.connected_components(masks)
+    reference = inspect.unwrap(connected_components.connected_components_cpu)(masks)
+    assert torch.equal(labels, reference[0]) and torch.equal(counts, reference[1])
+    assert counts[0, 0, 1, 1] == 4 and counts[1, 0, 5, 0] == 8
+
+
+@needs_no_gpu
+def test_sam3s_video_session_still_asks_for_the_gpus_properties_which_fails_without_one() -> None:
+    from sam3.model.sam3_video_predictor import Sam3VideoPredictor
+
+    unpatched = inspect.unwrap(Sam3VideoPredictor._get_torch_and_gpu_properties)
+    with pytest.raises(RuntimeError, match="NVIDIA driver"):
+        unpatched(object.__new__(Sam3VideoPredictor))
+
+
+def test_sam3s_video_session_describes_a_machine_without_a_gpu_after_apply() -> None:
+    from sam3.model.sam3_video_predictor import Sam3VideoPredictor
+
+    cpu_compat.apply()
+    assert "torch" in object.__new__(Sam3VideoPredictor)._get_torch_and_gpu_properties()
+
+
+@needs_no_gpu
+def test_sam3s_video_loader_still_puts_frames_on_cuda_which_fails_without_a_gpu(tmp_path) -> None:
+    from PIL import Image
+    from sam3.model.io_utils import load_video_frames
+
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(tmp_path / "00000.jpg")
+    with pytest.raises(RuntimeError, match="NVIDIA driver"):
+        load_video_frames(str(tmp_path), image_size=28, offload_video_to_cpu=False)
+
+
+def test_sam3s_video_loader_keeps_frames_on_the_cpu_inside_cuda_calls_on_cpu(tmp_path) -> None:
+    from PIL import Image
+    from sam3.model.io_utils import load_video_frames
+
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(tmp_path / "00000.jpg")
+    with cpu_compat.cuda_calls_on_cpu():
+        images, height, width = load_video_frames(str(tmp_path), image_size=28, offload_video_to_cpu=False)
+    assert images.device.type == "cpu"
+    assert (images.shape, height, width) == ((1, 3, 28, 28), 12, 16)
+
+
+@needs_no_gpu
+def test_cuda_placements_stay_on_the_cpu_only_inside_cuda_calls_on_cpu() -> None:
+    tensor = torch.ones(3)
+    with cpu_compat.cuda_calls_on_cpu():
+        placed = [
+            torch.zeros(2, device="cuda"),
+            torch.full((2,), 1.0, device=torch.device("cuda")),
+            tensor.cuda(non_blocking=True),
+            tensor.to("cuda"),
+            tensor.to(device=torch.device("cuda"), non_blocking=True),
+            tensor.pin_memory(),
+        ]
+    assert all(t.device.type == "cpu" for t in placed)
+    with pytest.raises(RuntimeError):
+        torch.zeros(2, device="cuda")
