@@ -19,18 +19,25 @@ from sam3_core.data.tracker_clips import (
     collate_tracker_clips,
 )
 from sam3_core.data.ytvis import Category, Video, VideoDataset
-from sam3_core.model import cpu_compat
-from sam3_core.model.tracker_training import TrackingSettings, error_click, prepare_tracker, track_clips
+from sam3_core.model.config import ModelConfig
+from sam3_core.model.tracker_training import (
+    TrackingSettings,
+    build_video_clip_model,
+    error_click,
+    prepare_tracker,
+    track_clips,
+)
 from sam3_core.train.tracker_loss import TrackerLoss, TrackerLossConfig
-from tests.fixtures.tiny_tracker import IMAGE_SIZE, tiny_detector, tiny_tracker
+
+IMAGE_SIZE = 56
 
 
 @pytest.fixture(scope="module")
 def models(torch_single_thread: None) -> tuple[nn.Module, nn.Module]:
-    cpu_compat.apply()
-    detector, tracker = tiny_detector(), tiny_tracker()
-    prepare_tracker(tracker, TrackingSettings(), seed=0)
-    return detector.train(), tracker.train()
+    """The tiny preset's detector (with the tracker's neck) and tracker, at 56 px."""
+    model = build_video_clip_model(ModelConfig(image_size=IMAGE_SIZE, vit_pretrain_img_size=IMAGE_SIZE))
+    prepare_tracker(model.tracker, TrackingSettings(), seed=0)
+    return model.detector.train(), model.tracker.train()
 
 
 @pytest.fixture(scope="module")

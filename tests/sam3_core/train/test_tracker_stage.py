@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -106,17 +107,20 @@ def test_preset_memory_leaves_the_mask_decoder_as_it_started(
     assert any(not torch.equal(trained[k], initial[k]) for k in memory)
 
 
-def test_a_resumed_tracker_run_ends_with_the_weights_of_an_uninterrupted_one(
+def test_a_tracker_run_resumed_from_its_step_checkpoint_ends_with_the_uninterrupted_weights(
     tiny_train_overrides: list[str], detector_checkpoint: str, tmp_path: Path
 ) -> None:
-    whole = train(
-        config(tracker_overrides(tiny_train_overrides, tmp_path / "a", detector_checkpoint, "train.max_steps=4"))
+    common = tracker_overrides(
+        tiny_train_overrides, tmp_path, detector_checkpoint, "train.max_steps=4", "train.checkpoint_every=2"
     )
-    split = tracker_overrides(tiny_train_overrides, tmp_path / "b", detector_checkpoint, "train.checkpoint_every=2")
-    train(config([*split, "train.max_steps=2", "output.run_name=split"]))
-    resumed = train(config([*split, "train.max_steps=4", "output.run_name=split"]))
+    whole = train(config([*common, "output.run_name=whole"]))
+    resumed_folder = tmp_path / "runs" / "resumed" / "checkpoints"
+    resumed_folder.mkdir(parents=True)
+    shutil.copy(Path(whole.run_uri) / "checkpoints" / "step_0000002.pt", resumed_folder / "last.pt")
+    resumed = train(config([*common, "output.run_name=resumed"]))
     a, b = load_checkpoint(whole.last_checkpoint_uri)["model"], load_checkpoint(resumed.last_checkpoint_uri)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(resumed.last_checkpoint_uri)["step"] == 4
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_stage_joint_trains_the_detector_and_the_tracker_from_one_loss(
