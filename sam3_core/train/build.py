@@ -63,7 +63,7 @@ from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write
 from sam3_core.train.stages import freeze_all, train_tracker_preset
 from sam3_core.train.task import ClipTask
 from sam3_core.train.tracker_loss import TrackerLoss
-from sam3_core.train.tracker_task import JointTask, TrackerTask, TrackerValidationLoss
+from sam3_core.train.tracker_task import JointTask, TrackerTask, TrackerValidationLoss, VosMetrics
 from sam3_core.train.trainer import (
     MetricsCallback,
     Task,
@@ -181,6 +181,8 @@ def _validators(
             reader.dataset("val"), frames, cfg.data.tracker_clips, cfg.model.image_size, loop.seed, train=False
         )
         validators.append(TrackerValidationLoss(tracker_task, clips, loop.val_max_clips, autocast))
+    if isinstance(tracker_task, TrackerTask) and loop.val_max_videos > 0:
+        validators.append(VosMetrics(reader, loop.val_max_videos, cfg.model.image_size))
     return validators
 
 

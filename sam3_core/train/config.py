@@ -75,6 +75,9 @@ class LoopConfig:
     # val/bbox_* and val/segm_* (COCO, through the predict path): N val frames spread over the
     # split (0: no detection metrics)
     val_max_frames: int = 16
+    # stages tracker and joint: val/vos_J_mean, val/vos_F_mean, val/vos_JF_mean (...), as predict
+    # inference=vos and evaluate compute them, on N validation videos spread over the split (0: none)
+    val_max_videos: int = 8
     # best.pt is the checkpoint of the step where this metric was best: `val/<name>` (a detection
     # metric such as val/segm_AP, or val/loss), `diag/<name>` or `train/<name>`
     best_metric: str = "val/segm_AP"
@@ -96,7 +99,7 @@ class LoopConfig:
         check_choice("train.amp", self.amp, AMP_MODES)
         for key in ("log_every", "checkpoint_every"):
             check_int(f"train.{key}", getattr(self, key), 1)
-        for key in ("val_every", "val_max_clips", "val_max_frames", "num_threads"):
+        for key in ("val_every", "val_max_clips", "val_max_frames", "val_max_videos", "num_threads"):
             check_int(f"train.{key}", getattr(self, key), 0)
         check_int("train.dist_timeout_s", self.dist_timeout_s, 1)
         for key in ("keep_step_checkpoints", "diagnostics", "resume"):
@@ -121,13 +124,16 @@ class LoopConfig:
             )
         if group == "val" and name in ("loss", "tracker_loss") and self.val_max_clips == 0:
             raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_clips > 0")
-        if group == "val" and name == "tracker_loss" and self.stage == "detector":
-            raise ConfigError("train.best_metric=val/tracker_loss needs train.stage=tracker or joint")
+        tracker_metric = group == "val" and (name == "tracker_loss" or name.startswith("vos_"))
+        if tracker_metric and self.stage == "detector":
+            raise ConfigError(f"train.best_metric={self.best_metric} needs train.stage=tracker or joint")
+        if group == "val" and name.startswith("vos_") and self.val_max_videos == 0:
+            raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_videos > 0")
         detector_metric = group == "val" and (name == "loss" or name.startswith(("bbox_", "segm_")))
         if self.stage == "tracker" and (detector_metric or group == "diag"):
             raise ConfigError(
                 f"train.best_metric={self.best_metric}: train.stage=tracker leaves the detector unchanged; choose a "
-                "tracker metric: train.best_metric=val/tracker_loss train.best_mode=min"
+                "tracker metric: train.best_metric=val/vos_JF_mean (or val/tracker_loss with train.best_mode=min)"
             )
         iou_type, _, stat = name.partition("_")
         if group == "val" and iou_type in ("bbox", "segm"):

@@ -15,10 +15,14 @@ import torch
 from torch import nn
 
 from sam3_core import comm
+from sam3_core.data.frames import FrameReader
 from sam3_core.data.loading import pin_tensors
 from sam3_core.data.tracker_clips import JointBatch, TrackerBatch, TrackerClipDataset, collate_tracker_clips
+from sam3_core.data.ytvis import to_json
+from sam3_core.predict.vos import VideoPropagation, frame_images
 from sam3_core.train.task import ClipTask
 from sam3_core.train.tracker_loss import TERMS, TrackerLoss
+from sam3_core.train.validation import spread
 
 
 def _named(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,3 +103,41 @@ class TrackerValidationLoss:
             total[1] += 1
         total = comm.all_reduce_sum(total)
         return {"tracker_loss": float(total[0] / total[1])} if total[1] > 0 else {}
+
+
+class VosMetrics:
+    """`vos_J_mean`, `vos_F_mean`, `vos_JF_mean` (...) of up to `max_videos` validation videos.
+
+    The same path as ``predict inference=vos`` then ``evaluate`` with the ``vos`` family: each GT
+    object prompted by its first-frame mask and propagated (`VideoPropagation`), scored by DAVIS's
+    J and F. Videos spread evenly over the split, and over the ranks.
+    """
+
+    def __init__(self, reader: FrameReader, max_videos: int, image_size: int) -> None:
+        val = reader.dataset("val")
+        chosen = [val.videos[i] for i in spread(len(val.videos), max_videos)]
+        self.dataset = val.subset([v.id for v in chosen])
+        self.reader, self.image_size = reader, image_size
+        self.source = f"{reader.dataset_uri}/val.json"
+
+    def __call__(self, module: nn.Module, val_set: Any, step: int) -> dict[str, float]:
+        from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
+        from sam3_core.evaluate.videodata import read_video_set
+
+        masklets: list[dict] = []
+        for video in self.dataset.videos[comm.rank() :: comm.world_size()]:
+            images = frame_images(self.reader.image, video, self.image_size)
+            propagation = VideoPropagation(module, video, self.dataset.tracks_of(video.id), images)
+            propagation.run()
+            masklets.extend(propagation.masklets())
+        parts = comm.gather_object(masklets)
+        if parts is None:
+            return {}
+        data = read_video_set(
+            to_json(self.dataset),
+            [m for part in parts for m in part],
+            gt_source=self.source,
+            predictions_source=f"in-loop VOS validation at step {step}",
+        )
+        result = evaluate_suite(data, SuiteSettings(families=("vos",), iou_types=("segm",)))
+        return {name: value for name, value in result.metrics.items() if name.startswith("vos_")}

@@ -54,7 +54,7 @@ class ValidationLoss:
         return {"loss": float(total[0] / total[1])} if total[1] > 0 else {}
 
 
-def _spread(count: int, limit: int) -> list[int]:
+def spread(count: int, limit: int) -> list[int]:
     """`limit` indices spread evenly over range(count) (all of them when count <= limit)."""
     if count <= limit:
         return list(range(count))
@@ -81,7 +81,7 @@ class DetectionMetrics:
         if rel not in reader.manifest["files"]:
             raise InputError(reader.dataset_uri, rel, "no frame-level COCO file; set train.val_max_frames=0")
         coco = json.loads(reader.local_path(rel).read_text())
-        images = [coco["images"][i] for i in _spread(len(coco["images"]), max_frames)]
+        images = [coco["images"][i] for i in spread(len(coco["images"]), max_frames)]
         chosen = {image["id"] for image in images}
         subset = {
             **coco,

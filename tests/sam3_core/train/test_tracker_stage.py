@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from components import evaluate as evaluate_cli
+from components import predict as predict_cli
 from components.train import execute
 from sam3_core import storage
 from sam3_core.config import load_config
@@ -19,6 +21,7 @@ from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.build import train
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.stages import TRACKER_PRESETS
+from tests.fixtures.datasets import TINY_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +161,32 @@ def test_tracker_lora_trains_only_its_adapters_and_best_pt_has_them_merged(
     initial = build_video_clip_model(config(overrides).model).state_dict()
     changed = [k for k, v in best.items() if k.startswith("tracker.") and not torch.equal(v, initial[k])]
     assert changed and all(k.endswith(".weight") for k in changed)
+
+
+def test_in_loop_vos_validation_equals_predict_inference_vos_then_evaluate_on_the_best_checkpoint(
+    tiny_train_overrides: list[str], tiny_dataset, detector_checkpoint: str, tmp_path: Path
+) -> None:
+    overrides = [
+        *tracker_overrides(tiny_train_overrides, tmp_path / "store", detector_checkpoint, "train.max_steps=2"),
+        "train.val_every=1",
+        "train.best_metric=val/vos_JF_mean",
+        "train.best_mode=max",
+    ]
+    result = train(config(overrides))
+    logged = {record["step"]: record for record in result.history if "val/vos_JF_mean" in record}
+    assert sorted(logged) == [1, 2]
+    out = tmp_path / "predictions"
+    predict = ["inference=vos", f"model.uri={result.best_checkpoint_uri}", f"data.uri={tiny_dataset.uri}"]
+    assert predict_cli.main([*predict, f"output.uri={out}", *TINY_MODEL, *NO_TRACKING]) == 0
+    metrics = evaluate_cli.execute(
+        [
+            "--gt",
+            f"{tiny_dataset.uri}/val.json",
+            "--predictions",
+            str(out),
+            "--output",
+            str(tmp_path / "eval"),
+            *NO_TRACKING,
+        ]
+    )["metrics"]
+    assert metrics["vos_JF_mean"] == pytest.approx(logged[result.best_step]["val/vos_JF_mean"], abs=1e-9)

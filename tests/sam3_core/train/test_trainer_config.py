@@ -143,9 +143,15 @@ def test_stage_tracker_refuses_a_detector_metric_for_the_best_checkpoint(metric:
         config(["train.stage=tracker", f"train.best_metric={metric}"])
 
 
-def test_the_tracker_validation_loss_needs_a_stage_with_a_tracker() -> None:
+@pytest.mark.parametrize("metric", ["val/tracker_loss", "val/vos_JF_mean"])
+def test_tracker_metrics_need_a_stage_with_a_tracker(metric: str) -> None:
     with pytest.raises(ConfigError, match=r"needs train\.stage=tracker or joint"):
-        config(["train.best_metric=val/tracker_loss", "train.best_mode=min"])
+        config([f"train.best_metric={metric}"])
+
+
+def test_a_vos_best_metric_needs_validation_videos() -> None:
+    with pytest.raises(ConfigError, match=r"needs train\.val_max_videos > 0"):
+        config(["train.stage=tracker", "train.best_metric=val/vos_JF_mean", "train.val_max_videos=0"])
 
 
 def test_stage_tracker_refuses_detector_lora() -> None:
