@@ -63,7 +63,7 @@ from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write
 from sam3_core.train.stages import freeze_all, train_tracker_preset
 from sam3_core.train.task import ClipTask
 from sam3_core.train.tracker_loss import TrackerLoss
-from sam3_core.train.tracker_task import JointTask, TrackerTask, TrackerValidationLoss, VosMetrics
+from sam3_core.train.tracker_task import JointTask, JointTurns, TrackerTask, TrackerValidationLoss, VosMetrics
 from sam3_core.train.trainer import (
     MetricsCallback,
     Task,
@@ -208,7 +208,7 @@ def _task(cfg: TrainConfig, module: VideoClipDetector, device: torch.device) -> 
     detector = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
     if cfg.train.stage == "detector":
         return detector
-    return JointTask(detector, tracker, cfg.tracker_train.tracker_weight)
+    return JointTask(detector, tracker, cfg.tracker_train.tracker_weight, cfg.tracker_train.joint)
 
 
 def build_trainer(
@@ -291,6 +291,9 @@ def build_trainer(
             on_checkpoint=on_checkpoint,
         ),
     ]
+    if isinstance(task, JointTask):
+        # last: it reads the step count a resume restores in PeriodicCheckpoint.before_train
+        hooks.append(JointTurns(task))
     trainer = Trainer(
         model=model,
         module=module,

@@ -16,9 +16,10 @@
   (plus `tracker_train.lora.trainable`); the training checkpoints keep the adapters, best.pt has
   them merged.
 
-- ``joint``: both, each step on a detector clip batch and a tracker clip batch, their losses
-  summed (`tracker_train.tracker_weight` scales the tracker's); the detector trains as in stage
-  detector (`model.freeze`, `model.lora`), the tracker per its preset.
+- ``joint``: both, on a detector clip batch and a tracker clip batch per step: their losses
+  summed (`tracker_train.joint=sum`) or steps taking turns (``alternate``);
+  `tracker_train.tracker_weight` scales the tracker's. The detector trains as in stage detector
+  (`model.freeze`, `model.lora`), the tracker per its preset.
 
 Checkpoints keep SAM3's layout (``detector.*``, ``tracker.*``), so the export merges a trained
 tracker and SAM3's own video model loads it.
@@ -36,6 +37,8 @@ from sam3_core.model.config import LoraConfig
 from sam3_core.train.tracker_loss import TrackerLossConfig
 
 STAGES = ("detector", "tracker", "joint")
+# stage joint: both losses every step, or steps taking turns
+JOINT_MODES = ("sum", "alternate")
 # the tracker's parameter-name prefixes each preset trains (names inside Sam3TrackerBase)
 _MEMORY = (
     "transformer.",
@@ -101,7 +104,9 @@ class TrackerTrainConfig:
     teacher_force_obj_scores: bool = True
     # probability of dropping part of the spatial memory when a frame is tracked (sam3's knob; 0: off)
     spatial_memory_dropout: float = 0.0
-    # stage joint: the tracker's loss is multiplied by this before it is added to the detector's
+    # stage joint: "sum" (both losses every step) or "alternate" (detector and tracker steps take turns)
+    joint: str = "sum"
+    # stage joint: the tracker's loss is multiplied by this
     tracker_weight: float = 1.0
     loss: TrackerLossConfig = field(default_factory=TrackerLossConfig)
     lora: TrackerLoraConfig = field(default_factory=TrackerLoraConfig)
@@ -110,6 +115,7 @@ class TrackerTrainConfig:
         check_choice("tracker_train.trainable", self.trainable, TRACKER_PRESETS)
         check_bool("tracker_train.teacher_force_obj_scores", self.teacher_force_obj_scores)
         check_float("tracker_train.spatial_memory_dropout", self.spatial_memory_dropout, 0.0, 1.0)
+        check_choice("tracker_train.joint", self.joint, JOINT_MODES)
         check_float("tracker_train.tracker_weight", self.tracker_weight, 0.0)
 
 

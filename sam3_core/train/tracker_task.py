@@ -22,6 +22,7 @@ from sam3_core.data.ytvis import to_json
 from sam3_core.predict.vos import VideoPropagation, frame_images
 from sam3_core.train.task import ClipTask
 from sam3_core.train.tracker_loss import TERMS, TrackerLoss
+from sam3_core.train.trainer import HookBase
 from sam3_core.train.validation import spread
 
 
@@ -61,15 +62,27 @@ class TrackerTask:
 
 
 class JointTask:
-    """Stage joint: the detector's loss on its clips plus the weighted tracker loss, from one forward."""
+    """Stage joint: the detector's loss on its clips and the tracker's on its clips, from one forward.
 
-    def __init__(self, detector: ClipTask, tracker: TrackerTask, tracker_weight: float) -> None:
-        self.detector, self.tracker, self.tracker_weight = detector, tracker, tracker_weight
+    ``sum`` (`tracker_train.joint`): every step, the detector's loss plus the weighted tracker loss.
+    ``alternate``: steps take turns (`turn`, set by the `JointTurns` hook from the step count): even
+    steps the detector's loss alone, odd steps the weighted tracker loss alone; only ``loss`` is
+    logged then, as the two kinds of step have different terms.
+    """
+
+    def __init__(self, detector: ClipTask, tracker: TrackerTask, tracker_weight: float, mode: str = "sum") -> None:
+        self.detector, self.tracker, self.tracker_weight, self.mode = detector, tracker, tracker_weight, mode
+        self.turn = 0
 
     def to_device(self, batch: JointBatch) -> JointBatch:
         return JointBatch(self.detector.to_device(batch.detector), self.tracker.to_device(batch.tracker))
 
     def losses(self, model: nn.Module, batch: JointBatch) -> dict[str, torch.Tensor]:
+        if self.mode == "alternate":
+            if self.turn == 0:
+                return {"loss": self.detector.losses(model, batch.detector)["loss"]}
+            tracked = self.tracker.tracked_losses(model(batch.tracker), batch.tracker)
+            return {"loss": self.tracker_weight * tracked["tracker_loss"]}
         stages, tracked = model(batch)
         detector = self.detector.stage_losses(stages, batch.detector)
         tracker = self.tracker.tracked_losses(tracked, batch.tracker)
@@ -77,12 +90,23 @@ class JointTask:
         return {**detector, "detector_loss": detector["loss"], **tracker, "loss": total}
 
     def counts(self, batch: JointBatch) -> dict[str, int]:
-        tracked = _tracker_counts(batch.tracker)
-        return {
-            **self.detector.counts(batch.detector),
-            "tracker_clips": tracked["clips"],
-            "objects": tracked["objects"],
-        }
+        detector, tracker = self.detector.counts(batch.detector), _tracker_counts(batch.tracker)
+        if self.mode == "alternate":
+            return detector if self.turn == 0 else tracker
+        return {**detector, "tracker_clips": tracker["clips"], "objects": tracker["objects"]}
+
+
+class JointTurns(HookBase):
+    """Stage joint, ``alternate``: whose turn the next step is, from the steps done (so a resumed run keeps turns)."""
+
+    def __init__(self, task: JointTask) -> None:
+        self.task = task
+
+    def before_train(self) -> None:
+        self.task.turn = self.trainer.step % 2
+
+    def after_step(self) -> None:
+        self.task.turn = self.trainer.step % 2
 
 
 class TrackerValidationLoss:

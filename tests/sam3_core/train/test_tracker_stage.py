@@ -190,3 +190,27 @@ def test_in_loop_vos_validation_equals_predict_inference_vos_then_evaluate_on_th
         ]
     )["metrics"]
     assert metrics["vos_JF_mean"] == pytest.approx(logged[result.best_step]["val/vos_JF_mean"], abs=1e-9)
+
+
+def test_stage_joint_alternate_gives_the_detector_even_steps_and_the_tracker_odd_ones(
+    tiny_train_overrides: list[str], detector_checkpoint: str, tmp_path: Path
+) -> None:
+    overrides = [
+        *tiny_train_overrides,
+        f"output.store={tmp_path}",
+        f"model.uri={detector_checkpoint}",
+        "train.stage=joint",
+        "tracker_train.joint=alternate",
+        *TRACKER_RUN,
+        "train.max_steps=2",
+        "train.log_every=1",
+    ]
+    result = train(config(overrides))
+    steps = {int(r["step"]): r for r in result.history if "train/loss" in r}
+    assert "train/frames_per_s" in steps[1] and "train/objects_per_s" not in steps[1]  # a detector step
+    assert "train/objects_per_s" in steps[2]  # a tracker step
+    start = load_checkpoint(detector_checkpoint)["model"]
+    trained = load_checkpoint(result.last_checkpoint_uri)["model"]
+    initial = build_video_clip_model(config(overrides).model).state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in start.items() if k.startswith("detector.transformer."))
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("tracker.transformer."))
