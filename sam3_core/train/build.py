@@ -180,7 +180,8 @@ def _validators(
         clips = TrackerClipDataset(
             reader.dataset("val"), frames, cfg.data.tracker_clips, cfg.model.image_size, loop.seed, train=False
         )
-        validators.append(TrackerValidationLoss(tracker_task, clips, loop.val_max_clips, autocast))
+        local = TrackerTask(TrackerLoss(cfg.tracker_train.loss, over_ranks=False), device)
+        validators.append(TrackerValidationLoss(local, clips, loop.val_max_clips, autocast))
     if isinstance(tracker_task, TrackerTask) and loop.val_max_videos > 0:
         validators.append(VosMetrics(reader, loop.val_max_videos, cfg.model.image_size))
     return validators

@@ -12,7 +12,7 @@ its training configs: for every frame of every clip, and for every interactive s
 - the object score: binary cross-entropy of its logit against "the object is present".
 
 Each term is summed over steps, frames, clips and objects, then divided by the number of objects
-(averaged over ranks under torch.distributed, at least 1). ``loss`` is the weighted sum with
+(in training averaged over ranks under torch.distributed; at least 1). ``loss`` is the weighted sum with
 SAM2's weights: mask 20, dice 1, IoU 1, object score 1.
 """
 
@@ -74,10 +74,14 @@ def true_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class TrackerLoss:
-    """The weighted loss and its four terms for a batch's tracked clips and their ground-truth masks."""
+    """The weighted loss and its four terms for a batch's tracked clips and their ground-truth masks.
 
-    def __init__(self, cfg: TrackerLossConfig) -> None:
-        self.cfg = cfg
+    `over_ranks`: the object count is averaged over the ranks (a collective every rank must join,
+    as in a training step); off for validation, where ranks score different numbers of clips.
+    """
+
+    def __init__(self, cfg: TrackerLossConfig, over_ranks: bool = True) -> None:
+        self.cfg, self.over_ranks = cfg, over_ranks
         self.weights = {term: getattr(cfg, term) for term in TERMS}
 
     def _step(
@@ -110,7 +114,9 @@ class TrackerLoss:
                 for step in zip(steps.multimasks, steps.ious, steps.object_scores, strict=True):
                     self._step(terms, *step, masks[t])
         objects = torch.tensor(float(sum(m.shape[1] for m in gt_masks)), device=device)
-        objects = (comm.all_reduce_sum(objects) / comm.world_size()).clamp(min=1.0)
+        if self.over_ranks:
+            objects = comm.all_reduce_sum(objects) / comm.world_size()
+        objects = objects.clamp(min=1.0)
         losses = {term: value / objects for term, value in terms.items()}
         losses["loss"] = sum(self.weights[term] * losses[term] for term in TERMS)
         return losses
