@@ -1,4 +1,4 @@
-"""Pipeline step 2: fine-tune the SAM3 detector on video clips, tracked in MLflow.
+"""Pipeline step 2: fine-tune the SAM3 detector (or, with `train.stage`, its tracker) on video clips, tracked in MLflow.
 
 One process, `torchrun --nproc_per_node N -m components.train ...`, or a PyTorchJob: the launcher's
 environment decides. Rerunning the same command resumes from the run's `last.pt`, and its MLflow
@@ -40,6 +40,12 @@ def grouped_by_run_folder(cfg: TrainConfig, run_uri: str) -> TrainConfig:
     return replace(cfg, mlflow=replace(cfg.mlflow, pipeline_run_id=folder_id))
 
 
+def component_name(cfg: TrainConfig) -> str:
+    """The MLflow component of the run: `train` for the detector, `train_tracker` / `train_joint` for the other
+    stages, so a pipeline that trains the tracker after the detector gets a second run, with its own logged models."""
+    return "train" if cfg.train.stage == "detector" else f"train_{cfg.train.stage}"
+
+
 def log_history(run: ComponentRun, result: TrainResult, logged_steps: set[int]) -> None:
     """Metrics of steps trained before this process (a resumed training) that this MLflow run lacks."""
     if run.resumed:
@@ -63,7 +69,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     logged_steps: set[int] = set()
     try:
         with component_run(
-            cfg.mlflow, "train", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=run_uri
+            cfg.mlflow, component_name(cfg), cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=run_uri
         ) as run:
             run.log_file(storage.join(cfg.data.uri, MANIFEST), "dataset")
 

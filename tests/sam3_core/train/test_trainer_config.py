@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from components.train import main
+from components.train import component_name, main
 from sam3_core import comm
 from sam3_core.config import load_config
 from sam3_core.errors import ConfigError
@@ -186,3 +186,10 @@ def test_threads_default_to_the_cores_shared_by_the_local_processes(monkeypatch:
     assert (alone, comm.default_num_threads()) == (comm.available_cores(), 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert comm.default_num_threads() == 3
+
+
+def test_each_stage_is_its_own_mlflow_component() -> None:
+    tracker = ["train.best_metric=val/vos_JF_mean"]
+    assert component_name(config([])) == "train"
+    assert component_name(config(["train.stage=tracker", *tracker])) == "train_tracker"
+    assert component_name(config(["train.stage=joint", *tracker])) == "train_joint"
