@@ -133,7 +133,10 @@ def _dataset(store: Path, bench: TrainBench) -> str:
     return prepare_dataset(DataPrepConfig(source="synthetic", synthetic=videos, store=str(store))).uri
 
 
-def _launch(processes: int, overrides: list[str], out: Path, bench: TrainBench) -> dict[str, Any]:
+def _launch(
+    processes: int, overrides: list[str], out: Path, bench: TrainBench, module: str = "bench.bench_train"
+) -> dict[str, Any]:
+    """Run `module --worker out overrides...` under torchrun; what rank 0 wrote to `out`."""
     command = [
         sys.executable,
         "-m",
@@ -145,7 +148,7 @@ def _launch(processes: int, overrides: list[str], out: Path, bench: TrainBench) 
         "--master_port",
         str(_free_port()),
         "-m",
-        "bench.bench_train",
+        module,
         "--worker",
         str(out),
         *overrides,

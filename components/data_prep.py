@@ -1,4 +1,4 @@
-"""Pipeline step 1: prepare a dataset and publish it to the store, in one process or sharded across pods.
+"""The data-prep component: prepare a dataset and publish it to the store, in one process or sharded across pods.
 
 `python -m components.data_prep source=synthetic synthetic.num_videos=4` prints
 {"dataset_id": ..., "dataset_uri": ...} as one JSON line. The pipeline runs the same work as

@@ -1,11 +1,15 @@
-"""Pipeline step 4: score predictions and publish metrics.json, a per-category table and a PR plot.
+"""The evaluate component: score predictions and publish metrics.json, a per-category table and a PR plot.
 
 Video GT gets the families of `metrics` (`map, phrase_ap, teta, hota, cgf1` of sam3's SA-Co/VEval
 suite, `vos` for DAVIS J&F); by default `vos` when the predictions carry `gt_id`, sam3's five when
 the GT has `video_np_pairs`, class mAP otherwise; plus sam3's per-(video, phrase) results as
 `video_np_results.json` and the vos per-object table as `vos_per_object.csv`. Predictions may be
-the predict step's or the files sam3's own video dumper writes. The MLflow run gets the same:
+the predict component's or the files sam3's own video dumper writes. The MLflow run gets the same:
 `eval/*` metrics, those files, the table as a grid and a short summary.
+
+Before any work the output guard (sam3_core/outputs.py) refuses an `output` that would replace an
+input or lie in a published dataset, and metrics of other settings unless `overwrite=true`; the
+settings are recorded beside them in `evaluate_settings.json`.
 
 `python -m components.evaluate --gt GT.json --predictions PRED.json --output out/metrics.json`
 (or the same as Hydra overrides `gt=... predictions=... output=...`) prints
@@ -24,7 +28,9 @@ from sam3_core.errors import ConfigError
 from sam3_core.evaluate.report import (
     EvaluateConfig,
     category_rows,
-    check_config,
+    check_same_metrics,
+    evaluation_settings,
+    guard_output,
     output_folder,
     publish_report,
     report_files,
@@ -54,12 +60,13 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     """Compose the config, evaluate, publish, track; return the metrics URI and the metrics."""
     overrides = flags_to_overrides(overrides)
     cfg = load_config("evaluate", EvaluateConfig, overrides)
-    check_config(cfg)
+    guard_output(cfg)
     with component_run(
         cfg.mlflow, "evaluate", cfg, overrides=overrides, dataset_uri=cfg.gt, output_uri=output_folder(cfg.output)
     ) as run:
         report = run_evaluation(cfg)
-        metrics_uri = publish_report(report, cfg.output)
+        check_same_metrics(report, cfg)
+        metrics_uri = publish_report(report, cfg.output, evaluation_settings(cfg))
         run.log_eval(report.metrics)
         for uri in report_files(report, cfg.output):
             run.log_file(uri)

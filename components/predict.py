@@ -1,4 +1,4 @@
-"""Pipeline step 3: predictions of a checkpoint on a dataset split, in COCO and YTVIS formats.
+"""The predict component: predictions of a checkpoint on a dataset split, in COCO and YTVIS formats.
 
 `python -m components.predict model.uri=<checkpoint or models:/<name>@candidate> data.uri=<dataset_uri>`
 (or under `torchrun --nproc_per_node N`) prints {"predictions_uri"} as one JSON line. The MLflow run

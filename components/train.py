@@ -1,4 +1,4 @@
-"""Pipeline step 2: fine-tune the SAM3 detector (or, with `train.stage`, its tracker) on video clips, tracked in MLflow.
+"""The train component: fine-tune the SAM3 detector (or, with `train.stage`, its tracker) on video clips, tracked in MLflow.
 
 One process, `torchrun --nproc_per_node N -m components.train ...`, or a PyTorchJob: the launcher's
 environment decides. Rerunning the same command resumes from the run's `last.pt`, and its MLflow
@@ -13,6 +13,7 @@ import re
 import sys
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlparse
 
 from components.runner import run_cli
 from sam3_core import storage
@@ -20,11 +21,12 @@ from sam3_core.comm import shutdown
 from sam3_core.config import load_config
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import MANIFEST
-from sam3_core.mlflow_records import ComponentRun, component_run
+from sam3_core.errors import ConfigError, Sam3PipeError
+from sam3_core.mlflow_records import ComponentRun, component_run, redact_text, tracking_uri
 from sam3_core.model.checkpoint import CheckpointRef
 from sam3_core.train.build import train
 from sam3_core.train.config import TrainConfig
-from sam3_core.train.run import run_uri_for
+from sam3_core.train.run import RunFolder, run_uri_for
 from sam3_core.train.trainer import TrainResult
 
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:@-]+")
@@ -46,6 +48,20 @@ def component_name(cfg: TrainConfig) -> str:
     return "train" if cfg.train.stage == "detector" else f"train_{cfg.train.stage}"
 
 
+def check_registrable(cfg: TrainConfig, run_uri: str) -> None:
+    """The best checkpoint is registered at the end: a tracking server cannot take a checkpoint that only
+    this machine's disk holds (MLflow refuses local paths as model sources), which is known up front."""
+    uri = tracking_uri()
+    if not cfg.mlflow.enabled or storage.is_remote(run_uri) or urlparse(uri).scheme not in ("http", "https"):
+        return
+    raise ConfigError(
+        f"output.store={cfg.output.store}: the run's checkpoints would stay on this machine's disk, and the "
+        f"tracking server at {redact_text(uri)} cannot register a model there (it refuses local paths); write runs "
+        "to an object store both reach (output.store=s3://...), track locally (unset MLFLOW_TRACKING_URI), or set "
+        "mlflow.enabled=false"
+    )
+
+
 def log_history(run: ComponentRun, result: TrainResult, logged_steps: set[int]) -> None:
     """Metrics of steps trained before this process (a resumed training) that this MLflow run lacks."""
     if run.resumed:
@@ -63,13 +79,14 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     the registered model. Its metric name and step are tagged on the run.
     """
     cfg = load_config("train", TrainConfig, overrides)
-    run_uri = run_uri_for(cfg)
-    cfg = grouped_by_run_folder(cfg, run_uri)
+    folder = RunFolder(run_uri_for(cfg))
+    cfg = grouped_by_run_folder(cfg, folder.uri)
     FrameReader(cfg.data.uri, cfg.data.cache_dir)  # a clear error before any work when the dataset is not there
+    check_registrable(cfg, folder.uri)
     logged_steps: set[int] = set()
     try:
         with component_run(
-            cfg.mlflow, component_name(cfg), cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=run_uri
+            cfg.mlflow, component_name(cfg), cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=folder.uri
         ) as run:
             run.log_file(storage.join(cfg.data.uri, MANIFEST), "dataset")
 
@@ -80,10 +97,16 @@ def execute(overrides: list[str]) -> dict[str, Any]:
             def on_checkpoint(kind: str, ref: CheckpointRef) -> None:
                 run.log_checkpoint_ref(kind, ref)
 
-            result = train(cfg, on_metrics, on_checkpoint)
+            result = train(cfg, on_metrics, on_checkpoint, run=folder)
             log_history(run, result, logged_steps)
             run.set_tags({TAG_BEST_METRIC: result.best_metric, TAG_BEST_STEP: result.best_step})
-            run.register_model(result.best_checkpoint_uri)
+            registered = run.register_model(result.best_checkpoint_uri)
+            if registered is None and run.run_id and not any(r.get("kind") == "register" for r in run.pending):
+                raise Sam3PipeError(
+                    f"train: the run finished ({result.best_checkpoint_uri}) but MLflow refused to register it as "
+                    f"{cfg.mlflow.registered_model_name} (the warning above says why); rerun the same command once "
+                    "that is fixed: it resumes the finished run and registers it"
+                )
             outputs = {
                 "run_uri": result.run_uri,
                 "best_checkpoint_uri": result.best_checkpoint_uri,

@@ -6,7 +6,11 @@
 #
 # Environment: SAM3PIPE_REGISTRY (default localhost) and SAM3PIPE_VERSION (default: pyproject's
 # version) name the images <registry>/sam3pipe-<variant>:<version>, the names the pipeline
-# settings (image) and manifests/ use by default; SAM3PIPE_BASE_IMAGE overrides the pinned base.
+# settings (image) and manifests/ use by default; SAM3PIPE_BASE_IMAGE overrides the pinned base
+# (docker/base.sh builds one from Debian packages where Docker Hub is out of reach).
+# The build's RUN steps use the host's network (SAM3PIPE_BUILD_NETWORK, default host): an engine
+# started without a bridge (dockerd --bridge=none) gives them none otherwise, and a proxied
+# site's package registries are reached the way this machine reaches them.
 # Uses docker, else podman, else buildah. Push with `<engine> push <image>` afterwards.
 set -euo pipefail
 
@@ -54,7 +58,8 @@ git archive --format=tar HEAD | tar -x -C "$context"
 
 for variant in $variants; do
   image="$registry/sam3pipe-$variant:$version"
-  args=(--file "$context/docker/Containerfile.$variant" --tag "$image" --build-arg "GIT_COMMIT=$commit")
+  args=(--file "$context/docker/Containerfile.$variant" --tag "$image" --build-arg "GIT_COMMIT=$commit"
+    --network "${SAM3PIPE_BUILD_NETWORK:-host}")
   if [ -n "${SAM3PIPE_BASE_IMAGE:-}" ]; then
     args+=(--build-arg "BASE_IMAGE=$SAM3PIPE_BASE_IMAGE")
   fi

@@ -1,16 +1,20 @@
-"""`sam3pipe`: run one step, compile or submit the Kubeflow pipeline, run it locally, open MLflow.
+"""`sam3pipe`: run one component, compile or submit the Kubeflow pipeline, run it locally, open MLflow.
 
     sam3pipe component <data-prep|train|predict|evaluate> [hydra overrides]
-    sam3pipe compile --output pipeline.yaml [--set image=...] [--sweep SPEC [--parallelism N]]
+    sam3pipe compile --output pipeline.yaml [--set image=...] [--sweep SPEC [--parallelism N]] [name=value ...]
     sam3pipe submit --host URL [--experiment NAME] [--namespace NS] [--sweep SPEC [--parallelism N]] [name=value ...]
-    sam3pipe run --local [name=value ...]
+    sam3pipe run --local [--runner docker --set image=...] [name=value ...]
     sam3pipe sweep --local --spec SPEC [--parallelism N] [name=value ...]
+    sam3pipe render-job <trainjob|pytorchjob> [--set key=value ...] [name=value ...]
     sam3pipe compile-experiment --spec GRID --dataset-uri URI [--name NAME] [--output FILE] [name=value ...]
     sam3pipe ui
     sam3pipe reproduce <MLflow run id | pipeline run id> [--allow-other-commit] [--dry-run] [--host URL [--wait]]
 
-Pipeline parameters are `name=value` pairs (lists as JSON); compile-time settings (image,
-secret names, GPU placement, timeouts) are `--set key=value` (see pipeline/settings.py).
+Pipeline parameters are `name=value` pairs (lists as JSON; the table and its help:
+sam3_core/pipeline_parameters.py), checked before anything is compiled, submitted or run;
+`profile=demo` starts from the demo's values, and `compile` makes them the package's defaults.
+Compile-time settings (image, secret names, GPU placement, timeouts) are `--set key=value` (see
+pipeline/settings.py).
 A sweep SPEC is JSON or a JSON/YAML file: a grid {"lr": [1e-4, 3e-4]} or a list of override
 sets [{"lr": 1e-4}, ...] (see pipeline/sweep.py).
 Errors the user can fix print one line `error: ...` and exit with status 2.
@@ -26,23 +30,24 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from components.runner import EXIT_INTERRUPTED, EXIT_USER_ERROR, TRACEBACK_ENV, user_error_message
 from pipeline.dispatch import COMPONENT_MODULES, component_module
-from sam3_core.errors import ConfigError, InputError, Sam3PipeError
+from sam3_core.console import configure_console
+from sam3_core.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from pipeline.settings import PipelineSettings
 
 logger = logging.getLogger("sam3pipe")
-LOCAL_PIPELINE_ROOT = Path(".sam3pipe/kfp-local")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam3pipe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    component = commands.add_parser("component", help="run one pipeline step here, as its pod would")
-    component.add_argument("step", choices=sorted(COMPONENT_MODULES))
-    component.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides / flags of the step")
+    component = commands.add_parser("component", help="run one pipeline component here, as its pod would")
+    component.add_argument("component", choices=sorted(COMPONENT_MODULES))
+    component.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides / flags of the component")
 
     def with_settings(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -51,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="compile the pipeline to a KFP YAML package")
     compile_.add_argument("--output", type=Path, default=Path("pipeline.yaml"))
+    compile_.add_argument("parameters", nargs="*", metavar="name=value", help="the compiled package's defaults")
     with_settings(compile_)
     _with_sweep_spec(compile_)
 
@@ -61,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--run-name", default=None)
     submit.add_argument("--service-account", default=None, help="service account the run's pods use")
     submit.add_argument("--existing-token", default=None, help="bearer token (default: env KFP_EXISTING_TOKEN)")
-    submit.add_argument("--no-cache", action="store_true", help="rerun every step, even a cached data prep")
+    submit.add_argument("--no-cache", action="store_true", help="rerun every component, even a cached data prep")
     submit.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(submit)
     _with_sweep_spec(submit)
@@ -69,13 +75,31 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole pipeline on this machine")
     run.add_argument("--local", action="store_true", required=True, help="with kfp.local, in this environment")
     run.add_argument(
-        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs"
+        "--pipeline-root",
+        type=Path,
+        default=None,
+        help="where kfp.local keeps component outputs (default: <SAM3PIPE_HOME, else .sam3pipe>/kfp-local)",
+    )
+    run.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: components in this environment; docker: every component in the image (--set image=...)",
     )
     run.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(run)
 
     _add_sweep_command(commands, with_settings)
     _add_experiment_command(commands, with_settings)
+
+    render = commands.add_parser(
+        "render-job", help="print the training job the train component would create (TrainJob or PyTorchJob) as YAML"
+    )
+    render.add_argument("kind", choices=("trainjob", "pytorchjob"))
+    render.add_argument(
+        "parameters", nargs="*", metavar="name=value", help="pipeline parameters, dataset_uri=, pipeline_run_id="
+    )
+    with_settings(render)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on the local tracking store")
     ui.add_argument("--port", type=int, default=5000)
@@ -109,7 +133,10 @@ def _add_sweep_command(commands: argparse._SubParsersAction, with_settings: Any)
         help='the trials: a grid {"lr": [1e-4, 3e-4]}, override sets, or a file',
     )
     sweep.add_argument(
-        "--pipeline-root", type=Path, default=LOCAL_PIPELINE_ROOT, help="where kfp.local keeps step outputs"
+        "--pipeline-root",
+        type=Path,
+        default=None,
+        help="where kfp.local keeps component outputs (default: <SAM3PIPE_HOME, else .sam3pipe>/kfp-local)",
     )
     sweep.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(sweep)
@@ -128,6 +155,17 @@ def _add_experiment_command(commands: argparse._SubParsersAction, with_settings:
     experiment.add_argument("parameters", nargs="*", metavar="name=value")
     with_settings(experiment)
     _with_parallelism(experiment)
+
+
+def _compile(args: argparse.Namespace, settings: PipelineSettings) -> None:
+    """`sam3pipe compile`: the `name=value` pairs (checked) become the package's defaults."""
+    from pipeline.arguments import parse_arguments
+    from pipeline.compile import compile_pipeline
+    from sam3_core import pipeline_parameters as table
+
+    spec = _sweep_spec(args)
+    defaults = parse_arguments(table.RUN if spec is None else table.SWEEP, args.parameters, spec)
+    print(json.dumps({"pipeline": str(compile_pipeline(settings, args.output, spec, defaults))}))
 
 
 def _compile_experiment(args: argparse.Namespace, settings: PipelineSettings) -> None:
@@ -220,10 +258,10 @@ def _ui(port: int) -> NoReturn:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # kfp and the components are imported per command: a step run never loads kfp, and
+    # kfp and the components are imported per command: a component run never loads kfp, and
     # compile/submit never load torch
     if args.command == "component":
-        return component_module(args.step).main(args.overrides)
+        return component_module(args.component).main(args.overrides)
     if args.command == "ui":
         _ui(args.port)
     if args.command == "reproduce":
@@ -233,9 +271,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_settings(_sweep_settings(args) if hasattr(args, "parallelism") else args.settings)
     if args.command == "compile":
-        from pipeline.compile import compile_pipeline
-
-        print(json.dumps({"pipeline": str(compile_pipeline(settings, args.output, _sweep_spec(args)))}))
+        _compile(args, settings)
     elif args.command == "submit":
         from pipeline.submit import submit
 
@@ -256,10 +292,20 @@ def _run(args: argparse.Namespace) -> int:
         _run_sweep(args, settings)
     elif args.command == "compile-experiment":
         _compile_experiment(args, settings)
+    elif args.command == "render-job":
+        from pipeline.render import render_job, to_yaml
+
+        print(to_yaml(render_job(args.kind, settings, args.parameters)), end="")
     else:
         from pipeline.local import metrics_table, run_local
 
-        metrics = run_local(settings, args.parameters, args.pipeline_root)
+        if args.runner == "docker":
+            from pipeline.docker_runner import docker_runner
+
+            with docker_runner(settings.image) as runner:
+                metrics = run_local(settings, args.parameters, args.pipeline_root, runner)
+        else:
+            metrics = run_local(settings, args.parameters, args.pipeline_root)
         print(metrics_table(metrics))
         print(f"\n{_mlflow_hint()}")
     return 0
@@ -288,16 +334,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Errors the user can fix (ours, the operating system's on their paths, running out of memory) are
+    one masked `error:` line and exit 2, as in the components (components/runner.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    configure_console(argv)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage error (status 2) or the help (0)
         return int(exc.code or 0)
     try:
         return _run(args)
-    except Sam3PipeError as exc:
-        logger.error("error: %s", exc)
-        return 2
+    except KeyboardInterrupt:
+        logger.error("error: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        logger.error("error: %s", message)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

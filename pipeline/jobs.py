@@ -1,9 +1,9 @@
 """Multi-node training as a Kubernetes custom resource: create it, watch it to the end, clean it up.
 
 What the PyTorchJob (Training Operator v1, pipeline/pytorchjob.py) and the TrainJob (Trainer v2,
-pipeline/trainjob.py) launchers share. The train step runs the launcher in its KFP pod; the job's
+pipeline/trainjob.py) launchers share. The train component runs the launcher in its KFP pod; the job's
 pods run the same image and the same `pipeline.distributed` entry as a single-pod run, and rank 0
-writes the step's outputs to the object store, which the launcher reads back once the job
+writes the component's outputs to the object store, which the launcher reads back once the job
 succeeded. Guarantees, for either kind:
 
 - a retried launcher finds its job by name (derived from the pipeline run id) and keeps watching
@@ -11,14 +11,19 @@ succeeded. Guarantees, for either kind:
 - the job is deleted when it ends, when the watch times out and when the launcher pod is
   terminated (KFP sends SIGTERM); a failing Kubernetes API leaves it running for a retried
   launcher to adopt;
-- transient API errors (5xx, 429, lost connections) are retried; a failed job fails the step with
-  the job's own reason and a `kubectl` command to read its pods' logs.
+- transient API errors (5xx, 429, lost connections) are retried; a failed job fails the component with
+  the job's own reason and a `kubectl` command to read its pods' logs;
+- a field the cluster's CRD does not know is never dropped without a word: where a kind names the
+  versions it supports, the installed CRD is read first and one that lacks a field of the job
+  stops the launch with one line; either way the job is created with strict field validation, so
+  the API server refuses unknown fields instead of pruning them.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import re
 import signal
@@ -54,11 +59,11 @@ class TrainingJobError(Sam3PipeError):
 class KubernetesApiError(TrainingJobError):
     """The API server refused a request; the job itself may be fine.
 
-    The step must fail so that KFP retries it and the retried launcher adopts the job (a sweep's
-    trial step lets it through rather than recording the trial as failed).
+    The component must fail so that KFP retries it and the retried launcher adopts the job (a sweep's
+    trial component lets it through rather than recording the trial as failed).
     """
 
-    retry_step = True
+    retry_component = True
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,19 @@ class JobKind:
     template: str
     # what a 404 on the job's resource most likely means
     missing_crd_hint: str
+    # the operator versions this project supports, for the error on a CRD too old for the job;
+    # "" = the installed CRD is not read before creating the job
+    supported_versions: str = ""
+    # the status field where the job's trainer reports its progress ("" = none); logged while watching
+    progress_status: str = ""
 
     @property
     def name(self) -> str:
         return self.kind.lower()
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{self.group}"
 
     def load_template(self) -> dict[str, Any]:
         """The job manifest template shipped in the package (`template` is its path in the repo)."""
@@ -150,7 +164,7 @@ class LaunchSettings:
 
 
 def secret_env(settings: PipelineSettings) -> list[dict[str, Any]]:
-    """The same credentials and endpoints the KFP steps get, as references (never values)."""
+    """The same credentials and endpoints the KFP components get, as references (never values)."""
     store, mlflow = settings.object_store, settings.mlflow
 
     def from_secret(env: str, secret: str, key: str) -> dict[str, Any]:
@@ -211,16 +225,110 @@ def _is_transient(exc: Exception) -> bool:
     return isinstance(exc, urllib3.exceptions.HTTPError)
 
 
+def _server_message(exc: ApiException) -> str:
+    """The API server's own explanation (a Status object's message), on one line."""
+    try:
+        message = str(json.loads(exc.body or "{}").get("message") or "")
+    except (ValueError, AttributeError):
+        message = ""
+    return " ".join(message.split())[:400]
+
+
 def _api_error(kind: JobKind, action: str, name: str, namespace: str, exc: ApiException) -> KubernetesApiError:
     hint = {
+        400: f"the API server refused the job: {_server_message(exc) or 'no message'} "
+        f"(supported: {kind.supported_versions or 'see docs/pipelines.md'})",
         401: "the launcher's credentials were refused",
         403: f"the pipeline's service account lacks RBAC for {kind.plural}: apply manifests/ (Role sam3pipe-launcher)",
         404: kind.missing_crd_hint,
-        422: f"the job manifest was rejected: check {kind.template} and the settings",
+        422: f"the job manifest was rejected: check {kind.template} and the settings"
+        + (f" ({_server_message(exc)})" if _server_message(exc) else ""),
     }.get(exc.status or 0, "see the API server's message")
     return KubernetesApiError(
         f"{kind.name} {namespace}/{name}: {action} failed with HTTP {exc.status} {exc.reason}: {hint}"
     )
+
+
+def unknown_fields(schema: dict[str, Any], obj: Any, path: str = "") -> list[str]:
+    """Dotted paths of `obj` that an OpenAPI v3 schema (a CRD's) does not describe: the fields an
+    API server would prune from it. Maps (additionalProperties) are followed, open objects
+    (x-kubernetes-preserve-unknown-fields, or no properties) take anything."""
+    if isinstance(obj, list):
+        items = schema.get("items")
+        return [p for i, item in enumerate(obj) for p in unknown_fields(items, item, f"{path}[{i}]")] if items else []
+    if not isinstance(obj, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if "properties" not in schema:
+        values = schema.get("additionalProperties")
+        if not isinstance(values, dict):
+            return []
+        return [p for key, value in obj.items() for p in unknown_fields(values, value, f"{path}.{key}")]
+    found: list[str] = []
+    for key, value in obj.items():
+        where = f"{path}.{key}" if path else key
+        if key in schema["properties"]:
+            found.extend(unknown_fields(schema["properties"][key], value, where))
+        else:
+            found.append(where)
+    return found
+
+
+def _read_crd(api: k8s.CustomObjectsApi, kind: JobKind) -> dict[str, Any] | None:
+    """The cluster's CRD of `kind` as JSON; None (with a warning) where the launcher may not read it."""
+    extensions = k8s.ApiextensionsV1Api(api.api_client)
+    try:
+        response = extensions.read_custom_resource_definition(kind.crd_name, _preload_content=False)
+        return json.loads(response.data)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise TrainingJobError(
+                f"{kind.name}: CRD {kind.crd_name} is not installed: {kind.missing_crd_hint}"
+            ) from exc
+        reason = f"HTTP {exc.status} {exc.reason}"
+    except (urllib3.exceptions.HTTPError, ValueError) as exc:
+        reason = str(exc)
+    logger.warning(
+        "%s: could not read CRD %s (%s); the API server checks the job's fields instead (strict field validation)",
+        kind.name,
+        kind.crd_name,
+        reason,
+    )
+    return None
+
+
+def check_installed_crd(api: k8s.CustomObjectsApi, kind: JobKind, job: dict[str, Any]) -> None:
+    """Stop with one line when the cluster's CRD is too old for `job`: it does not serve the job's
+    version, or lacks one of its fields (which the API server would otherwise drop)."""
+    crd = _read_crd(api, kind)
+    if crd is None:
+        return
+    served = {v["name"]: v for v in crd.get("spec", {}).get("versions", []) if v.get("served")}
+    supported = f"sam3pipe supports {kind.supported_versions}"
+    if kind.version not in served:
+        raise TrainingJobError(
+            f"{kind.name}: the cluster's CRD {kind.crd_name} does not serve {kind.group}/{kind.version} "
+            f"(it serves {', '.join(sorted(served)) or 'nothing'}); {supported}"
+        )
+    schema = served[kind.version].get("schema", {}).get("openAPIV3Schema") or {}
+    unknown = unknown_fields(schema, job)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise TrainingJobError(
+            f"{kind.name}: the cluster's CRD {kind.crd_name} does not know {unknown[0]}{more}: its operator is "
+            f"older than this job needs; {supported}"
+        )
+    logger.info("%s: the cluster's CRD %s knows every field of the job", kind.name, kind.crd_name)
+
+
+def describe_progress(status: dict[str, Any]) -> str:
+    """A trainer's reported progress (Trainer v2's trainerStatus) as one log line's text."""
+    parts = []
+    if "progressPercentage" in status:
+        parts.append(f"{status['progressPercentage']}% done")
+    if "estimatedRemainingSeconds" in status:
+        parts.append(f"about {status['estimatedRemainingSeconds']} s left")
+    metrics = " ".join(f"{m.get('name')}={m.get('value')}" for m in status.get("metrics") or [])
+    return ", ".join(parts) + (f"; {metrics}" if metrics else "")
 
 
 class JobClient:
@@ -233,7 +341,10 @@ class JobClient:
         return self.kind.group, self.kind.version, namespace, self.kind.plural
 
     def create(self, job: dict[str, Any]) -> None:
-        self.api.create_namespaced_custom_object(*self._args(job["metadata"]["namespace"]), job)
+        # Strict: a field the installed CRD lacks is an error (400), not silently pruned
+        self.api.create_namespaced_custom_object(
+            *self._args(job["metadata"]["namespace"]), job, field_validation="Strict"
+        )
 
     def read(self, name: str, namespace: str) -> dict[str, Any]:
         return self.api.get_namespaced_custom_object(*self._args(namespace), name)
@@ -304,6 +415,7 @@ class JobClient:
         """
         deadline = time.monotonic() + timeout_s
         seen: set[tuple[str, str, str]] = set()
+        progress: dict[str, Any] = {}
         while True:
             try:
                 job = self.read(name, namespace)
@@ -319,6 +431,10 @@ class JobClient:
                 if key not in seen:
                     seen.add(key)
                     logger.info("%s %s: %s=%s %s %s", self.kind.name, name, *key, condition.get("message", ""))
+            reported = (job.get("status") or {}).get(self.kind.progress_status) if self.kind.progress_status else None
+            if reported and reported != progress:
+                progress = reported
+                logger.info("%s %s: %s", self.kind.name, name, describe_progress(reported))
             if final_state(self.kind, job) is not None:
                 return job
             if time.monotonic() >= deadline:
@@ -332,7 +448,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 @contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """KFP stops a step with SIGTERM, whose default handler skips `finally`: make it unwind instead."""
+    """KFP stops a component with SIGTERM, whose default handler skips `finally`: make it unwind instead."""
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         yield
@@ -404,6 +520,24 @@ def custom_objects_api() -> k8s.CustomObjectsApi:
 JobBuilder = Callable[[str, str, list[str], int, int, LaunchSettings, dict[str, str]], dict[str, Any]]
 
 
+def training_job(
+    build_job: JobBuilder,
+    overrides: list[str],
+    launch: LaunchSettings,
+    pipeline_run_id: str,
+    nodes: int,
+    gpus_per_node: int,
+    store: str,
+    extra_env: dict[str, str],
+    namespace: str,
+) -> tuple[dict[str, Any], str]:
+    """The job manifest that trains with `overrides`, and the URI where its rank 0 writes the train outputs."""
+    name = job_name(pipeline_run_id)
+    outputs_uri = storage.join(store, "pipeline-runs", name, "train-outputs.json")
+    args = ["-m", "torch.distributed.run", *rank_command("train", overrides, outputs_uri)]
+    return build_job(name, namespace, args, nodes, gpus_per_node, launch, extra_env), outputs_uri
+
+
 def launch_training(
     kind: JobKind,
     build_job: JobBuilder,
@@ -416,17 +550,32 @@ def launch_training(
     extra_env: dict[str, str],
     api: k8s.CustomObjectsApi | None = None,
 ) -> dict[str, Any]:
-    """Train on `nodes` pods x `gpus_per_node` GPUs as a job of `kind`; return rank 0's outputs of the train step."""
+    """Train on `nodes` pods x `gpus_per_node` GPUs as a job of `kind`; return rank 0's outputs of the train component."""
     if not storage.is_remote(store):
-        raise ConfigError(
-            f"{kind.name}: the store {store!r} is local to this pod; the job's pods and the launcher need a shared "
-            "object store: set SAM3PIPE_STORE (ConfigMap sam3pipe-env) or the store parameter to s3://..."
-        )
-    name = job_name(pipeline_run_id)
-    outputs_uri = storage.join(store, "pipeline-runs", name, "train-outputs.json")
-    args = ["-m", "torch.distributed.run", *rank_command("train", overrides, outputs_uri)]
-    job = build_job(name, current_namespace(launch.namespace), args, nodes, gpus_per_node, launch, extra_env)
-    run_job(api or custom_objects_api(), kind, job, launch)
+        raise ConfigError(local_store_message(kind, store))
+    job, outputs_uri = training_job(
+        build_job,
+        overrides,
+        launch,
+        pipeline_run_id,
+        nodes,
+        gpus_per_node,
+        store,
+        extra_env,
+        current_namespace(launch.namespace),
+    )
+    api = api or custom_objects_api()
+    if kind.supported_versions:
+        check_installed_crd(api, kind, job)
+    run_job(api, kind, job, launch)
     if not storage.exists(outputs_uri):
+        name = job["metadata"]["name"]
         raise TrainingJobError(f"{kind.name} {name} succeeded but rank 0 wrote no outputs to {outputs_uri}")
     return storage.read_json(outputs_uri)
+
+
+def local_store_message(kind: JobKind, store: str) -> str:
+    return (
+        f"{kind.name}: the store {store!r} is local to this pod; the job's pods and the launcher need a shared "
+        "object store: set SAM3PIPE_STORE (ConfigMap sam3pipe-env) or the store parameter to s3://..."
+    )

@@ -2,7 +2,7 @@
 
 Katib searches the sweep's grid itself (algorithm `grid`, every setting a categorical list) and runs
 each trial as a Kubernetes Job: one pod that trains (torchrun over its GPUs), predicts and evaluates
-with the same step code as the pipeline, on a dataset prepared beforehand (`--dataset-uri`). The
+with the same component code as the pipeline, on a dataset prepared beforehand (`--dataset-uri`). The
 trial prints its evaluation metrics on stdout as `sam3pipe-metric <name>=<value>`, which Katib's
 StdOut collector reads (a prefix no other log line has); Katib picks the best trial by the sweep's
 metric. In MLflow the trials nest under one sweep run named after the experiment, as in a pipeline
@@ -26,9 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline import steps, sweep
+from pipeline import component_bodies, sweep
+from pipeline.arguments import parse_arguments
 from pipeline.jobs import secret_env
 from pipeline.settings import PipelineSettings
+from sam3_core import pipeline_parameters as table
 from sam3_core.errors import InputError, Sam3PipeError
 
 logger = logging.getLogger(__name__)
@@ -40,41 +42,16 @@ METRIC_PREFIX = "sam3pipe-metric"
 METRICS_FORMAT = rf"{METRIC_PREFIX} ([\w|-]+)=([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 ENTRY_MODULE = "pipeline.katib"
 TRIAL_NAME = "trialName"
-# pipeline parameters a Katib trial takes (it runs in one pod: no data prep, no jobs)
-BASE_PARAMETERS = {
-    "model_preset": "tiny",
-    "checkpoint": "",
-    "max_steps": steps.DEFAULT_MAX_STEPS,
-    "lr": steps.DEFAULT_LR,
-    "batch_size": 2,
-    "frames_per_clip": 2,
-    "freeze_prefixes": [],
-    "store": "",
-    "mlflow_experiment": "sam3pipe",
-    "registered_model": "sam3-video",
-    "gpus": 0,
-    "train_overrides": [],
-    "predict_overrides": [],
-    "evaluate_overrides": [],
-}
+# the Experiment's objective: Katib's, not a parameter its trials take
+OBJECTIVE = ("sweep_metric", "sweep_mode")
+# the pipeline parameters a Katib trial takes (it runs in one pod: no data prep, no jobs), at their defaults
+BASE_PARAMETERS = {name: value for name, value in table.defaults(table.KATIB).items() if name not in OBJECTIVE}
 
 
 def parse_parameters(pairs: list[str]) -> tuple[dict[str, Any], str, str]:
-    """`name=value` pairs typed like BASE_PARAMETERS' defaults (lists as JSON): (base, metric, mode)."""
-    known = {**BASE_PARAMETERS, "sweep_metric": sweep.DEFAULT_METRIC, "sweep_mode": "max"}
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep:
-            raise InputError("command line", pair, "expected name=value")
-        if name not in known:
-            raise InputError("command line", name, f"not a parameter of a Katib trial; choose from {sorted(known)}")
-        default = known[name]
-        try:
-            values[name] = json.loads(text) if isinstance(default, list) else type(default)(text)
-        except ValueError:
-            raise InputError("command line", name, f"expected a {type(default).__name__} value, got {text!r}") from None
-    metric, mode = values.pop("sweep_metric", sweep.DEFAULT_METRIC), values.pop("sweep_mode", "max")
+    """`name=value` pairs typed and checked by the parameter table (lists as JSON): (base, metric, mode)."""
+    values = {**table.defaults(table.KATIB), **parse_arguments(table.KATIB, pairs)}
+    metric, mode = (values.pop(name) for name in OBJECTIVE)
     return base_parameters(values), metric, mode
 
 
@@ -174,8 +151,8 @@ def build_experiment(
 
 def _trial_job(settings: PipelineSettings, command: list[str], gpus: int) -> dict[str, Any]:
     """A trial: one pod that trains, predicts and evaluates (a batch/v1 Job, as Katib runs it)."""
-    gpu, step = settings.gpu, settings.train
-    limits: dict[str, Any] = {"memory": step.memory}
+    gpu, pod_settings = settings.gpu, settings.train
+    limits: dict[str, Any] = {"memory": pod_settings.memory}
     if gpus > 0:
         limits[gpu.accelerator_type] = gpus
     pod: dict[str, Any] = {
@@ -189,7 +166,7 @@ def _trial_job(settings: PipelineSettings, command: list[str], gpus: int) -> dic
                 "image": settings.image,
                 "command": command,
                 "env": [*secret_env(settings), {"name": "SAM3PIPE_IMAGE", "value": settings.image}],
-                "resources": {"requests": {"cpu": step.cpu, "memory": step.memory}, "limits": limits},
+                "resources": {"requests": {"cpu": pod_settings.cpu, "memory": pod_settings.memory}, "limits": limits},
                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
             }
         ],
@@ -202,12 +179,12 @@ def _trial_job(settings: PipelineSettings, command: list[str], gpus: int) -> dic
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "spec": {"backoffLimit": 0, "activeDeadlineSeconds": step.timeout_s, "template": {"spec": pod}},
+        "spec": {"backoffLimit": 0, "activeDeadlineSeconds": pod_settings.timeout_s, "template": {"spec": pod}},
     }
 
 
 class _LocalArtifact:
-    """Where a step writes its output pointer; a Katib trial keeps them in a temporary folder."""
+    """Where a component writes its output pointer; a Katib trial keeps them in a temporary folder."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.metadata = str(path), {}
@@ -246,42 +223,42 @@ def run_trial(
         "pipeline_run_id": trial_name,
     }
     params = sweep.parameters(trial, base)
-    tracking = steps.trial_tracking(trial, params["registered_model"])
+    tracking = component_bodies.trial_tracking(trial, params["registered_model"])
     result = sweeps.TrialResult(trial_name, trial_name, trial["run_name"], overrides, succeeded=False)
+    # every component as in a pipeline run in one pod, the trial's settings already in `params`
+    wiring = {"dataset_uri": dataset_uri, "pipeline_run_id": trial_name, "training_mode": "pod", "nodes": 1}
     with tempfile.TemporaryDirectory(prefix="sam3pipe-trial-") as tmp:
         try:
-            run_uri, checkpoint_uri, _ = steps.train_with_params(
-                params,
-                dataset_uri,
-                params["store"],
-                "pod",
-                params["gpus"],
-                1,
-                trial_name,
-                params["mlflow_experiment"],
-                [*params["train_overrides"], *sweep.hydra_overrides(trial, steps.hydra_value), *tracking],
-                {},
-                _LocalArtifact(Path(tmp, "model")),
+            run_uri, checkpoint_uri, _ = component_bodies.train(
+                {
+                    **params,
+                    **wiring,
+                    "train_overrides": [*params["train_overrides"], *sweep.hydra_overrides(trial), *tracking],
+                    "launch": {},
+                    "model": _LocalArtifact(Path(tmp, "model")),
+                }
             )
-            predictions_uri = steps.predict(
-                dataset_uri,
-                params["model_preset"],
-                checkpoint_uri,
-                run_uri,
-                params["gpus"],
-                trial_name,
-                params["mlflow_experiment"],
-                [*params["predict_overrides"], *tracking],
-                _LocalArtifact(Path(tmp, "pred")),
+            predictions_uri = component_bodies.predict(
+                {
+                    **params,
+                    **wiring,
+                    "predict_gpus": params["gpus"],
+                    "predict_overrides": [*params["predict_overrides"], *tracking],
+                    "checkpoint_uri": checkpoint_uri,
+                    "run_uri": run_uri,
+                    "predictions": _LocalArtifact(Path(tmp, "pred")),
+                }
             )
-            _, metrics = steps.evaluate(
-                dataset_uri,
-                predictions_uri,
-                run_uri,
-                trial_name,
-                params["mlflow_experiment"],
-                [*params["evaluate_overrides"], *tracking],
-                _Metrics(),
+            _, metrics = component_bodies.evaluate(
+                {
+                    **params,
+                    **wiring,
+                    "evaluate_overrides": [*params["evaluate_overrides"], *tracking],
+                    "predictions_uri": predictions_uri,
+                    "run_uri": run_uri,
+                    "checkpoint_uri": checkpoint_uri,
+                    "metrics": _Metrics(),
+                }
             )
         except Exception as exc:  # recorded in MLflow, then the Job fails and Katib counts the trial failed
             failed = sweep.failed("trial", exc)["error"]

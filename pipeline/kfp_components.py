@@ -1,14 +1,17 @@
 """The pipeline's KFP components: lightweight Python components running the project's image.
 
-Each function body only imports the project (already installed in the image, so nothing is
-pip-installed at run time) and forwards to `pipeline.steps`. KFP copies these function bodies
-into the compiled pipeline, so they must stay self-contained: imports inside the body.
-The image is a compile-time setting, hence `build_components(settings)`. (No postponed
-annotations here: KFP reads these functions' annotations as types.)
+KFP reads a component's inputs from its function's signature and copies the function's source
+into the compiled pipeline, where the pod runs it; so these signatures are literal. An argument
+named like a pipeline parameter is that parameter (its type is the table's, which
+tests/pipeline/test_parameters.py checks); the others are the wiring between components. Each body
+hands its arguments by name (`locals()`, taken first) to `pipeline.component_bodies`, imported
+inside the body from the image, where nothing is pip-installed at run time. The image is a
+compile-time setting, hence `build_components(settings)`. (No postponed annotations here: KFP
+reads these functions' annotations as types.)
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from kfp import dsl
@@ -18,25 +21,63 @@ from kfp.dsl.python_component import PythonComponent
 from pipeline.settings import PipelineSettings
 
 
+def check_parameters(
+    pipeline: str,
+    source: str,
+    annotations: str,
+    frames_root: str,
+    data_prep_shards: int,
+    model_preset: str,
+    checkpoint: str,
+    max_steps: int,
+    lr: float,
+    batch_size: int,
+    frames_per_clip: int,
+    freeze_prefixes: list,
+    best_metric: str,
+    store: str,
+    mlflow_experiment: str,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
+    predict_gpus: int,
+    data_prep_overrides: list,
+    train_overrides: list,
+    predict_overrides: list,
+    evaluate_overrides: list,
+    sweep_trials: list,
+    sweep_grid: dict,
+    sweep_metric: str,
+    sweep_mode: str,
+    registered_model: str,
+) -> NamedTuple("CheckedParameters", [("pod_gpus", int)]):
+    """Check every parameter of the pipeline run before any work; the GPUs the train pod requests."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
+
+    return (component_bodies.check_parameters(arguments),)
+
+
 def data_prep_plan(
     source: str,
     annotations: str,
     frames_root: str,
     store: str,
-    overrides: list,
-    shards: int,
+    data_prep_shards: int,
+    data_prep_overrides: list,
 ) -> NamedTuple("DataPrepPlan", [("plan_uri", str), ("shards", list)]):
     """Check the source data and split its videos into shards for the data-prep pods."""
-    from pipeline import steps
+    arguments = dict(locals())
+    from pipeline import component_bodies
 
-    return steps.plan_data_prep(source, annotations, frames_root, store, overrides, shards)
+    return component_bodies.plan_data_prep(arguments)
 
 
 def data_prep_shard(plan_uri: str, index: int) -> NamedTuple("DataPrepShard", [("part_uri", str)]):
     """Stage one shard of videos (frames decoded, resized, masks resampled) and write its part to the store."""
-    from pipeline import steps
+    from pipeline import component_bodies
 
-    return (steps.prepare_data_shard(plan_uri, index),)
+    return (component_bodies.prepare_data_shard(plan_uri, index),)
 
 
 def data_prep_merge(
@@ -45,20 +86,20 @@ def data_prep_merge(
     dataset: Output[Dataset],
 ) -> NamedTuple("DataPrepOutputs", [("dataset_uri", str), ("dataset_id", str)]):
     """Check every shard's part and publish the content-addressed dataset, manifest last."""
-    from pipeline import steps
+    from pipeline import component_bodies
 
-    return steps.merge_data_prep(plan_uri, parts, dataset)
+    return component_bodies.merge_data_prep(plan_uri, parts, dataset)
 
 
 def plan_training(training_mode: str, gpus: int, nodes: int) -> NamedTuple("TrainingPlan", [("pod_gpus", int)]):
-    """Check the training knobs up front; the GPUs the train pod requests (none when it only launches a job)."""
-    from pipeline import steps
+    """Check the training knobs; the GPUs the train pod requests (none when it only launches a job)."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
 
-    return (steps.plan_training(training_mode, gpus, nodes),)
+    return (component_bodies.plan_training(arguments),)
 
 
 def train(
-    dataset_uri: str,
     model_preset: str,
     checkpoint: str,
     max_steps: int,
@@ -66,222 +107,107 @@ def train(
     batch_size: int,
     frames_per_clip: int,
     freeze_prefixes: list,
+    best_metric: str,
     store: str,
+    mlflow_experiment: str,
     training_mode: str,
     gpus: int,
     nodes: int,
-    pipeline_run_id: str,
-    mlflow_experiment: str,
-    overrides: list,
+    train_overrides: list,
     launch: dict,
     model: Output[Model],
+    dataset_uri: str = "",
+    pipeline_run_id: str = "",
+    trial: dict = {},
 ) -> NamedTuple("TrainOutputs", [("run_uri", str), ("best_checkpoint_uri", str), ("last_checkpoint_uri", str)]):
-    """Fine-tune SAM3 with torchrun in this pod, or as a multi-node PyTorchJob."""
-    from pipeline import steps
+    """Fine-tune SAM3 with torchrun in this pod, or as a multi-node job; in a sweep, one trial (its item in `trial`)."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
 
-    return steps.train(
-        dataset_uri,
-        model_preset,
-        checkpoint,
-        max_steps,
-        lr,
-        batch_size,
-        frames_per_clip,
-        freeze_prefixes,
-        store,
-        training_mode,
-        gpus,
-        nodes,
-        pipeline_run_id,
-        mlflow_experiment,
-        overrides,
-        launch,
-        model,
-    )
+    return component_bodies.train(arguments)
 
 
 def predict(
-    dataset_uri: str,
     model_preset: str,
+    store: str,
+    mlflow_experiment: str,
+    predict_gpus: int,
+    predict_overrides: list,
     checkpoint_uri: str,
     run_uri: str,
-    gpus: int,
-    pipeline_run_id: str,
-    mlflow_experiment: str,
-    overrides: list,
     predictions: Output[Artifact],
+    dataset_uri: str = "",
+    pipeline_run_id: str = "",
+    trial: dict = {},
 ) -> NamedTuple("PredictOutputs", [("predictions_uri", str)]):
-    """Dump COCO frame predictions and YTVIS masklets for the validation videos."""
-    from pipeline import steps
+    """Dump COCO frame predictions and YTVIS masklets for the validation videos (skipped for a failed trial)."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
 
-    uri = steps.predict(
-        dataset_uri,
-        model_preset,
-        checkpoint_uri,
-        run_uri,
-        gpus,
-        pipeline_run_id,
-        mlflow_experiment,
-        overrides,
-        predictions,
-    )
-    return (uri,)
+    return (component_bodies.predict(arguments),)
 
 
 def evaluate(
-    dataset_uri: str,
+    mlflow_experiment: str,
+    store: str,
+    evaluate_overrides: list,
     predictions_uri: str,
     run_uri: str,
-    pipeline_run_id: str,
-    mlflow_experiment: str,
-    overrides: list,
+    checkpoint_uri: str,
     metrics: Output[Metrics],
+    dataset_uri: str = "",
+    pipeline_run_id: str = "",
+    trial: dict = {},
 ) -> NamedTuple("EvaluateOutputs", [("metrics_uri", str), ("metric_values", dict)]):
-    """Score the predictions (COCO frame metrics and video mAP) and log them as KFP metrics."""
-    from pipeline import steps
+    """Score the predictions (COCO frame metrics and video mAP) and log them as KFP metrics; record a trial's outcome."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
 
-    return steps.evaluate(dataset_uri, predictions_uri, run_uri, pipeline_run_id, mlflow_experiment, overrides, metrics)
+    return component_bodies.evaluate(arguments)
 
 
 def plan_sweep(
     sweep_trials: list,
     sweep_grid: dict,
-    dataset_uri: str,
-    sweep_id: str,
     sweep_metric: str,
     sweep_mode: str,
-    parallelism: int,
-    training_mode: str,
-    gpus: int,
-    nodes: int,
+    registered_model: str,
     store: str,
     mlflow_experiment: str,
+    dataset_uri: str,
+    sweep_id: str,
+    parallelism: int,
 ) -> list:
     """Expand the sweep spec into trials (the ParallelFor's items) and open the sweep's MLflow run."""
-    from pipeline import steps
+    arguments = dict(locals())
+    from pipeline import component_bodies
 
-    return steps.plan_sweep(
-        sweep_trials,
-        sweep_grid,
-        dataset_uri,
-        sweep_id,
-        sweep_metric,
-        sweep_mode,
-        parallelism,
-        training_mode,
-        gpus,
-        nodes,
-        store,
-        mlflow_experiment,
-    )
-
-
-def train_trial(
-    trial: dict,
-    model_preset: str,
-    checkpoint: str,
-    max_steps: int,
-    lr: float,
-    batch_size: int,
-    frames_per_clip: int,
-    freeze_prefixes: list,
-    store: str,
-    training_mode: str,
-    gpus: int,
-    nodes: int,
-    mlflow_experiment: str,
-    registered_model: str,
-    overrides: list,
-    launch: dict,
-    model: Output[Model],
-) -> NamedTuple("TrialTrainOutputs", [("run_uri", str), ("best_checkpoint_uri", str), ("last_checkpoint_uri", str)]):
-    """Train one trial of the sweep (the pipeline parameters with the trial's settings on top)."""
-    from pipeline import steps
-
-    base = {
-        "model_preset": model_preset,
-        "checkpoint": checkpoint,
-        "max_steps": max_steps,
-        "lr": lr,
-        "batch_size": batch_size,
-        "frames_per_clip": frames_per_clip,
-        "freeze_prefixes": freeze_prefixes,
-    }
-    return steps.train_trial(
-        trial, base, store, training_mode, gpus, nodes, mlflow_experiment, registered_model, overrides, launch, model
-    )
-
-
-def predict_trial(
-    trial: dict,
-    model_preset: str,
-    checkpoint_uri: str,
-    run_uri: str,
-    gpus: int,
-    store: str,
-    mlflow_experiment: str,
-    registered_model: str,
-    overrides: list,
-    predictions: Output[Artifact],
-) -> NamedTuple("TrialPredictOutputs", [("predictions_uri", str)]):
-    """Predict with one trial's checkpoint (skipped when its training failed)."""
-    from pipeline import steps
-
-    uri = steps.predict_trial(
-        trial,
-        model_preset,
-        checkpoint_uri,
-        run_uri,
-        gpus,
-        store,
-        mlflow_experiment,
-        registered_model,
-        overrides,
-        predictions,
-    )
-    return (uri,)
-
-
-def evaluate_trial(
-    trial: dict,
-    predictions_uri: str,
-    run_uri: str,
-    checkpoint_uri: str,
-    store: str,
-    mlflow_experiment: str,
-    registered_model: str,
-    overrides: list,
-    metrics: Output[Metrics],
-) -> NamedTuple("TrialEvaluateOutputs", [("metrics_uri", str), ("metric_values", dict)]):
-    """Evaluate one trial and record its outcome for the sweep's last step."""
-    from pipeline import steps
-
-    return steps.evaluate_trial(
-        trial, predictions_uri, run_uri, checkpoint_uri, store, mlflow_experiment, registered_model, overrides, metrics
-    )
+    return component_bodies.plan_sweep(arguments)
 
 
 def select_best(
-    sweep_id: str,
     sweep_metric: str,
     sweep_mode: str,
+    registered_model: str,
     store: str,
     mlflow_experiment: str,
-    registered_model: str,
+    sweep_id: str,
     table: Output[Markdown],
     metrics: Output[Metrics],
     trials: list = [],
 ) -> dict:
     """Pick the best trial by the metric, register its checkpoint, write the sweep table."""
-    from pipeline import steps
+    arguments = dict(locals())
+    from pipeline import component_bodies
 
-    return steps.select_best(
-        trials, sweep_id, sweep_metric, sweep_mode, store, mlflow_experiment, registered_model, table, metrics
-    )
+    return component_bodies.select_best(arguments)
 
 
 @dataclass(frozen=True)
 class Components:
+    """The components, each built from the function of its name above."""
+
+    check_parameters: PythonComponent
     data_prep_plan: PythonComponent
     data_prep_shard: PythonComponent
     data_prep_merge: PythonComponent
@@ -290,9 +216,6 @@ class Components:
     predict: PythonComponent
     evaluate: PythonComponent
     plan_sweep: PythonComponent
-    train_trial: PythonComponent
-    predict_trial: PythonComponent
-    evaluate_trial: PythonComponent
     select_best: PythonComponent
 
 
@@ -302,17 +225,4 @@ def build_components(settings: PipelineSettings) -> Components:
     def make(func: Callable[..., Any]) -> PythonComponent:
         return dsl.component(func, base_image=settings.image, packages_to_install=[], install_kfp_package=False)
 
-    return Components(
-        data_prep_plan=make(data_prep_plan),
-        data_prep_shard=make(data_prep_shard),
-        data_prep_merge=make(data_prep_merge),
-        plan_training=make(plan_training),
-        train=make(train),
-        predict=make(predict),
-        evaluate=make(evaluate),
-        plan_sweep=make(plan_sweep),
-        train_trial=make(train_trial),
-        predict_trial=make(predict_trial),
-        evaluate_trial=make(evaluate_trial),
-        select_best=make(select_best),
-    )
+    return Components(**{f.name: make(globals()[f.name]) for f in fields(Components)})

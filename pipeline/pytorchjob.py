@@ -1,13 +1,14 @@
-"""training_mode=pytorchjob: the train step as a Kubeflow PyTorchJob (Training Operator v1, kubeflow.org/v1).
+"""training_mode=pytorchjob: the train component as a Kubeflow PyTorchJob (Training Operator v1, kubeflow.org/v1).
 
-For clusters with the Training Operator. The job is built from `pipeline/templates/pytorchjob.yaml`
-(Master + Workers running torchrun; the operator passes the rendezvous as PET_* variables); create,
-watch, adoption on retry and clean-up are pipeline/jobs.py's.
+For clusters with the Training Operator. The job is built from `pipeline/templates/pytorchjob.yaml`:
+one Worker pod per node running torchrun, joined by a c10d rendezvous (the operator passes it as
+PET_* variables from the elastic policy, at a fixed size), so a failure restarts every worker of
+every pod together, each resuming from last.pt, instead of one pod restarting while its peers
+wait inside nccl. Create, watch, adoption on retry and clean-up are pipeline/jobs.py's.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from pipeline import jobs
@@ -44,13 +45,16 @@ def build_job(
     job = KIND.load_template()
     job["metadata"].update(name=name, namespace=namespace)
     job["spec"]["nprocPerNode"] = str(max(gpus_per_node, 1))
+    # a fixed number of pods; the job's restarts, each of every worker together
+    job["spec"]["elasticPolicy"].update(minReplicas=nodes, maxReplicas=nodes, maxRestarts=launch.backoff_limit)
     run_policy = job["spec"]["runPolicy"]
     run_policy["backoffLimit"] = launch.backoff_limit
     run_policy["activeDeadlineSeconds"] = launch.timeout_s
     run_policy["ttlSecondsAfterFinished"] = launch.ttl_after_finished_s
 
-    master = job["spec"]["pytorchReplicaSpecs"]["Master"]
-    pod = master["template"]["spec"]
+    workers = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    workers["replicas"] = nodes
+    pod = workers["template"]["spec"]
     pod["serviceAccountName"] = launch.service_account
     if launch.node_selector:
         pod["nodeSelector"] = dict(launch.node_selector)
@@ -68,9 +72,4 @@ def build_job(
     limits["memory"] = launch.memory
     if gpus_per_node > 0:
         limits[launch.accelerator_type] = gpus_per_node
-
-    if nodes > 1:
-        worker = copy.deepcopy(master)
-        worker["replicas"] = nodes - 1
-        job["spec"]["pytorchReplicaSpecs"]["Worker"] = worker
     return job

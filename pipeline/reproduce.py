@@ -19,13 +19,17 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import requests
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
+from sam3_core import pipeline_parameters as table
 from sam3_core import storage
 from sam3_core.config import flatten
 from sam3_core.mlflow_records import MlflowConfig, tracking_uri
 from sam3_core.mlflow_records.datasets import MANIFEST
 from sam3_core.mlflow_records.lineage import REPRODUCES_ENV
+from sam3_core.mlflow_records.redact import describe_error, redact_text
 from sam3_core.mlflow_records.reproduce import (
     Difference,
     Plan,
@@ -41,10 +45,11 @@ from sam3_core.mlflow_records.reproduce import (
     plan,
 )
 from sam3_core.mlflow_records.runs import PIPELINE
+from sam3_core.mlflow_records.settings import fail_fast_http
 
 logger = logging.getLogger(__name__)
 
-# Keys the pipeline's own steps set (from their wiring or KFP), never passed as extra overrides.
+# Keys the pipeline's own components set (from their wiring or KFP), never passed as extra overrides.
 _WIRED = {
     "train": ("data.uri", "output.store", "output.run_name", "mlflow."),
     "predict": ("data.uri", "model.uri", "output.uri", "output.store", "mlflow."),
@@ -64,14 +69,24 @@ def reproduce(
 ) -> dict[str, Any]:
     """Rebuild, check and rerun the run `ident`; the result as the CLI's JSON line."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cfg = MlflowConfig()
+    # MLflow's own defaults retry a silent server 7 times, 120 s each: each request is bounded instead
+    fail_fast_http(cfg)
     client = MlflowClient(tracking_uri())
-    plan_ = plan(client, ident, MlflowConfig().experiment_name)
-    check(plan_, allow_other_commit)
-    if host:
-        return _submit(client, plan_, host, parameters or [], wait, existing_token)
-    if parameters:
-        raise ReproduceError(f"pipeline parameters ({' '.join(parameters)}) only apply with --host")
-    return _run_here(client, plan_, dry_run)
+    try:
+        plan_ = plan(client, ident, cfg.experiment_name)
+        check(plan_, allow_other_commit)
+        if host:
+            return _submit(client, plan_, host, parameters or [], wait, existing_token)
+        if parameters:
+            raise ReproduceError(f"pipeline parameters ({' '.join(parameters)}) only apply with --host")
+        return _run_here(client, plan_, dry_run)
+    except (MlflowException, requests.RequestException) as exc:
+        raise ReproduceError(
+            f"the tracking server at {redact_text(tracking_uri())} failed or did not answer within "
+            f"mlflow.request_timeout_s={cfg.request_timeout_s} s ({describe_error(exc)}); check MLFLOW_TRACKING_URI "
+            "and that the server is up"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- here
@@ -158,7 +173,7 @@ def _report(client: MlflowClient, plan_: Plan, pipeline_run_id: str) -> dict[str
 
 
 def _extra(run: RecordedRun) -> list[str]:
-    """The recorded config as a step's extra overrides, less what the pipeline wires itself."""
+    """The recorded config as a component's extra overrides, less what the pipeline wires itself."""
     wired = _WIRED[run.component]
     return [
         f"{key}={hydra_value(value)}"
@@ -195,21 +210,16 @@ def pipeline_arguments(plan_: Plan, given: set[str] | frozenset[str] = frozenset
     if not plan_.whole_pipeline:
         raise ReproduceError("--host reproduces a whole pipeline run; pass its id (or rerun this component here)")
     train, predict, evaluate = plan_.runs
-    config = train.record.config
+    recorded = flatten(train.record.config)
+    # every parameter the train config records (model.uri may be None: "" is random init)
     arguments: dict[str, Any] = {
-        "model_preset": config["model"]["preset"],
-        "checkpoint": config["model"].get("uri") or "",
-        "max_steps": config["train"]["max_steps"],
-        "lr": config["optim"]["lr"],
-        "batch_size": config["data"]["batch_size"],
-        "frames_per_clip": config["data"]["clips"]["frames_per_clip"],
-        "freeze_prefixes": list(config["model"].get("freeze") or []),
-        "store": config["output"]["store"],
-        "mlflow_experiment": config["mlflow"]["experiment_name"],
-        "train_overrides": _extra(train),
-        "predict_overrides": _extra(predict),
-        "evaluate_overrides": _extra(evaluate),
+        parameter.name: parameter.default if recorded[key] is None else recorded[key]
+        for parameter in table.of_pipeline(table.RUN)
+        if (key := parameter.config_key()) in recorded
     }
+    arguments.update(
+        {f"{run.component}_overrides": _extra(run) for run in (train, predict, evaluate)},
+    )
     if "source" not in given:
         arguments.update(_data_prep_arguments(train))
     return arguments
@@ -240,6 +250,7 @@ def _submit(
 def _wait(host: str, run_id: str, existing_token: str | None) -> None:
     import kfp
 
-    from pipeline.submit import auth_kwargs
+    from pipeline.submit import auth_kwargs, bounded_waits, request_timeout_s
 
-    kfp.Client(host=host, **auth_kwargs(existing_token)).wait_for_run_completion(run_id, timeout=7 * 24 * 3600)
+    with bounded_waits(request_timeout_s()):
+        kfp.Client(host=host, **auth_kwargs(existing_token)).wait_for_run_completion(run_id, timeout=7 * 24 * 3600)

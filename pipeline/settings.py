@@ -19,7 +19,7 @@ from sam3_core.errors import ConfigError
 
 @dataclass
 class ObjectStoreSettings:
-    """Where the steps find the object store. Defaults wire Kubeflow Pipelines' own artifact store."""
+    """Where the components find the object store. Defaults wire Kubeflow Pipelines' own artifact store."""
 
     # Secret holding the S3 credentials; its keys become AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
     secret: str = "mlpipeline-minio-artifact"
@@ -50,7 +50,7 @@ class Toleration:
 
 @dataclass
 class GpuSettings:
-    """Placement of the GPU steps (training, prediction) and the PyTorchJob replicas."""
+    """Placement of the GPU components (training, prediction) and the PyTorchJob replicas."""
 
     accelerator_type: str = "nvidia.com/gpu"
     node_selector: dict[str, str] = field(default_factory=dict)
@@ -62,8 +62,8 @@ class GpuSettings:
 
 
 @dataclass
-class StepSettings:
-    """One step's pod: CPU request (no CPU limit, to avoid throttling), memory request = limit."""
+class ComponentSettings:
+    """One component's pod: CPU request (no CPU limit, to avoid throttling), memory request = limit."""
 
     cpu: str = "2"
     memory: str = "8Gi"
@@ -73,7 +73,7 @@ class StepSettings:
 
 @dataclass
 class JobSettings:
-    """How the train step launches and watches a multi-node training job (pytorchjob or trainjob mode)."""
+    """How the train component launches and watches a multi-node training job (pytorchjob or trainjob mode)."""
 
     # "" = the namespace the launcher pod runs in
     namespace: str = ""
@@ -120,27 +120,41 @@ class SweepSettings:
 class PipelineSettings:
     name: str = "sam3-video-finetune"
     description: str = "Fine-tune SAM3 on video clips: data prep -> training -> prediction -> evaluation"
-    # the project's image (docker/build.sh); every step runs the same code from it
+    # the project's image (docker/build.sh); every component runs the same code from it
     image: str = "localhost/sam3pipe-cuda:0.1.0"
     object_store: ObjectStoreSettings = field(default_factory=ObjectStoreSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     gpu: GpuSettings = field(default_factory=GpuSettings)
-    data_prep: StepSettings = field(default_factory=lambda: StepSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600))
-    # a few-second parameter check before training; nothing to retry
-    plan_training: StepSettings = field(
-        default_factory=lambda: StepSettings(cpu="100m", memory="256Mi", timeout_s=600, retries=0)
+    # a few-second check of every parameter before any other component; nothing to retry
+    check_parameters: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="100m", memory="256Mi", timeout_s=600, retries=0)
     )
-    train: StepSettings = field(
-        default_factory=lambda: StepSettings(cpu="8", memory="64Gi", timeout_s=3 * 24 * 3600, retries=1)
+    data_prep: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600)
     )
-    predict: StepSettings = field(default_factory=lambda: StepSettings(cpu="8", memory="32Gi", timeout_s=12 * 3600))
-    evaluate: StepSettings = field(default_factory=lambda: StepSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600))
+    # a sweep trial's few-second check of the training knobs; nothing to retry
+    plan_training: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="100m", memory="256Mi", timeout_s=600, retries=0)
+    )
+    train: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="8", memory="64Gi", timeout_s=3 * 24 * 3600, retries=1)
+    )
+    predict: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="8", memory="32Gi", timeout_s=12 * 3600)
+    )
+    evaluate: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="4", memory="16Gi", timeout_s=4 * 3600)
+    )
     pytorchjob: PyTorchJobSettings = field(default_factory=PyTorchJobSettings)
     trainjob: TrainJobSettings = field(default_factory=TrainJobSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
-    # the sweep's first step (expand the spec, open the MLflow sweep run) and its last (pick, register)
-    plan_sweep: StepSettings = field(default_factory=lambda: StepSettings(cpu="250m", memory="1Gi", timeout_s=900))
-    select_best: StepSettings = field(default_factory=lambda: StepSettings(cpu="500m", memory="2Gi", timeout_s=1800))
+    # the sweep's plan (expand the spec, open the MLflow sweep run) and its last component (pick, register)
+    plan_sweep: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="250m", memory="1Gi", timeout_s=900)
+    )
+    select_best: ComponentSettings = field(
+        default_factory=lambda: ComponentSettings(cpu="500m", memory="2Gi", timeout_s=1800)
+    )
 
 
 def load_settings(overrides: list[str] | tuple[str, ...] = ()) -> PipelineSettings:

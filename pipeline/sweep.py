@@ -6,12 +6,13 @@ A sweep spec is a list of override sets, a grid, or both (pipeline parameters `s
     [{"lr": 1e-4}, {"lr": 3e-4, "frames_per_clip": 4}]          two trials, as listed
     {"lr": [1e-4, 3e-4], "frames_per_clip": [2, 4]}              four trials, every combination
 
-Keys are the per-trial pipeline parameters (`TRIAL_PARAMETERS`) or dotted Hydra keys of the train
-step (`optim.weight_decay`, `optim.grad_clip`, ...). Each trial is one train -> predict -> evaluate
-branch of the pipeline's ParallelFor, with its own pipeline run id `<sweep id>-<trial id>` (its
-training folder and its MLflow parent run). A trial step that fails writes the trial's outcome
-record and lets the sweep go on; the final step reads every record, picks the best trial by the
-named metric and fails only when no trial succeeded.
+Keys are the pipeline parameters a trial may set (`TRIAL_PARAMETERS`: the parameter table's entries
+marked `trial`) or dotted Hydra keys of the train component (`optim.weight_decay`, `optim.grad_clip`,
+...). Each trial is one train -> predict -> evaluate branch of the pipeline's ParallelFor, with its
+own pipeline run id `<sweep id>-<trial id>` (its training folder and its MLflow parent run). A
+trial's component that fails writes the trial's outcome record and lets the sweep go on; the last
+component reads every record, picks the best trial by the named metric and fails only when no
+trial succeeded.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sam3_core import storage
-from sam3_core.errors import InputError
+from sam3_core import pipeline_parameters, storage
+from sam3_core.errors import InputError, Sam3PipeError
 
 if TYPE_CHECKING:
     from sam3_core.mlflow_records.sweeps import TrialResult
@@ -32,20 +33,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SOURCE = "sweep"
-MODES = ("max", "min")
-DEFAULT_METRIC = "video_mask_mAP_50_95"
+MODES = pipeline_parameters.SWEEP_MODES
 MAX_TRIALS = 256
-# pipeline parameters a trial may set, with their types (a float parameter also takes an int)
-TRIAL_PARAMETERS: dict[str, type] = {
-    "model_preset": str,
-    "checkpoint": str,
-    "max_steps": int,
-    "lr": float,
-    "batch_size": int,
-    "frames_per_clip": int,
-    "freeze_prefixes": list,
-}
-_POSITIVE = ("max_steps", "lr", "batch_size", "frames_per_clip")
+# the pipeline parameters a trial may set
+TRIAL_PARAMETERS = pipeline_parameters.trial_parameters()
 _HYDRA_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _SCALARS = (str, int, float, bool)
 SUCCEEDED, FAILED = "succeeded", "failed"
@@ -60,31 +51,25 @@ def _integral(value: Any) -> Any:
 
 def _check_value(key: str, value: Any, where: str) -> Any:
     """One trial setting, type- and range-checked; returns the value as the trial uses it."""
-    kind = TRIAL_PARAMETERS.get(key)
-    if kind is None and not _HYDRA_KEY.match(key):
+    parameter = TRIAL_PARAMETERS.get(key)
+    if parameter is None and not _HYDRA_KEY.match(key):
         raise InputError(
             SOURCE,
             where,
             f"{key!r} is not a sweepable setting: use one of {sorted(TRIAL_PARAMETERS)} "
-            "or a dotted Hydra key of the train step (e.g. optim.weight_decay)",
+            "or a dotted Hydra key of the train component (e.g. optim.weight_decay)",
         )
-    if kind is None:
+    if parameter is None:
         scalars = value if isinstance(value, list) else [value]
         if not all(isinstance(item, _SCALARS) for item in scalars):
             raise InputError(
                 SOURCE, where, f"{key}: expected a number, string, boolean or a list of them, got {value!r}"
             )
         return [_integral(item) for item in value] if isinstance(value, list) else _integral(value)
-    value = _integral(value)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is list:
-        if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
-            raise InputError(SOURCE, where, f"{key}: expected a list of strings, got {value!r}")
-    elif not isinstance(value, kind) or isinstance(value, bool):
-        raise InputError(SOURCE, where, f"{key}: expected {kind.__name__}, got {value!r}")
-    if key in _POSITIVE and not (math.isfinite(value) and value > 0):
-        raise InputError(SOURCE, where, f"{key}: must be a finite number > 0, got {value!r}")
+    value = parameter.typed(value)
+    problem = parameter.problem(value)
+    if problem:
+        raise InputError(SOURCE, where, f"{key}: {problem}")
     return value
 
 
@@ -138,7 +123,7 @@ def label(overrides: Mapping[str, Any]) -> str:
 
 
 def plan_trials(sets: list[dict[str, Any]], dataset_uri: str, sweep_id: str) -> list[dict[str, Any]]:
-    """The ParallelFor's items: everything a trial's steps need besides the pipeline parameters.
+    """The ParallelFor's items: everything a trial's components need besides the pipeline parameters.
 
     The dataset URI travels inside each item rather than as a separate loop input: kfp.local
     (2.17.3) hands a loop's iterations the item in place of any other upstream task output.
@@ -160,7 +145,7 @@ def plan_trials(sets: list[dict[str, Any]], dataset_uri: str, sweep_id: str) -> 
 
 
 def settings(trial: Mapping[str, Any]) -> dict[str, Any]:
-    """The trial's settings with their types back (a loop item reaches a step as a Struct of floats)."""
+    """The trial's settings with their types back (a loop item reaches a component as a Struct of floats)."""
     return {key: _check_value(key, value, trial["trial_id"]) for key, value in trial["params"].items()}
 
 
@@ -170,19 +155,13 @@ def parameters(trial: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, A
     return {key: params.get(key, value) for key, value in base.items()}
 
 
-def hydra_overrides(trial: Mapping[str, Any], quote: Any) -> list[str]:
-    """The trial's dotted settings as train overrides; `quote(value, key)` quotes a string."""
-
-    def render(key: str, value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, str):
-            return quote(value, key)
-        if isinstance(value, list):
-            return "[" + ",".join(render(key, item) for item in value) + "]"
-        return repr(value)
-
-    return [f"{key}={render(key, value)}" for key, value in settings(trial).items() if key not in TRIAL_PARAMETERS]
+def hydra_overrides(trial: Mapping[str, Any]) -> list[str]:
+    """The trial's dotted settings as train overrides."""
+    return [
+        f"{key}={pipeline_parameters.hydra_literal(value, key)}"
+        for key, value in settings(trial).items()
+        if key not in TRIAL_PARAMETERS
+    ]
 
 
 def sweep_root(store: str, sweep_id: str) -> str:
@@ -197,9 +176,9 @@ def write_record(store: str, trial: Mapping[str, Any], record: dict[str, Any]) -
     storage.write_json(record_uri(store, trial), {"trial_id": trial["trial_id"], **record})
 
 
-def failed(step: str, error: BaseException) -> dict[str, Any]:
+def failed(component: str, error: BaseException) -> dict[str, Any]:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return {"status": FAILED, "step": step, "error": f"{step}: {type(error).__name__}: {first_line}"}
+    return {"status": FAILED, "component": component, "error": f"{component}: {type(error).__name__}: {first_line}"}
 
 
 def succeeded(metrics: Mapping[str, float], checkpoint_uri: str, run_uri: str, metrics_uri: str) -> dict[str, Any]:
@@ -213,9 +192,9 @@ def succeeded(metrics: Mapping[str, float], checkpoint_uri: str, run_uri: str, m
 
 
 def read_results(store: str, trials: Sequence[Mapping[str, Any]]) -> list[TrialResult]:
-    """Each trial's outcome; a trial without a record was killed (its step failed outside our code)."""
+    """Each trial's outcome; a trial without a record was killed (its component failed outside our code)."""
     from sam3_core.mlflow_records.sweeps import (
-        TrialResult,  # mlflow: only the sweep's last step needs it
+        TrialResult,  # mlflow: only the sweep's last component needs it
     )
 
     results = []
@@ -224,7 +203,7 @@ def read_results(store: str, trials: Sequence[Mapping[str, Any]]) -> list[TrialR
         record = storage.read_json(uri) if storage.exists(uri) else None
         ok = record is not None and record.get("status") == SUCCEEDED
         if record is None:
-            error = "no outcome recorded: a step of this trial was killed or failed outside sam3pipe (see its KFP logs)"
+            error = "no outcome recorded: a component of this trial was killed or failed outside sam3pipe (see its KFP logs)"
         else:
             error = record.get("error", "")
         results.append(
@@ -314,18 +293,20 @@ def load_spec(text: str) -> dict[str, Any]:
     A list becomes `sweep_trials`, a mapping `sweep_grid`, a mapping with either key both.
     """
     import json
-    from pathlib import Path
 
     import yaml
 
-    path = Path(text)
     where = text if len(text) < 80 else "--sweep"
     try:
-        if text.endswith((".json", ".yaml", ".yml")) or path.is_file():
-            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-        else:
+        if text.lstrip().startswith(("{", "[")):  # inline JSON, however long: never looked up as a file name
             spec = json.loads(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+        else:
+            spec = yaml.safe_load(storage.read_text(text))
+    except RecursionError:
+        raise InputError(
+            where, "sweep", "nested too deeply to read (thousands of levels of lists or objects)"
+        ) from None
+    except (OSError, ValueError, yaml.YAMLError, Sam3PipeError) as exc:
         raise InputError(
             where, "sweep", f"expected JSON (or a JSON/YAML file) of a grid or a list of override sets: {exc}"
         ) from None

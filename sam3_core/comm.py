@@ -8,6 +8,9 @@ callers never branch on "distributed or not".
 Collectives follow the backend: under nccl a tensor must live on this rank's GPU, so
 `all_reduce_sum` moves it there and back; Python objects (RNG states, COCO results) go through a
 gloo group created next to the nccl one, so they never take a round trip through GPU memory.
+Both groups wait at most the timeout given to `init_process_group` (`train.dist_timeout_s`) for a
+collective; `barrier(timeout_s=...)` waits longer where a rank is known to be busy (rank 0
+finishing its checkpoint uploads) without holding anyone inside nccl.
 
 torch is imported inside the functions that need it: the tracking settings ask for the rank
 and must stay importable without loading torch (configs embed them).
@@ -30,7 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+DEFAULT_TIMEOUT_S = 1800
 _object_group: Any = None
+# the timeout the process group was created with; the gloo twin takes the same
+_timeout_s: float = DEFAULT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -128,13 +134,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(timeout_s: float = 1800) -> LaunchEnv:
-    """Join the launcher's group when there is one (nccl on GPU, gloo on CPU); returns the launch env."""
+def init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> LaunchEnv:
+    """Join the launcher's group when there is one (nccl on GPU, gloo on CPU); returns the launch env.
+
+    `timeout_s` bounds every collective of the group and of its gloo twin (see `_objects_group`).
+    """
     import torch
     import torch.distributed as dist
 
+    global _timeout_s
     env = launch_env()
     if env.distributed and not dist.is_initialized():
+        _timeout_s = timeout_s
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
@@ -153,6 +164,12 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _gloo_twin() -> Any:
+    """A gloo group of every rank, with the process group's timeout (torch's default would be 30 min)."""
+    dist = _dist()
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_timeout_s))
+
+
 def _objects_group() -> Any:
     """The group for Python objects: the default group under gloo, a gloo twin of it under nccl."""
     global _object_group
@@ -160,14 +177,32 @@ def _objects_group() -> Any:
     if dist.get_backend() != "nccl":
         return None
     if _object_group is None:
-        _object_group = dist.new_group(backend="gloo")
+        _object_group = _gloo_twin()
     return _object_group
 
 
-def barrier() -> None:
+def barrier(timeout_s: float | None = None) -> None:
+    """Wait for every rank, through gloo (never inside nccl); at most `timeout_s` when given, else the group's timeout.
+
+    A longer timeout is for a wait whose length is known to be long, e.g. the other ranks waiting
+    for rank 0's last checkpoint uploads at the end of training.
+    """
+    import torch
+
     dist = _dist()
-    if dist is not None:
-        dist.barrier(group=_objects_group())
+    if dist is None:
+        return
+    group = _objects_group()
+    if timeout_s is None:
+        dist.barrier(group=group)
+        return
+    gloo = (group or dist.group.WORLD)._get_backend(torch.device("cpu"))
+    before = gloo.options._timeout
+    gloo.set_timeout(datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.barrier(group=group)
+    finally:
+        gloo.set_timeout(before)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -216,11 +251,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def shutdown() -> None:
     """Leave the process group (and its gloo twin), if one is up."""
-    global _object_group
+    global _object_group, _timeout_s
     dist = _dist()
     if dist is not None:
         dist.destroy_process_group()
     _object_group = None
+    _timeout_s = DEFAULT_TIMEOUT_S
 
 
 def available_cores() -> int:

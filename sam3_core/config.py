@@ -70,6 +70,11 @@ def _parse_error(parser: OverridesParser, override: str) -> str | None:
     return None
 
 
+def override_problem(override: str) -> str | None:
+    """Why Hydra cannot read one override as a component would get it (quoted where needed), or None."""
+    return _parse_error(OverridesParser.create(), lenient_overrides([override])[0])
+
+
 def lenient_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     """The overrides with unreadable plain values quoted, so `model.uri=/data/vidéos/a.pt` just works.
 
@@ -183,9 +188,24 @@ def explain(exc: BaseException, overrides: list[str], schema: type) -> str:
     return _first_line(exc)
 
 
+def _refuse_hydra_settings(name: str, overrides: list[str]) -> None:
+    """`hydra.run.dir=...` and friends configure Hydra's app runner, which components do not use: Hydra's
+    compose API would drop them without a word."""
+    for override in overrides:
+        match = _OVERRIDE.match(override)
+        key = match["key"].lstrip("+~") if match else ""
+        if re.split(r"[./@]", key, maxsplit=1)[0] == "hydra":
+            raise ConfigError(
+                f"config '{name}': {key}: Hydra's own settings do not apply here (a component writes no Hydra "
+                "output folder or log file); its outputs go where its output keys say (output.store, output.uri, "
+                "output=...), its log to stderr"
+            )
+
+
 def load_config(name: str, schema: type[T], overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Compose `<name>.yaml` with Hydra overrides and return it as the typed dataclass."""
     register(name, schema)
+    _refuse_hydra_settings(name, list(overrides))
     overrides = lenient_overrides(renamed_keys(list(overrides)))
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -196,6 +216,8 @@ def load_config(name: str, schema: type[T], overrides: list[str] | tuple[str, ..
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"config '{name}': {explain(exc, overrides, schema)}") from exc
+    except RecursionError:
+        raise ConfigError(f"config '{name}': an override is nested too deeply to read") from None
 
 
 def to_yaml(cfg: Any) -> str:

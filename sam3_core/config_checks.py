@@ -14,6 +14,7 @@ from typing import Any
 from sam3_core.errors import ConfigError
 
 MISSING = "???"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def fail(key: str, value: Any, expected: str) -> None:
@@ -46,6 +47,11 @@ def check_float(
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
         fail(key, value, expected)
+
+
+def is_int64(value: int) -> bool:
+    """True when an integer fits in 64 bits (numpy, torch and pycocotools hold ids and sizes so)."""
+    return INT64_MIN <= value <= INT64_MAX
 
 
 def check_bool(key: str, value: Any) -> None:
@@ -103,6 +109,6 @@ def check_uri(key: str, value: Any, *, required: bool = False) -> None:
     from sam3_core.errors import StorageError
 
     try:
-        storage.is_remote(value)
+        storage.backend_for(value).check(value, need_key=False)
     except StorageError as exc:
         raise ConfigError(f"{key}: {exc}") from None

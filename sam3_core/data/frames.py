@@ -10,6 +10,7 @@ sha256, and handed out as bytes. A local dataset is read in place.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,10 @@ from PIL import Image
 from sam3_core import storage
 from sam3_core.data.prep import MANIFEST, SPLITS
 from sam3_core.data.ytvis import VideoDataset, read_annotation_json, validate
-from sam3_core.errors import InputError, StorageError, StoreUnreachableError
+from sam3_core.errors import ConfigError, InputError, StorageError, StoreUnreachableError, working_on
+
+# what repairs a published dataset whose files no longer match its manifest
+REPAIR = "run the data prep that made it again with overwrite=true to publish it again"
 
 
 class FrameReader:
@@ -34,6 +38,10 @@ class FrameReader:
         if not storage.is_published(dataset_uri, MANIFEST):
             raise InputError(dataset_uri, MANIFEST, "no published dataset here; run data_prep and pass its dataset_uri")
         self.manifest: dict[str, Any] = storage.read_json(storage.join(dataset_uri, MANIFEST))
+        if not isinstance(self.manifest, dict) or not isinstance(self.manifest.get("files"), dict):
+            raise InputError(dataset_uri, MANIFEST, f"not a dataset manifest; {REPAIR}")
+        if storage.is_remote(dataset_uri):
+            _check_cache_dir(cache_dir)
         self.cache = storage.ReadCache(cache_dir, cache_bytes)
         self._paths: dict[str, Path] = {}
 
@@ -58,7 +66,7 @@ class FrameReader:
             except StoreUnreachableError:
                 raise
             except StorageError as exc:
-                raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); re-run data_prep") from exc
+                raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); {REPAIR}") from exc
         return self._paths[rel]
 
     def read_bytes(self, rel: str) -> bytes:
@@ -69,16 +77,16 @@ class FrameReader:
         except StoreUnreachableError:
             raise
         except StorageError as exc:
-            raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); re-run data_prep") from exc
+            raise InputError(self.dataset_uri, rel, f"cannot be read ({exc}); {REPAIR}") from exc
 
     def image(self, file_name: str) -> Image.Image:
         """The frame as an RGB image; `file_name` as written in the split's annotations."""
         data = self.read_bytes(file_name)
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with working_on(f"{self.dataset_uri}/{file_name}"), Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
         except OSError as exc:
-            raise InputError(self.dataset_uri, file_name, f"not a readable image ({exc}); re-run data_prep") from exc
+            raise InputError(self.dataset_uri, file_name, f"not a readable image ({exc}); {REPAIR}") from exc
 
     def dataset(self, split: str) -> VideoDataset:
         """The `train` or `val` annotations."""
@@ -86,3 +94,18 @@ class FrameReader:
             raise InputError(self.dataset_uri, "split", f"unknown split {split!r}; use one of {list(SPLITS)}")
         rel = f"{split}.json"
         return validate(read_annotation_json(str(self.local_path(rel))), storage.join(self.dataset_uri, rel))
+
+
+def _check_cache_dir(cache_dir: str | Path | None) -> None:
+    """The cache folder for a remote dataset must be a folder this process can write (checked up front,
+    so a bad cache is named as such rather than blamed on the dataset)."""
+    root = storage.cache_root(cache_dir)
+    key = "data.cache_dir" if cache_dir is not None else "SAM3PIPE_CACHE"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}={str(root)!r}: cannot be used as the local cache folder ({exc.strerror or exc})"
+        ) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(root)!r}: the local cache folder is not writable; choose another folder")

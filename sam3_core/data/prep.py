@@ -22,20 +22,25 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from sam3_core import storage
 from sam3_core.data import synthetic
 from sam3_core.data.sources import FILE_SOURCES, SOURCES, Source, json_sha256, load_source
 from sam3_core.data.sources.vos import VosConfig
-from sam3_core.data.staging import StagedVideo, StageSettings, stage_videos
+from sam3_core.data.staging import StagedVideo, StageSettings, stage_videos, target_size
 from sam3_core.data.synthetic import SyntheticConfig
 from sam3_core.data.ytvis import Category, VideoDataset, to_json
-from sam3_core.errors import ConfigError, InputError, StorageError
+from sam3_core.errors import ConfigError, InputError, StorageError, StoreUnreachableError
+from sam3_core.memory import available_memory
+from sam3_core.outputs import Output, check_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +56,8 @@ MAX_FPS = 1000.0
 MAX_WORKERS = 1024
 # bytes per frame pixel a worker holds at its peak (RGB decode, mask crop, integral image, coverage)
 STAGE_BYTES_PER_PIXEL = 16
-
-
-def _default_store() -> str:
-    return os.environ.get("SAM3PIPE_STORE") or ".sam3pipe/store"
+# frames with a shorter side are warned about (the model's patches are 14 px)
+MIN_USEFUL_SIDE = 16
 
 
 @dataclass
@@ -84,11 +87,14 @@ class DataPrepConfig:
     # share of videos held out for validation with split_by=random
     val_fraction: float = 0.25
     split_seed: int = 0
-    store: str = field(default_factory=_default_store)
+    store: str = field(default_factory=storage.default_store)
     # where remote source files are cached locally (kept for the next run); None: read without keeping them
     cache_dir: str | None = None
     # processes staging videos in parallel; 0 = one per CPU core this process may use
     workers: int = 0
+    # publish the dataset again even when its id is published already (repairs a damaged copy; a
+    # published dataset that does not match its manifest is refused otherwise)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -149,6 +155,8 @@ def check_config(cfg: DataPrepConfig) -> None:
         raise _fail("workers", f"must be 0 (one per core) or a process count up to {MAX_WORKERS}, got {cfg.workers}")
     if cfg.cache_dir is not None and (not isinstance(cfg.cache_dir, str) or not cfg.cache_dir):
         raise _fail("cache_dir", f"must be a folder path or null, got {cfg.cache_dir!r}")
+    if not isinstance(cfg.overwrite, bool):
+        raise _fail("overwrite", f"must be true or false, got {cfg.overwrite!r}")
     if not cfg.store:
         raise _fail("store", "empty; set SAM3PIPE_STORE or store=<uri>")
     try:
@@ -178,8 +186,10 @@ def worker_count(cfg: DataPrepConfig) -> int:
 
 
 def prepare_dataset(cfg: DataPrepConfig) -> PreparedDataset:
-    """Validate, stage, hash and publish; reuse the published dataset when the id already exists."""
+    """Validate, stage, hash and publish; reuse the published dataset when the id already exists (and
+    it still matches its manifest)."""
     check_config(cfg)
+    guard_store(cfg)
     with tempfile.TemporaryDirectory(prefix="sam3pipe-prep-") as tmp:
         source = load_checked_source(cfg, Path(tmp) / "source")
         split = split_for(cfg, source)
@@ -187,12 +197,82 @@ def prepare_dataset(cfg: DataPrepConfig) -> PreparedDataset:
         staged = stage_videos(source, stage_settings(cfg), staging, worker_count(cfg))
         manifest = write_dataset_files(staging, staged, source.dataset.categories, describe(cfg, source), split)
         dest = storage.join(cfg.store, "datasets", manifest["dataset_id"])
-        if storage.is_published(dest, MANIFEST):
-            logger.info("dataset %s already published at %s; reusing it", manifest["dataset_id"], dest)
-        else:
-            storage.publish_dir(staging, dest, MANIFEST)
-            logger.info("published dataset %s at %s", manifest["dataset_id"], dest)
+        publish_or_reuse(dest, staging / MANIFEST, cfg.overwrite, lambda: storage.publish_dir(staging, dest, MANIFEST))
     return PreparedDataset(uri=dest, dataset_id=manifest["dataset_id"])
+
+
+def guard_store(cfg: DataPrepConfig) -> None:
+    """The output guard before any work: the store must not be, or lie inside, a published dataset."""
+    check_outputs([Output(cfg.store, "store", folder=True)], {})
+
+
+def publish_or_reuse(dest: str, manifest_path: Path, overwrite: bool, publish: Callable[[], None]) -> None:
+    """Publish the staged dataset at `dest`, or reuse the one published there after checking it.
+
+    A published dataset is reused only when it still is what its id says: the manifest this run
+    computed and every file of it, byte for byte. Otherwise it is refused (`overwrite=true` publishes
+    it again, which repairs it). After a publish the manifest is read back, so a store that accepts
+    writes without keeping them (an endpoint that is not an object store) is found out.
+    """
+    expected = manifest_path.read_bytes()
+    dataset_id = json.loads(expected)["dataset_id"]
+    if not overwrite and storage.is_published(dest, MANIFEST):
+        verify_published(dest, expected)
+        logger.info("dataset %s already published at %s (checked against its manifest); reusing it", dataset_id, dest)
+        return
+    publish()
+    verify_published(dest, expected, check_files=False)
+    logger.info("published dataset %s at %s", dataset_id, dest)
+
+
+def _published_manifest(dest: str) -> tuple[bytes, dict[str, Any]]:
+    """The published manifest's bytes and content; a StorageError when the store's answer is not one."""
+    marker = storage.join(dest, MANIFEST)
+    data = storage.read_bytes(marker)
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "dataset_id" not in manifest:
+        shown = data[:60].decode("utf-8", "replace")
+        raise StorageError(
+            f"{marker}: the store answered with {shown!r} ({len(data)} bytes), not a dataset manifest; check that "
+            "the store (SAM3PIPE_STORE, AWS_ENDPOINT_URL) is an object store and not, e.g., a web page"
+        )
+    return data, manifest
+
+
+def verify_published(dest: str, expected: bytes | None = None, check_files: bool = True) -> None:
+    """Check the dataset at `dest` against its manifest (and the manifest against `expected`)."""
+    data, manifest = _published_manifest(dest)
+    advice = "the published dataset was changed after it was published; run this data prep with overwrite=true to publish it again"
+    if expected is not None and data != expected:
+        raise InputError(
+            dest,
+            MANIFEST,
+            f"is not the manifest of dataset {manifest.get('dataset_id')!r} this data prep makes: {advice}",
+        )
+    if not check_files:
+        return
+    records: dict[str, Any] = manifest["files"]
+
+    def problem(rel: str) -> str | None:
+        try:
+            content = storage.read_bytes(storage.join(dest, rel))
+        except StorageError as exc:
+            if isinstance(exc, StoreUnreachableError):
+                raise
+            return f"cannot be read ({exc})"
+        record = records[rel]
+        if len(content) != record.get("size") or storage.sha256_bytes(content) != record.get("sha256"):
+            return f"{len(content)} bytes whose sha256 differs from the manifest's"
+        return None
+
+    with ThreadPoolExecutor(max_workers=storage.max_concurrency()) as pool:
+        found = tqdm(pool.map(problem, sorted(records)), total=len(records), desc=f"verify {dest}", unit="file")
+        for rel, why in zip(sorted(records), found):
+            if why is not None:
+                raise InputError(dest, rel, f"{why}: {advice}")
 
 
 def load_checked_source(cfg: DataPrepConfig, scratch: Path, video_ids: list[int] | None = None) -> Source:
@@ -204,7 +284,8 @@ def load_checked_source(cfg: DataPrepConfig, scratch: Path, video_ids: list[int]
         raise InputError(
             source.annotations, "categories", "empty: a dataset needs at least one noun phrase to train on; add them"
         )
-    budget = _available_memory() // worker_count(cfg)
+    _warn_about_tiny_frames(source, cfg.resize_max_side)
+    budget = available_memory() // worker_count(cfg)
     for video in source.dataset.videos:
         need = video.width * video.height * STAGE_BYTES_PER_PIXEL
         if need > budget:
@@ -218,23 +299,22 @@ def load_checked_source(cfg: DataPrepConfig, scratch: Path, video_ids: list[int]
     return source
 
 
-def _available_memory() -> int:
-    """Bytes this process can still use: MemAvailable, capped by a cgroup (container) limit."""
-    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if limit.isdigit():
-            available = min(available, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return max(available, 0)
+def _warn_about_tiny_frames(source: Source, max_side: int) -> None:
+    """Frames of a few pixels are valid input but almost certainly a broken export: say so."""
+    tiny = []
+    for video in source.dataset.videos:
+        width, height = target_size(video.width, video.height, max_side)
+        if min(width, height) < MIN_USEFUL_SIDE:
+            tiny.append(f"{source.paths[video.id]}: {width}x{height}")
+    if tiny:
+        logger.warning(
+            "%d video(s) have frames under %d px on a side (%s%s): the model sees them scaled up to "
+            "model.image_size, with next to nothing to learn from; check the export (or resize_max_side)",
+            len(tiny),
+            MIN_USEFUL_SIDE,
+            ", ".join(tiny[:3]),
+            ", ..." if len(tiny) > 3 else "",
+        )
 
 
 def describe(cfg: DataPrepConfig, source: Source) -> dict[str, Any]:

@@ -26,9 +26,12 @@ from sam3_core.data.prep import (
     DataPrepConfig,
     PreparedDataset,
     describe,
+    guard_store,
     load_checked_source,
+    publish_or_reuse,
     split_for,
     stage_settings,
+    verify_published,
     worker_count,
     write_dataset_files,
     write_json_file,
@@ -66,6 +69,7 @@ def plan_shards(cfg: DataPrepConfig, shards: int) -> ShardPlan:
     """
     if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_WORKERS:
         raise ConfigError(f"data prep shards: must be an integer in [1, {MAX_WORKERS}], got {shards!r}")
+    guard_store(cfg)
     with tempfile.TemporaryDirectory(prefix="sam3pipe-plan-") as tmp:
         source = load_checked_source(cfg, Path(tmp), video_ids=[])
     plan = {
@@ -147,8 +151,9 @@ def prepare_shard(plan_uri: str, index: int) -> str:
 def merge_shards(plan_uri: str) -> PreparedDataset:
     """Check that every shard of the plan is complete, then publish the dataset with its manifest last."""
     plan, cfg = _read_plan(plan_uri)
-    done = _merged(plan_uri)
+    done = None if cfg.overwrite else _merged(plan_uri)
     if done is not None:
+        verify_published(done.uri)
         logger.info("dataset %s of this plan already published at %s; reusing it", done.dataset_id, done.uri)
         return done
     staged: dict[int, StagedVideo] = {}
@@ -175,14 +180,10 @@ def merge_shards(plan_uri: str) -> PreparedDataset:
             out, [staged[i] for i in plan["videos"]], categories, plan["description"], plan["split"]
         )
         dest = storage.join(cfg.store, "datasets", manifest["dataset_id"])
-        if storage.is_published(dest, MANIFEST):
-            logger.info("dataset %s already published at %s; reusing it", manifest["dataset_id"], dest)
-        else:
-            sources.update({rel: out / rel for rel in ("train.json", "val.json", "val_frames_coco.json")})
-            storage.publish(sources, dest, MANIFEST, out / MANIFEST)
-            logger.info(
-                "published dataset %s at %s from %d shard(s)", manifest["dataset_id"], dest, len(plan["shards"])
-            )
+        sources.update({rel: out / rel for rel in ("train.json", "val.json", "val_frames_coco.json")})
+        publish_or_reuse(
+            dest, out / MANIFEST, cfg.overwrite, lambda: storage.publish(sources, dest, MANIFEST, out / MANIFEST)
+        )
     storage.write_json(storage.join(plan_uri, RESULT), {"dataset_uri": dest, "dataset_id": manifest["dataset_id"]})
     for index in range(len(plan["shards"])):
         try:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from sam3_core import storage
 from sam3_core.data.resample import check_frame_bytes, encode_frame, resample_mask, resize_frame
-from sam3_core.data.sources import FrameFiles, Source, VideoFile
+from sam3_core.data.sources import FrameFiles, Source, VideoFile, check_inside
 from sam3_core.data.sources import mp4 as mp4_source
 from sam3_core.data.ytvis import RLE, BBox, Track, Video, rle_area, rle_bbox
 from sam3_core.errors import InputError, StorageError
@@ -151,6 +151,11 @@ def _run_task(task: _Task) -> Any:
         ]
     except InputError as exc:
         return _Failure(exc.source, exc.field, exc.message)
+    except MemoryError:
+        what = f"{source.paths[task.video_id]} ({task.kind} {task.first} to {task.stop - 1})"
+        return _Failure(
+            source.annotations, what, "out of memory staging it: lower data_prep.workers or resize_max_side"
+        )
 
 
 def _stage_frames(source: Source, settings: StageSettings, staging: Path, task: _Task) -> dict[str, dict[str, Any]]:
@@ -179,6 +184,7 @@ def _file_frames(
         name = frames.names[index]
         path = f"{source.paths[video.id]}.file_names[{index}]"
         uri = storage.join(frames.root, name)
+        check_inside(frames.root, uri, source.annotations, path)
         try:
             data = _read(uri, settings.cache_dir)
         except StorageError as exc:
@@ -230,7 +236,10 @@ def _decoded_frames(
                     image = image.resize((width, height), Image.Resampling.BILINEAR)
                 yield position, encode_frame(image, settings.frame_format, settings.jpeg_quality)
         except (av.FFmpegError, ValueError, OSError) as exc:
-            raise InputError(source.annotations, path, f"{frames.uri}: {exc}") from exc
+            # PyAV names the local copy of a remote video: the user knows the video by its URI
+            raise InputError(
+                source.annotations, path, f"{frames.uri}: {str(exc).replace(str(local), frames.uri)}"
+            ) from exc
 
 
 def _read(uri: str, cache_dir: str | None) -> bytes:

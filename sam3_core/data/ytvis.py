@@ -18,6 +18,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 from sam3_core import storage
+from sam3_core.config_checks import is_int64
 from sam3_core.errors import InputError, StorageError
 
 RLE = dict[str, Any]
@@ -117,6 +118,8 @@ def read_annotation_json(uri: str) -> Any:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(uri, "$", f"not valid JSON ({exc}); export the annotations as UTF-8 JSON") from exc
+    except RecursionError:
+        raise InputError(uri, "$", "nested too deeply to read (thousands of levels of lists or objects)") from None
 
 
 def validate(raw: Any, source: str, *, video_ids: Collection[int] | None = None) -> VideoDataset:
@@ -265,7 +268,9 @@ class _Checker:
             raise self.fail(f"{path}.{key}", "missing")
         value = obj[key]
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(f"{path}.{key}", f"must be an integer, got {value!r}")
+            raise self.fail(f"{path}.{key}", f"must be an integer, got {value!r:.40}")
+        if not is_int64(value):
+            raise self.fail(f"{path}.{key}", f"{value} does not fit in 64 bits (ids and sizes must)")
         return value
 
     def positive(self, obj: dict[str, Any], key: str, path: str) -> int:
@@ -323,6 +328,8 @@ class _Checker:
     def file_name(self, name: Any, path: str) -> None:
         if not isinstance(name, str) or not name:
             raise self.fail(path, "must be a non-empty relative path")
+        if "\x00" in name:
+            raise self.fail(path, f"{name!r} holds a NUL byte; no file name can")
         if "://" in name or "\\" in name or any(seg in ("", ".", "..") for seg in name.split("/")):
             raise self.fail(
                 path, f"{name!r} must be a relative path below frames_root (no leading '/', '..', '.' or '//')"

@@ -40,6 +40,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from sam3_core.config_checks import is_int64
 from sam3_core.errors import ConfigError, InputError
 from sam3_core.evaluate.rle import first_malformed
 
@@ -163,7 +164,10 @@ def check_max_dets(max_dets: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _require(container: Any, key: str, source: str, where: str, kind: type | tuple[type, ...]) -> Any:
-    """``container[key]`` of the given type; ``where`` is the container's path ("" for the root)."""
+    """``container[key]`` of the given type; ``where`` is the container's path ("" for the root).
+
+    Integers must fit in 64 bits (numpy and the COCO backends hold ids so) and numbers must be finite.
+    """
     if not isinstance(container, dict):
         raise InputError(source, where or "(root)", f"expected an object, got {type(container).__name__}")
     field = f"{where}.{key}" if where else key
@@ -172,6 +176,19 @@ def _require(container: Any, key: str, source: str, where: str, kind: type | tup
     value = container[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise InputError(source, field, f"expected {_kind_name(kind)}, got {type(value).__name__}")
+    if isinstance(value, int) and not is_int64(value):
+        raise InputError(source, field, f"{value} does not fit in 64 bits")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(source, field, f"must be a finite number, got {value!r}")
+    return value
+
+
+def unique_id(container: Any, key: str, source: str, where: str, seen: dict[int, str]) -> int:
+    """An integer id that no earlier entry (``seen``: id -> its path) carries."""
+    value = _require(container, key, source, where, int)
+    if value in seen:
+        raise InputError(source, f"{where}.{key}", f"duplicate id {value} (also {seen[value]}): ids must be unique")
+    seen[value] = where
     return value
 
 
@@ -228,16 +245,38 @@ def _segment_area(segmentation: Any, height: int, width: int) -> float:
     return float(mask_utils.area(rle))
 
 
+def _check_polygons(value: Any, source: str, field: str) -> None:
+    if not value or not all(
+        isinstance(poly, list)
+        and len(poly) >= 6
+        and len(poly) % 2 == 0
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in poly)
+        for poly in value
+    ):
+        raise InputError(source, field, "a polygon list is [[x1, y1, x2, y2, ...], ...] of >= 3 finite points")
+
+
 def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
-    """Validated copy of a COCO GT with ``iscrowd`` and ``area`` filled where missing."""
+    """Validated copy of a COCO GT with ``iscrowd`` and ``area`` filled where missing.
+
+    As strict as the predictions: unique integer ids (images, categories, annotations), known
+    references, image sizes, finite non-negative boxes and areas, well-formed masks and polygons,
+    ``iscrowd`` 0 or 1. A flaw here would not fail the evaluation, it would change its numbers.
+    """
     images = _require(gt, "images", source, "", list)
     annotations = _require(gt, "annotations", source, "", list)
     categories = _require(gt, "categories", source, "", list)
     sizes: dict[int, tuple[int, int]] = {}
+    seen: dict[int, str] = {}
     for i, image in enumerate(images):
-        image_id = _require(image, "id", source, f"images[{i}]", int)
-        sizes[image_id] = (int(image.get("height", 0)), int(image.get("width", 0)))
-    cat_ids = {_require(c, "id", source, f"categories[{i}]", int) for i, c in enumerate(categories)}
+        where = f"images[{i}]"
+        image_id = unique_id(image, "id", source, where, seen)
+        height, width = (_require(image, key, source, where, int) for key in ("height", "width"))
+        if height < 1 or width < 1:
+            raise InputError(source, f"{where}.height", f"{height}x{width}: an image needs a positive size")
+        sizes[image_id] = (height, width)
+    seen = {}
+    cat_ids = {unique_id(c, "id", source, f"categories[{i}]", seen) for i, c in enumerate(categories)}
     rles = [
         (a["segmentation"], f"annotations[{i}].segmentation")
         for i, a in enumerate(annotations)
@@ -245,13 +284,33 @@ def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
     ]
     check_rles([r for r, _ in rles], [f for _, f in rles], source)
     filled = []
+    seen = {}
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
-        _require(ann, "id", source, where, int)
+        unique_id(ann, "id", source, where, seen)
         if _require(ann, "image_id", source, where, int) not in sizes:
             raise InputError(source, f"{where}.image_id", f"unknown image id {ann['image_id']}")
         if _require(ann, "category_id", source, where, int) not in cat_ids:
             raise InputError(source, f"{where}.category_id", f"unknown category id {ann['category_id']}")
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), float):
+            raise InputError(source, f"{where}.iscrowd", f"must be 0 or 1, got {ann['iscrowd']!r:.40}")
+        if "bbox" in ann:
+            check_box(ann["bbox"], source, f"{where}.bbox")
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list) and segmentation:
+            _check_polygons(segmentation, source, f"{where}.segmentation")
+        elif segmentation is not None and not isinstance(segmentation, dict):
+            raise InputError(source, f"{where}.segmentation", "must be an RLE object or a polygon list")
+        if isinstance(segmentation, dict) and list(segmentation["size"]) != list(sizes[ann["image_id"]]):
+            raise InputError(
+                source,
+                f"{where}.segmentation.size",
+                f"{segmentation['size']} is not image {ann['image_id']}'s [height, width] {list(sizes[ann['image_id']])}",
+            )
+        if "area" in ann:
+            area = _require(ann, "area", source, where, numbers.Real)
+            if area < 0:
+                raise InputError(source, f"{where}.area", f"must be >= 0, got {area!r}")
         ann = dict(ann)
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
@@ -259,12 +318,21 @@ def prepare_frame_gt(gt: Any, source: str) -> dict[str, Any]:
                 height, width = sizes[ann["image_id"]]
                 ann["area"] = _segment_area(ann["segmentation"], height, width)
             elif "bbox" in ann:
-                check_box(ann["bbox"], source, f"{where}.bbox")
                 ann["area"] = float(ann["bbox"][2] * ann["bbox"][3])
             else:
                 raise InputError(source, where, "needs area, segmentation or bbox")
         filled.append(ann)
     return {**gt, "annotations": filled}
+
+
+def check_gt_has(gt: dict[str, Any], iou_type: str, source: str) -> None:
+    """Every GT annotation carries what ``iou_type`` is scored on (a bbox, a segmentation)."""
+    field = _PREDICTION_FIELD[iou_type]
+    for i, ann in enumerate(gt["annotations"]):
+        if not ann.get(field):
+            raise InputError(
+                source, f"annotations[{i}].{field}", f"missing; {iou_type} needs it (or leave it out of iou_types)"
+            )
 
 
 def check_frame_predictions(predictions: Any, gt: dict[str, Any], iou_type: str, source: str) -> list[dict[str, Any]]:
@@ -370,6 +438,7 @@ def evaluate_frames(
     backend: str,
     max_dets: Sequence[int],
     predictions_source: str,
+    gt_source: str = "the ground truth",
 ) -> Evaluation:
     """COCO evaluation of one IoU type; ``gt`` must come from ``prepare_frame_gt``."""
     if iou_type not in IOU_TYPES:
@@ -377,6 +446,7 @@ def evaluate_frames(
     if backend not in _BACKEND_RUNNERS:
         raise ConfigError(f"evaluate: backend must be one of {list(BACKENDS)}; got {backend!r}")
     dets = check_max_dets(max_dets)
+    check_gt_has(gt, iou_type, gt_source)
     results = check_frame_predictions(predictions, gt, iou_type, predictions_source)
     logger.info("COCO %s evaluation of %d results with %s", iou_type, len(results), backend)
     # Both backends set keys on the GT annotation dicts (ignore flags, RLEs): give them copies.

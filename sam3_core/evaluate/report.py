@@ -40,7 +40,8 @@ import numpy as np
 
 from sam3_core import storage
 from sam3_core.artifacts import PREDICTION_FILES
-from sam3_core.errors import ConfigError, InputError
+from sam3_core.config import flatten
+from sam3_core.errors import ConfigError, InputError, working_on
 from sam3_core.evaluate.coco import (
     BACKENDS,
     IOU_TYPES,
@@ -53,6 +54,7 @@ from sam3_core.evaluate.families import FAMILIES, default_families, family_files
 from sam3_core.evaluate.suite import SuiteSettings, evaluate_suite
 from sam3_core.evaluate.videodata import VideoSet, read_video_set
 from sam3_core.mlflow_records.settings import MlflowConfig
+from sam3_core.outputs import Output, check_earlier, check_outputs, claim
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -65,6 +67,10 @@ TABLE_CSV = "per_category.csv"
 TABLE_MD = "per_category.md"
 PR_PLOT = "pr_curves.png"
 VIDEO_NP_RESULTS = "video_np_results.json"
+# the settings that made the folder's metrics (the output guard's record, see sam3_core.outputs)
+SETTINGS_FILE = "evaluate_settings.json"
+# keys that change where or how fast the metrics are computed, never their values
+SETTINGS_NEUTRAL = ("mlflow.", "workers", "overwrite", "output")
 PLOT_IOUS = (0.5, 0.75)
 MAX_WORKERS = 1024
 
@@ -95,6 +101,8 @@ class EvaluateConfig:
     score_threshold: float = 0.5
     # processes over videos: 1 = all in this process, 0 = one per CPU core when the set is big enough
     workers: int = 0
+    # replace metrics that `output` holds from other settings or other inputs (refused otherwise)
+    overwrite: bool = False
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
@@ -143,13 +151,15 @@ class EvaluateConfig:
             raise ConfigError(
                 f"evaluate.workers={self.workers!r}: must be an integer in [0, {MAX_WORKERS}] (0 = one per CPU core)"
             )
+        if not isinstance(self.overwrite, bool):
+            raise ConfigError(f"evaluate.overwrite={self.overwrite!r}: must be true or false")
         if self.output:
             name = posixpath.basename(self.output)
             if not name:
                 raise ConfigError(
                     f"evaluate.output={self.output!r}: must name the metrics file (<folder>/metrics.json)"
                 )
-            if name in (TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS, *family_files()):
+            if name in (TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS, SETTINGS_FILE, *family_files()):
                 raise ConfigError(
                     f"evaluate.output={self.output!r}: collides with the table/plot/results written "
                     "beside it; name it metrics.json"
@@ -182,6 +192,76 @@ def check_config(cfg: EvaluateConfig) -> None:
             raise ConfigError(f"evaluate.{key} is required: pass {key}=<uri> (or --{key} <uri>)")
 
 
+def evaluation_settings(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Every setting that shapes the metrics: what the output guard compares with an earlier run's."""
+    flat = flatten(cfg)
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(key == n or (n.endswith(".") and key.startswith(n)) for n in SETTINGS_NEUTRAL)
+    }
+
+
+def input_files(cfg: EvaluateConfig) -> dict[str, str]:
+    """The files evaluate reads, by the key that names them (a predictions folder's three files)."""
+    inputs = {"gt": cfg.gt, "frames_gt": cfg.frames_gt}
+    if cfg.predictions and not storage.exists(cfg.predictions):
+        inputs.update(
+            {f"predictions ({name})": storage.join(cfg.predictions, name) for name in PREDICTION_FILES.values()}
+        )
+    else:
+        inputs["predictions"] = cfg.predictions
+    return inputs
+
+
+def guard_output(cfg: EvaluateConfig) -> None:
+    """The output guard before any work: no file written is an input or lies in a published dataset, and
+    metrics of other settings are replaced only with `overwrite=true`."""
+    check_config(cfg)
+    folder = output_folder(cfg.output)
+    names = (TABLE_CSV, TABLE_MD, PR_PLOT, VIDEO_NP_RESULTS, SETTINGS_FILE, *family_files())
+    written = [Output(cfg.output, "output"), *(Output(storage.join(folder, name), "output") for name in names)]
+    check_outputs(written, input_files(cfg))
+    check_earlier(
+        written[0],
+        storage.join(folder, SETTINGS_FILE),
+        evaluation_settings(cfg),
+        cfg.overwrite,
+        "overwrite",
+        lambda: storage.exists(cfg.output),
+    )
+
+
+def check_same_metrics(report: EvaluationReport, cfg: EvaluateConfig) -> None:
+    """Metrics of the same settings already at `output` must be these: else the inputs changed since."""
+    if cfg.overwrite or not storage.exists(cfg.output):
+        return
+    try:
+        earlier = storage.read_json(cfg.output)
+    except InputError:
+        earlier = None
+    if not _same_metrics(earlier, report.metrics):
+        raise InputError(
+            cfg.output,
+            "output",
+            "already holds other metrics of these settings (the ground truth or the predictions changed "
+            "since?); pass overwrite=true to replace them, or write somewhere else",
+        )
+
+
+def _same_metrics(earlier: Any, metrics: dict[str, float]) -> bool:
+    """The same names and values (NaN matching NaN; a float rounding apart, as another worker count may sum)."""
+    if not isinstance(earlier, dict) or set(earlier) != set(metrics):
+        return False
+    for name, value in metrics.items():
+        old = earlier[name]
+        if not isinstance(old, (int, float)) or isinstance(old, bool):
+            return False
+        if not (math.isnan(old) and math.isnan(value)) and not math.isclose(old, value, rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True
+
+
 def detect_kind(gt: Any, source: str, requested: str) -> str:
     """ "video" for a YTVIS file (``videos``), "coco" for a COCO file (``images``)."""
     keys = gt if isinstance(gt, dict) else {}
@@ -210,6 +290,7 @@ def _frame_evaluations(cfg: EvaluateConfig, raw_gt: Any, gt_uri: str, files: dic
             backend=cfg.backend,
             max_dets=cfg.max_dets,
             predictions_source=files[iou_type],
+            gt_source=gt_uri,
         )
         for iou_type in cfg.iou_types
     ]
@@ -240,6 +321,11 @@ def _video_report(cfg: EvaluateConfig, gt: dict[str, Any], predictions_uri: str)
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationReport:
     """Read, validate and score; writes nothing."""
     check_config(cfg)
+    with working_on(f"gt={cfg.gt} and predictions={cfg.predictions}"):
+        return _evaluation(cfg)
+
+
+def _evaluation(cfg: EvaluateConfig) -> EvaluationReport:
     gt = storage.read_json(cfg.gt)
     kind = detect_kind(gt, cfg.gt, cfg.kind)
     is_file = storage.exists(cfg.predictions)
@@ -353,16 +439,19 @@ def output_folder(output: str) -> str:
 def report_files(report: EvaluationReport, output: str) -> list[str]:
     """URIs of everything `publish_report` writes for `output`, metrics.json last."""
     folder = output_folder(output)
-    names = [TABLE_CSV, TABLE_MD, PR_PLOT] + ([VIDEO_NP_RESULTS] if report.video_np_results is not None else [])
+    names = [TABLE_CSV, TABLE_MD, PR_PLOT, SETTINGS_FILE]
+    names += [VIDEO_NP_RESULTS] if report.video_np_results is not None else []
     names += list(report.files)
     return [storage.join(folder, name) for name in names] + [output]
 
 
-def publish_report(report: EvaluationReport, output: str) -> str:
-    """Write the table and plot, then metrics.json last, atomically beside each other; return its URI."""
+def publish_report(report: EvaluationReport, output: str, settings: dict[str, Any]) -> str:
+    """Write the table and plot (and the `settings` record), then metrics.json last, atomically beside
+    each other; return its URI."""
     header, rows = category_rows(report)
     with tempfile.TemporaryDirectory(prefix="sam3pipe-eval-") as tmp:
         folder = Path(tmp)
+        claim(str(folder / SETTINGS_FILE), settings)
         (folder / TABLE_CSV).write_text(table_csv(header, rows), encoding="utf-8")
         (folder / TABLE_MD).write_text(table_markdown(header, rows), encoding="utf-8")
         pr_figure(report).savefig(folder / PR_PLOT, dpi=100)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from sam3_core.config_checks import INT64_MAX, INT64_MIN
 from sam3_core.errors import InputError
 from sam3_core.evaluate.coco import check_box
 from sam3_core.evaluate.rle import areas, first_malformed
@@ -116,8 +117,11 @@ def _by_pair(masklets: Iterable[Masklet]) -> dict[Pair, list[Masklet]]:
 
 
 def _is_int(value: Any) -> bool:
+    """An integer that fits in 64 bits (numpy holds ids so)."""
     # the exact-type test first: ABC checks are slow enough to show on 51,248 categories
-    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
+    if type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        return INT64_MIN <= value <= INT64_MAX
+    return False
 
 
 def _is_number(value: Any) -> bool:
@@ -156,7 +160,7 @@ def _categories(gt: dict[str, Any], source: str) -> dict[int, str]:
         names = {c["id"]: c["name"] for c in categories}
         if (
             len(names) == len(categories)
-            and all(type(i) is int for i in names)
+            and all(type(i) is int and INT64_MIN <= i <= INT64_MAX for i in names)
             and all(type(n) is str for n in names.values())
         ):
             return names
@@ -372,17 +376,17 @@ def read_video_set(gt: Any, predictions: Any, *, gt_source: str, predictions_sou
             predictions_source, "(root)", f"expected a list of video predictions, got {type(predictions).__name__}"
         )
     gt_masklets = _read(annotations, videos, names, gt_source, "annotations", is_gt=True)
-    seen: dict[tuple[int, int], int] = {}
+    seen: dict[int, int] = {}
     for m in gt_masklets:
         if "id" in annotations[m.index]:
-            key = (m.video_id, m.track_id)
-            if key in seen:
+            # unique over the whole file, as YT-VIS and SA-Co number them: predictions name GT objects by it (gt_id)
+            if m.track_id in seen:
                 raise InputError(
                     gt_source,
                     f"annotations[{m.index}].id",
-                    f"id {m.track_id} is also annotations[{seen[key]}]'s in the same video",
+                    f"duplicate id {m.track_id} (also annotations[{seen[m.track_id]}]'s): ids must be unique",
                 )
-            seen[key] = m.index
+            seen[m.track_id] = m.index
         m.area = _gt_area(m)
     predicted = _read(predictions, videos, names, predictions_source, "", is_gt=False)
     has_boxes = any(p.get("bboxes") for p in predictions[:1] if isinstance(p, dict))

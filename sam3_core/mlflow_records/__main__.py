@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from sam3_core.console import configure_console
 from sam3_core.errors import Sam3PipeError
 from sam3_core.mlflow_records.unsent import replay_unsent
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     replay = commands.add_parser("replay", help="send an mlflow_unsent.jsonl record to MLFLOW_TRACKING_URI")
     replay.add_argument("uri", help="path or URI of the record (printed in the warning that created it)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_console(sys.argv[1:] if argv is None else argv, fmt="%(levelname)s %(name)s: %(message)s")
     try:
         sent = replay_unsent(args.uri)
     except Sam3PipeError as exc:

@@ -25,7 +25,6 @@ _SOURCES = {
     "MLFLOW_GIT_COMMIT": "mlflow.utils.mlflow_tags",
     "MLFLOW_PARENT_RUN_ID": "mlflow.utils.mlflow_tags",
     "MAX_METRICS_PER_BATCH": "mlflow.utils.validation",
-    "MAX_PARAM_VAL_LENGTH": "mlflow.utils.validation",
     "MAX_PARAMS_TAGS_PER_BATCH": "mlflow.utils.validation",
 }
 __all__ = sorted(_SOURCES)

@@ -12,12 +12,13 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sam3_core.mlflow_records import mlflow_api
-
 MASK = "***"
+# MLflow's longest param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH; a test keeps them equal).
+# A constant here: masking runs on the component's own path, which must not import mlflow.
+MAX_PARAM_VALUE_LENGTH = 6000
 
 _SECRET_WORDS = frozenset(
     {
@@ -53,10 +54,10 @@ _DIGEST_WORDS = frozenset({"sha", "sha1", "sha256", "digest", "checksum", "hash"
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # user:password@ in any URL keeps the user and hides the password.
+    # user:password@ in any URL keeps the user and hides the password (which may hold '/', as AWS secrets do).
     # (The scheme is bounded and must start a word: an unbounded one made long letter runs quadratic.)
     (
-        re.compile(r"(?P<head>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^/\s:@]+):[^/\s@]+@"),
+        re.compile(r"(?P<head>(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^/\s:@]+):[^\s@]+@"),
         rf"\g<head>:{MASK}@",
     ),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S), MASK),
@@ -95,8 +96,29 @@ def _looks_random(token: str) -> bool:
     return all(classes) and _entropy(token) >= _MIN_ENTROPY_BITS
 
 
+# Credentials this process was given (passwords of URIs on its command line, secret environment
+# variables): masked wherever they appear, also where a library repeats them in its own words
+# (`Invalid bucket name "KEY:SECRET@bucket"`). Longest first, so a secret containing another is masked whole.
+_KNOWN: list[str] = []
+_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}://(?P<user>[^/\s:@]+):(?P<password>[^\s@]+)@")
+# shorter environment values are not masked everywhere: they would hit ordinary words and paths
+_MIN_ENV_SECRET = 8
+
+
+def remember_secrets(texts: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> None:
+    """Mask from now on the passwords of `user:password@` URIs in `texts` (a command line) and the values
+    of environment variables whose names say credential (`AWS_SECRET_ACCESS_KEY`, `*_TOKEN`, ...)."""
+    found = {m["password"] for text in texts for m in _USERINFO.finditer(str(text))}
+    for name, value in (environ or {}).items():
+        if is_secret_key(name) and len(value) >= _MIN_ENV_SECRET:
+            found.add(value)
+    _KNOWN[:] = sorted(set(_KNOWN) | found, key=len, reverse=True)
+
+
 def redact_text(text: str) -> str:
-    """Mask everything in free text that looks like a credential."""
+    """Mask everything in free text that looks like a credential, and every credential this process knows."""
+    for secret in _KNOWN:
+        text = text.replace(secret, MASK)
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return _OPAQUE.sub(lambda m: MASK if _looks_random(m.group(0)) else m.group(0), text)
@@ -134,7 +156,7 @@ def redact_tree(obj: Any, key: str = "") -> Any:
 def truncate(value: str) -> str:
     """MLflow refuses longer values; keep the head and say that it was cut."""
     marker = "...[truncated]"
-    limit = mlflow_api.MAX_PARAM_VAL_LENGTH
+    limit = MAX_PARAM_VALUE_LENGTH
     return value if len(value) <= limit else value[: limit - len(marker)] + marker
 
 

@@ -9,6 +9,11 @@ has the same resolved config (tag `sam3pipe.config_sha256`) is resumed, so its c
 on. Any other rerun gets a fresh nested run, and the earlier runs of that component under
 the parent are tagged `sam3pipe.superseded_by` and soft-deleted (`mlflow runs restore
 --run-id ...` brings one back): the parent always shows one run per component.
+
+Runs someone else owns (KFP 2.17's backend: a parent per pipeline run, a nested run per task,
+MLFLOW_RUN_ID naming the task's) are adopted instead: tagged like ours so the runs table,
+`reproduce` and sweeps find them, logged into, and never reopened, replaced or ended here; KFP's
+launcher ends the task's run and its API server the parent (KEP-12862).
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ class OpenRuns:
     resumed: bool
     # Params the parent already holds: MLflow refuses to change a param, so these are not resent.
     parent_params: dict[str, str] = field(default_factory=dict)
+    # False for runs someone else owns (adopt_runs): they are not ended here.
+    owned: bool = True
+    # The pipeline run they belong to (`sam3pipe.pipeline_run_id`).
+    pipeline_run_id: str = ""
 
 
 def experiment_id(
@@ -162,7 +171,14 @@ def open_runs(
         if unfinished and latest.data.tags.get(TAG_CONFIG_SHA256) == spec.config_sha256:
             client.update_run(latest.info.run_id, status="RUNNING")
             logger.info("resuming MLflow run %s of %s", latest.info.run_id, spec.component)
-            return OpenRuns(exp_id, parent_id, latest.info.run_id, resumed=True, parent_params=parent_params)
+            return OpenRuns(
+                exp_id,
+                parent_id,
+                latest.info.run_id,
+                resumed=True,
+                parent_params=parent_params,
+                pipeline_run_id=spec.pipeline_run_id,
+            )
     tags = {
         **spec.tags,
         TAG_PIPELINE_RUN_ID: spec.pipeline_run_id,
@@ -175,10 +191,54 @@ def open_runs(
         client.set_tag(old.info.run_id, TAG_SUPERSEDED_BY, run.info.run_id)
         client.delete_run(old.info.run_id)
         logger.info("MLflow run %s of %s superseded by %s", old.info.run_id, spec.component, run.info.run_id)
-    return OpenRuns(exp_id, parent_id, run.info.run_id, resumed=False, parent_params=parent_params)
+    return OpenRuns(
+        exp_id,
+        parent_id,
+        run.info.run_id,
+        resumed=False,
+        parent_params=parent_params,
+        pipeline_run_id=spec.pipeline_run_id,
+    )
+
+
+def adopt_runs(client: MlflowClient, run_id: str, spec: RunSpec) -> OpenRuns:
+    """The run someone else made for this component (`run_id`) and its parent, tagged as ours; nothing created.
+
+    The parent is the run's `mlflow.parentRunId` (KFP's pipeline run), or the run itself when it has
+    none. The pipeline run id is the spec's, else the one an earlier component tagged on the
+    parent, else the parent's run id.
+    """
+    run = client.get_run(run_id)
+    parent_id = run.data.tags.get(mlflow_api.MLFLOW_PARENT_RUN_ID) or run_id
+    parent = run if parent_id == run_id else client.get_run(parent_id)
+    pipeline_run_id = spec.pipeline_run_id or parent.data.tags.get(TAG_PIPELINE_RUN_ID) or parent_id
+    own_tags = {
+        **spec.tags,
+        TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        TAG_COMPONENT: spec.component,
+        TAG_CONFIG_SHA256: spec.config_sha256,
+    }
+    if parent_id != run_id:
+        parent_tags = {**spec.tags, TAG_PIPELINE_RUN_ID: pipeline_run_id, TAG_COMPONENT: PIPELINE}
+        client.log_batch(parent_id, tags=[mlflow_api.RunTag(k, v) for k, v in parent_tags.items()])
+    client.log_batch(run_id, tags=[mlflow_api.RunTag(k, v) for k, v in own_tags.items()])
+    return OpenRuns(
+        run.info.experiment_id,
+        parent_id,
+        run_id,
+        resumed=False,
+        parent_params=dict(parent.data.params),
+        owned=False,
+        pipeline_run_id=pipeline_run_id,
+    )
 
 
 def close_runs(client: MlflowClient, runs: OpenRuns, status: str) -> None:
-    """End the component run; the parent shows the state of the last component that ran."""
+    """End the component run; the parent shows the state of the last component that ran.
+
+    Runs someone else owns are left as they are: their owner ends them.
+    """
+    if not runs.owned:
+        return
     client.set_terminated(runs.run_id, status)
     client.set_terminated(runs.parent_run_id, status)

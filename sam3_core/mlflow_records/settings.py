@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from sam3_core import comm
+from sam3_core import comm, pipeline_parameters
 from sam3_core.errors import ConfigError
 
 DEFAULT_EXPERIMENT = "sam3pipe"
@@ -31,17 +31,8 @@ _MAX_TIMEOUT_S = 24 * 3600.0
 
 # What a comparison of pipeline runs needs on the parent row: parent param -> config key of
 # the component that knows it (a key naming a section logs each of its leaves as `<param>.<leaf>`).
-DEFAULT_PARENT_PARAMS = {
-    "lr": "optim.lr",
-    "max_steps": "train.max_steps",
-    "preset": "model.preset",
-    "frames_per_clip": "data.clips.frames_per_clip",
-    "batch_size": "data.batch_size",
-    "freeze": "model.freeze",
-    "lora": "model.lora",
-    "seed": "train.seed",
-    "best_metric": "train.best_metric",
-}
+# The compared pipeline parameters (their table marks them), then config keys no parameter sets.
+DEFAULT_PARENT_PARAMS = {**pipeline_parameters.parent_params(), "lora": "model.lora", "seed": "train.seed"}
 # Copied onto the parent when a component finishes, where that component logged them. `val/*`
 # values are the best checkpoint's (logged at its step), `eval/*` the final evaluation's.
 DEFAULT_HEADLINE_METRICS = [
@@ -81,6 +72,10 @@ class MlflowConfig:
     # Set for the trials of a sweep: the parent run of this pipeline run (one trial) is nested
     # under the sweep's run (sam3_core/mlflow_records/sweeps.py). Empty: no sweep.
     sweep_id: str = field(default_factory=lambda: _env("SAM3PIPE_SWEEP_ID"))
+    # A run someone else owns, to log into instead of opening runs of our own: KFP 2.17's backend
+    # (KEP-12862) creates a nested run per task and sets MLFLOW_RUN_ID to it. Its parent (its
+    # `mlflow.parentRunId`) is the pipeline run's row; neither run is ended here (KFP ends them).
+    run_id: str = field(default_factory=lambda: _env("MLFLOW_RUN_ID"))
     registered_model_name: str = "sam3-video"
     model_alias: str = "candidate"
     # Parent-run params for comparing pipeline runs: name -> config key (see DEFAULT_PARENT_PARAMS).
@@ -107,11 +102,15 @@ class MlflowConfig:
     system_metrics_interval_s: float = 10.0
     # MLflow's own usage telemetry (MLFLOW_DISABLE_TELEMETRY); off: pods often have no egress.
     mlflow_telemetry: bool = False
+    # Import MLflow, open its store and the runs, and send everything from a helper process, so
+    # none of it holds the component (seconds on a short one); false: all in this process.
+    background: bool = True
 
     def __post_init__(self) -> None:
         _check_bool("enabled", self.enabled)
         _check_bool("system_metrics", self.system_metrics)
         _check_bool("mlflow_telemetry", self.mlflow_telemetry)
+        _check_bool("background", self.background)
         if not isinstance(self.experiment_name, str) or not self.experiment_name.strip():
             raise ConfigError(
                 f"mlflow.experiment_name={self.experiment_name!r}: must be a non-empty name "
@@ -119,7 +118,7 @@ class MlflowConfig:
             )
         if len(self.experiment_name) > 500 or "\n" in self.experiment_name:
             raise ConfigError(f"mlflow.experiment_name={self.experiment_name[:40]!r}...: one line, <= 500 characters")
-        for key in ("pipeline_run_id", "sweep_id", "model_alias"):
+        for key in ("pipeline_run_id", "sweep_id", "run_id", "model_alias"):
             value = getattr(self, key)
             if not isinstance(value, str) or not _SAFE_ID.match(value) or len(value) > 200:
                 raise ConfigError(f"mlflow.{key}={value!r}: use letters, digits and . _ : @ - only (<= 200)")
@@ -162,6 +161,8 @@ class MlflowConfig:
             raise ConfigError(f"mlflow.upload_workers={self.upload_workers!r}: must be an integer")
         if not 1 <= self.upload_workers <= 64:
             raise ConfigError(f"mlflow.upload_workers={self.upload_workers!r}: must be between 1 and 64")
+        if self.enabled:
+            check_tracking_uri(tracking_uri())
 
 
 def _check_bool(key: str, value: object) -> None:
@@ -180,6 +181,23 @@ def _check_seconds(key: str, value: object) -> None:
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI`, or the local sqlite store under the local state folder."""
     return _env("MLFLOW_TRACKING_URI") or f"sqlite:///{(home() / 'mlflow.db').resolve()}"
+
+
+# what MLflow's client opens (a database URI may name its driver: postgresql+psycopg2://)
+_TRACKING_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc", *_DATABASE_SCHEMES)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow can open: refused up front, not as a traceback from inside MLflow at the first log."""
+    scheme = urlparse(uri).scheme.split("+", 1)[0].lower()
+    if scheme not in _TRACKING_SCHEMES:
+        from sam3_core.mlflow_records.redact import redact_text
+
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={redact_text(uri)!r}: MLflow has no tracking store for the scheme {scheme!r}; use "
+            "http(s)://<server>, sqlite:///<file.db>, a database URI, or unset it for the local store "
+            "(or set mlflow.enabled=false)"
+        )
 
 
 def is_local_store(uri: str) -> bool:

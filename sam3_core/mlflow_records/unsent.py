@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from sam3_core import storage
 from sam3_core.errors import InputError, Sam3PipeError
 from sam3_core.mlflow_records import mlflow_api
-from sam3_core.mlflow_records.records import Target, apply_record
+from sam3_core.mlflow_records.records import Target, apply_record, describe_pending
 from sam3_core.mlflow_records.redact import describe_error, redact_text
 from sam3_core.mlflow_records.runs import OpenRuns, RunSpec, close_runs, open_runs
 from sam3_core.mlflow_records.sender import Pending, is_transient, tracking_errors
 from sam3_core.mlflow_records.settings import (
+    MlflowConfig,
+    fail_fast_http,
     is_local_store,
     local_artifact_root,
     tracking_uri,
@@ -45,9 +47,10 @@ class Section:
 
 
 def _lines(
-    spec: RunSpec, run_id: str | None, status: str, pending: Pending, records: list[dict[str, Any]]
+    spec: RunSpec, run_id: str | None, status: str, pending: Pending, records: list[dict[str, Any]], owned: bool
 ) -> list[dict[str, Any]]:
-    lines: list[dict[str, Any]] = [{"kind": "run", "run_id": run_id, "status": status, "spec": asdict(spec)}]
+    header = {"kind": "run", "run_id": run_id, "status": status, "spec": asdict(spec), "owned": owned}
+    lines: list[dict[str, Any]] = [header]
     lines += [
         {"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
         for m in pending.metrics
@@ -65,9 +68,13 @@ def record_unsent(
     status: str,
     pending: Pending,
     records: list[dict[str, Any]] | None = None,
+    owned: bool = True,
 ) -> None:
-    """Append a section to the record at `uri` (a run may be recorded more than once)."""
-    text = "".join(json.dumps(line) + "\n" for line in _lines(spec, run_id, status, pending, records or []))
+    """Append a section to the record at `uri` (a run may be recorded more than once).
+
+    `owned` is False for a run someone else owns (KFP's): replay then logs into it without ending it.
+    """
+    text = "".join(json.dumps(line) + "\n" for line in _lines(spec, run_id, status, pending, records or [], owned))
     earlier = storage.read_text(uri) if storage.exists(uri) else ""
     storage.write_text(uri, earlier + text)
 
@@ -115,11 +122,15 @@ def _target(client: MlflowClient, run_id: str) -> Target:
 def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
     """Send every recorded value and record to its run; remove the record when all arrived.
 
-    Returns the metric count.
+    A record the server refuses (not a transient failure) does not leave its runs RUNNING: the others
+    are sent, the runs end with their recorded status, the refused records stay in the file, and the
+    replay fails naming them. Returns the metric count.
     """
     sections = _sections(uri, storage.read_text(uri))
+    fail_fast_http(MlflowConfig())
     client = client or mlflow_api.MlflowClient(tracking_uri())
     sent = 0
+    refused: list[tuple[Section, str, dict[str, Any], str]] = []
     try:
         for section in sections:
             header, pending = section.header, section.pending
@@ -129,10 +140,15 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
                 client.log_batch(run_id, metrics=batch.metrics, params=batch.params, tags=batch.tags)
             target = _target(client, run_id)
             for record in section.records:
-                apply_record(client, target, record)
+                try:
+                    apply_record(client, target, record)
+                except tracking_errors() as exc:
+                    if is_transient(exc):
+                        raise
+                    refused.append((section, run_id, record, describe_error(exc)))
             if opened:
                 close_runs(client, opened, header["status"])
-            elif client.get_run(run_id).info.status == "RUNNING":
+            elif header.get("owned", True) and client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, header["status"])
             sent += len(pending.metrics)
     except tracking_errors() as exc:
@@ -141,5 +157,15 @@ def replay_unsent(uri: str, client: MlflowClient | None = None) -> int:
             f"{uri}: replay to {redact_text(tracking_uri())} stopped: {describe_error(exc)}; {hint}"
         ) from exc
     storage.delete(uri)
+    if refused:
+        for section, run_id, record, _ in refused:
+            spec = RunSpec(**section.header["spec"])
+            record_unsent(uri, spec, run_id, section.header["status"], Pending(), [record])
+        first = refused[0]
+        raise Sam3PipeError(
+            f"{uri}: the tracking server at {redact_text(tracking_uri())} refused "
+            f"{describe_pending([r for _, _, r, _ in refused])} "
+            f"({first[3]}); the other values were sent and the runs ended, the refused ones are kept in {uri}"
+        )
     logger.info("replayed %d metrics from %s; record removed", sent, uri)
     return sent

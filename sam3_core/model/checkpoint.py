@@ -8,15 +8,20 @@ Loading merges saved adapters into plain weights, reports missing and unexpected
 of failing on them, and names a shape mismatch.
 
 A checkpoint is written to a staging file first (under the system temp folder, one folder per
-destination folder) and uploaded from there, so the object appears complete or not at all.
-A process killed mid-write leaves its staging file behind; `remove_stale_writes` clears those
-and the store's own hidden temp files at the next start.
+destination folder: `stage_checkpoint`) and uploaded from there (`publish_checkpoint`), so the
+object appears complete or not at all; the trainer stages on its own thread and publishes in the
+background. A process killed mid-write leaves its staging file behind; `remove_stale_writes`
+clears those and the store's own hidden temp files at the next start.
+
+Resuming reads the whole training state on every rank: `load_training_state` maps it from one
+file per node instead of reading a private copy into every process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import zipfile
@@ -27,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sam3_core import storage
-from sam3_core.errors import InputError
+from sam3_core import comm, storage
+from sam3_core.errors import InputError, StorageError
 
 log = logging.getLogger(__name__)
 DETECTOR_PREFIX = "detector."
@@ -72,24 +77,61 @@ def remove_stale_writes(folder_uri: str) -> list[str]:
     return removed
 
 
+@dataclass(frozen=True)
+class StagedCheckpoint:
+    """A checkpoint serialised in the local staging folder, waiting to be uploaded to `uri`."""
+
+    path: Path
+    uri: str
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def stage_checkpoint(
+    state: dict[str, Any], uri: str, step: int, metrics: dict[str, float] | None = None
+) -> StagedCheckpoint:
+    """Serialise `state` (device tensors are copied to the host as they are written) for `uri`.
+
+    Each call gets a file of its own, so a checkpoint can be staged while an earlier one to the
+    same URI is still uploading.
+    """
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    staging = staging_dir(folder)
+    staging.mkdir(parents=True, exist_ok=True)
+    handle, name_on_disk = tempfile.mkstemp(dir=staging, prefix=f"{name}.", suffix=".partial")
+    os.close(handle)
+    path = Path(name_on_disk)
+    try:
+        torch.save(state, path)
+    except RuntimeError as exc:  # torch's writer reports a full or unwritable disk as a RuntimeError
+        path.unlink(missing_ok=True)
+        raise StorageError(
+            f"{uri}: writing it to the staging folder {staging} failed ({str(exc).strip().splitlines()[-1][:160]}); "
+            "free space there or point TMPDIR at a disk with room for a checkpoint"
+        ) from exc
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return StagedCheckpoint(path, uri, step, dict(metrics or {}))
+
+
+def publish_checkpoint(staged: StagedCheckpoint) -> CheckpointRef:
+    """Hash and upload a staged checkpoint, then remove the staged file: the object appears complete or not at all."""
+    try:
+        size = staged.path.stat().st_size
+        ref = CheckpointRef(staged.uri, size, storage.sha256_file(staged.path), staged.step, dict(staged.metrics))
+        storage.upload_file(staged.path, staged.uri)
+    finally:
+        staged.path.unlink(missing_ok=True)
+    log.info("checkpoint step %d -> %s (%.1f MB)", staged.step, staged.uri, ref.size / 1e6)
+    return ref
+
+
 def save_checkpoint(
     state: dict[str, Any], uri: str, step: int, metrics: dict[str, float] | None = None
 ) -> CheckpointRef:
     """Serialise to the staging folder, then upload: the object appears complete or not at all."""
-    folder, _, name = uri.rstrip("/").rpartition("/")
-    staging = staging_dir(folder)
-    staging.mkdir(parents=True, exist_ok=True)
-    path = staging / f"{name}.partial"
-    try:
-        torch.save(state, path)
-        ref = CheckpointRef(
-            uri=uri, size=path.stat().st_size, sha256=storage.sha256_file(path), step=step, metrics=dict(metrics or {})
-        )
-        storage.upload_file(path, uri)
-    finally:
-        path.unlink(missing_ok=True)
-    log.info("checkpoint step %d -> %s (%.1f MB)", step, uri, ref.size / 1e6)
-    return ref
+    return publish_checkpoint(stage_checkpoint(state, uri, step, metrics))
 
 
 def _read(path: Path, uri: str, mmap: bool) -> Any:
@@ -107,20 +149,56 @@ def _read(path: Path, uri: str, mmap: bool) -> Any:
         ) from exc
 
 
+def _checked(state: Any, uri: str) -> dict[str, Any]:
+    if not isinstance(state, dict):
+        raise InputError(uri, "checkpoint", f"holds a {type(state).__name__}, not a checkpoint dict of tensors")
+    return state
+
+
 def load_checkpoint(uri: str, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint dict from any store (a fresh download: `last.pt` changes between reads).
 
-    `mmap=True` maps tensors from the file instead of reading them into memory: for weights
-    that are copied into a model right away. Resume must not use it, because optimizer state
-    loaded from it would stay backed by the mapped file.
+    `mmap=True` maps tensors from the downloaded file instead of reading them into memory: for
+    weights that are copied into a model right away (the file's name is gone when this returns;
+    the mapping keeps its pages).
     """
     with tempfile.TemporaryDirectory(prefix="sam3pipe-ckpt-") as tmp:
         path = Path(tmp) / "checkpoint.pt"
         storage.download_file(uri, path)
         state = _read(path, uri, mmap)
-    if not isinstance(state, dict):
-        raise InputError(uri, "checkpoint", f"holds a {type(state).__name__}, not a checkpoint dict of tensors")
-    return state
+    return _checked(state, uri)
+
+
+def node_copy_path(uri: str) -> Path:
+    """Where the processes of this machine find their shared download of `uri` while they resume."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"sam3pipe-resume-{digest}" / "checkpoint.pt"
+
+
+def load_training_state(uri: str) -> dict[str, Any]:
+    """Every rank's copy of the training state at `uri` (last.pt), memory-mapped and read once per machine.
+
+    Collective: every rank calls it. A checkpoint in a local store is mapped where it is (the
+    store replaces files, it never rewrites one). From an object store, the first process of each
+    machine (LOCAL_RANK 0) downloads it to a machine-local file that the machine's processes map,
+    and removes the name once all have mapped it. Its pages are then the page cache's: shared by
+    the machine's processes and reclaimable, where `torch.load` without mmap gave each process a
+    private copy (8 ranks x a 10 GB state: 80 GB of process memory on one node). Tensors copied
+    to a GPU leave the mapping as they are copied; tensors that stay on the CPU (optimizer state
+    of a CPU run) keep reading their pages from it until they are written (copy-on-write).
+    """
+    if not storage.is_remote(uri):
+        return _checked(_read(storage.local_path(uri), uri, mmap=True), uri)
+    path = node_copy_path(uri)
+    if comm.local_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.download_file(uri, path)
+    comm.barrier()
+    state = _read(path, uri, mmap=True)
+    comm.barrier()
+    if comm.local_rank() == 0:
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return _checked(state, uri)
 
 
 def detector_state_dict(checkpoint: dict[str, Any], uri: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -12,6 +12,14 @@ from sam3_core.model.anchors import AnchorConfig
 # a frame's ViT activations grow with the square of the side; past this one 1-frame step of the
 # full preset no longer fits in the memory of any current accelerator
 MAX_IMAGE_SIZE = 4032
+# upper bounds of the other dimensions: far above any SAM3 variant (the full preset: 200 queries, width
+# 1024, 32 ViT blocks), low enough that a typo (an extra digit or three) is one line, not an allocation
+# that takes the machine's memory down
+MAX_QUERIES = 4096
+MAX_WIDTH = 16384
+MAX_LAYERS = 256
+MAX_HEADS = 256
+MAX_CONTEXT_LENGTH = 4096
 
 
 @dataclass
@@ -153,25 +161,26 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{key}={getattr(self, key)}: must be a multiple of model.patch_size={self.patch_size}"
                 )
-        for key in (
-            "vit_embed_dim",
-            "vit_depth",
-            "vit_heads",
-            "vit_window_size",
-            "text_width",
-            "text_heads",
-            "text_layers",
-            "text_context_length",
-            "heads",
-            "ffn_dim",
-            "decoder_layers",
-            "num_queries",
+        for key, maximum in (
+            ("vit_embed_dim", MAX_WIDTH),
+            ("vit_depth", MAX_LAYERS),
+            ("vit_heads", MAX_HEADS),
+            ("vit_window_size", MAX_IMAGE_SIZE),
+            ("text_width", MAX_WIDTH),
+            ("text_heads", MAX_HEADS),
+            ("text_layers", MAX_LAYERS),
+            ("text_context_length", MAX_CONTEXT_LENGTH),
+            ("heads", MAX_HEADS),
+            ("ffn_dim", 4 * MAX_WIDTH),
+            ("decoder_layers", MAX_LAYERS),
+            ("num_queries", MAX_QUERIES),
         ):
-            check_int(f"model.{key}", getattr(self, key), 1)
-        for key in ("encoder_layers", "geometry_layers", "init_seed"):
-            check_int(f"model.{key}", getattr(self, key), 0)
+            check_int(f"model.{key}", getattr(self, key), 1, maximum)
+        for key in ("encoder_layers", "geometry_layers"):
+            check_int(f"model.{key}", getattr(self, key), 0, MAX_LAYERS)
+        check_int("model.init_seed", self.init_seed, 0, 2**63 - 1)
         # the pixel decoder's GroupNorm(8) and the position encoding need d_model in multiples of 8
-        check_int("model.d_model", self.d_model, 8)
+        check_int("model.d_model", self.d_model, 8, MAX_WIDTH)
         if self.d_model % 8 or self.d_model % self.heads:
             raise ConfigError(f"model.d_model={self.d_model}: must be a multiple of 8 and of model.heads={self.heads}")
         for dim, heads in (("vit_embed_dim", "vit_heads"), ("text_width", "text_heads")):
@@ -179,7 +188,7 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.{dim}={getattr(self, dim)}: must be a multiple of model.{heads}={getattr(self, heads)}"
                 )
-        check_float("model.vit_mlp_ratio", self.vit_mlp_ratio, 0.0, low_open=True)
+        check_float("model.vit_mlp_ratio", self.vit_mlp_ratio, 0.0, 64.0, low_open=True)
         check_float("model.vit_drop_path_rate", self.vit_drop_path_rate, 0.0, 1.0, high_open=True)
         check_float("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
         check_int_list("model.vit_global_att_blocks", self.vit_global_att_blocks, 0)

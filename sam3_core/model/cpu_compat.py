@@ -97,16 +97,45 @@ def _patch_video_predictor_gpu_properties() -> None:
     Sam3VideoPredictor._get_torch_and_gpu_properties = properties  # type: ignore[method-assign]
 
 
+def _uneven(args: tuple, kwargs: dict) -> bool:
+    """An `all_gather(outputs, tensor)` whose outputs differ in size, on gloo, synchronous (sam3's calls)."""
+    import torch.distributed as dist
+
+    if len(args) < 2 or kwargs.get("async_op") or not isinstance(args[0], list):
+        return False
+    outputs, tensor = args[0], args[1]
+    group = kwargs.get("group", args[2] if len(args) > 2 else None)
+    return dist.get_backend(group) == "gloo" and any(out.shape != tensor.shape for out in outputs)
+
+
 def _is_cuda(device: Any) -> bool:
     return isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
 
 
+def _uneven_all_gather(outputs: list[torch.Tensor], tensor: torch.Tensor, group: Any) -> None:
+    """`all_gather` into outputs of different first dimensions, over gloo (which takes equal sizes only).
+
+    sam3 gathers each rank's tracked masks and scores, whose count differs between ranks (NCCL
+    takes that); here every part is padded to the largest, gathered, and cut back.
+    """
+    import torch.distributed as dist
+
+    longest = max(out.shape[0] for out in outputs)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in outputs]
+    dist.all_gather(parts, padded, group=group)
+    for out, part in zip(outputs, parts):
+        out.copy_(part[: out.shape[0]])
+
+
 class _CudaCallsOnCpu(TorchFunctionMode):
-    """sam3's explicit CUDA placements, kept on the CPU: `.cuda()`, `.pin_memory()`, `device="cuda"`, `.to("cuda")`.
+    """sam3's explicit CUDA placements, kept on the CPU: `.cuda()`, `.pin_memory()`, `device="cuda"`, `.to("cuda")`;
+    and its gathers of per-rank parts of different sizes, over gloo.
 
     sam3's video stack places memories, frames and states on "cuda" by name (tracker memory
     read-back, `storage_device`, frame loading, pinned index copies); builders precompute caches
-    on "cuda".
+    on "cuda". Its multi-GPU inference all-gathers each rank's tracks, as many as the rank holds.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -114,6 +143,9 @@ class _CudaCallsOnCpu(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in ("cuda", "pin_memory"):
             return args[0]
+        if name == "all_gather" and _uneven(args, kwargs):
+            group = kwargs.get("group", args[2] if len(args) > 2 else None)
+            return _uneven_all_gather(args[0], args[1], group)
         if _is_cuda(kwargs.get("device")):
             kwargs = {**kwargs, "device": "cpu"}
         if name == "to" and any(_is_cuda(arg) for arg in args[1:]):

@@ -14,7 +14,7 @@ these are refused with a ConfigError until that is fixed.
 
 Adapters live inside the training model (state-dict keys gain `.base_layer.` and `.lora_A/B.`),
 so training checkpoints hold them and resume exactly. `merged_state_dict` folds them into the
-base weights with peft's own `get_delta_weight`, giving the official `detector.*` layout that
+base weights (peft's delta, computed on the CPU), giving the official `detector.*` layout that
 predict and the model registry use; `merge_adapted_state` does the same for a checkpoint saved
 with adapters, through peft's `merge_and_unload`.
 """
@@ -101,17 +101,22 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()` with every adapter folded into its base weight and the adapter keys gone.
 
     The model itself is left as it is (training goes on); the keys are those of the model
-    without adapters, so the result loads into a plain detector.
+    without adapters, so the result loads into a plain detector. The merge (peft's delta,
+    `lora_B @ lora_A * scaling`) runs on the CPU from host copies of the adapted layers: on a GPU
+    it would take a second copy of every adapted weight in device memory, on the saving rank only.
+    Weights without adapters are returned as they are (on the model's device).
     """
     state = model.state_dict()
     if not has_adapters(state):
         return state
-    layers = lora_layers(model)
     merged = dict(state)
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, layer in lora_layers(model).items():
             key = f"{name}.base_layer.weight"
-            merged[key] = state[key] + layer.get_delta_weight(ADAPTER).to(state[key].dtype)
+            lora_a = state[f"{name}.lora_A.{ADAPTER}.weight"].cpu()
+            lora_b = state[f"{name}.lora_B.{ADAPTER}.weight"].cpu()
+            base = state[key].cpu()
+            merged[key] = base + (lora_b @ lora_a * layer.scaling[ADAPTER]).to(base.dtype)
     return {key.replace(".base_layer.", "."): value for key, value in merged.items() if not _ADAPTER_KEY.search(key)}
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from sam3_core.data.tracker_clips import NEGATIVE, POSITIVE, JointBatch, PointPrompt, TrackerBatch, TrackerClip
 from sam3_core.model import cpu_compat
-from sam3_core.model.tracker import TRACKER_NECK_PREFIX, build_tracker, load_video_model_weights
+from sam3_core.model.tracker import TRACKER_NECK_PREFIX, TRACKER_PREFIX, build_tracker, load_video_model_weights
 from sam3_core.model.video_detector import VideoClipDetector
 
 if TYPE_CHECKING:
@@ -361,3 +361,40 @@ def load_video_clip_weights(module: VideoClipModel, uri: str) -> None:
     if any(key.startswith(TRACKER_NECK_PREFIX) for key in report.missing):
         add_tracker_neck(module.detector, replace=True)
         log.info("%s has no tracker neck: it starts as a copy of the detector's neck", uri)
+
+
+def load_tracker_weights(module: VideoClipModel, uri: str) -> None:
+    """The whole tracker of a checkpoint in SAM3's layout (SAM3's sam3.pt, an export, a tracker run's best.pt):
+    its `tracker.*` and the tracker's neck, every one of them, nothing of the detector."""
+    from sam3_core.errors import InputError
+    from sam3_core.model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(uri, mmap=True)
+    state = checkpoint.get("model", checkpoint)
+    tracker = {
+        key: value
+        for key, value in state.items()
+        if key.startswith((TRACKER_PREFIX, TRACKER_NECK_PREFIX)) and isinstance(value, torch.Tensor)
+    }
+    own = {
+        key: value
+        for key, value in module.state_dict().items()
+        if key.startswith((TRACKER_PREFIX, TRACKER_NECK_PREFIX))
+    }
+    absent = sorted(set(own) - set(tracker))
+    if absent:
+        raise InputError(
+            uri,
+            absent[0],
+            f"missing, with {len(absent) - 1} more tracker weights: pass a checkpoint in SAM3's video layout "
+            "(sam3.pt, an export, the best.pt of a tracker run)",
+        )
+    for key, value in tracker.items():
+        if key not in own:
+            raise InputError(uri, key, "is not a weight of SAM3's tracker at this preset; check model.tracker")
+        if own[key].shape != value.shape:
+            raise InputError(
+                uri, key, f"shape {tuple(value.shape)} does not fit the tracker's {tuple(own[key].shape)}; check model"
+            )
+    module.load_state_dict(tracker, strict=False)
+    log.info("loaded the tracker (%d tensors, its neck included) from %s", len(tracker), uri)

@@ -3,8 +3,9 @@
 The detector answers every prompt (one noun phrase = one category) with Q candidate
 objects. Scores combine the per-query logit with the prompt's presence logit exactly as
 sam3's own `PostProcessImage` does, so numbers stay comparable with upstream evaluation.
-Masks are upsampled one at a time and encoded to RLE immediately: a full-resolution float
-stack of 100 masks on a 1080p frame would need close to a gigabyte.
+The frame's top-k is kept while the detector's prompt batches arrive (`FrameTopK`), on the
+outputs' device; only the kept masks are upsampled, one at a time, and encoded to RLE at once: a
+full-resolution float stack of 100 masks on a 1080p frame would need close to a gigabyte.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def upsample_and_encode(mask_logits: torch.Tensor, height: int, width: int, thre
     return rles
 
 
-def _check_outputs(outputs: Mapping[str, torch.Tensor], num_prompts: int, image_id: int, use_presence: bool) -> None:
+def _check_outputs(outputs: Mapping[str, torch.Tensor], image_id: int, use_presence: bool) -> None:
     source = f"detector outputs for image {image_id}"
     for key in ("pred_logits", "pred_boxes"):
         if key not in outputs:
@@ -116,15 +117,100 @@ def _check_outputs(outputs: Mapping[str, torch.Tensor], num_prompts: int, image_
             "presence_logit_dec",
             "missing; set postprocess.use_presence=false for a model without a presence head",
         )
-    if outputs["pred_logits"].shape[0] != num_prompts:
-        raise InputError(
-            source,
-            "pred_logits",
-            f"has {outputs['pred_logits'].shape[0]} prompts but {num_prompts} category ids were given",
+
+
+class FrameTopK:
+    """The `top_k` best detections of one frame over all its prompts, fed one prompt batch at a time.
+
+    Prompt `p` asks for `category_ids[p]`; batches arrive in prompt order (see
+    `chunked_detection.frame_detector`). Of each batch only the candidates that can still be among
+    the frame's best are kept, with their low-resolution masks, on the outputs' device; the kept
+    masks are upsampled and encoded once, at the end. So a frame costs one batch of raw outputs
+    plus `top_k` masks, whatever the vocabulary. Detections are ordered by score, ties by prompt
+    then query, so the result does not depend on how the prompts were batched.
+    """
+
+    def __init__(
+        self, category_ids: Sequence[int], image_id: int, original_size: tuple[int, int], cfg: PostprocessConfig
+    ) -> None:
+        self.category_ids, self.image_id, self.cfg = list(category_ids), image_id, cfg
+        self.height, self.width = int(original_size[0]), int(original_size[1])
+        self.prompts = 0
+        self.num_queries = 0
+        # the kept candidates: score, flat index (prompt * queries + query), box (cxcywh), mask logits
+        self.scores: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        self.boxes: torch.Tensor | None = None
+        self.masks: torch.Tensor | None = None
+
+    def add(self, outputs: Mapping[str, torch.Tensor]) -> FrameTopK:
+        """Take the next prompt batch's detector outputs ([prompts, queries, ...])."""
+        _check_outputs(outputs, self.image_id, self.cfg.use_presence)
+        scores = detection_scores(outputs, self.cfg.use_presence)
+        prompts, self.num_queries = scores.shape
+        flat = scores.flatten()
+        candidates = torch.nonzero(flat >= self.cfg.score_threshold).flatten()
+        best = candidates[torch.sort(flat[candidates], descending=True, stable=True).indices[: self.cfg.top_k]]
+        batch = {
+            "scores": flat[best],
+            "index": best + self.prompts * self.num_queries,
+            "boxes": outputs["pred_boxes"].flatten(0, 1)[best].float(),
+        }
+        if "pred_masks" in outputs:
+            batch["masks"] = outputs["pred_masks"].flatten(0, 1)[best]
+        self.prompts += prompts
+        if self.scores is not None:
+            kept = {"scores": self.scores, "index": self.index, "boxes": self.boxes}
+            if self.masks is not None:
+                kept["masks"] = self.masks
+            batch = {key: torch.cat([kept[key], batch[key].to(kept[key])]) for key in batch}
+        # the kept ones come first and both parts are in (score, index) order: a stable sort keeps it
+        order = torch.sort(batch["scores"], descending=True, stable=True).indices[: self.cfg.top_k]
+        self.scores, self.index, self.boxes = batch["scores"][order], batch["index"][order], batch["boxes"][order]
+        self.masks = batch["masks"][order] if "masks" in batch else None
+        return self
+
+    def result(self) -> FrameDetections:
+        """The kept detections, best first, in pixel coordinates of the original frame (masks as RLEs)."""
+        if self.prompts != len(self.category_ids):
+            raise InputError(
+                f"detector outputs for image {self.image_id}",
+                "pred_logits",
+                f"has {self.prompts} prompts but {len(self.category_ids)} category ids were given",
+            )
+        if self.scores is None or self.index is None or self.boxes is None:
+            return FrameDetections(self.image_id, self.height, self.width, [], [], [])
+        prompt_idx = (self.index // self.num_queries).tolist()
+        detections = FrameDetections(
+            image_id=self.image_id,
+            height=self.height,
+            width=self.width,
+            scores=self.scores.tolist(),
+            category_ids=[int(self.category_ids[p]) for p in prompt_idx],
+            boxes_xyxy=cxcywh_to_pixel_xyxy(self.boxes, self.height, self.width).tolist(),
         )
+        if self.masks is not None:
+            rles = upsample_and_encode(self.masks, self.height, self.width, self.cfg.mask_threshold)
+            detections.rles = rles
+            detections.areas = [int(a) for a in mask_utils.area(rles)] if rles else []
+        return detections
 
 
 @torch.no_grad()
+def batched_frame_detections(
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    category_ids: Sequence[int],
+    image_id: int,
+    original_size: tuple[int, int],
+    cfg: PostprocessConfig,
+) -> FrameDetections:
+    """One frame's detections from its detector outputs given in prompt batches (see `FrameTopK`)."""
+    top = FrameTopK(category_ids, image_id, original_size, cfg)
+    for outputs in batches:
+        top.add(outputs)
+    return top.result()
+
+
 def frame_detections(
     outputs: Mapping[str, torch.Tensor],
     category_ids: Sequence[int],
@@ -137,29 +223,7 @@ def frame_detections(
     Keeps the `top_k` best detections of the frame over all prompts (as sam3 prunes per image)
     among those scoring at least `score_threshold`.
     """
-    _check_outputs(outputs, len(category_ids), image_id, cfg.use_presence)
-    height, width = int(original_size[0]), int(original_size[1])
-    scores = detection_scores(outputs, cfg.use_presence)
-    num_queries = scores.shape[1]
-    flat = scores.flatten()
-    candidates = torch.nonzero(flat >= cfg.score_threshold).flatten()
-    best = torch.topk(flat[candidates], min(cfg.top_k, candidates.numel()), sorted=True).indices
-    kept = candidates[best]
-    prompt_idx, query_idx = kept // num_queries, kept % num_queries
-    boxes = cxcywh_to_pixel_xyxy(outputs["pred_boxes"][prompt_idx, query_idx], height, width)
-    detections = FrameDetections(
-        image_id=image_id,
-        height=height,
-        width=width,
-        scores=flat[kept].tolist(),
-        category_ids=[int(category_ids[p]) for p in prompt_idx.tolist()],
-        boxes_xyxy=boxes.tolist(),
-    )
-    if "pred_masks" in outputs:
-        rles = upsample_and_encode(outputs["pred_masks"][prompt_idx, query_idx], height, width, cfg.mask_threshold)
-        detections.rles = rles
-        detections.areas = [int(a) for a in mask_utils.area(rles)] if rles else []
-    return detections
+    return batched_frame_detections([outputs], category_ids, image_id, original_size, cfg)
 
 
 def coco_bbox_results(frames: Iterable[FrameDetections]) -> list[dict]:

@@ -1,8 +1,11 @@
 """Predict: a checkpoint + a published dataset -> COCO frame results and YTVIS video results.
 
-Frames of each video are spread over ranks by `ChunkedVideoDetector`; every rank then holds all
-of a video's outputs, and the video's owner rank (video index mod world size) post-processes
-them: COCO results per frame and masklets linked across frames. `PredictionDumper` gathers the
+Frames of each video are spread over ranks by `ChunkedVideoDetector`: each rank runs the
+detector on its frames, one prompt batch at a time (`detection.prompt_batch`, bf16 autocast and
+TF32 on GPU), keeps each frame's top-k detections as the batches come (`FrameTopK`) and sends
+only those, masks already RLE-encoded, to the video's owner rank (video index mod world size),
+which links them into masklets. So a rank's memory is one frame's prompt batch of raw outputs,
+whatever the vocabulary, the video length or the number of ranks. `PredictionDumper` gathers the
 owners' parts to rank 0, which writes `coco_predictions_bbox.json`, `coco_predictions_segm.json`
 and `video_predictions.json` under the output URI.
 
@@ -27,7 +30,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from sam3_core import comm, storage
+from sam3_core import comm, numerics, storage
 from sam3_core.artifacts import PREDICTION_FILES
 from sam3_core.config import flatten
 from sam3_core.config_checks import MISSING, check_bool, check_choice, check_float, check_int, check_str, check_uri
@@ -54,20 +57,22 @@ from sam3_core.model.checkpoint import load_model_weights
 from sam3_core.model.chunked_detection import (
     ChunkedVideoDetector,
     DetectionConfig,
+    check_prompts_fit,
     frame_detector,
 )
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.tracker_training import build_video_clip_model, load_video_clip_weights
 from sam3_core.model.video_detector import VideoClipDetector
+from sam3_core.outputs import Output, check_earlier, check_outputs, claim
 from sam3_core.predict import vos
 from sam3_core.predict.association import AssociationConfig, associate
 from sam3_core.predict.dumper import DumperConfig, PredictionDumper
 from sam3_core.predict.postprocess import (
     FrameDetections,
     PostprocessConfig,
+    batched_frame_detections,
     coco_bbox_results,
     coco_segm_results,
-    frame_detections,
 )
 from sam3_core.predict.sam3_video import Sam3VideoConfig, Sam3VideoRunner
 
@@ -81,7 +86,6 @@ CONTENT_SECTIONS = ("inference", "model", "data", "detection", "postprocess", "a
 CONTENT_NEUTRAL_KEYS = frozenset(
     {
         "data.cache_dir",
-        "detection.async_gather",
         "dumper.gather",
         "dumper.shared_dir",
         "dumper.store_uri",
@@ -106,7 +110,7 @@ class PredictDataConfig:
 
 @dataclass
 class PredictOutputConfig:
-    store: str = ".sam3pipe/store"
+    store: str = field(default_factory=storage.default_store)
     # folder for the three prediction files; empty: <store>/predictions/pred-<hash of every setting that
     # shapes them>, so predictions made with other settings never land on each other
     uri: str = ""
@@ -222,42 +226,24 @@ def output_uri_for(cfg: PredictConfig, checkpoint_sha256: str) -> str:
     return storage.join(cfg.output.store, "predictions", "pred-" + key[:16])
 
 
-def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
-    keys = sorted(k for k in before.keys() | after.keys() if before.get(k, "(unset)") != after.get(k, "(unset)"))
-    shown = ", ".join(f"{k}: {before.get(k, '(unset)')!r} -> {after.get(k, '(unset)')!r}" for k in keys[:4])
-    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-
-
-def check_output(out_uri: str, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to replace predictions that `out_uri` holds from other settings, unless told to.
-
-    The same settings may write again (a retried step makes the same files).
-    """
-    if overwrite:
-        return
-    record_uri = storage.join(out_uri, SETTINGS_FILE)
-    if storage.exists(record_uri):
-        recorded = storage.read_json(record_uri)
-        before = recorded.get("settings", {}) if isinstance(recorded, dict) else {}
-        if before == json.loads(json.dumps(settings, default=str)):
-            return
-        what = f"predictions made with other settings ({_changed(before, settings)})"
-    elif any(storage.exists(storage.join(out_uri, name)) for name in PREDICTION_FILES.values()):
-        what = f"predictions of unknown settings (no {SETTINGS_FILE})"
-    else:
-        return
-    raise InputError(
-        out_uri,
-        "output.uri",
-        f"already holds {what}; pass output.overwrite=true to replace them, or leave output.uri empty "
-        "for a folder of their own",
-    )
-
-
 def prepare_output(cfg: PredictConfig, checkpoint: LocalCheckpoint) -> str:
-    """The predictions folder for this config and checkpoint, checked to be free for these settings."""
+    """The predictions folder for this config and checkpoint, checked by the output guard.
+
+    It must not be or hold an input (the dataset, the checkpoint), nor lie in a published dataset;
+    predictions it holds from other settings are replaced only with `output.overwrite=true` (the
+    same settings may write again: a retried step makes the same files).
+    """
     out_uri = output_uri_for(cfg, checkpoint.sha256)
-    check_output(out_uri, prediction_settings(cfg, checkpoint.sha256), cfg.output.overwrite)
+    output = Output(out_uri, "output.uri", folder=True)
+    check_outputs([output], {"data.uri": cfg.data.uri, "model.uri": checkpoint.uri})
+    check_earlier(
+        output,
+        storage.join(out_uri, SETTINGS_FILE),
+        prediction_settings(cfg, checkpoint.sha256),
+        cfg.output.overwrite,
+        "output.overwrite",
+        lambda: any(storage.exists(storage.join(out_uri, name)) for name in PREDICTION_FILES.values()),
+    )
     return out_uri
 
 
@@ -306,6 +292,22 @@ def _load_weights(model: torch.nn.Module, checkpoint: LocalCheckpoint) -> None:
         raise InputError(checkpoint.uri, exc.field, exc.message.replace(str(checkpoint.path), checkpoint.uri)) from exc
 
 
+def _frame_detections(
+    detect: Callable[[int], Iterator[dict[str, torch.Tensor]]],
+    category_ids: list[int],
+    image_ids: dict[tuple[int, int], int],
+    video: Video,
+    cfg: PostprocessConfig,
+) -> Callable[[int], FrameDetections]:
+    """A frame of `video` -> its kept detections, its prompt batches reduced as they come."""
+
+    def detections(frame: int) -> FrameDetections:
+        size = (video.height, video.width)
+        return batched_frame_detections(detect(frame), category_ids, image_ids[(video.id, frame)], size, cfg)
+
+    return detections
+
+
 def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> PredictResult:
     """Run prediction on every video of the split; returns the predictions folder and the previews.
 
@@ -318,8 +320,24 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     out_uri = prepare_output(cfg, checkpoint)
     env = comm.init_process_group()
     device = comm.device()
+    numerics.use_fast_matmul(device)
     reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
     dataset = reader.dataset(cfg.data.split)
+    if cfg.inference != "vos":  # inference=vos prompts the tracker with masks, the detector sees no text prompt
+        check_prompts_fit(
+            len(dataset.categories),
+            cfg.model,
+            storage.join(cfg.data.uri, f"{cfg.data.split}.json"),
+            device,
+            cfg.detection.prompt_batch,
+        )
+    if not dataset.videos:
+        log.warning(
+            "the %s split of %s holds no videos: the predictions will be empty (a dataset prepared with "
+            "val_fraction=0 has no val split; predict data.split=train, or prepare it with val_fraction > 0)",
+            cfg.data.split,
+            cfg.data.uri,
+        )
     image_ids = _frame_image_ids(reader, cfg.data.split)
     dumper = PredictionDumper(cfg.dumper)
     if cfg.inference == "vos":
@@ -331,7 +349,7 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     if env.is_main:
         # the settings go first: a folder is claimed for them before its files change
         settings = prediction_settings(cfg, checkpoint.sha256)
-        storage.write_json(storage.join(out_uri, SETTINGS_FILE), {"key": settings_key(settings), "settings": settings})
+        claim(storage.join(out_uri, SETTINGS_FILE), settings, key=settings_key(settings))
     dumper.dump(out_uri)
     comm.barrier()
     if env.is_main:
@@ -382,7 +400,7 @@ def _predict_sam3_video(
     device: torch.device,
 ) -> dict[str, Image.Image]:
     """inference=sam3_video: SAM3's own video inference, every category a text prompt (sam3_core.predict.sam3_video)."""
-    video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device)
+    video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device, checkpoint.uri)
     prompts = [c.name for c in dataset.categories]
     category_ids = [c.id for c in dataset.categories]
     previews: dict[str, Image.Image] = {}
@@ -421,19 +439,13 @@ def _predict_linked(
         def image_for(frame: int, names: tuple[str, ...] = video.file_names) -> torch.Tensor:
             return frame_to_tensor(np.array(reader.image(names[frame])), cfg.model.image_size)
 
-        detector = ChunkedVideoDetector(frame_detector(model, prompts, image_for), cfg.detection)
-        owner = index % env.world_size == env.rank
-        by_frame = {}
-        for frame, outputs in detector.run(video.length):
-            if owner:
-                by_frame[frame] = frame_detections(
-                    {k: v.float().cpu() for k, v in outputs.items()},
-                    category_ids,
-                    image_ids[(video.id, frame)],
-                    (video.height, video.width),
-                    cfg.postprocess,
-                )
-        if owner:
+        detect = frame_detector(model, prompts, image_for, cfg.detection)
+        owner = index % env.world_size
+        chunked = ChunkedVideoDetector(
+            _frame_detections(detect, category_ids, image_ids, video, cfg.postprocess), reverse=cfg.detection.reverse
+        )
+        by_frame = dict(chunked.run(video.length, owner=owner))
+        if owner == env.rank:
             frames = [by_frame[f] for f in sorted(by_frame)]
             dumper.add("bbox", coco_bbox_results(frames))
             dumper.add("segm", coco_segm_results(frames))

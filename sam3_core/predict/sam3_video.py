@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torchvision.transforms.functional as TF
@@ -38,6 +37,7 @@ from PIL import Image
 from sam3_core import comm
 from sam3_core.config_checks import check_choice
 from sam3_core.data.ytvis import Video
+from sam3_core.errors import InputError
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.tracker import (
     IMAGE_MEAN,
@@ -47,7 +47,7 @@ from sam3_core.model.tracker import (
     inference_context,
     load_video_model_weights,
 )
-from sam3_core.predict.postprocess import FrameDetections
+from sam3_core.predict.postprocess import FrameDetections, encode_mask
 
 log = logging.getLogger(__name__)
 
@@ -294,12 +294,6 @@ def track_prompt(
     return dict(state["tracker_metadata"].get("obj_id_to_score", {}))
 
 
-def _encode(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 def prompt_masklets(
     model: Any, frames: Sequence[torch.Tensor], height: int, width: int, prompt: str
 ) -> dict[int, Masklet] | None:
@@ -318,7 +312,7 @@ def prompt_masklets(
             break
         if outputs is not None:
             for obj_id, mask in zip(outputs["out_obj_ids"].tolist(), outputs["out_binary_masks"]):
-                rles.setdefault(int(obj_id), {})[frame] = _encode(mask)
+                rles.setdefault(int(obj_id), {})[frame] = encode_mask(torch.from_numpy(mask))
     if model.rank != 0:
         return None
     return {obj_id: Masklet(float(scores[obj_id]), by_frame) for obj_id, by_frame in sorted(rles.items())}
@@ -344,7 +338,7 @@ def ytvis_results(masklets: Sequence[Masklet], video_id: int, category_id: int, 
     return results
 
 
-def frame_detections(
+def masklet_frames(
     masklets: Sequence[tuple[int, Masklet]], image_ids: Sequence[int], height: int, width: int
 ) -> list[FrameDetections]:
     """Every frame's shown masks as detections (category, masklet score), best first, for the COCO files."""
@@ -381,11 +375,19 @@ class VideoPrediction:
 class Sam3VideoRunner:
     """SAM3's video model with a checkpoint's weights, predicting videos one at a time."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: Sam3VideoConfig, checkpoint: str, device: torch.device) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, cfg: Sam3VideoConfig, checkpoint: str, device: torch.device, uri: str = ""
+    ) -> None:
+        """`checkpoint`: a local copy of the weights; `uri`: where they came from, named in errors."""
         self.cfg = cfg
         self.device = device
         self.model = build_video_model(model_cfg, cfg.heuristics)
-        load_video_model_weights(self.model, checkpoint)
+        try:
+            load_video_model_weights(self.model, checkpoint)
+        except InputError as exc:
+            if not uri:
+                raise
+            raise InputError(uri, exc.field, exc.message.replace(checkpoint, uri)) from exc
         self.model.to(device).eval()
         if cfg.parallel == "videos":
             # as sam3's own evaluation does: each process runs its videos alone
@@ -427,4 +429,4 @@ class Sam3VideoRunner:
         if self.model.rank != 0:
             return None
         ids = [image_ids[(video.id, t)] for t in range(video.length)]
-        return VideoPrediction(frame_detections(found, ids, video.height, video.width), masklets)
+        return VideoPrediction(masklet_frames(found, ids, video.height, video.width), masklets)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -23,17 +24,21 @@ from tqdm import tqdm
 from sam3_core.errors import InputError, StorageError
 from sam3_core.storage.backend import Backend, backend_for, register_backend
 from sam3_core.storage.backend import errors as _errors
-from sam3_core.storage.cache import DEFAULT_CACHE_DIR, ReadCache, cached_path
-from sam3_core.storage.local import TMP_SUFFIX, LocalBackend, local_path
+from sam3_core.storage.cache import DEFAULT_CACHE_DIR, ReadCache, cache_root, cached_path
+from sam3_core.storage.local import TMP_SUFFIX, LocalBackend, local_path, regular_file
 from sam3_core.storage.s3 import S3Backend, max_concurrency
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
+    "DEFAULT_STORE",
+    "STORE_ENV",
     "Backend",
     "ReadCache",
     "backend_for",
+    "cache_root",
     "cached_path",
     "copy",
+    "default_store",
     "delete",
     "delete_prefix",
     "download_file",
@@ -62,6 +67,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HASH_CHUNK = 1024 * 1024
+# the store root every component and the pipeline share: this variable, else a local folder
+STORE_ENV = "SAM3PIPE_STORE"
+DEFAULT_STORE = ".sam3pipe/store"
 
 _LOCAL = LocalBackend()
 register_backend("", _LOCAL)
@@ -70,6 +78,11 @@ register_backend("s3", S3Backend())
 
 
 # ---------------------------------------------------------------------------- URIs and errors
+
+
+def default_store() -> str:
+    """The store root when none is given: `SAM3PIPE_STORE`, else `.sam3pipe/store` (read at each call)."""
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
 def is_remote(uri: str) -> bool:
@@ -144,6 +157,12 @@ def read_json(uri: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(uri, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(uri, "$", "nested too deeply to read (thousands of levels of lists or objects)") from None
+    except MemoryError:
+        raise InputError(
+            uri, "$", f"too big to load into the memory left ({len(text) / 2**20:.0f} MB of text)"
+        ) from None
 
 
 def write_json(uri: str, obj: Any) -> None:
@@ -174,13 +193,18 @@ def list_files(prefix: str) -> list[str]:
 
 
 def upload_file(local: str | Path, uri: str) -> None:
-    """Copy a local file to ``uri``; big files go up in parallel multipart chunks."""
-    _on_backend(uri, f"upload of {local}", lambda backend, key: backend.upload_file(Path(local), key))
+    """Copy a local file to ``uri``; big files go up in parallel multipart chunks.
+
+    A failure is named as a write of ``uri``: the local file is often a staging copy the user never
+    named (a failure of the local side names its own path).
+    """
+    _on_backend(uri, "write", lambda backend, key: backend.upload_file(Path(local), key))
 
 
 def download_file(uri: str, local: str | Path) -> None:
-    """Copy ``uri`` to a local file; the file appears complete or not at all."""
-    _on_backend(uri, f"download to {local}", lambda backend, key: backend.download_file(key, Path(local)))
+    """Copy ``uri`` to a local file; the file appears complete or not at all (a failure is named as a
+    read of ``uri``, not by the temporary copy)."""
+    _on_backend(uri, "read", lambda backend, key: backend.download_file(key, Path(local)))
 
 
 def copy(src: str, dst: str) -> None:
@@ -240,7 +264,7 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a local file, read in chunks so checkpoints never sit in memory whole."""
     digest = hashlib.sha256()
-    with _errors(str(path), "checksum", backend_for("")), open(path, "rb") as handle:
+    with _errors(str(path), "checksum", backend_for("")), open(regular_file(Path(path)), "rb") as handle:
         for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()

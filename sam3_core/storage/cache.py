@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sam3_core.errors import StorageError
 from sam3_core.storage.backend import backend_for, errors
-from sam3_core.storage.local import TMP_SUFFIX, local_path, write_atomic
+from sam3_core.storage.local import TMP_SUFFIX, local_path, regular_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,11 @@ def cached_path(uri: str, cache_dir: str | Path | None = None, sha256: str | Non
         backend.check(uri)
         if not backend.remote:
             path = local_path(uri)
-            if not path.is_file():
+            if not path.exists():
                 raise StorageError(f"{uri}: no such file; check the path or run the step that produces it")
+            if path.is_dir():
+                raise StorageError(f"{uri}: a folder, not a file")
+            regular_file(path)
             if sha256 is not None and _file_sha256(path) != sha256.lower():
                 raise StorageError(f"{uri}: sha256 mismatch (expected {sha256}); the file is corrupt or was replaced")
             return path
@@ -132,7 +135,7 @@ class ReadCache:
         return data
 
     def _read_local(self, uri: str, sha256: str | None) -> bytes:
-        data = local_path(uri).read_bytes()
+        data = regular_file(local_path(uri)).read_bytes()
         if sha256 is not None and uri not in self._verified:
             if hashlib.sha256(data).hexdigest() != sha256.lower():
                 raise StorageError(f"{uri}: sha256 mismatch (expected {sha256}); the file is corrupt or was replaced")

@@ -7,6 +7,7 @@ import functools
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,28 @@ from sam3_core.storage.backend import Backend
 TMP_SUFFIX = ".sam3pipe-tmp"
 
 
+class SpecialFileError(OSError):
+    """A path names a FIFO, socket or device: reading it could block forever, so it is never opened."""
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device"}
+
+
+def regular_file(path: Path) -> Path:
+    """`path`, checked to be a regular file (a folder or a missing path fails as the OS says) before it is
+    opened: a FIFO among the inputs would block a read forever."""
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
+        raise SpecialFileError(0, f"{kind}, not a regular file", str(path))
+    return path
+
+
 def local_path(uri: str | Path) -> Path:
     """The filesystem path of a plain path or ``file://`` URI."""
     uri = str(uri)
+    if "\x00" in uri:
+        raise StorageError(f"{uri!r}: a path cannot hold a NUL byte (\\x00); check how it was written")
     if not uri.lower().startswith("file://"):
         return Path(uri)
     parts = urlsplit(uri)
@@ -85,7 +105,7 @@ class LocalBackend(Backend):
         return posixpath.join(base, *segments)
 
     def read_bytes(self, uri: str) -> bytes:
-        return local_path(uri).read_bytes()
+        return regular_file(local_path(uri)).read_bytes()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         write_atomic(local_path(uri), data)
@@ -107,12 +127,14 @@ class LocalBackend(Backend):
         )
 
     def upload_file(self, path: Path, uri: str) -> None:
+        regular_file(path)
         with atomic_path(local_path(uri)) as tmp:
             shutil.copyfile(path, tmp)
 
     def download_file(self, uri: str, path: Path) -> None:
+        source = regular_file(local_path(uri))
         with atomic_path(path) as tmp:
-            shutil.copyfile(local_path(uri), tmp)
+            shutil.copyfile(source, tmp)
 
     def copy(self, src: str, dst: str) -> None:
         self.upload_file(local_path(src), dst)
@@ -126,6 +148,8 @@ class LocalBackend(Backend):
             shutil.rmtree(root)
 
     def explain(self, exc: BaseException) -> str:
+        if isinstance(exc, SpecialFileError):
+            return f"{exc.filename} is {exc.strerror}; point at a regular file"
         if isinstance(exc, (NotADirectoryError, FileExistsError)) and exc.filename:
             blocker = _file_ancestor(Path(exc.filename))
             if blocker is not None:

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -187,6 +188,39 @@ class RetryPolicy:
         return wait
 
 
+# ---------------------------------------------------------------------------- answers
+
+
+class NotAnS3Answer(BotoCoreError):
+    """The endpoint answered an S3 request with a web page: it is not an S3 API (a login portal, a proxy)."""
+
+    fmt = (
+        "the endpoint answered {operation} with a web page ({content_type}), not an S3 answer; check "
+        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL point at the object store's S3 API"
+    )
+
+
+# operations whose answer body is the object itself (any content type); every other answer is S3's XML or empty
+_OBJECT_BODIES = frozenset({"GetObject", "HeadObject"})
+
+
+_HTML_START = (b"<!doctype html", b"<html")
+
+
+def check_answer(http_response: Any, model: Any, **_: Any) -> None:
+    """botocore ``after-call`` handler: a successful answer that is an HTML page is not S3's (botocore would
+    parse it as an empty listing or a completed write, and a write would look done while nothing was stored).
+
+    The body is what tells: some S3 servers label their empty answers text/html.
+    """
+    if model.name in _OBJECT_BODIES or not 200 <= http_response.status_code < 300:
+        return
+    head = (http_response.content or b"")[:64].lstrip().lower()
+    if head.startswith(_HTML_START):
+        content_type = str(http_response.headers.get("content-type", "")) or "no content type"
+        raise NotAnS3Answer(operation=model.name, content_type=content_type)
+
+
 # ---------------------------------------------------------------------------- client
 
 
@@ -201,11 +235,18 @@ def location(uri: str, *, need_key: bool = True) -> S3Location:
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket name; write s3://<bucket>/<key>")
+    if _USERINFO.match(rest):
+        raise StorageError(
+            f"{uri}: an s3:// URI cannot carry credentials (user:password@); write s3://<bucket>/<key> and set "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        )
     if need_key and not key.strip("/"):
         raise StorageError(f"{uri}: no object key; write s3://<bucket>/<key>")
     return S3Location(bucket, key)
 
 
+# `s3://KEY:SECRET@bucket/...`: a key id, a colon, anything up to an '@' (secrets may hold '/')
+_USERINFO = re.compile(r"[^/:@]+:[^@]*@")
 _clients: dict[tuple[Any, ...], Any] = {}
 _clients_lock = threading.Lock()
 
@@ -253,6 +294,7 @@ def client() -> Any:
         policy = RetryPolicy(attempts, deadline)
         made.meta.events.register("request-created.s3", policy.stamp)
         made.meta.events.register("needs-retry.s3", policy.needs_retry)
+        made.meta.events.register("after-call.s3", check_answer)
         _clients[cache_key] = made
         logger.debug("created S3 client for endpoint %s", url or "AWS default")
         return made

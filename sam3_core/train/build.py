@@ -4,28 +4,34 @@ Building is where every decision about the run is taken, in this order: threads 
 group (via `sam3_core.comm`), the run folder (refused if it holds another config; leftovers of
 a killed checkpoint write removed), data, model (initial weights, LoRA adapters, frozen
 prefixes), DDP, loss, optimizer and schedule, validators, and the hooks. The `Trainer` then
-only runs steps.
+only runs steps. `train.stage` picks what trains: the detector (sam3's loss on its clips), SAM3's
+tracker (SAM2's prompts and loss on tracker clips, the detector frozen) or both (joint).
 
 Everything a run writes goes to `<store>/runs/<run_name>/`: `config.yaml`, `metrics.jsonl`,
 `checkpoints/{last,step_XXXXXXX}.pt` (full training state) and `checkpoints/best.pt` (the
 exported weights of the best step, adapters merged). Rerunning the same command resumes from
 `last.pt` with the model, optimizer, schedule, RNG states, data position and hook states it
-saved, so an interrupted run ends with the same weights as an uninterrupted one (bit for bit
-with `train.num_threads=1` on CPU, or deterministic kernels on GPU).
+saved, so an interrupted run ends with the same weights as an uninterrupted one: bit for bit
+with `train.num_threads=1` on CPU; on a GPU up to float rounding (docs/training.md).
+
+Under DDP: the starting weights (`model.uri`) are read by rank 0 alone (DDP's construction copies
+rank 0's parameters and buffers to every rank); the parameters sam3's loss never reaches are
+frozen, so DDP needs no per-step search for unused ones; buffers are constants (RoPE tables,
+masks) and are not broadcast before every forward.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from sam3_core import comm, storage
+from sam3_core import comm, numerics
 from sam3_core.config import to_yaml
 from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
@@ -33,13 +39,16 @@ from sam3_core.data.frames import FrameReader
 from sam3_core.data.loading import PinningCollate
 from sam3_core.data.tracker_clips import JointClipDataset, JointCollate, TrackerClipDataset, collate_tracker_clips
 from sam3_core.data.ytvis import VideoDataset
+from sam3_core.errors import Sam3PipeError
 from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
+from sam3_core.model.chunked_detection import DetectionConfig, check_prompts_fit
 from sam3_core.model.tracker_training import (
     TrackingSettings,
     VideoClipModel,
     build_video_clip_model,
+    load_tracker_weights,
     load_video_clip_weights,
     prepare_tracker,
 )
@@ -48,6 +57,7 @@ from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
 from sam3_core.train.diagnostics import diagnose
 from sam3_core.train.hooks import (
+    AwaitUploads,
     BestCheckpoint,
     CheckpointCallback,
     MetricLogger,
@@ -59,7 +69,7 @@ from sam3_core.train.hooks import (
 )
 from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
-from sam3_core.train.run import RunFolder, check_same_config, run_uri_for, write_config
+from sam3_core.train.run import RunFolder, prepare_run, run_uri_for, write_config
 from sam3_core.train.stages import freeze_all, train_tracker_preset
 from sam3_core.train.task import ClipTask
 from sam3_core.train.tracker_loss import TrackerLoss
@@ -72,9 +82,30 @@ from sam3_core.train.trainer import (
     autocast_context,
     seed_everything,
 )
+from sam3_core.train.trainjob_status import trainjob_status_hook
+from sam3_core.train.uploads import BackgroundUploads
 from sam3_core.train.validation import DetectionMetrics, ValidationLoss
 
 log = logging.getLogger(__name__)
+# Detector parameters (names under `detector.`) that sam3's training loss never reaches: the neck
+# level that SAM3VLBackbone(scalp=1) drops, the pixel decoder's conv and norm for that level (it
+# uses one fewer than it builds), and the text encoder's pooled projection (the detector reads
+# token features). Frozen in training, so DDP need not search for them every step; they still load
+# and save. tests/sam3_core/train/test_trainer.py fails if sam3 starts (or stops) reaching them.
+UNREACHED = (
+    "backbone.vision_backbone.convs.3.",
+    "segmentation_head.pixel_decoder.conv_layers.2.",
+    "segmentation_head.pixel_decoder.norms.2.",
+    "backbone.language_backbone.encoder.text_projection",
+)
+# ... and without mask targets: the mask head, and the neck's 4x and 2x levels that only it reads
+UNREACHED_WITHOUT_MASKS = (
+    "segmentation_head.",
+    "backbone.vision_backbone.convs.0.",
+    "backbone.vision_backbone.convs.1.",
+)
+# DataLoader workers per rank that `data.num_workers=null` chooses on a GPU at most
+AUTO_WORKERS = 4
 
 
 class _FrameArrays:
@@ -89,27 +120,52 @@ class _FrameArrays:
 
 def _prepare_run(cfg: TrainConfig, run: RunFolder) -> bool:
     """Check the folder may hold this run and clear leftovers; True when resuming."""
-    check_same_config(cfg, run)
-    resuming = cfg.train.resume and storage.exists(run.last_uri)
+    resuming = prepare_run(cfg, run)
     if comm.is_main():
         remove_stale_writes(run.checkpoints_uri)
     return resuming
 
 
-def _initial_weights(module: VideoClipDetector, uri: str) -> None:
-    """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first)."""
+def _warn_about(cfg: TrainConfig) -> None:
+    """Settings that are valid but almost certainly not what was meant."""
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        log.warning(
+            "optim.warmup_steps=%d is more than train.max_steps=%d: the learning rate never reaches optim.lr "
+            "(at most %.3g of it)",
+            cfg.optim.warmup_steps,
+            cfg.train.max_steps,
+            cfg.train.max_steps / cfg.optim.warmup_steps,
+        )
+
+
+def _initial_weights(module: VideoClipDetector, uri: str, load: Callable[[Any, str], Any] = load_model_weights) -> None:
+    """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first) on rank 0 with `load`.
+
+    Under DDP the other ranks neither download nor read it: DDP's construction broadcasts rank
+    0's parameters and buffers. A failure is raised on every rank, so none waits for the others.
+    """
     from sam3_core.mlflow_records import resolve_model_uri
 
-    load_model_weights(module, resolve_model_uri(uri))
+    failure: Sam3PipeError | None = None
+    if comm.is_main():
+        try:
+            load(module, resolve_model_uri(uri))
+        except Sam3PipeError as exc:
+            failure = exc
+    failure = comm.broadcast_object(failure)
+    if failure is not None:
+        raise failure
 
 
 def _train_detector_as_configured(cfg: TrainConfig, module: VideoClipDetector) -> None:
-    """The detector's LoRA adapters and frozen prefixes (`model.lora`, `model.freeze`)."""
+    """The detector's LoRA adapters and frozen prefixes (`model.lora`, `model.freeze`, and what its loss never reaches)."""
     if cfg.model.lora.rank > 0:
         lora.add_adapters(module.detector, cfg.model.lora)
     if cfg.model.freeze:
         frozen = freeze(module.detector, cfg.model.freeze)
         log.info("froze %.2fM parameters under %s", frozen / 1e6, cfg.model.freeze)
+    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+    freeze(module.detector, [*UNREACHED] if with_masks else [*UNREACHED, *UNREACHED_WITHOUT_MASKS])
 
 
 def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
@@ -124,12 +180,12 @@ def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
 
 def _build_tracking_module(cfg: TrainConfig, resuming: bool) -> VideoClipModel:
     """Stages tracker and joint: the detector with its tracker's neck, and SAM3's tracker (see `load_video_clip_weights`)."""
-    from sam3_core.mlflow_records import resolve_model_uri
-
     stage, settings = cfg.train.stage, cfg.tracker_train
     module = build_video_clip_model(cfg.model, frozen_detector=stage == "tracker")
     if cfg.model.uri and not resuming:
-        load_video_clip_weights(module, resolve_model_uri(cfg.model.uri))
+        _initial_weights(module, cfg.model.uri, load_video_clip_weights)
+    if settings.tracker_uri and not resuming:
+        _initial_weights(module, settings.tracker_uri, load_tracker_weights)
     tracking = TrackingSettings(settings.teacher_force_obj_scores, settings.spatial_memory_dropout)
     prepare_tracker(module.tracker, tracking, cfg.train.seed)
     if stage == "tracker":
@@ -143,9 +199,13 @@ def _build_tracking_module(cfg: TrainConfig, resuming: bool) -> VideoClipModel:
     return module.train()
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    on = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
-    return torch.bfloat16 if on else None
+def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """`data.num_workers`, or when null: on a GPU this rank's spare cores (up to AUTO_WORKERS), else 0."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    if device.type != "cuda" or cfg.data.prefetch_factor == 0:
+        return 0
+    return min(AUTO_WORKERS, comm.cores_per_process() - 1)
 
 
 def _validators(
@@ -153,36 +213,45 @@ def _validators(
     reader: FrameReader,
     frames: _FrameArrays,
     train_videos: VideoDataset,
-    task: Task,
+    module: VideoClipDetector,
     amp: torch.dtype | None,
     device: torch.device,
 ) -> list[Validator]:
-    """The built-in validators of the stage: the detector's (not in stage tracker), then the tracker's."""
+    """The built-in validators of the stage: the detector's (not in stage tracker), then the tracker's.
+
+    Validation items are shared out unevenly over ranks: their losses have no collective inside.
+    """
     loop = cfg.train
     autocast = functools.partial(autocast_context, device, amp)
     validators: list[Validator] = []
-    detector_task = task.detector if isinstance(task, JointTask) else task
-    if loop.stage != "tracker" and isinstance(detector_task, ClipTask):
+    if loop.stage != "tracker":
         if loop.val_max_clips > 0:
-            validators.append(ValidationLoss(detector_task, loop.val_max_clips, cfg.data.clips.with_masks, autocast))
+            with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+            loss = build_loss(cfg.loss, cfg.model.num_queries, with_masks, per_rank=True)
+            validators.append(
+                ValidationLoss(ClipTask(module, loss, device), loop.val_max_clips, cfg.data.clips.with_masks, autocast)
+            )
         if loop.val_max_frames > 0:
             validators.append(
                 DetectionMetrics(
-                    reader, loop.val_max_frames, cfg.model.image_size, with_masks=cfg.model.enable_segmentation
+                    reader,
+                    loop.val_max_frames,
+                    cfg.model.image_size,
+                    with_masks=cfg.model.enable_segmentation,
+                    detection=DetectionConfig(amp=loop.amp),
                 )
             )
         if loop.diagnostics:
             # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
             seen = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False)
             validators.append(functools.partial(diagnose, train_dataset=seen))
-    tracker_task = task.tracker if isinstance(task, JointTask) else task
-    if isinstance(tracker_task, TrackerTask) and loop.val_max_clips > 0:
+    if loop.stage != "detector" and loop.val_max_clips > 0:
         clips = TrackerClipDataset(
             reader.dataset("val"), frames, cfg.data.tracker_clips, cfg.model.image_size, loop.seed, train=False
         )
         local = TrackerTask(TrackerLoss(cfg.tracker_train.loss, over_ranks=False), device)
         validators.append(TrackerValidationLoss(local, clips, loop.val_max_clips, autocast))
-    if isinstance(tracker_task, TrackerTask) and loop.val_max_videos > 0:
+    if loop.stage != "detector" and loop.val_max_videos > 0:
         validators.append(VosMetrics(reader, loop.val_max_videos, cfg.model.image_size))
     return validators
 
@@ -217,13 +286,20 @@ def build_trainer(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),
+    run: RunFolder | None = None,
 ) -> Trainer:
-    """The trainer of `cfg`, ready to `fit()`; `validators` run after the built-in ones at validation."""
+    """The trainer of `cfg`, ready to `fit()`; `validators` run after the built-in ones at validation.
+
+    `run` is the run folder when the caller has derived it already (the train component, to
+    name its MLflow run); otherwise it is derived here from the config.
+    """
     threads = comm.set_num_threads(cfg.train.num_threads)
     env = comm.init_process_group(cfg.train.dist_timeout_s)
     device = comm.device()
+    numerics.use_fast_matmul(device)
     log.info("rank %d/%d on %s, %d torch thread(s)", env.rank, env.world_size, device, threads)
-    run = RunFolder(run_uri_for(cfg))
+    run = run or RunFolder(run_uri_for(cfg))
+    _warn_about(cfg)
     resuming = _prepare_run(cfg, run)
     seed_everything(cfg.train.seed + env.rank)
 
@@ -231,6 +307,15 @@ def build_trainer(
     frames = _FrameArrays(reader)
     # parsed once: SA-V-scale annotation files take seconds to read
     train_videos = reader.dataset("train")
+    if cfg.train.val_every and cfg.train.val_max_frames and cfg.train.stage != "tracker":
+        # in-loop detection metrics prompt every category on each validation frame
+        check_prompts_fit(
+            len(train_videos.categories),
+            cfg.model,
+            f"{cfg.data.uri}/val_frames_coco.json",
+            device,
+            DetectionConfig().prompt_batch,
+        )
     train_set, collate = _training_data(cfg, train_videos, frames)
     pin = device.type == "cuda"
     data = MicroBatches(
@@ -238,7 +323,7 @@ def build_trainer(
         cfg.data.batch_size,
         PinningCollate(collate) if pin else collate,
         seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
+        num_workers=_num_workers(cfg, device),
         prefetch_factor=cfg.data.prefetch_factor,
         load_ahead=load_ahead_fits(device.type, threads, comm.cores_per_process()),
         pin_memory=pin,
@@ -247,26 +332,32 @@ def build_trainer(
     )
 
     module = _build_module(cfg, resuming).to(device)
-    # written once the data and the starting weights have loaded: a run that cannot start leaves no folder
-    if comm.is_main() and not resuming:
-        write_config(cfg, run)
     model: torch.nn.Module = module
-    if env.distributed:
+    # DDP whenever a process group is up (torchrun's, or one a caller made, e.g. one nccl rank)
+    if comm.is_initialized():
         model = DistributedDataParallel(
             module,
             device_ids=[device.index] if device.type == "cuda" else None,
             # not static_graph: its first-step all-reduce hooks onto output tensors found by
             # pytree, which cannot see into SAM3Output (a list subclass), so gradients were
-            # never averaged. Some parameters (e.g. the unused 0.5x neck level) get no gradient.
-            find_unused_parameters=True,
+            # never averaged. The tracker's parameters that get a gradient change from step to step
+            # (mask or point prompts, corrected frames or none), so its stages always search
+            find_unused_parameters=cfg.train.ddp_find_unused_parameters or cfg.train.stage != "detector",
+            # sam3's buffers are constants (RoPE tables, attention masks) that DDP's construction
+            # already copied from rank 0; no broadcast before every forward
+            broadcast_buffers=False,
+            # the gradients are views into DDP's all-reduce buckets: one copy of them, not two
+            gradient_as_bucket_view=True,
         )
     task = _task(cfg, module, device)
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    amp = _amp_dtype(cfg, device)
+    amp = numerics.amp_dtype(cfg.train.amp, device)
 
     all_validators = (
-        [*_validators(cfg, reader, frames, train_videos, task, amp, device), *validators] if cfg.train.val_every else []
+        [*_validators(cfg, reader, frames, train_videos, module, amp, device), *validators]
+        if cfg.train.val_every
+        else []
     )
     val_set = (
         ClipDataset(reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
@@ -275,26 +366,42 @@ def build_trainer(
     )
     extra: dict[str, Any] = {"config": to_yaml(cfg), "lora": lora.lora_settings(cfg.model.lora)}
     export = functools.partial(lora.merged_state_dict, module)
+    uploads = BackgroundUploads()
     hooks = [
         NonFiniteGuard(run.last_uri),
         ModelStats(),
         MetricLogger(cfg.train.log_every),
         Validation(cfg.train.val_every, all_validators, val_set),
         BestCheckpoint(
-            cfg.train.best_metric, cfg.train.best_mode, run, export, {"config": extra["config"]}, on_checkpoint
+            cfg.train.best_metric,
+            cfg.train.best_mode,
+            run,
+            export,
+            uploads,
+            {"config": extra["config"]},
+            on_checkpoint,
         ),
         PeriodicCheckpoint(
             cfg.train.checkpoint_every,
             run,
+            uploads,
             keep_steps=cfg.train.keep_step_checkpoints,
             resume=cfg.train.resume,
             extra=extra,
             on_checkpoint=on_checkpoint,
         ),
+        AwaitUploads(uploads, cfg.train.upload_timeout_s),
     ]
     if isinstance(task, JointTask):
-        # last: it reads the step count a resume restores in PeriodicCheckpoint.before_train
+        # after PeriodicCheckpoint: it reads the step count a resume restores in its before_train
         hooks.append(JointTurns(task))
+    # last: it reports what the hooks before it logged at the step
+    progress = trainjob_status_hook(cfg.train.trainjob_status_every_s)
+    if progress is not None:
+        hooks.append(progress)
+    # written once everything is built (data, starting weights, hooks): a run that cannot start leaves no folder
+    if comm.is_main() and not resuming:
+        write_config(cfg, run)
     trainer = Trainer(
         model=model,
         module=module,
@@ -332,7 +439,10 @@ def train(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     validators: Sequence[Validator] = (),
+    run: RunFolder | None = None,
 ) -> TrainResult:
-    """Build the trainer of `cfg` and run it to `train.max_steps`."""
-    trainer = build_trainer(cfg, on_metrics, on_checkpoint, validators)
-    return result_of(trainer.fit(), RunFolder(run_uri_for(cfg)))
+    """Build the trainer of `cfg` and run it to `train.max_steps`, in `run` (see `build_trainer`)."""
+    trainer = build_trainer(cfg, on_metrics, on_checkpoint, validators, run)
+    checkpoints = trainer.find_hook(PeriodicCheckpoint)
+    assert checkpoints is not None, "build_trainer always adds the periodic checkpoint"
+    return result_of(trainer.fit(), checkpoints.run)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from sam3_core import storage
 from sam3_core.config_checks import check_bool, check_choice, check_int, check_str
 from sam3_core.data.clips import ClipConfig
 from sam3_core.data.tracker_clips import TrackerClipConfig
 from sam3_core.errors import ConfigError
 from sam3_core.mlflow_records.settings import MlflowConfig
 from sam3_core.model.config import ModelConfig
+from sam3_core.numerics import AMP_MODES
 from sam3_core.train.loss import LossConfig
 from sam3_core.train.optim import OptimConfig
 from sam3_core.train.stages import STAGES, TrackerTrainConfig
@@ -32,7 +34,10 @@ class DataConfig:
     tracker_clips: TrackerClipConfig = field(default_factory=TrackerClipConfig)
     # clips per process per micro-batch (stage joint: that many of each kind)
     batch_size: int = 2
-    num_workers: int = 0
+    # DataLoader worker processes per rank; null: on a GPU, this rank's spare cores (its share of the
+    # machine's cores less one for the step) up to 4, when prefetch_factor > 0; on CPU 0 (workers
+    # there cost more than they give, docs/benchmarks.md)
+    num_workers: int | None = None
     # batches loaded ahead of the step: by each DataLoader worker (num_workers > 0), or, with num_workers = 0
     # on a GPU or where the torch threads leave a core free, by a background thread (0: loaded in the step)
     prefetch_factor: int = 2
@@ -41,15 +46,17 @@ class DataConfig:
         check_str("data.uri", self.uri, required=True)
         check_str("data.cache_dir", self.cache_dir, optional=True)
         check_int("data.batch_size", self.batch_size, 1, 4096)
-        check_int("data.num_workers", self.num_workers, 0, 256)
+        if self.num_workers is not None:
+            check_int("data.num_workers", self.num_workers, 0, 256)
         check_int("data.cache_bytes", self.cache_bytes, 0)
         check_int("data.prefetch_factor", self.prefetch_factor, 1 if self.num_workers else 0)
 
 
-AMP_MODES = ("auto", "bf16", "off")
 BEST_MODES = ("max", "min")
 # detection metrics the in-loop validation computes (`val/<iou type>_<stat>`)
 DETECTION_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# what the training diagnostics log per split (sam3_core.train.diagnostics.frame_diagnostics)
+DIAGNOSTIC_STATS = ("top_box_iou", "matched_box_iou", "matched_is_top", "query_cosine")
 _METRIC_NAME = re.compile(r"^(train|val|diag)/[\w.\-]+$")
 
 
@@ -86,10 +93,22 @@ class LoopConfig:
     # also log learn's training diagnostics (`diag/*`) at every validation
     diagnostics: bool = False
     resume: bool = True
+    # how long a collective waits for the other ranks (nccl's watchdog, and the gloo group)
     dist_timeout_s: int = 1800
+    # at the end, how long the other ranks wait for rank 0's last checkpoint uploads (the
+    # uploads run beside the training, see sam3_core/train/uploads.py)
+    upload_timeout_s: int = 3600
+    # DDP searches the autograd graph every step for parameters that got no gradient; off, because
+    # build_trainer freezes the parameters sam3's loss never reaches. On only for a model change that
+    # leaves other parameters without a gradient (DDP then stops at the second step, naming them)
+    ddp_find_unused_parameters: bool = False
     # torch CPU threads per process; 0: OMP_NUM_THREADS if set, else cores / processes on this
     # machine (torch's own default, one per core in every process, oversubscribes shared cores)
     num_threads: int = 0
+    # in a Kubeflow Trainer TrainJob that asks for progress (TrainJobStatus feature gate): rank 0
+    # reports percent done, ETA and the latest metrics to status.trainerStatus this often (0: never;
+    # the Trainer asks for at most one report per 5 s). Outside such a job nothing is sent.
+    trainjob_status_every_s: int = 10
 
     def __post_init__(self) -> None:
         check_choice("train.stage", self.stage, STAGES)
@@ -102,7 +121,14 @@ class LoopConfig:
         for key in ("val_every", "val_max_clips", "val_max_frames", "val_max_videos", "num_threads"):
             check_int(f"train.{key}", getattr(self, key), 0)
         check_int("train.dist_timeout_s", self.dist_timeout_s, 1)
-        for key in ("keep_step_checkpoints", "diagnostics", "resume"):
+        check_int("train.upload_timeout_s", self.upload_timeout_s, 1)
+        check_int("train.trainjob_status_every_s", self.trainjob_status_every_s, 0)
+        if 0 < self.trainjob_status_every_s < 5:
+            raise ConfigError(
+                f"train.trainjob_status_every_s={self.trainjob_status_every_s}: the Trainer takes at most one "
+                "report per 5 s; use 0 (off) or >= 5"
+            )
+        for key in ("keep_step_checkpoints", "diagnostics", "resume", "ddp_find_unused_parameters"):
             check_bool(f"train.{key}", getattr(self, key))
         check_choice("train.best_mode", self.best_mode, BEST_MODES)
         check_str("train.best_metric", self.best_metric, required=True)
@@ -136,6 +162,21 @@ class LoopConfig:
                 "tracker metric: train.best_metric=val/vos_JF_mean (or val/tracker_loss with train.best_mode=min)"
             )
         iou_type, _, stat = name.partition("_")
+        if group == "val" and not detector_metric and name not in _vos_validation_metrics() | {"tracker_loss"}:
+            raise ConfigError(
+                f"train.best_metric={self.best_metric}: validation logs val/loss, val/bbox_<stat> and "
+                f"val/segm_<stat> (stat: {', '.join(DETECTION_STATS)}); with train.stage=tracker or joint also "
+                "val/tracker_loss and val/vos_<J|F>_<mean|recall|decay>, val/vos_JF_mean"
+            )
+        if group == "diag":
+            split, _, measure = name.partition("_")
+            if not self.diagnostics:
+                raise ConfigError(f"train.best_metric={self.best_metric} needs train.diagnostics=true")
+            if split not in ("val", "train") or measure not in DIAGNOSTIC_STATS:
+                raise ConfigError(
+                    f"train.best_metric={self.best_metric}: diagnostics log diag/val_<name> and diag/train_<name> "
+                    f"(name: {', '.join(DIAGNOSTIC_STATS)})"
+                )
         if group == "val" and iou_type in ("bbox", "segm"):
             if stat not in DETECTION_STATS:
                 raise ConfigError(
@@ -146,16 +187,27 @@ class LoopConfig:
                 raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_frames > 0")
 
 
+def _vos_validation_metrics() -> set[str]:
+    """The names the in-loop VOS validation logs (the evaluators' vos family), without the `val/` group."""
+    from sam3_core.evaluate.families.vos import STATISTICS
+
+    return {f"vos_{letter}_{stat}" for letter in ("J", "F") for stat in STATISTICS} | {"vos_JF_mean"}
+
+
 @dataclass
 class OutputConfig:
-    store: str = ".sam3pipe/store"
+    store: str = field(default_factory=storage.default_store)
     # run folder name under <store>/runs/; empty: derived from the config, so rerunning the
     # same command resumes the same run. A named run resumes only with the config it was started with
     run_name: str = ""
+    # replace the run folder's earlier training outputs (another config's, or with train.resume=false):
+    # refused otherwise, since logged models and the registry point at them
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_str("output.store", self.store, required=True)
         check_str("output.run_name", self.run_name)
+        check_bool("output.overwrite", self.overwrite)
         if self.run_name and (
             not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name) or len(self.run_name) > 128
         ):

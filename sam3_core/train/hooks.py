@@ -3,10 +3,14 @@
 Registered in this order by `build_trainer`, so at a step that does everything the guard has
 already passed it, the train metrics are logged, validation has run, best.pt follows the new
 metrics and the periodic checkpoint then saves all of that (the best state included).
+Checkpoints are staged on the training thread and published by `BackgroundUploads`; the hook
+after the checkpoint hooks, `AwaitUploads`, raises a failed upload and, at the end, holds every
+rank until rank 0's uploads are in the store.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -18,12 +22,22 @@ import torch
 from torch import nn
 
 from sam3_core import comm, storage
-from sam3_core.errors import ConfigError
-from sam3_core.model.checkpoint import CheckpointRef, load_checkpoint, save_checkpoint
-from sam3_core.train.run import RunFolder
+from sam3_core.errors import ConfigError, InputError
+from sam3_core.model.checkpoint import (
+    CheckpointRef,
+    StagedCheckpoint,
+    load_training_state,
+    publish_checkpoint,
+    stage_checkpoint,
+)
+from sam3_core.train.run import RunFolder, check_resume_state
 from sam3_core.train.trainer import HookBase, TrainingDiverged
+from sam3_core.train.uploads import BackgroundUploads, Then
 
 log = logging.getLogger(__name__)
+# (kind, ref) once a checkpoint is in the store: kind is best, step or last. Called on rank 0's
+# training thread, at the first step after its upload finished (see sam3_core.train.uploads), in
+# the order the checkpoints were saved
 CheckpointCallback = Callable[[str, CheckpointRef], None]
 # (module, val_dataset, step) -> metrics; see Validation
 Validator = Callable[[nn.Module, Any, int], dict[str, float]]
@@ -51,7 +65,11 @@ class NonFiniteGuard(HookBase):
             return
         step = self.trainer.step + 1
         found = ", ".join(f"{name}={value}" for name, value in bad.items())
-        kept = f"; last good checkpoint: {self.last_checkpoint_uri}" if self.last_checkpoint_uri else ""
+        kept = (
+            f"; last good checkpoint: {self.last_checkpoint_uri}"
+            if self.last_checkpoint_uri and storage.exists(self.last_checkpoint_uri)
+            else "; no checkpoint was saved before it"
+        )
         raise TrainingDiverged(
             f"step {step}: {found}; stopped before applying it{kept}. "
             "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip, or check the data"
@@ -165,7 +183,8 @@ class BestCheckpoint(HookBase):
     """best.pt: the weights of the step where `metric` was best, as exported weights (LoRA merged).
 
     Checked whenever `metric` is logged; ties keep the earlier step. The value and step are
-    saved in every checkpoint (resumed with it) and in best.pt itself.
+    saved in every checkpoint (resumed with it) and in best.pt itself. `export()` gives the
+    weights to save (staged at once); the upload goes to `uploads`.
     """
 
     def __init__(
@@ -174,10 +193,12 @@ class BestCheckpoint(HookBase):
         mode: str,
         run: RunFolder,
         export: Callable[[], dict[str, torch.Tensor]],
+        uploads: BackgroundUploads,
         extra: dict[str, Any] | None = None,
         on_checkpoint: CheckpointCallback | None = None,
     ) -> None:
         self.metric, self.mode, self.run, self.export = metric, mode, run, export
+        self.uploads = uploads
         self.extra = dict(extra or {})
         self.on_checkpoint = on_checkpoint
         self.value = math.nan
@@ -222,10 +243,14 @@ class BestCheckpoint(HookBase):
             "metrics": metrics,
             **self.extra,
         }
-        ref = save_checkpoint(state, self.run.best_uri, self.trainer.step, metrics)
+        staged = stage_checkpoint(state, self.run.best_uri, self.trainer.step, metrics)
         log.info("best %s=%.4g at step %d", self.metric, self.value, self.step)
-        if self.on_checkpoint:
-            self.on_checkpoint("best", ref)
+        self.uploads.submit("best", functools.partial(self._publish, staged))
+
+    def _publish(self, staged: StagedCheckpoint) -> Then:
+        ref = publish_checkpoint(staged)
+        on_checkpoint = self.on_checkpoint
+        return functools.partial(on_checkpoint, "best", ref) if on_checkpoint else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "mode": self.mode, "value": self.value, "step": self.step}
@@ -237,29 +262,45 @@ class BestCheckpoint(HookBase):
 class PeriodicCheckpoint(HookBase):
     """Every `every` steps and at the last: the full training state to step_XXXXXXX.pt (if kept) and last.pt.
 
-    With `resume`, `before_train` loads last.pt when there is one. `extra` (the config, LoRA
-    settings) is saved alongside. Only rank 0 writes; gathering the ranks' RNG is collective.
+    With `resume`, `before_train` loads last.pt when there is one (`load_training_state`: mapped,
+    one read per machine). `extra` (the config, LoRA settings) is saved alongside. Only rank 0
+    writes: it stages the state, and `uploads` publishes it, copies it to last.pt and rewrites
+    metrics.jsonl. Gathering the ranks' RNG for the state is collective.
     """
 
     def __init__(
         self,
         every: int,
         run: RunFolder,
+        uploads: BackgroundUploads,
         *,
         keep_steps: bool = True,
         resume: bool = True,
         extra: dict[str, Any] | None = None,
         on_checkpoint: CheckpointCallback | None = None,
     ) -> None:
-        self.every, self.run, self.keep_steps, self.resume = every, run, keep_steps, resume
+        self.every, self.run, self.uploads = every, run, uploads
+        self.keep_steps, self.resume = keep_steps, resume
         self.extra = dict(extra or {})
         self.on_checkpoint = on_checkpoint
 
     def before_train(self) -> None:
+        """Resume from last.pt, checked first to be a state this model and run can continue from."""
         if not (self.resume and storage.exists(self.run.last_uri)):
             return
-        self.trainer.load_state_dict(load_checkpoint(self.run.last_uri))
-        log.info("resumed %s at step %d", self.run.last_uri, self.trainer.step)
+        uri = self.run.last_uri
+        state = load_training_state(uri)
+        check_resume_state(state, uri, self.trainer.max_steps, self.trainer.module.state_dict())
+        try:
+            self.trainer.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(
+                uri,
+                "state",
+                f"cannot be resumed ({type(exc).__name__}: {first[:200]}); pass output.overwrite=true to start over",
+            ) from exc
+        log.info("resumed %s at step %d", uri, self.trainer.step)
 
     def after_step(self) -> None:
         trainer = self.trainer
@@ -270,14 +311,47 @@ class PeriodicCheckpoint(HookBase):
             return
         metrics = {name: value for name, value in trainer.step_metrics.items() if not name.startswith("train/")}
         state.update(self.extra, metrics=metrics)
-        step_uri = self.run.step_uri(trainer.step)
-        first = step_uri if self.keep_steps else self.run.last_uri
-        ref = save_checkpoint(state, first, trainer.step, metrics)
+        first = self.run.step_uri(trainer.step) if self.keep_steps else self.run.last_uri
+        staged = stage_checkpoint(state, first, trainer.step, metrics)
+        history = "".join(json.dumps(record) + "\n" for record in trainer.history)
+        self.uploads.submit("periodic", functools.partial(self._publish, staged, history))
+
+    def _publish(self, staged: StagedCheckpoint, history: str) -> Then:
+        ref = publish_checkpoint(staged)
         refs = {"step" if self.keep_steps else "last": ref}
         if self.keep_steps:
-            storage.copy(step_uri, self.run.last_uri)
+            storage.copy(ref.uri, self.run.last_uri)
             refs["last"] = CheckpointRef(self.run.last_uri, ref.size, ref.sha256, ref.step, ref.metrics)
-        storage.write_text(self.run.metrics_uri, "".join(json.dumps(record) + "\n" for record in trainer.history))
-        if self.on_checkpoint:
+        storage.write_text(self.run.metrics_uri, history)
+        on_checkpoint = self.on_checkpoint
+        if on_checkpoint is None:
+            return None
+
+        def record() -> None:
             for kind, checkpoint in refs.items():
-                self.on_checkpoint(kind, checkpoint)
+                on_checkpoint(kind, checkpoint)
+
+        return record
+
+
+class AwaitUploads(HookBase):
+    """Registered after the checkpoint hooks: a failed checkpoint upload stops the run at the next step; the run
+    ends with its uploads done.
+
+    At the end rank 0 waits for its uploads, and every rank waits for rank 0 at a barrier through
+    gloo (never inside nccl) for at most `timeout_s`: the ranks of a job must not end before its
+    last checkpoints are in the store (an elastic PyTorchJob is done once any of its pods is).
+    """
+
+    def __init__(self, uploads: BackgroundUploads, timeout_s: float) -> None:
+        self.uploads, self.timeout_s = uploads, timeout_s
+
+    def after_step(self) -> None:
+        self.uploads.deliver()
+
+    def after_train(self) -> None:
+        self.uploads.wait()
+        comm.barrier(self.timeout_s)
+
+    def close(self) -> None:
+        self.uploads.close()

@@ -53,8 +53,13 @@ class LossConfig:
         check_choice("loss.frame_reduction", self.frame_reduction, ("mean", "sum"))
 
 
-def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool) -> nn.Module:
-    """`Sam3LossWrapper`; box-count normalisation is global (all-reduced) under torch.distributed."""
+def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool, per_rank: bool = False) -> nn.Module:
+    """`Sam3LossWrapper`; box-count normalisation is global (all-reduced) under torch.distributed.
+
+    `per_rank=True` normalises by this rank's own boxes (sam3's "local"): no collective, for work
+    that ranks share out unevenly (validation clips), where a global all-reduce per frame would
+    find ranks that have no frame left.
+    """
     from sam3.train.loss.loss_fns import Boxes, IABCEMdetr, Masks
     from sam3.train.loss.sam3_loss import Sam3LossWrapper
     from sam3.train.matcher import BinaryOneToManyMatcher
@@ -90,6 +95,6 @@ def build_loss(cfg: LossConfig, num_queries: int, with_masks: bool) -> nn.Module
         o2m_matcher=BinaryOneToManyMatcher(alpha=cfg.o2m_alpha, threshold=cfg.o2m_threshold, topk=cfg.o2m_topk),
         o2m_weight=cfg.o2m_weight,
         use_o2m_matcher_on_o2m_aux=False,
-        normalization="global" if distributed else "local",
+        normalization="global" if distributed and not per_rank else "local",
         normalize_by_stage_num=cfg.frame_reduction == "mean",
     )

@@ -29,6 +29,14 @@ class OptimConfig:
     def __post_init__(self) -> None:
         check_float("optim.lr", self.lr, 0.0, 10.0, low_open=True)
         check_float("optim.weight_decay", self.weight_decay, 0.0)
+        if self.lr * self.weight_decay >= 1.0:
+            # AdamW scales every decayed weight by (1 - lr * weight_decay) per step: at 1 or more it
+            # zeroes or flips the weights, and they diverge in a few steps
+            raise ConfigError(
+                f"optim.weight_decay={self.weight_decay!r}: with optim.lr={self.lr!r} each step scales the weights "
+                f"by 1 - lr * weight_decay = {1 - self.lr * self.weight_decay:.3g}; keep lr * weight_decay below 1 "
+                "(typical weight_decay: 0.01 to 0.1)"
+            )
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
             raise ConfigError(f"optim.betas={self.betas!r}: expected two numbers, e.g. [0.9, 0.999]")
         for beta in self.betas:

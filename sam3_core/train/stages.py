@@ -32,7 +32,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from sam3_core.config_checks import check_bool, check_choice, check_float
+from sam3_core.config_checks import check_bool, check_choice, check_float, check_uri
 from sam3_core.model.config import LoraConfig
 from sam3_core.train.tracker_loss import TrackerLossConfig
 
@@ -100,6 +100,9 @@ class TrackerTrainConfig:
 
     # memory | memory_decoder | all (see sam3_core.train.stages)
     trainable: str = "memory_decoder"
+    # a checkpoint whose tracker (`tracker.*` and the tracker's neck) the run starts from, in place of
+    # model.uri's: SAM3's sam3.pt or an export beside a detector trained here; "" = model.uri's (or as built)
+    tracker_uri: str = ""
     # the ground truth, not the predicted object score, decides whether a frame's memory holds the object
     teacher_force_obj_scores: bool = True
     # probability of dropping part of the spatial memory when a frame is tracked (sam3's knob; 0: off)
@@ -113,6 +116,7 @@ class TrackerTrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("tracker_train.trainable", self.trainable, TRACKER_PRESETS)
+        check_uri("tracker_train.tracker_uri", self.tracker_uri)
         check_bool("tracker_train.teacher_force_obj_scores", self.teacher_force_obj_scores)
         check_float("tracker_train.spatial_memory_dropout", self.spatial_memory_dropout, 0.0, 1.0)
         check_choice("tracker_train.joint", self.joint, JOINT_MODES)

@@ -20,7 +20,7 @@ from sam3_core.data.loading import pin_tensors
 from sam3_core.data.tracker_clips import JointBatch, TrackerBatch, TrackerClipDataset, collate_tracker_clips
 from sam3_core.data.ytvis import to_json
 from sam3_core.predict.vos import VideoPropagation, frame_images
-from sam3_core.train.task import ClipTask
+from sam3_core.train.task import ClipTask, matcher_divergence
 from sam3_core.train.tracker_loss import TERMS, TrackerLoss
 from sam3_core.train.trainer import HookBase
 from sam3_core.train.validation import spread
@@ -83,8 +83,9 @@ class JointTask:
                 return {"loss": self.detector.losses(model, batch.detector)["loss"]}
             tracked = self.tracker.tracked_losses(model(batch.tracker), batch.tracker)
             return {"loss": self.tracker_weight * tracked["tracker_loss"]}
-        stages, tracked = model(batch)
-        detector = self.detector.stage_losses(stages, batch.detector)
+        with matcher_divergence():
+            stages, tracked = model(batch)
+            detector = self.detector.stage_losses(stages, batch.detector)
         tracker = self.tracker.tracked_losses(tracked, batch.tracker)
         total = detector["loss"] + self.tracker_weight * tracker["tracker_loss"]
         return {**detector, "detector_loss": detector["loss"], **tracker, "loss": total}

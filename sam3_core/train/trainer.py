@@ -100,6 +100,9 @@ class HookBase:
     def after_train(self) -> None:
         """Once, after the last step."""
 
+    def close(self) -> None:
+        """Once, when `fit` ends, after `after_train` or on an error: release what the hook holds."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -309,19 +312,23 @@ class Trainer:
             hook.after_step()
 
     def fit(self) -> Trainer:
-        """Run the hooks' `before_train`, steps up to `max_steps`, then `after_train`."""
-        for hook in self.hooks:
-            hook.before_train()
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not comm.is_main(), unit="step")
+        """Run the hooks' `before_train`, steps up to `max_steps`, `after_train`, and in any case `close`."""
         try:
-            while self.step < self.max_steps:
-                self.train_step()
-                bar.update(1)
-                if "train/loss" in self.step_metrics:
-                    bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
+            for hook in self.hooks:
+                hook.before_train()
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not comm.is_main(), unit="step")
+            try:
+                while self.step < self.max_steps:
+                    self.train_step()
+                    bar.update(1)
+                    if "train/loss" in self.step_metrics:
+                        bar.set_postfix(loss=f"{self.step_metrics['train/loss']:.3f}")
+            finally:
+                bar.close()
+                self.data.close()
+            for hook in self.hooks:
+                hook.after_train()
         finally:
-            bar.close()
-            self.data.close()
-        for hook in self.hooks:
-            hook.after_train()
+            for hook in self.hooks:
+                hook.close()
         return self

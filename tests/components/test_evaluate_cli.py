@@ -143,6 +143,7 @@ def test_cli_prints_one_json_line_and_publishes_metrics_table_and_plot(tmp_path)
     assert set(printed["metrics"]) == FRAME_METRICS
     assert printed["metrics"]["segm_AP"] == pytest.approx(1.0)
     assert sorted(p.name for p in output.parent.iterdir()) == [
+        "evaluate_settings.json",
         "metrics.json",
         "per_category.csv",
         "per_category.md",
@@ -332,6 +333,7 @@ def test_reads_inputs_from_s3_and_publishes_there(s3_bucket, tmp_path):
     assert outputs["metrics_uri"] == f"{s3_bucket}/run/eval/metrics.json"
     assert storage.read_json(outputs["metrics_uri"]) == outputs["metrics"]
     assert storage.list_files(f"{s3_bucket}/run/eval") == [
+        "evaluate_settings.json",
         "metrics.json",
         "per_category.csv",
         "per_category.md",
@@ -368,6 +370,7 @@ def test_sa_co_gt_with_sam3_predictions_publishes_every_family_the_per_pair_resu
     } <= set(metrics)
     assert json.loads(output.read_text()) == metrics
     assert sorted(p.name for p in output.parent.iterdir()) == [
+        "evaluate_settings.json",
         "metrics.json",
         "per_category.csv",
         "per_category.md",

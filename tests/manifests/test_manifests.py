@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from pipeline.settings import load_settings
-from tests.fixtures.paths import REPO, SCHEMAS
+from tests.fixtures.fake_k8s import CLUSTERTRAININGRUNTIME_CRD, TRAININGRUNTIME_CRD, load_crd_validator
+from tests.fixtures.paths import REPO
+from tests.fixtures.strategic_merge import merge
 
 MANIFESTS = REPO / "manifests"
 KUSTOMIZATIONS = ["base", "overlays/local-minio", "overlays/aws-s3"]
@@ -26,27 +28,6 @@ SUPPORTED_FIELDS = {"apiVersion", "kind", "namespace", "resources", "patches"}
 # Secrets the user creates (manifests/README.md) or Kubeflow Pipelines already provides
 EXTERNAL_SECRETS = {"mlpipeline-minio-artifact", "sam3pipe-postgres", "sam3pipe-s3"}
 CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.IGNORECASE)
-
-
-def merge(target: Any, patch: Any) -> Any:
-    """Strategic merge as kustomize does it for these fields: maps merge, lists of named items
-    merge by name, other lists are replaced."""
-    if isinstance(target, dict) and isinstance(patch, dict):
-        out = dict(target)
-        for key, value in patch.items():
-            out[key] = merge(target[key], value) if key in target else copy.deepcopy(value)
-        return out
-    named = isinstance(patch, list) and all(isinstance(i, dict) and "name" in i for i in patch)
-    if named and isinstance(target, list) and all(isinstance(i, dict) and "name" in i for i in target):
-        out = list(target)
-        for item in patch:
-            index = next((i for i, existing in enumerate(out) if existing["name"] == item["name"]), None)
-            if index is None:
-                out.append(copy.deepcopy(item))
-            else:
-                out[index] = merge(out[index], item)
-        return out
-    return copy.deepcopy(patch)
 
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
@@ -200,25 +181,54 @@ def test_local_overlay_shrinks_the_database_volume() -> None:
 
 
 TRAINER_V2 = MANIFESTS / "trainer-v2"
-RUNTIME_CRD = SCHEMAS / "trainer.kubeflow.org_clustertrainingruntimes.excerpt.yaml"
 
 
 @pytest.fixture(scope="module")
-def runtime() -> dict[str, Any]:
-    (doc,) = render(TRAINER_V2)
-    return doc
+def trainer_v2() -> list[dict[str, Any]]:
+    return render(TRAINER_V2)
 
 
-def test_trainer_v2_runtime_passes_the_cluster_training_runtime_crd(runtime) -> None:
-    from tests.fixtures.fake_k8s import load_crd_validator
+@pytest.fixture(scope="module")
+def runtime(trainer_v2) -> dict[str, Any]:
+    return find(trainer_v2, "ClusterTrainingRuntime", load_settings().trainjob.runtime)
 
-    validator = load_crd_validator(RUNTIME_CRD, "v1alpha1")
+
+def test_trainer_v2_runtime_passes_trainer_v2_3_cluster_training_runtime_crd(runtime) -> None:
+    validator = load_crd_validator(CLUSTERTRAININGRUNTIME_CRD, "v1alpha1")
 
     assert runtime["kind"] == "ClusterTrainingRuntime" and "namespace" not in runtime["metadata"]
     assert validator.errors(runtime) == []
     broken = copy.deepcopy(runtime)
     broken["spec"]["template"]["spec"]["failurePolicy"]["maxRestart"] = 2
     assert any("maxRestart" in error for error in validator.errors(broken))
+
+
+def test_trainer_v2_runtime_copied_as_a_namespaced_training_runtime_passes_its_crd(runtime) -> None:
+    # manifests/README.md: a profile namespace may hold the runtime as a TrainingRuntime instead
+    namespaced = copy.deepcopy(runtime)
+    namespaced["kind"] = "TrainingRuntime"
+    namespaced["metadata"]["namespace"] = "kubeflow-user-example-com"
+
+    assert load_crd_validator(TRAININGRUNTIME_CRD, "v1alpha1").errors(namespaced) == []
+
+
+def test_trainer_v2_runtime_sets_no_process_count_of_its_own(runtime) -> None:
+    # Trainer v2.3's torch policy has no numProcPerNode: the TrainJob sets it (pipeline/trainjob.py)
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+
+
+def test_trainer_v2_rbac_lets_the_launcher_read_the_trainjob_crd_only(trainer_v2) -> None:
+    from pipeline import trainjob
+
+    role = find(trainer_v2, "ClusterRole", "sam3pipe-crd-reader")
+    binding = find(trainer_v2, "ClusterRoleBinding", "sam3pipe-crd-reader")
+    for doc in (role, binding):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+    (rule,) = role["rules"]
+    assert rule["resourceNames"] == [trainjob.KIND.crd_name] and rule["verbs"] == ["get"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"} in binding["subjects"]
 
 
 def test_trainer_v2_runtime_jobs_pass_strict_kubernetes_validation(runtime) -> None:
@@ -238,7 +248,6 @@ def test_trainer_v2_runtime_is_what_the_trainjobs_reference(runtime) -> None:
     pod = node["template"]["spec"]["template"]["spec"]
 
     assert runtime["metadata"]["name"] == settings.trainjob.runtime
-    assert runtime["spec"]["mlPolicy"]["torch"] == {}
     # the Trainer puts the TrainJob's trainer (image, command, resources) into this job's "node" container
     assert (
         node["name"] == "node"

@@ -309,3 +309,44 @@ def test_a_local_sweep_refuses_an_unknown_parameter_before_any_step(tmp_path, mo
     assert status == 2
     assert len(errors) == 1 and errors[0].startswith("error: command line: max_step: not a pipeline parameter")
     assert not (tmp_path / ".sam3pipe").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["run", "--local", "lr=-1"], "lr: must be a finite number > 0, got -1.0"),
+        (["sweep", "--local", "--spec", '{"frames_per_clip": [2]}', "max_steps=-5"], "max_steps: must be >= 1, got -5"),
+        (["compile", "lr=-1"], "lr: must be a finite number > 0, got -1.0"),
+        (["compile", "--sweep", '{"frames_per_clip": [2]}', "training_mode=slurm"], "training_mode: must be one of"),
+    ],
+)
+def test_a_bad_parameter_value_is_one_error_line_before_anything_runs(
+    argv: list[str], says: str, tmp_path, monkeypatch, capsys, caplog
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    status, out, errors = cli(*argv, capsys=capsys, caplog=caplog)
+
+    assert status == 2 and out == ""
+    assert len(errors) == 1 and errors[0].startswith(f"error: command line: {says}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_parameter_value_is_refused_before_anything_is_submitted(fake_kfp, capsys, caplog) -> None:
+    status, out, errors = cli("submit", "--host", fake_kfp["url"], "max_steps=-5", capsys=capsys, caplog=caplog)
+
+    assert status == 2 and out == ""
+    assert len(errors) == 1 and "command line: max_steps: must be >= 1, got -5" in errors[0]
+    assert fake_kfp["requests"] == []
+
+
+def test_compile_makes_the_given_values_and_profile_the_packages_defaults(tmp_path: Path) -> None:
+    result = sam3pipe("compile", "--output", "demo.yaml", "profile=demo", "max_steps=50", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    inputs = components.load_component_from_file(str(tmp_path / "demo.yaml")).component_spec.inputs
+    assert (inputs["max_steps"].default, inputs["lr"].default, inputs["best_metric"].default) == (
+        50,
+        1e-3,
+        "val/bbox_AP",
+    )

@@ -68,7 +68,7 @@ def test_the_fan_out_width_is_an_integer_pipeline_parameter(tmp_path: Path) -> N
     width = spec["root"]["inputDefinitions"]["parameters"]["data_prep_shards"]
     assert width["parameterType"] == "NUMBER_INTEGER" and width["defaultValue"] == 1
     plan = spec["root"]["dag"]["tasks"]["data-prep-plan"]
-    assert plan["inputs"]["parameters"]["shards"]["componentInputParameter"] == "data_prep_shards"
+    assert plan["inputs"]["parameters"]["data_prep_shards"]["componentInputParameter"] == "data_prep_shards"
     fan_out = spec["components"]["comp-data-prep"]["dag"]["tasks"]
     loop = next(task for task in fan_out.values() if "parameterIterator" in task)
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--shards"

@@ -10,8 +10,8 @@ import yaml
 from kfp import components
 
 from pipeline.compile import compile_pipeline
+from pipeline.component_bodies import plan_training
 from pipeline.settings import load_settings
-from pipeline.steps import plan_training
 from sam3_core.errors import ConfigError, InputError
 
 PLANTED_SECRET = "planted-secret-value-9f8e7d"
@@ -58,11 +58,12 @@ def test_package_loads_back_with_kfp(compiled: Path) -> None:
     assert {"source", "max_steps", "training_mode", "gpus"} <= set(loaded.component_spec.inputs)
 
 
-def test_dag_is_data_prep_train_predict_evaluate(spec) -> None:
+def test_dag_is_checks_then_data_prep_train_predict_evaluate(spec) -> None:
     dag = tasks(spec)
 
-    assert set(dag) == {"data-prep-plan", "data-prep", "plan-training", "train", "predict", "evaluate"}
-    assert set(dag["train"]["dependentTasks"]) == {"data-prep", "plan-training"}
+    assert set(dag) == {"check-parameters", "data-prep-plan", "data-prep", "train", "predict", "evaluate"}
+    assert dag["data-prep-plan"]["dependentTasks"] == ["check-parameters"]
+    assert set(dag["train"]["dependentTasks"]) == {"data-prep", "check-parameters"}
     assert "train" in dag["predict"]["dependentTasks"]
     assert "predict" in dag["evaluate"]["dependentTasks"]
 
@@ -84,9 +85,9 @@ def test_only_data_prep_is_cached(spec) -> None:
 
     # the shards and the merge inside "data-prep" reuse the plan's published dataset themselves
     assert caching == {
+        "check-parameters": False,
         "data-prep-plan": True,
         "data-prep": False,
-        "plan-training": False,
         "train": False,
         "predict": False,
         "evaluate": False,
@@ -98,29 +99,29 @@ def test_train_gpus_come_from_the_plan_and_predict_gpus_from_a_parameter(spec) -
     predict_gpus = container(spec, "predict")["resources"]["accelerator"]
 
     assert train_gpus["resourceType"] == predict_gpus["resourceType"] == "nvidia.com/gpu"
-    assert tasks(spec)["train"]["inputs"]["parameters"]["pipelinechannel--plan-training-pod_gpus"][
+    assert tasks(spec)["train"]["inputs"]["parameters"]["pipelinechannel--check-parameters-pod_gpus"][
         "taskOutputParameter"
     ] == {
         "outputParameterKey": "pod_gpus",
-        "producerTask": "plan-training",
+        "producerTask": "check-parameters",
     }
     assert "predict_gpus" in predict_gpus["resourceCount"]
-    for step in ("data-prep-plan", "data-prep-shard", "data-prep-merge"):
-        assert "accelerator" not in container(spec, step).get("resources", {})
+    for component in ("data-prep-plan", "data-prep-shard", "data-prep-merge"):
+        assert "accelerator" not in container(spec, component).get("resources", {})
 
 
-def test_gpu_steps_get_node_placement_and_shared_memory(platform) -> None:
-    for step in ("exec-train", "exec-predict"):
-        assert platform[step]["nodeSelector"]["labels"] == {"pool": "a100"}
-        assert platform[step]["tolerations"][0]["key"] == "nvidia.com/gpu"
-        assert platform[step]["emptyDirMounts"] == [
+def test_gpu_components_get_node_placement_and_shared_memory(platform) -> None:
+    for component in ("exec-train", "exec-predict"):
+        assert platform[component]["nodeSelector"]["labels"] == {"pool": "a100"}
+        assert platform[component]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert platform[component]["emptyDirMounts"] == [
             {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
         ]
     assert "nodeSelector" not in platform["exec-evaluate"]
 
 
-def test_every_step_gets_object_store_credentials_from_the_kfp_secret(platform) -> None:
-    for step in (
+def test_every_component_gets_object_store_credentials_from_the_kfp_secret(platform) -> None:
+    for component in (
         "exec-data-prep-plan",
         "exec-data-prep-shard",
         "exec-data-prep-merge",
@@ -128,16 +129,16 @@ def test_every_step_gets_object_store_credentials_from_the_kfp_secret(platform) 
         "exec-predict",
         "exec-evaluate",
     ):
-        secrets = {s["secretName"]: s for s in platform[step]["secretAsEnv"]}
+        secrets = {s["secretName"]: s for s in platform[component]["secretAsEnv"]}
         keys = {m["secretKey"]: m["envVar"] for m in secrets["mlpipeline-minio-artifact"]["keyToEnv"]}
         assert keys == {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
-        assert platform[step]["configMapAsEnv"][0]["configMapName"] == "sam3pipe-env"
+        assert platform[component]["configMapAsEnv"][0]["configMapName"] == "sam3pipe-env"
 
 
-def test_mlflow_uri_comes_from_a_secret_for_the_tracked_steps(platform) -> None:
+def test_mlflow_uri_comes_from_a_secret_for_the_tracked_components(platform) -> None:
     tracked = {
-        step
-        for step, config in platform.items()
+        component
+        for component, config in platform.items()
         if any(s["secretName"] == "sam3pipe-mlflow" for s in config.get("secretAsEnv", []))
     }
 
@@ -151,11 +152,11 @@ def test_package_holds_no_secret_value(compiled: Path) -> None:
     assert "AKIA" not in text
 
 
-def test_steps_run_the_configured_image_and_install_nothing(spec) -> None:
+def test_components_run_the_configured_image_and_install_nothing(spec) -> None:
     for executor in spec["deploymentSpec"]["executors"].values():
-        step = executor["container"]
-        assert step["image"] == "registry.example.com/sam3pipe:1.2.3"
-        assert "pip install" not in " ".join(step["command"] + step.get("args", []))
+        component = executor["container"]
+        assert component["image"] == "registry.example.com/sam3pipe:1.2.3"
+        assert "pip install" not in " ".join(component["command"] + component.get("args", []))
 
 
 def test_timeouts_and_retries_follow_the_settings(spec, platform) -> None:
@@ -164,7 +165,7 @@ def test_timeouts_and_retries_follow_the_settings(spec, platform) -> None:
     assert platform["exec-train"]["activeDeadlineSeconds"] == str(settings.train.timeout_s)
     assert tasks(spec)["train"]["retryPolicy"]["maxRetryCount"] == settings.train.retries
     assert tasks(spec)["data-prep-plan"]["retryPolicy"]["maxRetryCount"] == settings.data_prep.retries
-    assert "retryPolicy" not in tasks(spec)["plan-training"]
+    assert "retryPolicy" not in tasks(spec)["check-parameters"]
 
 
 @pytest.mark.parametrize("mode", ["pytorchjob", "trainjob"])
@@ -185,7 +186,7 @@ def test_trainjob_launch_settings_name_the_runtime(spec) -> None:
 
 @pytest.mark.parametrize(("mode", "gpus", "pod_gpus"), [("pod", 4, 4), ("pytorchjob", 4, 0), ("trainjob", 4, 0)])
 def test_the_train_pod_requests_gpus_only_when_it_trains_itself(mode: str, gpus: int, pod_gpus: int) -> None:
-    assert plan_training(mode, gpus, 1) == pod_gpus
+    assert plan_training({"training_mode": mode, "gpus": gpus, "nodes": 1}) == pod_gpus
 
 
 @pytest.mark.parametrize(
@@ -200,10 +201,10 @@ def test_the_train_pod_requests_gpus_only_when_it_trains_itself(mode: str, gpus:
 )
 def test_bad_training_parameters_are_refused_before_training(mode: str, gpus: int, nodes: int, field: str) -> None:
     with pytest.raises(InputError, match=f"pipeline parameters: {field}:"):
-        plan_training(mode, gpus, nodes)
+        plan_training({"training_mode": mode, "gpus": gpus, "nodes": nodes})
 
 
-def test_the_launchers_give_up_on_their_job_before_kfp_kills_the_train_step() -> None:
+def test_the_launchers_give_up_on_their_job_before_kfp_kills_the_train_component() -> None:
     settings = load_settings()
 
     assert settings.pytorchjob.timeout_s < settings.train.timeout_s
@@ -211,7 +212,7 @@ def test_the_launchers_give_up_on_their_job_before_kfp_kills_the_train_step() ->
 
 
 @pytest.mark.parametrize("mode", ["pytorchjob", "trainjob"])
-def test_a_job_timeout_not_below_the_train_step_timeout_is_refused(mode: str) -> None:
+def test_a_job_timeout_not_below_the_train_component_timeout_is_refused(mode: str) -> None:
     with pytest.raises(ConfigError, match=rf"{mode}.timeout_s \(7200\) must be smaller than train.timeout_s \(3600\)"):
         load_settings(
             ["pytorchjob.timeout_s=60", "trainjob.timeout_s=60", f"{mode}.timeout_s=7200", "train.timeout_s=3600"]

@@ -1,5 +1,5 @@
 """The PyTorchJob launcher: the manifests it generates, how it drives a job to its end, and how the
-job's rank 0 hands the step's outputs back.
+job's rank 0 hands the component's outputs back.
 
 Jobs are checked against the Training Operator v1.9.0 CRD schema (strict about unknown fields);
 the launcher talks HTTP to the fake API server of tests/fixtures/fake_k8s.py and hands outputs
@@ -27,6 +27,7 @@ from pipeline.jobs import TrainingJobError as PyTorchJobError
 from pipeline.settings import load_settings
 from sam3_core import storage
 from sam3_core.errors import ConfigError
+from tests.fixtures.network import free_port
 from tests.fixtures.paths import REPO
 
 
@@ -50,13 +51,13 @@ def rank0_writes(outputs: dict[str, Any]) -> Any:
     """Play the job's rank 0: write `outputs` where the job's command says to."""
 
     def write(job: dict[str, Any]) -> None:
-        args = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+        args = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
         storage.write_json(args[args.index("--outputs") + 1], outputs)
 
     return write
 
 
-def container(job: dict[str, Any], replica: str = "Master") -> dict[str, Any]:
+def container(job: dict[str, Any], replica: str = "Worker") -> dict[str, Any]:
     return job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]["containers"][0]
 
 
@@ -66,32 +67,42 @@ def test_template_is_a_valid_pytorchjob(pytorchjob_schema) -> None:
 
 def test_strict_schema_rejects_a_misspelt_field(pytorchjob_schema) -> None:
     job = pytorchjob.KIND.load_template()
-    job["spec"]["pytorchReplicaSpecs"]["Master"]["replica"] = 1
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["replica"] = 1
     assert any("replica" in error for error in pytorchjob_schema.errors(job))
 
 
-def test_multi_node_job_has_master_workers_and_gpus(pytorchjob_schema, launch) -> None:
+def test_multi_node_job_has_one_worker_pod_per_node_with_its_gpus(pytorchjob_schema, launch) -> None:
     job = pytorchjob.build_job(
         "sam3pipe-run1", "team-a", ["-m", "x"], 3, 4, launch, {"SAM3PIPE_PIPELINE_RUN_ID": "run1"}
     )
 
     assert pytorchjob_schema.errors(job) == []
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
+    assert list(replicas) == ["Worker"] and replicas["Worker"]["replicas"] == 3
     assert job["spec"]["nprocPerNode"] == "4"
-    for replica in ("Master", "Worker"):
-        assert container(job, replica)["image"] == "registry.example.com/sam3pipe:1.2.3"
-        assert container(job, replica)["resources"]["limits"]["nvidia.com/gpu"] == 4
-        assert replicas[replica]["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
+    assert container(job)["image"] == "registry.example.com/sam3pipe:1.2.3"
+    assert container(job)["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert replicas["Worker"]["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
 
 
-def test_single_node_cpu_job_has_no_workers_and_no_gpu_limit(pytorchjob_schema, launch) -> None:
+def test_single_node_cpu_job_has_one_worker_and_no_gpu_limit(pytorchjob_schema, launch) -> None:
     job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 1, 0, launch, {})
 
     assert pytorchjob_schema.errors(job) == []
-    assert "Worker" not in job["spec"]["pytorchReplicaSpecs"]
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
     assert job["spec"]["nprocPerNode"] == "1"
+
+
+def test_the_job_restarts_every_worker_together_through_a_fixed_size_c10d_rendezvous(pytorchjob_schema, launch) -> None:
+    job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 3, 4, launch, {})
+
+    assert pytorchjob_schema.errors(job) == []
+    policy = job["spec"]["elasticPolicy"]
+    assert (policy["rdzvBackend"], policy["minReplicas"], policy["maxReplicas"]) == ("c10d", 3, 3)
+    assert policy["maxRestarts"] == launch.backoff_limit
+    # a pod whose torchrun died comes back and rejoins (the others restart with it)
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "OnFailure"
 
 
 def test_finished_job_is_garbage_collected_by_the_operator(pytorchjob_schema, launch) -> None:
@@ -138,12 +149,12 @@ def test_successful_job_returns_rank0_outputs_and_is_deleted(fake_k8s, launch, s
 def test_failed_job_fails_the_launcher_and_is_deleted(fake_k8s, launch, s3_bucket) -> None:
     fake_k8s.script = ["Created", "Running", "Failed"]
 
-    fake_k8s.reasons["Failed"] = ("PyTorchJobFailed", "PyTorchJob run-2 is failed because 1 Master replica(s) failed.")
+    fake_k8s.reasons["Failed"] = ("PyTorchJobFailed", "PyTorchJob run-2 is failed because 1 Worker replica(s) failed.")
 
     with pytest.raises(PyTorchJobError) as failure:
         launch_training([], launch, "run-2", 1, 1, s3_bucket, {}, api=fake_k8s.api())
 
-    assert "failed: PyTorchJobFailed: PyTorchJob run-2 is failed because 1 Master replica(s) failed." in str(
+    assert "failed: PyTorchJobFailed: PyTorchJob run-2 is failed because 1 Worker replica(s) failed." in str(
         failure.value
     )
     assert "kubectl logs -n team-a -l training.kubeflow.org/job-name=sam3pipe-run-2" in str(failure.value)
@@ -279,3 +290,72 @@ def test_only_rank_0_hands_the_step_outputs_back(tmp_path, rank: str, writes: bo
     assert outputs.exists() is writes
     if writes:
         assert Path(json.loads(outputs.read_text())["dataset_uri"], "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------------------- restarts, with real torchrun
+
+
+def operator_env(job: dict[str, Any], node_rank: int, host: str, port: int) -> dict[str, str]:
+    """The torchrun variables the Training Operator v1.9.0 gives pod `node_rank` of `job`
+    (pkg/controller.v1/pytorch/envvar.go, master.go and elastic.go at tag v1.9.0), with the pods'
+    Service names replaced by `host` and their ports by `port`."""
+    spec = job["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    env = {"PET_NPROC_PER_NODE": spec["nprocPerNode"]}
+    if "Master" in replicas:
+        world = sum(r["replicas"] for r in replicas.values()) * int(spec["nprocPerNode"])
+        env.update(
+            MASTER_ADDR=host,
+            PET_MASTER_ADDR=host,
+            MASTER_PORT=str(port),
+            PET_MASTER_PORT=str(port),
+            WORLD_SIZE=str(world),
+            RANK=str(node_rank),
+            PET_NODE_RANK=str(node_rank),
+        )
+    elastic = spec.get("elasticPolicy")
+    if elastic is None:
+        env["PET_NNODES"] = str(sum(r["replicas"] for r in replicas.values()))
+        return env
+    env.update(
+        PET_RDZV_ENDPOINT=f"{host}:{port}",
+        PET_RDZV_BACKEND=elastic.get("rdzvBackend", "c10d"),
+        PET_NNODES=f"{elastic['minReplicas']}:{elastic['maxReplicas']}",
+    )
+    if "maxRestarts" in elastic:
+        env["PET_MAX_RESTARTS"] = str(elastic["maxRestarts"])
+    return env
+
+
+@pytest.mark.integration
+def test_a_failed_worker_restarts_the_workers_of_every_pod_and_the_job_then_finishes(launch, tmp_path: Path) -> None:
+    # two pods' torchruns on this machine; the first rank 1 fails while rank 0 waits for it in a
+    # collective. One pod restarting alone would leave rank 0 waiting there past this test's timeout
+    # (restart_worker.WAIT_S; under nccl its watchdog, 30 min) and the job would fail
+    job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 0, launch, {})
+    port = free_port()
+    worker = str(Path(__file__).with_name("restart_worker.py"))
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", worker, str(tmp_path)],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **operator_env(job, node_rank, "127.0.0.1", port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for node_rank in range(2)
+    ]
+    logs = []
+    for agent in agents:
+        try:
+            logs.append(agent.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            os.killpg(agent.pid, signal.SIGKILL)
+            logs.append(agent.communicate()[0])
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert (tmp_path / "failed").exists()
+    # every rank ran again after the failure: rank 0's first process was stopped, not left waiting
+    joined = [path.name.split("-")[0] for path in tmp_path.glob("rank*-pid*")]
+    assert joined.count("rank0") >= 2 and joined.count("rank1") >= 2, joined

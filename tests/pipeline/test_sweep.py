@@ -13,8 +13,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline import steps, sweep
-from sam3_core import storage
+from pipeline import component_bodies, sweep
+from sam3_core import pipeline_parameters, storage
 from sam3_core.errors import InputError
 from sam3_core.mlflow_records import sweeps
 from sam3_core.mlflow_records.runs import TAG_COMPONENT, TAG_PIPELINE_RUN_ID, TAG_SWEEP_ID, RunSpec, open_runs
@@ -23,14 +23,14 @@ from sam3_core.mlflow_records.sweeps import TrialResult
 
 @pytest.fixture(autouse=True)
 def outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The local MLflow store keeps artifacts under ./.sam3pipe; steps set the tracking env vars."""
+    """The local MLflow store keeps artifacts under ./.sam3pipe; components set the tracking env vars."""
     monkeypatch.chdir(tmp_path)
     for name in ("SAM3PIPE_PIPELINE_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.setenv(name, "")
 
 
 class Pointer:
-    """A KFP output artifact, as a step sees it."""
+    """A KFP output artifact, as a component sees it."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.metadata = str(path), {}
@@ -84,7 +84,7 @@ def test_numbers_that_went_through_kfp_get_their_type_back() -> None:
     trial = sweep.plan_trials([{"frames_per_clip": 2.0, "train.log_every": 5.0, "lr": 1}], "d", "s")[0]
 
     assert sweep.settings(trial) == {"frames_per_clip": 2, "train.log_every": 5, "lr": 1.0}
-    assert sweep.hydra_overrides(trial, steps.hydra_value) == ["train.log_every=5"]
+    assert sweep.hydra_overrides(trial) == ["train.log_every=5"]
 
 
 def test_each_trial_has_its_own_pipeline_run_id_name_and_the_dataset() -> None:
@@ -101,7 +101,7 @@ def test_trial_settings_override_the_pipeline_parameters() -> None:
     params = sweep.parameters(trial, {"lr": 5e-4, "max_steps": 100})
 
     assert params == {"lr": 3e-4, "max_steps": 100}
-    assert sweep.hydra_overrides(trial, steps.hydra_value) == ["optim.weight_decay=0.05", "model.name='a b'"]
+    assert sweep.hydra_overrides(trial) == ["optim.weight_decay=0.05", "model.name='a b'"]
 
 
 @pytest.mark.parametrize(
@@ -181,56 +181,64 @@ TRIAL = {
     "dataset_uri": "d",
     "sweep_id": "sw1",
     "pipeline_run_id": "sw1-t0",
+    "registered_model": "m",
 }
 
 
-def test_a_failing_trial_step_records_why_and_lets_the_sweep_go_on(tmp_path: Path) -> None:
+def test_a_failing_trial_component_records_why_and_lets_the_sweep_go_on(tmp_path: Path) -> None:
     def work() -> str:
         raise RuntimeError("loss is nan at step 3")
 
-    assert steps.run_trial_step(TRIAL, "train", str(tmp_path), work) is None
+    assert component_bodies.run_trial_component(TRIAL, "train", str(tmp_path), work) is None
 
     record = storage.read_json(sweep.record_uri(str(tmp_path), TRIAL))
     assert record == {
         "trial_id": "t0",
         "status": "failed",
-        "step": "train",
+        "component": "train",
         "error": "train: RuntimeError: loss is nan at step 3",
     }
 
 
-def test_a_terminated_trial_step_is_not_swallowed(tmp_path: Path) -> None:
+def test_a_terminated_trial_component_is_not_swallowed(tmp_path: Path) -> None:
     def work() -> str:
-        raise SystemExit(143)  # SIGTERM, as the launchers turn it: KFP retries that step
+        raise SystemExit(143)  # SIGTERM, as the launchers turn it: KFP retries that component
 
     with pytest.raises(SystemExit):
-        steps.run_trial_step(TRIAL, "train", str(tmp_path), work)
+        component_bodies.run_trial_component(TRIAL, "train", str(tmp_path), work)
 
 
-def test_a_launcher_that_lost_the_kubernetes_api_fails_the_step_for_kfp_to_retry(tmp_path: Path) -> None:
+def test_a_launcher_that_lost_the_kubernetes_api_fails_the_component_for_kfp_to_retry(tmp_path: Path) -> None:
     from pipeline.jobs import KubernetesApiError
 
     def work() -> str:
         raise KubernetesApiError("trainjob team-a/x: get failed with HTTP 403 Forbidden")
 
     with pytest.raises(KubernetesApiError):
-        steps.run_trial_step(TRIAL, "train", str(tmp_path), work)
+        component_bodies.run_trial_component(TRIAL, "train", str(tmp_path), work)
 
     assert not storage.exists(sweep.record_uri(str(tmp_path), TRIAL))
 
 
 def test_predict_and_evaluate_skip_a_trial_whose_training_failed(tmp_path: Path) -> None:
     predictions = Pointer(tmp_path / "predictions")
+    shared = {"store": str(tmp_path), "mlflow_experiment": "e", "run_uri": "", "checkpoint_uri": "", "trial": TRIAL}
 
-    assert steps.predict_trial(TRIAL, "tiny", "", "", 0, str(tmp_path), "e", "m", [], predictions) == ""
-    assert steps.evaluate_trial(TRIAL, "", "", "", str(tmp_path), "e", "m", [], Metrics()) == ("", {})
+    predicted = component_bodies.predict(
+        {**shared, "model_preset": "tiny", "predict_gpus": 0, "predict_overrides": [], "predictions": predictions}
+    )
+    evaluated = component_bodies.evaluate(
+        {**shared, "evaluate_overrides": [], "predictions_uri": "", "metrics": Metrics()}
+    )
+
+    assert predicted == "" and evaluated == ("", {})
     assert json.loads(Path(predictions.path).read_text())["status"] == "skipped"
 
 
 def test_a_bad_trial_fails_alone_in_training(tmp_path: Path) -> None:
     model = Pointer(tmp_path / "model")
     bad = {**TRIAL, "params": {"optim.no_such_key": 1}}
-    base = {
+    arguments = {
         "model_preset": "tiny",
         "checkpoint": "",
         "max_steps": 1,
@@ -238,9 +246,19 @@ def test_a_bad_trial_fails_alone_in_training(tmp_path: Path) -> None:
         "batch_size": 1,
         "frames_per_clip": 2,
         "freeze_prefixes": [],
+        "best_metric": "val/segm_AP",
+        "store": str(tmp_path),
+        "mlflow_experiment": "e",
+        "training_mode": "pod",
+        "gpus": 0,
+        "nodes": 1,
+        "train_overrides": [],
+        "launch": {},
+        "model": model,
+        "trial": bad,
     }
 
-    outputs = steps.train_trial(bad, base, str(tmp_path), "pod", 0, 1, "e", "m", [], {}, model)
+    outputs = component_bodies.train(arguments)
 
     assert outputs == ("", "", "")
     record = storage.read_json(sweep.record_uri(str(tmp_path), bad))
@@ -305,16 +323,40 @@ def test_recording_a_sweep_compares_trials_and_registers_the_best(experiment: st
     assert {a.path for a in client.list_artifacts(sweep_run.info.run_id)} >= {"sweep_table.json", "sweep_table.md"}
 
 
+def sweep_arguments(
+    trials: list[dict[str, Any]],
+    sweep_id: str,
+    metric: str,
+    store: str,
+    experiment: str,
+    model: str,
+    table: Pointer | None = None,
+    metrics: Metrics | None = None,
+) -> dict[str, Any]:
+    """select_best's arguments, as its KFP component hands them over."""
+    return {
+        "trials": trials,
+        "sweep_id": sweep_id,
+        "sweep_metric": metric,
+        "sweep_mode": "max",
+        "store": store,
+        "mlflow_experiment": experiment,
+        "registered_model": model,
+        "table": table or Pointer(Path(store) / "t"),
+        "metrics": metrics or Metrics(),
+    }
+
+
 def test_select_best_fails_the_sweep_only_when_every_trial_failed(experiment: str, tmp_path: Path) -> None:
     trials = sweep.plan_trials([{"lr": 0.1}, {"lr": 0.2}], "d", "sw4")
     for trial in trials:
         sweep.write_record(str(tmp_path), trial, sweep.failed("train", RuntimeError("diverged")))
     sweeps.open_sweep(experiment, "sw4", {}, {})
 
-    with pytest.raises(steps.SweepFailedError, match=r"all 2 trials failed \(t0: train: RuntimeError: diverged; t1"):
-        steps.select_best(
-            trials, "sw4", "segm_AP", "max", str(tmp_path), experiment, "m", Pointer(tmp_path / "t"), Metrics()
-        )
+    with pytest.raises(
+        component_bodies.SweepFailedError, match=r"all 2 trials failed \(t0: train: RuntimeError: diverged; t1"
+    ):
+        component_bodies.select_best(sweep_arguments(trials, "sw4", "segm_AP", str(tmp_path), experiment, "m"))
 
     assert storage.exists(storage.join(sweep.sweep_root(str(tmp_path), "sw4"), "sweep_table.json"))
     assert runs_by_tag(MlflowClient(), experiment, TAG_COMPONENT)["sweep"].info.status == "FAILED"
@@ -326,8 +368,8 @@ def test_select_best_picks_among_the_trials_that_succeeded(experiment: str, tmp_
     sweep.write_record(str(tmp_path), trials[1], sweep.succeeded({"segm_AP": 0.25}, str(tmp_path / "b.pt"), "r", "m"))
     table, metrics = Pointer(tmp_path / "table.md"), Metrics()
 
-    outcome = steps.select_best(
-        trials, "sw5", "eval/segm_AP", "max", str(tmp_path), experiment, "m-sw5", table, metrics
+    outcome = component_bodies.select_best(
+        sweep_arguments(trials, "sw5", "eval/segm_AP", str(tmp_path), experiment, "m-sw5", table, metrics)
     )
 
     assert (outcome["best_trial"], outcome["value"], outcome["succeeded"]) == ("t1", 0.25, 1)
@@ -336,11 +378,11 @@ def test_select_best_picks_among_the_trials_that_succeeded(experiment: str, tmp_
     assert storage.read_json(outcome["outcome_uri"]) == outcome
 
 
-def test_bad_training_knobs_stop_the_sweep_before_any_trial(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="pipeline parameters: nodes: training_mode=pod runs on one node"):
-        steps.plan_sweep([], {"lr": [0.1]}, "d", "sw6", "segm_AP", "max", 2, "pod", 0, 2, str(tmp_path), "e")
+def test_bad_training_knobs_stop_the_sweep_in_its_first_component() -> None:
+    values = {**pipeline_parameters.defaults(pipeline_parameters.SWEEP), "sweep_grid": {"lr": [0.1]}, "nodes": 2}
 
-    assert not storage.exists(storage.join(sweep.sweep_root(str(tmp_path), "sw6"), "trials.json"))
+    with pytest.raises(InputError, match="pipeline parameters: nodes: training_mode=pod runs on one node"):
+        component_bodies.check_parameters({**values, "pipeline": pipeline_parameters.SWEEP})
 
 
 def test_a_metric_no_trial_reports_fails_the_sweep_after_writing_its_table(experiment: str, tmp_path: Path) -> None:
@@ -349,9 +391,7 @@ def test_a_metric_no_trial_reports_fails_the_sweep_after_writing_its_table(exper
     sweeps.open_sweep(experiment, "sw7", {}, {})
 
     with pytest.raises(InputError, match="'mask_AP' is not an evaluation metric"):
-        steps.select_best(
-            trials, "sw7", "mask_AP", "max", str(tmp_path), experiment, "m", Pointer(tmp_path / "t"), Metrics()
-        )
+        component_bodies.select_best(sweep_arguments(trials, "sw7", "mask_AP", str(tmp_path), experiment, "m"))
 
     assert storage.exists(storage.join(sweep.sweep_root(str(tmp_path), "sw7"), "sweep_table.json"))
     assert runs_by_tag(MlflowClient(), experiment, TAG_COMPONENT)["sweep"].info.status == "FAILED"

@@ -1,5 +1,5 @@
 """The compiled sweep pipeline: one data prep, a ParallelFor over the planned trials with the
-configured parallelism, a last step that runs even after failed trials, and no secret values."""
+configured parallelism, a last component that runs even after failed trials, and no secret values."""
 
 from __future__ import annotations
 
@@ -57,13 +57,22 @@ def loop_task(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def test_one_data_prep_then_a_parallel_for_over_the_planned_trials(spec) -> None:
     name, loop = loop_task(spec)
 
-    assert set(root_tasks(spec)) == {"data-prep-plan", "data-prep", "plan-sweep", name, "select-best"}
+    assert set(root_tasks(spec)) == {
+        "check-parameters",
+        "data-prep-plan",
+        "data-prep",
+        "plan-sweep",
+        name,
+        "select-best",
+    }
+    assert root_tasks(spec)["data-prep-plan"]["dependentTasks"] == ["check-parameters"]
     assert root_tasks(spec)["plan-sweep"]["dependentTasks"] == ["data-prep"]
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--plan-sweep-Output"}
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    assert set(body) == {"plan-training", "train-trial", "predict-trial", "evaluate-trial"}
-    assert "train-trial" in body["predict-trial"]["dependentTasks"]
-    assert "predict-trial" in body["evaluate-trial"]["dependentTasks"]
+    # a trial runs the pipeline's own train, predict and evaluate components
+    assert set(body) == {"plan-training", "train", "predict", "evaluate"}
+    assert "train" in body["predict"]["dependentTasks"]
+    assert "predict" in body["evaluate"]["dependentTasks"]
 
 
 def test_the_trials_run_with_the_configured_parallelism(spec) -> None:
@@ -100,25 +109,25 @@ def test_only_the_data_prep_plan_is_cached(spec) -> None:
     assert caching == {name: name == "data-prep-plan" for name in caching}
 
 
-def test_trial_steps_get_secrets_by_name_and_gpus_on_gpu_nodes(executors) -> None:
-    for step in (
+def test_trial_components_get_secrets_by_name_and_gpus_on_gpu_nodes(executors) -> None:
+    for component in (
         "exec-plan-sweep",
-        "exec-train-trial",
-        "exec-predict-trial",
-        "exec-evaluate-trial",
+        "exec-train",
+        "exec-predict",
+        "exec-evaluate",
         "exec-select-best",
     ):
-        names = {s["secretName"] for s in executors[step]["secretAsEnv"]}
-        assert names == {"mlpipeline-minio-artifact", "sam3pipe-mlflow"}, step
-    for step in ("exec-train-trial", "exec-predict-trial"):
-        assert executors[step]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
-        assert executors[step]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        names = {s["secretName"] for s in executors[component]["secretAsEnv"]}
+        assert names == {"mlpipeline-minio-artifact", "sam3pipe-mlflow"}, component
+    for component in ("exec-train", "exec-predict"):
+        assert executors[component]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        assert executors[component]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
 def test_trial_training_launches_jobs_with_secret_references(spec) -> None:
     _, loop = loop_task(spec)
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    launch = body["train-trial"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
+    launch = body["train"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
 
     for mode in ("pytorchjob", "trainjob"):
         refs = {e["name"]: e["valueFrom"] for e in launch[mode]["env"]}

@@ -1,9 +1,9 @@
 """A 2x1 sweep on the tiny preset, end to end through `sam3pipe sweep --local` (kfp.local's own
-ParallelFor, every step a subprocess running the component code), then what it left in the store,
+ParallelFor, every component a subprocess), then what it left in the store,
 the MLflow store and the Model Registry.
 
 The sweep runs once for the module: tiny synthetic videos, a 56 px model, 2 training steps per
-trial, torch on one thread in every step.
+trial, torch on one thread in every component.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline import steps
 from pipeline.cli import main
-from sam3_core import storage
+from sam3_core import pipeline_parameters, storage
 from sam3_core.mlflow_records import sweeps
 from sam3_core.mlflow_records.runs import SWEEP, TAG_COMPONENT, TAG_PIPELINE_RUN_ID, TAG_SWEEP_ID
 from tests.fixtures.datasets import TINY_MODEL
@@ -73,6 +72,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SweepRun]:
                     "2",
                     "--pipeline-root",
                     str(home / "kfp"),
+                    "profile=demo",
                     "max_steps=2",
                     "batch_size=1",
                     f"registered_model={MODEL}",
@@ -118,10 +118,11 @@ def test_both_trials_run_to_the_end_and_the_best_is_reported(swept: SweepRun) ->
     assert "| t0 |" in swept.stdout and "| t1 |" in swept.stdout
 
 
-def test_the_pipelines_training_keeps_the_checkpoint_with_the_best_box_ap(swept: SweepRun) -> None:
+def test_the_demo_profiles_training_keeps_the_checkpoint_with_the_best_box_ap(swept: SweepRun) -> None:
     train_run = swept.components["t0"]["train"]
 
-    assert train_run.data.params["train.best_metric"] == steps.DEFAULT_BEST_METRIC == "val/bbox_AP"
+    demo = pipeline_parameters.PROFILES["demo"]
+    assert train_run.data.params["train.best_metric"] == demo["best_metric"] == "val/bbox_AP"
 
 
 def test_the_store_holds_one_sweep_parent_with_two_trial_runs(swept: SweepRun) -> None:

@@ -1,22 +1,28 @@
-"""The TrainJob launcher (training_mode=trainjob, Kubeflow Trainer v2): the TrainJobs it generates,
-and the same guarantees as the PyTorchJob launcher (create, watch, success, failure with the job's
-reason, SIGTERM clean-up, adoption on retry).
+"""The TrainJob launcher (training_mode=trainjob, Kubeflow Trainer v2.2+): the TrainJobs it generates,
+the check of the cluster's CRD, and the same guarantees as the PyTorchJob launcher (create, watch,
+success, failure with the job's reason, SIGTERM clean-up, adoption on retry).
 
-Jobs are checked against the vendored TrainJob CRD schema (strict about unknown fields); the
-launcher talks HTTP to the fake API server of tests/fixtures/fake_k8s.py serving trainjobs and
-hands outputs back through a real (moto) S3 bucket.
+Jobs are checked against Kubeflow Trainer v2.3.0's vendored TrainJob CRD schema (strict about unknown
+fields); the runtime patch is merged into the shipped runtime as the Trainer merges it (strategic
+merge) and checked against Kubernetes' batch/v1 schema. The launcher talks HTTP to the fake API server
+of tests/fixtures/fake_k8s.py serving trainjobs and their CRD, and hands outputs back through a real
+(moto) S3 bucket.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import logging
+import re
 import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -25,9 +31,14 @@ from pipeline.jobs import LaunchSettings, TrainingJobError
 from pipeline.settings import load_settings
 from sam3_core import storage
 from sam3_core.errors import ConfigError
+from tests.fixtures.fake_k8s import crd_validator
 from tests.fixtures.paths import REPO
+from tests.fixtures.strategic_merge import merge
 
 RUNTIME_MANIFEST = REPO / "manifests/trainer-v2/cluster-training-runtime.yaml"
+# k8s.io/apimachinery's IsDomainPrefixedPath, which the Trainer's webhook applies to a patch's manager
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+HTTP_PATH = re.compile(r"^[A-Za-z0-9/\-._~%!$&'()*+,;=:]+$")
 
 
 @pytest.fixture
@@ -57,13 +68,83 @@ def rank0_writes(outputs: dict[str, Any]) -> Any:
 
 
 def node_override(job: dict[str, Any]) -> dict[str, Any]:
-    (override,) = job["spec"]["podSpecOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    return override
+    """The pod spec of the launcher's (only) runtime patch, for the runtime's `node` job."""
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"
+    return node["template"]["spec"]["template"]["spec"]
+
+
+def runtime_manifest() -> dict[str, Any]:
+    return yaml.safe_load(RUNTIME_MANIFEST.read_text(encoding="utf-8"))
+
+
+def older_trainer_crd(crd: dict[str, Any]) -> dict[str, Any]:
+    """The TrainJob CRD as Trainer v2.1 had it: podSpecOverrides, no runtimePatches."""
+    old = copy.deepcopy(crd)
+    spec = old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    del spec["runtimePatches"]
+    spec["podSpecOverrides"] = {
+        "type": "array",
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    }
+    return old
 
 
 def test_template_is_a_valid_trainjob(trainjob_schema) -> None:
     assert trainjob_schema.errors(trainjob.KIND.load_template()) == []
+
+
+def test_template_uses_runtime_patches_not_the_removed_pod_spec_overrides(trainjob_schema) -> None:
+    job = trainjob.KIND.load_template()
+    job["spec"]["podSpecOverrides"] = job["spec"].pop("runtimePatches")
+
+    assert any("'podSpecOverrides' was unexpected" in error for error in trainjob_schema.errors(job))
+
+
+def test_runtime_patch_manager_is_a_domain_prefixed_path() -> None:
+    domain, _, path = trainjob.MANAGER.partition("/")
+
+    assert DNS1123_SUBDOMAIN.match(domain) and len(domain) <= 253 and path and HTTP_PATH.match(path)
+    assert [p["manager"] for p in trainjob.KIND.load_template()["spec"]["runtimePatches"]] == [trainjob.MANAGER]
+
+
+def test_runtime_patch_keeps_to_what_the_trainer_lets_a_patch_change(launch) -> None:
+    job = trainjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 4, launch, {"A": "b"})
+    runtime = runtime_manifest()
+    containers = {
+        r["name"]: {c["name"] for c in r["template"]["spec"]["template"]["spec"]["containers"]}
+        for r in runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    }
+
+    (patch,) = job["spec"]["runtimePatches"]
+    for replicated in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+        pod = replicated["template"]["spec"]["template"]["spec"]
+        # the webhook refuses unknown jobs and containers, and env for the node container
+        assert {c["name"] for c in pod.get("containers", [])} <= containers[replicated["name"]]
+        assert all("env" not in c for c in pod.get("containers", []))
+
+
+def test_runtime_patch_merged_into_the_runtime_gives_node_pods_placement_account_and_shm(launch) -> None:
+    job = trainjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 4, launch, {})
+    runtime = runtime_manifest()
+    (patch,) = job["spec"]["runtimePatches"]
+
+    merged = merge(runtime["spec"]["template"]["spec"], patch["trainingRuntimeSpec"]["template"]["spec"])
+
+    (node,) = merged["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "sam3pipe-trainer" and pod["nodeSelector"] == {"pool": "h100"}
+    assert pod["securityContext"]["runAsNonRoot"] is True  # the runtime's, kept
+    (container,) = pod["containers"]
+    assert container["image"] and {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    batch_job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "node"},
+        "spec": node["template"]["spec"],
+    }
+    kubernetes_validate.validate(batch_job, "1.30", strict=True)
 
 
 def test_strict_schema_rejects_a_misspelt_trainer_field(trainjob_schema) -> None:
@@ -87,7 +168,7 @@ def test_multi_node_job_has_nodes_gpus_image_and_placement(trainjob_schema, laun
 
 def test_job_references_the_shipped_cluster_training_runtime(launch) -> None:
     job = trainjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 1, 1, launch, {})
-    runtime = yaml.safe_load(RUNTIME_MANIFEST.read_text(encoding="utf-8"))
+    runtime = runtime_manifest()
 
     assert job["spec"]["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org",
@@ -95,7 +176,8 @@ def test_job_references_the_shipped_cluster_training_runtime(launch) -> None:
         "name": runtime["metadata"]["name"],
     }
     replicated = {r["name"] for r in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
-    assert {target["name"] for target in node_override(job)["targetJobs"]} <= replicated
+    (patch,) = job["spec"]["runtimePatches"]
+    assert {r["name"] for r in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]} <= replicated
 
 
 def test_single_node_cpu_job_requests_no_gpu(trainjob_schema, launch) -> None:
@@ -217,9 +299,74 @@ def test_refused_status_read_leaves_the_job_for_a_retried_launcher(fake_trainer,
 
 
 def test_a_cluster_without_trainer_v2_is_named_in_the_error(fake_k8s, launch, s3_bucket) -> None:
-    # fake_k8s serves pytorchjobs only: trainjobs are a 404, as without the Trainer's CRD
-    with pytest.raises(TrainingJobError, match=r"HTTP 404 .*is Kubeflow Trainer v2 installed"):
+    # fake_k8s serves pytorchjobs only: the trainjobs CRD is a 404, as without the Trainer
+    with pytest.raises(
+        TrainingJobError, match=r"trainjobs.trainer.kubeflow.org is not installed: .*is Kubeflow Trainer"
+    ):
         launch_training([], launch, "run-13", 1, 1, s3_bucket, {}, api=fake_k8s.api())
+
+
+def test_a_trainer_older_than_v2_2_stops_the_launch_with_one_line(
+    fake_trainer, trainjob_crd, launch, s3_bucket
+) -> None:
+    fake_trainer.crd = older_trainer_crd(trainjob_crd)
+
+    with pytest.raises(TrainingJobError) as failure:
+        launch_training([], launch, "run-14", 2, 1, s3_bucket, {}, api=fake_trainer.api())
+
+    message = str(failure.value)
+    assert "\n" not in message and "does not know spec.runtimePatches" in message
+    assert "Kubeflow Trainer v2.2 and later" in message and "v2.3.0" in message
+    assert fake_trainer.created == [] and fake_trainer.crd_reads == 1
+
+
+def test_a_crd_that_does_not_serve_v1alpha1_stops_the_launch(fake_trainer, trainjob_crd, launch, s3_bucket) -> None:
+    fake_trainer.crd = copy.deepcopy(trainjob_crd)
+    fake_trainer.crd["spec"]["versions"][0]["name"] = "v1"
+
+    with pytest.raises(TrainingJobError, match=r"does not serve trainer.kubeflow.org/v1alpha1 \(it serves v1\)"):
+        launch_training([], launch, "run-15", 1, 1, s3_bucket, {}, api=fake_trainer.api())
+
+    assert fake_trainer.created == []
+
+
+def test_an_unreadable_crd_leaves_the_check_to_strict_field_validation(
+    fake_trainer, trainjob_crd, launch, s3_bucket, caplog
+) -> None:
+    # no RBAC to read CRDs, on a Trainer v2.1: the API server refuses the unknown field (no silent prune)
+    fake_trainer.crd_error = 403
+    fake_trainer.validator = crd_validator(older_trainer_crd(trainjob_crd), "v1alpha1")
+
+    with caplog.at_level(logging.WARNING), pytest.raises(TrainingJobError) as failure:
+        launch_training([], launch, "run-16", 1, 1, s3_bucket, {}, api=fake_trainer.api())
+
+    assert "could not read CRD trainjobs.trainer.kubeflow.org (HTTP 403" in caplog.text
+    assert "HTTP 400" in str(failure.value) and "runtimePatches" in str(failure.value)
+    assert fake_trainer.create_queries == ["fieldValidation=Strict"] and fake_trainer.jobs == {}
+
+
+def test_jobs_are_created_with_strict_field_validation(fake_trainer, launch, s3_bucket) -> None:
+    fake_trainer.on_success = rank0_writes({"run_uri": "r"})
+
+    launch_training([], launch, "run-17", 1, 1, s3_bucket, {}, api=fake_trainer.api())
+
+    assert fake_trainer.create_queries == ["fieldValidation=Strict"]
+
+
+def test_the_launcher_logs_the_progress_rank_0_reports(fake_trainer, launch, s3_bucket, caplog) -> None:
+    fake_trainer.script = ["Created", "Created", "Complete"]
+    fake_trainer.progress = {
+        "progressPercentage": 45,
+        "estimatedRemainingSeconds": 120,
+        "metrics": [{"name": "train/loss", "value": "0.25"}],
+        "lastUpdatedTime": "2026-08-01T12:00:00Z",
+    }
+    fake_trainer.on_success = rank0_writes({"run_uri": "r"})
+
+    with caplog.at_level(logging.INFO):
+        launch_training([], launch, "run-18", 1, 1, s3_bucket, {}, api=fake_trainer.api())
+
+    assert caplog.text.count("45% done, about 120 s left; train/loss=0.25") == 1
 
 
 def test_job_that_never_finishes_times_out_and_is_deleted(fake_trainer, launch, s3_bucket) -> None:
@@ -275,3 +422,42 @@ def test_trainjob_launch_settings_come_from_the_trainjob_settings() -> None:
     launch = LaunchSettings.from_settings(settings, settings.trainjob)
 
     assert (launch.runtime, launch.cpu) == ("team-runtime", "4")
+
+
+def test_unknown_fields_follow_objects_lists_and_maps_and_stop_at_open_objects() -> None:
+    schema = {
+        "properties": {
+            "spec": {
+                "properties": {
+                    "items": {"type": "array", "items": {"properties": {"name": {"type": "string"}}}},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                    "byName": {"type": "object", "additionalProperties": {"properties": {"a": {"type": "string"}}}},
+                }
+            }
+        }
+    }
+    obj = {
+        "spec": {
+            "items": [{"name": "x"}, {"name": "y", "extra": 1}],
+            "labels": {"any": "thing"},
+            "open": {"whatever": {"deep": 1}},
+            "byName": {"k": {"a": "1", "b": "2"}},
+            "podSpecOverrides": [],
+        },
+        "status": {},
+    }
+
+    assert jobs.unknown_fields(schema, obj) == [
+        "spec.items[1].extra",
+        "spec.byName.k.b",
+        "spec.podSpecOverrides",
+        "status",
+    ]
+
+
+def test_every_generated_trainjob_field_is_known_to_trainer_v2_3(trainjob_crd, launch) -> None:
+    job = trainjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 8, launch, {"A": "b"})
+    schema = trainjob_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+    assert jobs.unknown_fields(schema, job) == []

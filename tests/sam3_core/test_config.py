@@ -130,3 +130,21 @@ def test_a_uri_with_an_unsupported_scheme_is_a_config_error_naming_the_key():
     check_uri("output.uri", "s3://b/x")
     check_uri("output.uri", "file:///x")
     check_uri("output.uri", "relative/x")
+
+
+@pytest.mark.parametrize("store", ["", "/data/elsewhere"])
+def test_every_component_stores_under_sam3pipe_store_else_the_one_local_default(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sam3_core import storage
+    from sam3_core.data.prep import DataPrepConfig
+    from sam3_core.train.config import TrainConfig
+
+    monkeypatch.setenv(storage.STORE_ENV, store)
+
+    stores = {
+        load_config("data_prep", DataPrepConfig).store,
+        load_config("train", TrainConfig, ["data.uri=/d"]).output.store,
+        _predict().output.store,
+    }
+    assert stores == {store or storage.DEFAULT_STORE}

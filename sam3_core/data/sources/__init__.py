@@ -25,9 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from sam3_core import storage
 from sam3_core.data import synthetic
 from sam3_core.data.synthetic import SyntheticConfig
 from sam3_core.data.ytvis import VideoDataset, read_annotation_json
+from sam3_core.errors import InputError
+from sam3_core.storage.local import local_path
 
 if TYPE_CHECKING:
     from sam3_core.data.sources.vos import VosConfig
@@ -69,6 +72,24 @@ class Source:
     description: dict[str, Any]
     # the source's own split (split name -> video ids), e.g. DAVIS's ImageSets; None when it has none
     split: dict[str, list[int]] | None = None
+
+
+def check_inside(root: str, uri: str, annotations: str, path: str) -> None:
+    """A local frame must lie below `root` once symlinks are followed: file names are confined to
+    frames_root (no '..'), and a link must not take a file from elsewhere into the dataset unseen."""
+    if storage.is_remote(root):
+        return
+    try:
+        base, target = local_path(root).resolve(), local_path(uri).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: reading it fails with its own message
+        return
+    if not target.is_relative_to(base):
+        raise InputError(
+            annotations,
+            path,
+            f"{uri} leads to {target}, outside frames_root={root} (a symbolic link); copy the file into "
+            "frames_root, or point frames_root at a folder that holds it",
+        )
 
 
 def json_sha256(obj: Any) -> str:

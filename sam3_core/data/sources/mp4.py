@@ -25,7 +25,7 @@ import av
 import numpy as np
 
 from sam3_core import storage
-from sam3_core.data.sources import Source, VideoFile, describe
+from sam3_core.data.sources import Source, VideoFile, check_inside, describe
 from sam3_core.data.sources.saco import negatives_from_pairs, with_negatives
 from sam3_core.data.ytvis import validate
 from sam3_core.errors import InputError
@@ -42,13 +42,18 @@ def load(annotations: str, frames_root: str, raw: Any, fps: float, video_ids: Co
     if negatives or "video_np_pairs" in raw:
         dataset = with_negatives(dataset, negatives, {a["category_id"] for a in raw["annotations"]})
     files = {v["id"]: v["file_name"] for v in raw["videos"]}
+    paths = {v.id: f"videos[{i}]" for i, v in enumerate(dataset.videos)}
+    for video in dataset.videos:
+        check_inside(
+            frames_root, storage.join(frames_root, files[video.id]), annotations, f"{paths[video.id]}.file_name"
+        )
     description = describe("mp4", annotations, raw)
     description["fps"] = fps
     return Source(
         annotations=annotations,
         dataset=dataset,
         frames={v.id: VideoFile(storage.join(frames_root, files[v.id]), fps, indices[v.id]) for v in dataset.videos},
-        paths={v.id: f"videos[{i}]" for i, v in enumerate(dataset.videos)},
+        paths=paths,
         description=description,
     )
 

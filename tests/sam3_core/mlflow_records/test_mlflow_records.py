@@ -62,8 +62,14 @@ class DemoConfig:
 
 
 def fast_tracking(**overrides: object) -> MlflowConfig:
-    """Short intervals so the tests do not wait on the defaults meant for long trainings."""
+    """Short intervals so the tests do not wait on the defaults meant for long trainings.
+
+    The recorder works in the test's process (`background=False`): these tests pin what it records
+    and when (outages timed against its calls, its warnings in caplog); test_background.py, the
+    KFP tests and the tracked pipelines run it in its helper process.
+    """
     values: dict[str, object] = {
+        "background": False,
         "pipeline_run_id": uuid.uuid4().hex,
         "flush_interval_s": 0.1,
         "retry_initial_s": 0.1,
@@ -360,26 +366,17 @@ def test_planted_credentials_never_reach_params_tags_or_artifacts(
 
 
 def test_evaluation_artifacts_are_logged_for_the_ui(mlflow_tracking: MlflowServer, tmp_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     metrics_json = tmp_path / "metrics.json"
     metrics_json.write_text('{"bbox_AP": 0.5}')
     frame = Image.new("RGB", (16, 16))
-    figure, axes = plt.subplots()
-    axes.plot([0.0, 1.0], [1.0, 0.0])
     with component_run(fast_tracking(), "evaluate", DemoConfig()) as run:
         run.log_file(str(metrics_json))
         run.log_table([{"category": "cat", "AP": 0.5}, {"category": "dog", "AP": 0.25}], "per_category.json")
-        run.log_figure(figure, "pr_curve.png")
         run.log_image(draw_masks(frame, [np.eye(16, dtype=bool)], ["cat 0.9"]), "frames/video1_0003.png")
         run.log_summary("evaluation", {"bbox_AP": 0.5})
-    plt.close(figure)
     client = MlflowClient()
     paths = {a.path for folder in (None, "frames") for a in client.list_artifacts(run.run_id, folder)}
-    assert {"config.yaml", "metrics.json", "per_category.json", "pr_curve.png", "summary.txt"} <= paths
+    assert {"config.yaml", "metrics.json", "per_category.json", "summary.txt"} <= paths
     assert "frames/video1_0003.png" in paths
     table = mlflow.load_table("per_category.json", run_ids=[run.run_id])
     assert table.to_dict("records") == [{"category": "cat", "AP": 0.5}, {"category": "dog", "AP": 0.25}]
@@ -556,7 +553,7 @@ def test_the_local_state_folder_follows_sam3pipe_home(monkeypatch: pytest.Monkey
 
 
 def test_the_parent_params_are_picked_from_the_config_and_sections_give_one_param_per_leaf() -> None:
-    from sam3_core.mlflow_records.component_runs import parent_params
+    from sam3_core.mlflow_records.recorder import parent_params
 
     flat = {"optim.lr": 3e-4, "train.max_steps": 50, "model.lora.rank": 8, "model.lora.alpha": 16, "data.uri": "x"}
     mapping = {"lr": "optim.lr", "max_steps": "train.max_steps", "lora": "model.lora", "frames": "data.clips.frames"}

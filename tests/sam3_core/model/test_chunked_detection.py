@@ -1,8 +1,10 @@
-"""Chunked multi-process video detection: same outputs on 1 and 2 ranks, any direction, bounded memory."""
+"""Video detection: prompt batches give the outputs of one batch; frames spread over ranks give the
+single-process results, gathered only to the rank that owns the video."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,17 @@ from sam3_core.model.build import build_detector
 from sam3_core.model.chunked_detection import (
     ChunkedVideoDetector,
     DetectionConfig,
+    detection_bytes,
     frame_detector,
+    suppress_duplicates,
 )
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.video_detector import VideoClipDetector
+from sam3_core.predict.postprocess import PostprocessConfig, batched_frame_detections
 from tests.fixtures.network import free_port
 
-NUM_FRAMES = 5  # not a multiple of 2: the last chunk is partial
-PROMPTS = ["red circle", "blue square"]
+NUM_FRAMES = 5  # not a multiple of 2 or 3: the last chunk is partial
+PROMPTS = ["red circle", "blue square", "green ring", "yellow star", "white cross"]
 MODEL = ModelConfig(image_size=56, vit_pretrain_img_size=56, num_queries=8)
 
 
@@ -32,82 +37,106 @@ def _frames() -> list[np.ndarray]:
     return [rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8) for _ in range(NUM_FRAMES)]
 
 
-def _run_video(reverse: bool, nms: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+def _detect(prompt_batch: int = 0):
     model = VideoClipDetector(build_detector(MODEL)).eval()
     frames = _frames()
-    detect = frame_detector(model, PROMPTS, lambda f: frame_to_tensor(frames[f], MODEL.image_size))
-    detector = ChunkedVideoDetector(detect, DetectionConfig(reverse=reverse, nms=nms))
-    return {frame: {k: v.clone() for k, v in out.items()} for frame, out in detector.run(NUM_FRAMES)}
+    return frame_detector(
+        model,
+        PROMPTS,
+        lambda f: frame_to_tensor(frames[f], MODEL.image_size),
+        DetectionConfig(prompt_batch=prompt_batch),
+    )
 
 
-def _worker(rank: int, world: int, port: int, reverse: bool, out_dir: str) -> None:
+def _video_results(reverse: bool, owner: int | None) -> list[tuple[int, dict]]:
+    """(frame, kept detections as a dict) in the order `run` yields them on this rank."""
+    detect = _detect(prompt_batch=2)
+
+    def detections(frame: int) -> dict:
+        found = batched_frame_detections(detect(frame), list(range(len(PROMPTS))), frame, (40, 48), PostprocessConfig())
+        return vars(found)
+
+    return list(ChunkedVideoDetector(detections, reverse=reverse).run(NUM_FRAMES, owner=owner))
+
+
+def _worker(rank: int, world: int, port: int, reverse: bool, owner: int | None, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(_run_video(reverse), Path(out_dir) / f"rank{rank}.pt")
+        (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(_video_results(reverse, owner)))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def single_process_outputs(torch_single_thread) -> dict[int, dict[str, torch.Tensor]]:
-    """One thread, like each rank: a reduction split over another thread count sums in another
-    order, and float32 results then differ by a few ulps (1.2e-6 seen), so the comparison below
-    is only exact-to-rounding when both sides run the same kernels on one thread."""
-    return _run_video(reverse=False)
+def single_process(torch_single_thread) -> dict[bool, list[tuple[int, dict]]]:
+    """One thread, like each rank (a reduction split over other thread counts rounds differently)."""
+    return {reverse: _video_results(reverse, owner=None) for reverse in (False, True)}
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_prompt_batches_give_the_outputs_of_all_prompts_at_once(torch_single_thread) -> None:
+    whole = list(_detect(prompt_batch=0)(1))
+    batched = list(_detect(prompt_batch=2)(1))
+    assert [out["pred_logits"].shape[0] for out in batched] == [2, 2, 1]
+    assert len(whole) == 1
+    for key, expected in whole[0].items():
+        torch.testing.assert_close(torch.cat([out[key] for out in batched]), expected, rtol=0, atol=1e-5)
+
+
+def test_reverse_order_visits_frames_backwards_with_the_same_results(single_process) -> None:
+    forward, backward = single_process[False], single_process[True]
+    assert [frame for frame, _ in backward] == list(range(NUM_FRAMES - 1, -1, -1))
+    assert dict(backward) == dict(forward)
+
+
 @pytest.mark.integration
-def test_two_ranks_give_every_rank_the_single_process_outputs(tmp_path, single_process_outputs, reverse):
-    mp.spawn(_worker, args=(2, free_port(), reverse, str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        outputs = torch.load(tmp_path / f"rank{rank}.pt")
-        assert sorted(outputs) == list(range(NUM_FRAMES))
-        for frame in range(NUM_FRAMES):
-            for key, expected in single_process_outputs[frame].items():
-                torch.testing.assert_close(outputs[frame][key], expected, rtol=0, atol=1e-6)
+@pytest.mark.parametrize(("world", "reverse", "owner"), [(2, False, None), (2, True, 1), (3, False, 2)])
+def test_ranks_give_the_single_process_results_and_only_the_owner_receives_them(
+    tmp_path: Path, single_process, world: int, reverse: bool, owner: int | None
+) -> None:
+    mp.spawn(_worker, args=(world, free_port(), reverse, owner, str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        results = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        if owner is not None and rank != owner:
+            assert results == []
+            continue
+        assert [frame for frame, _ in results] == [frame for frame, _ in single_process[reverse]]
+        for (_, got), (_, expected) in zip(results, single_process[reverse]):
+            assert got["category_ids"] == expected["category_ids"] and got["rles"] == expected["rles"]
+            np.testing.assert_allclose(got["scores"], expected["scores"], rtol=0, atol=1e-6)
 
 
-def test_reverse_order_visits_frames_backwards_with_the_same_outputs(single_process_outputs):
-    model = VideoClipDetector(build_detector(MODEL)).eval()
-    frames = _frames()
-    detect = frame_detector(model, PROMPTS, lambda f: frame_to_tensor(frames[f], MODEL.image_size))
-    visited = []
-    for frame, out in ChunkedVideoDetector(detect, DetectionConfig(reverse=True)).run(NUM_FRAMES):
-        visited.append(frame)
-        torch.testing.assert_close(out["pred_boxes"], single_process_outputs[frame]["pred_boxes"], rtol=0, atol=0)
-    assert visited == list(range(NUM_FRAMES - 1, -1, -1))
+def test_each_frame_is_processed_once_by_a_single_process() -> None:
+    calls: list[int] = []
+    results = list(ChunkedVideoDetector(lambda frame: calls.append(frame) or frame * 10).run(6))
+    assert calls == list(range(6))
+    assert results == [(frame, frame * 10) for frame in range(6)]
 
 
-def test_buffer_holds_at_most_the_current_and_next_chunk():
-    calls = []
-
-    def detect(frame: int) -> dict[str, torch.Tensor]:
-        calls.append(frame)
-        return {"pred_logits": torch.full((1, 2, 1), float(frame)), "pred_boxes": torch.zeros(1, 2, 4)}
-
-    detector = ChunkedVideoDetector(detect, DetectionConfig())
-    for frame, out in detector.run(6):
-        assert float(out["pred_logits"][0, 0, 0]) == frame
-        assert len(detector.buffered_frames) <= 2 * detector.world_size
-    assert calls == list(range(6))  # each frame computed once, one chunk ahead
-
-
-def test_mask_nms_lowers_the_logit_of_a_duplicate_detection():
+def test_mask_nms_lowers_the_logit_of_a_duplicate_detection() -> None:
     mask = torch.zeros(8, 8)
     mask[2:6, 2:6] = 10.0
-
-    def detect(frame: int) -> dict[str, torch.Tensor]:
-        return {
-            "pred_logits": torch.tensor([[[3.0], [2.0], [1.0]]]),
-            "pred_boxes": torch.zeros(1, 3, 4),
-            "pred_masks": torch.stack([mask, mask, -mask])[None],
-        }
-
-    cfg = DetectionConfig(nms=True, nms_prob_threshold=0.5, nms_iou_threshold=0.5)
-    ((_, out),) = ChunkedVideoDetector(detect, cfg).run(1)
+    out = {
+        "pred_logits": torch.tensor([[[3.0], [2.0], [1.0]]]),
+        "pred_boxes": torch.zeros(1, 3, 4),
+        "pred_masks": torch.stack([mask, mask, -mask])[None],
+    }
+    suppress_duplicates(out, prob_threshold=0.5, iou_threshold=0.5)
     logits = out["pred_logits"][0, :, 0]
     assert logits[0] == 3.0  # the best of the duplicates is kept
     assert logits[1] < -1e3  # its duplicate is suppressed
+
+
+def test_detection_memory_grows_with_the_prompt_batch_not_with_the_vocabulary() -> None:
+    big = ModelConfig(image_size=1008, vit_pretrain_img_size=1008)
+    assert detection_bytes(100_000, big, prompt_batch=16) < detection_bytes(100_000, big, prompt_batch=0) / 100
+    assert detection_bytes(16, big, prompt_batch=16) == detection_bytes(16, big, prompt_batch=0)
+
+
+@pytest.mark.parametrize("field", ["prompt_batch", "amp"])
+def test_invalid_detection_settings_are_config_errors(field: str) -> None:
+    from sam3_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"detection.{field}"):
+        DetectionConfig(**{field: -1 if field == "prompt_batch" else "fp16"})

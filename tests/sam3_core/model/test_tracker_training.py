@@ -19,11 +19,15 @@ from sam3_core.data.tracker_clips import (
     collate_tracker_clips,
 )
 from sam3_core.data.ytvis import Category, Video, VideoDataset
+from sam3_core.errors import InputError
+from sam3_core.model.checkpoint import save_checkpoint
 from sam3_core.model.config import ModelConfig
+from sam3_core.model.tracker import TRACKER_NECK_PREFIX
 from sam3_core.model.tracker_training import (
     TrackingSettings,
     build_video_clip_model,
     error_click,
+    load_tracker_weights,
     prepare_tracker,
     track_clips,
 )
@@ -137,3 +141,34 @@ def test_a_click_on_a_perfect_prediction_is_negative_on_the_background_and_a_gro
     points, labels = error_click(gt, None, generator)
     x, y = (int(v) for v in points[0, 0])
     assert int(labels[0, 0]) == POSITIVE and gt[0, 0, y, x]
+
+
+def _tracker_part(key: str) -> bool:
+    return key.startswith(("tracker.", TRACKER_NECK_PREFIX))
+
+
+@pytest.mark.integration
+def test_a_tracker_start_takes_the_whole_tracker_and_its_neck_and_no_detector_weight(
+    tmp_path, torch_single_thread
+) -> None:
+    tiny = ModelConfig(image_size=IMAGE_SIZE, vit_pretrain_img_size=IMAGE_SIZE)
+    module = build_video_clip_model(tiny)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    source = build_video_clip_model(dataclasses.replace(tiny, init_seed=3)).state_dict()
+    uri = str(tmp_path / "sam3.pt")
+    save_checkpoint(source, uri, step=0)  # flat, as SAM3's sam3.pt
+    load_tracker_weights(module, uri)
+    after = module.state_dict()
+    assert all(torch.equal(after[k], source[k]) for k in after if _tracker_part(k))
+    assert all(torch.equal(after[k], before[k]) for k in after if not _tracker_part(k))
+    assert not all(torch.equal(source[k], before[k]) for k in after if _tracker_part(k))
+
+
+@pytest.mark.integration
+def test_a_tracker_start_without_a_tracker_is_refused_naming_a_missing_weight(tmp_path, torch_single_thread) -> None:
+    module = build_video_clip_model(ModelConfig(image_size=IMAGE_SIZE, vit_pretrain_img_size=IMAGE_SIZE))
+    detector_only = {k: v for k, v in module.state_dict().items() if not _tracker_part(k)}
+    uri = str(tmp_path / "detector.pt")
+    save_checkpoint({"model": detector_only}, uri, step=0)
+    with pytest.raises(InputError, match=r"detector\.pt: \S+: missing, with \d+ more tracker weights"):
+        load_tracker_weights(module, uri)

@@ -15,6 +15,7 @@ from sam3_core.errors import ConfigError, InputError
 from sam3_core.predict.postprocess import (
     FrameDetections,
     PostprocessConfig,
+    batched_frame_detections,
     coco_bbox_results,
     coco_segm_results,
     frame_detections,
@@ -114,6 +115,31 @@ def test_prompt_count_must_match_category_ids() -> None:
     outputs = _outputs([[0.9], [0.8]], presence=[0.9, 0.9])
     with pytest.raises(InputError, match="2 prompts but 1 category ids"):
         frame_detections(outputs, [4], image_id=1, original_size=(HEIGHT, WIDTH), cfg=PostprocessConfig())
+
+
+def _split(outputs: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """The outputs as the detector gives them in prompt batches of `sizes`."""
+    parts = {key: value.split(sizes) for key, value in outputs.items()}
+    return [{key: parts[key][i] for key in outputs} for i in range(len(sizes))]
+
+
+@pytest.mark.parametrize("sizes", [[1, 1, 1, 1, 1], [2, 3], [4, 1]])
+def test_prompt_batches_keep_the_detections_of_all_prompts_at_once(sizes: list[int]) -> None:
+    # ties (0.6 on prompts 0, 2 and 4) are ordered by prompt then query however the prompts are batched
+    probs = [[0.6, 0.1, 0.9], [0.2, 0.8, 0.3], [0.6, 0.7, 0.05], [0.95, 0.5, 0.4], [0.6, 0.6, 0.2]]
+    outputs = _outputs(probs, presence=[0.99] * 5)
+    cfg = PostprocessConfig(top_k=7, score_threshold=0.3)
+    ids = [10, 11, 12, 13, 14]
+    whole = frame_detections(outputs, ids, image_id=1, original_size=(HEIGHT, WIDTH), cfg=cfg)
+    batched = batched_frame_detections(_split(outputs, sizes), ids, image_id=1, original_size=(HEIGHT, WIDTH), cfg=cfg)
+    assert batched == whole
+    assert whole.category_ids == [13, 10, 11, 12, 10, 12, 14]
+
+
+def test_prompt_batches_must_add_up_to_the_category_ids() -> None:
+    outputs = _outputs([[0.9], [0.8], [0.7]], presence=[0.9] * 3)
+    with pytest.raises(InputError, match="3 prompts but 2 category ids"):
+        batched_frame_detections(_split(outputs, [2, 1]), [4, 5], 1, (HEIGHT, WIDTH), PostprocessConfig())
 
 
 def _frame() -> FrameDetections:

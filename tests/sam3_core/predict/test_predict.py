@@ -201,6 +201,8 @@ SHAPING = [
     "detection.nms_iou_threshold=0.5",
     "detection.nms_prob_threshold=0.2",
     "detection.reverse=true",
+    "detection.prompt_batch=1",
+    "detection.amp=bf16",
     "association.matcher=greedy",
     "association.iou_threshold=0.3",
     "association.max_missed_frames=1",
@@ -213,7 +215,6 @@ SHAPING = [
     "data.uri=/elsewhere",
 ]
 NEUTRAL = [
-    "detection.async_gather=false",
     "dumper.gather=filesystem,dumper.shared_dir=/shared",
     "dumper.gather=store,dumper.store_uri=/parts",
     "dumper.timeout_s=5,dumper.poll_interval_s=1",

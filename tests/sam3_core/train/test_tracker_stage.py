@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from sam3_core.model.checkpoint import load_checkpoint, save_checkpoint
 from sam3_core.model.tracker import build_video_model
 from sam3_core.model.tracker_training import TRACKER_NECK_PREFIX, build_video_clip_model
 from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train.build import train
+from sam3_core.train.build import build_trainer, train
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.stages import TRACKER_PRESETS
 from tests.fixtures.datasets import TINY_MODEL
@@ -214,3 +215,19 @@ def test_stage_joint_alternate_gives_the_detector_even_steps_and_the_tracker_odd
     initial = build_video_clip_model(config(overrides).model).state_dict()
     assert any(not torch.equal(trained[k], v) for k, v in start.items() if k.startswith("detector.transformer."))
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("tracker.transformer."))
+
+
+def test_tracker_uri_gives_the_starting_tracker_and_model_uri_the_detector(
+    tiny_train_overrides: list[str], detector_checkpoint: str, tmp_path: Path
+) -> None:
+    tiny = config(tiny_train_overrides).model
+    base = build_video_model(replace(tiny, init_seed=5)).state_dict()  # SAM3's sam3.pt at the tiny preset
+    save_checkpoint(base, str(tmp_path / "sam3.pt"), step=0)
+    overrides = tracker_overrides(
+        tiny_train_overrides, tmp_path, detector_checkpoint, f"tracker_train.tracker_uri={tmp_path / 'sam3.pt'}"
+    )
+    module = build_trainer(config(overrides)).module
+    start, state = load_checkpoint(detector_checkpoint)["model"], module.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in start.items())
+    tracker = [k for k in state if k.startswith(("tracker.", TRACKER_NECK_PREFIX))]
+    assert tracker and all(torch.equal(state[k], base[k]) for k in tracker)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from sam3_core import storage
 from sam3_core.config import load_config
 from sam3_core.model.build import build_detector
 from sam3_core.model.checkpoint import load_checkpoint
@@ -155,3 +156,56 @@ def test_stage_tracker_keeps_both_ranks_identical_and_reports_vos_validation_onc
     assert all(torch.equal(first[k], initial[k]) for k in initial if k.startswith("detector."))
     reported = [record["metrics"] for record in two_ranks_tracker["records"]]
     assert reported[1] == [] and [m["step"] for m in reported[0] if "val/vos_JF_mean" in m] == [2]
+
+
+@pytest.mark.integration
+def test_the_starting_weights_are_read_by_rank_zero_alone_and_reach_every_rank(
+    tiny_train_overrides: list[str], s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.fixtures.fault_proxy import FaultProxy
+
+    # weights no rank builds by itself (another init seed), published in the object store
+    start = VideoClipDetector(build_detector(ModelConfig(image_size=56, vit_pretrain_img_size=56, init_seed=7)))
+    weights = start.state_dict()
+    torch.save({"model": weights}, tmp_path / "start.pt")
+    uri = f"{s3_bucket}/weights/start.pt"
+    storage.upload_file(tmp_path / "start.pt", uri)
+    proxy = FaultProxy(s3_server, fault_rate=0.0, max_latency_s=0.0)
+    proxy.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        # one GET per download (not ranged parts), so GETs count downloads
+        monkeypatch.setenv("SAM3PIPE_MULTIPART_THRESHOLD_MB", "1024")
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(RANKS),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(Path(__file__).with_name("train_worker.py")),
+            str(tmp_path),
+            *tiny_train_overrides,
+            f"model.uri={uri}",
+            f"output.store={tmp_path / 'store'}",
+            # a step too small to move float32 weights: what each rank ends with is what it started from
+            "optim.lr=1e-12",
+            "train.max_steps=1",
+            "train.val_every=0",
+            "train.best_metric=train/loss",
+        ]
+        proc = subprocess.run(
+            command, check=False, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600
+        )
+    finally:
+        proxy.stop()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [path for method, path, _ in proxy.requests if method == "GET" and path.endswith("/start.pt")] == [
+        uri.removeprefix("s3:/")
+    ]
+    for rank in range(RANKS):
+        final = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert all(torch.allclose(final[k], weights[k], rtol=0, atol=1e-6) for k in weights), rank

@@ -32,7 +32,7 @@ from sam3_core.errors import ConfigError, InputError
 from sam3_core.model.build import build_detector
 from sam3_core.model.checkpoint import load_checkpoint, load_model_weights, staging_dir
 from sam3_core.model.video_detector import VideoClipDetector
-from sam3_core.train.build import build_trainer, train
+from sam3_core.train.build import UNREACHED, build_trainer, train
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.run import run_uri_for
 from sam3_core.train.trainer import TrainResult
@@ -491,3 +491,49 @@ def test_an_unknown_override_exits_2_with_a_one_line_error_naming_it(
     assert capsys.readouterr().out == ""
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "train.max_stepz" in errors[0] and "\n" not in errors[0]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("with_masks", [True, False], ids=["masks", "boxes-only"])
+def test_every_trainable_parameter_gets_a_gradient_in_a_step_so_ddp_need_not_search_for_unused_ones(
+    tiny_train_overrides: list[str], train_store: str, with_masks: bool
+) -> None:
+    trainer = build_trainer(
+        config(
+            [
+                *tiny_train_overrides,
+                f"output.store={train_store}",
+                f"data.clips.with_masks={str(with_masks).lower()}",
+                "train.val_every=0",
+                "train.best_metric=train/loss",
+                "train.best_mode=min",
+            ]
+        )
+    )
+    names = {param: name for name, param in trainer.module.detector.named_parameters()}
+    trainable = [param for param in trainer.module.parameters() if param.requires_grad]
+    for _ in range(3):
+        trainer.task.losses(trainer.model, trainer.task.to_device(next(trainer.data)))["loss"].backward()
+        assert [names[p] for p in trainable if p.grad is None] == []
+        trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.data.close()
+
+
+@pytest.mark.integration
+def test_the_parameters_frozen_as_unreached_get_no_gradient_when_trained(
+    tiny_train_overrides: list[str], train_store: str
+) -> None:
+    # if sam3 starts reaching one of them, UNREACHED must lose it (else it is never trained)
+    trainer = build_trainer(
+        config(
+            [*tiny_train_overrides, f"output.store={train_store}", "train.val_every=0", "train.best_metric=train/loss"]
+        )
+    )
+    detector = trainer.module.detector
+    unreached = {n: p for n, p in detector.named_parameters() if any(n.startswith(u) for u in UNREACHED)}
+    assert [u for u in UNREACHED if not any(n.startswith(u) for n in unreached)] == []
+    for param in unreached.values():
+        param.requires_grad_(True)
+    trainer.task.losses(trainer.model, trainer.task.to_device(next(trainer.data)))["loss"].backward()
+    assert [n for n, p in unreached.items() if p.grad is not None] == []
+    trainer.data.close()

@@ -149,6 +149,16 @@ def test_tracker_metrics_need_a_stage_with_a_tracker(metric: str) -> None:
         config([f"train.best_metric={metric}"])
 
 
+@pytest.mark.parametrize("metric", ["val/vos_J_recall", "val/vos_F_decay", "val/tracker_loss"])
+def test_stage_tracker_takes_every_metric_its_validation_logs_for_the_best_checkpoint(metric: str) -> None:
+    assert config(["train.stage=tracker", f"train.best_metric={metric}"]).train.best_metric == metric
+
+
+def test_a_vos_metric_its_validation_does_not_log_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"val/vos_<J\|F>_<mean\|recall\|decay>"):
+        config(["train.stage=tracker", "train.best_metric=val/vos_JF_recall"])
+
+
 def test_a_vos_best_metric_needs_validation_videos() -> None:
     with pytest.raises(ConfigError, match=r"needs train\.val_max_videos > 0"):
         config(["train.stage=tracker", "train.best_metric=val/vos_JF_mean", "train.val_max_videos=0"])

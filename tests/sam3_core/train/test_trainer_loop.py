@@ -8,6 +8,7 @@ spawned processes.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from sam3_core.model.checkpoint import CheckpointRef, load_checkpoint
 from sam3_core.train.build import result_of
 from sam3_core.train.data import MicroBatches
 from sam3_core.train.hooks import (
+    AwaitUploads,
     BestCheckpoint,
     MetricLogger,
     NonFiniteGuard,
@@ -39,6 +41,7 @@ from sam3_core.train.hooks import (
 from sam3_core.train.optim import OptimConfig, build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder
 from sam3_core.train.trainer import HookBase, Trainer, TrainingDiverged, seed_everything
+from sam3_core.train.uploads import BackgroundUploads
 from tests.fixtures.network import free_port
 from tests.fixtures.paths import REPO
 
@@ -111,9 +114,9 @@ class Recorder(HookBase):
         self.trained.append(len(self.trainer.task.trained))
 
 
-def toy_model() -> nn.Module:
+def toy_model(width: int = 16) -> nn.Module:
     seed_everything(0)
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, 1))
 
 
 def scripted(values: dict[int, float], name: str = "score") -> Validator:
@@ -126,7 +129,7 @@ def scripted(values: dict[int, float], name: str = "score") -> Validator:
 
 
 def toy_trainer(
-    store: Path,
+    store: Path | str,
     *,
     run_name: str = "run",
     max_steps: int = MAX_STEPS,
@@ -141,22 +144,28 @@ def toy_trainer(
     resume: bool = True,
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[str, CheckpointRef], None] | None = None,
+    upload_timeout_s: float = 60,
+    width: int = 16,
 ) -> Trainer:
-    """The real hooks around the toy, writing into `<store>/runs/<run_name>`."""
-    run = RunFolder(str(store / "runs" / run_name))
-    module = toy_model()
+    """The real hooks around the toy, writing into `<store>/runs/<run_name>` (a folder or a store URI)."""
+    run = RunFolder(storage.join(str(store), "runs", run_name))
+    module = toy_model(width)
     cfg = OptimConfig(lr=0.05, warmup_steps=2)
     optimizer = build_optimizer(module, cfg)
     data = MicroBatches(ToyData(), BATCH, collate, seed=3, rank=comm.rank(), world_size=comm.world_size())
     model: nn.Module = module
     if comm.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(module)
+    uploads = BackgroundUploads()
     hooks = [
         NonFiniteGuard(run.last_uri),
         MetricLogger(log_every),
         Validation(val_every, validators, val_dataset=None),
-        BestCheckpoint(best_metric, best_mode, run, module.state_dict, on_checkpoint=on_checkpoint),
-        PeriodicCheckpoint(checkpoint_every, run, resume=resume, extra={"config": "toy"}, on_checkpoint=on_checkpoint),
+        BestCheckpoint(best_metric, best_mode, run, module.state_dict, uploads, on_checkpoint=on_checkpoint),
+        PeriodicCheckpoint(
+            checkpoint_every, run, uploads, resume=resume, extra={"config": "toy"}, on_checkpoint=on_checkpoint
+        ),
+        AwaitUploads(uploads, timeout_s=upload_timeout_s),
     ]
     return Trainer(
         model=model,
@@ -579,3 +588,158 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(two_ranks: dict[str
     ranks = two_ranks["nan"]
     assert [r["step"] for r in ranks] == [4, 4]
     assert all(r["error"].startswith("step 5: loss=nan") for r in ranks)
+
+
+# ---------------------------------------------------------------------------- slow checkpoint uploads
+
+# collectives wait this long for the other rank; the store takes longer to take rank 0's first checkpoint
+SHORT_TIMEOUT_S = 4
+SLOW_UPLOAD_S = 3 * SHORT_TIMEOUT_S
+
+
+def _slow_upload_worker(local_rank: int, port: int, store: str, out: str) -> None:
+    """6 steps on two ranks, checkpoints at steps 4 and 6 into `store` (the first one's upload is slow)."""
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    # joining may take a while on a busy machine; then every collective waits SHORT_TIMEOUT_S at most
+    comm.init_process_group(120)
+    torch.distributed.group.WORLD._get_backend(torch.device("cpu")).set_timeout(
+        datetime.timedelta(seconds=SHORT_TIMEOUT_S)
+    )
+    published: list[tuple[str, int]] = []
+    error = ""
+    trainer = toy_trainer(
+        store,
+        max_steps=6,
+        log_every=100,
+        checkpoint_every=4,
+        grad_accum_steps=1,
+        on_checkpoint=lambda kind, ref: published.append((kind, ref.step)),
+    )
+    try:
+        trainer.fit()
+    except RuntimeError as exc:  # gloo's timeout
+        error = str(exc).splitlines()[0]
+    record = {"step": trainer.step, "error": error, "published": published}
+    Path(out, f"rank{local_rank}.json").write_text(json.dumps(record))
+    os._exit(0)  # after a timeout the group is broken: leave without tearing it down
+
+
+@pytest.fixture
+def slow_uploads(
+    s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> tuple[str, list[dict[str, Any]]]:
+    """Two ranks training into an object store that takes SLOW_UPLOAD_S to take step 4's checkpoint."""
+    from tests.fixtures.fault_proxy import FaultProxy
+
+    store = f"{s3_bucket}/store"
+    proxy = FaultProxy(s3_server, fault_rate=0.0, max_latency_s=0.0)
+    proxy.slow(lambda method, path: method == "PUT" and path.endswith("/step_0000004.pt"), SLOW_UPLOAD_S)
+    proxy.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        torch.multiprocessing.spawn(_slow_upload_worker, args=(free_port(), store, str(tmp_path)), nprocs=2, join=True)
+    finally:
+        proxy.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    return store, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.integration
+def test_a_checkpoint_slower_to_upload_than_the_collective_timeout_holds_no_rank_and_all_end_published(
+    slow_uploads: tuple[str, list[dict[str, Any]]],
+) -> None:
+    store, ranks = slow_uploads
+    assert [(r["step"], r["error"]) for r in ranks] == [(6, ""), (6, "")]
+    # recorded in the order saved, once each is in the store; the run ends with all of them there
+    assert [tuple(p) for p in ranks[0]["published"]] == [
+        ("step", 4),
+        ("last", 4),
+        ("best", 6),
+        ("step", 6),
+        ("last", 6),
+    ]
+    assert load_checkpoint(f"{store}/runs/run/checkpoints/last.pt")["step"] == 6
+
+
+# ---------------------------------------------------------------------------- resuming on several ranks
+
+# a toy of ~8M float32 parameters: its training state (weights and two AdamW moments) is ~100 MB
+WIDE = 1_600_000
+
+
+def _rss_anon() -> int:
+    """This process's private resident memory (anonymous pages), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def _resume_worker(local_rank: int, port: int, store: str, out: str) -> None:
+    """Build the toy on two ranks and resume it from the store's last.pt; record what that cost in memory."""
+    os.environ.update(
+        RANK=str(local_rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    comm.init_process_group(120)
+    trainer = toy_trainer(store, max_steps=4, width=WIDE)
+    before = _rss_anon()
+    trainer.find_hook(PeriodicCheckpoint).before_train()
+    grown = _rss_anon() - before
+    record = {"step": trainer.step, "private_bytes_grown": grown}
+    Path(out, f"rank{local_rank}.json").write_text(json.dumps(record))
+    comm.shutdown()
+
+
+def _resume_on_two_ranks(store: str, out: Path) -> list[dict[str, Any]]:
+    """Spawned processes start with this process's environment (the store's settings)."""
+    torch.multiprocessing.spawn(_resume_worker, args=(free_port(), store, str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.integration
+def test_two_ranks_resume_from_a_local_store_without_a_private_copy_of_the_state(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    toy_trainer(store, max_steps=2, checkpoint_every=2, width=WIDE).fit()
+    size = storage.size(storage.join(store, "runs", "run", "checkpoints", "last.pt"))
+    ranks = _resume_on_two_ranks(store, tmp_path)
+    assert [r["step"] for r in ranks] == [2, 2]
+    # torch.load without mmap gave each rank a private copy: the optimizer state alone is 2/3 of `size`
+    assert all(r["private_bytes_grown"] < size / 6 for r in ranks), (size, ranks)
+
+
+@pytest.mark.integration
+def test_two_ranks_of_one_machine_download_the_state_from_an_object_store_once(
+    s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.fixtures.fault_proxy import FaultProxy
+
+    store = f"{s3_bucket}/store"
+    toy_trainer(store, max_steps=2, checkpoint_every=2, width=WIDE).fit()
+    size = storage.size(f"{store}/runs/run/checkpoints/last.pt")
+    proxy = FaultProxy(s3_server, fault_rate=0.0, max_latency_s=0.0)
+    proxy.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        # one GET per download (not ranged parts), so GETs count downloads
+        monkeypatch.setenv("SAM3PIPE_MULTIPART_THRESHOLD_MB", "1024")
+        ranks = _resume_on_two_ranks(store, tmp_path)
+    finally:
+        proxy.stop()
+    assert [r["step"] for r in ranks] == [2, 2]
+    reads = [path for method, path, _ in proxy.requests if method == "GET" and path.endswith("/last.pt")]
+    assert len(reads) == 1, proxy.requests
+    assert all(r["private_bytes_grown"] < size / 6 for r in ranks), (size, ranks)
