@@ -6,7 +6,8 @@ then the largest batch (clips per step) that fits, found by doubling and bisecti
 accelerator runs out of memory. The modes are built as training builds them: `model.freeze` of
 the vision backbone, and `model.lora.rank` adapters on the default targets (everything else frozen).
 
-`python -m bench gpu` on a CUDA machine runs the `full` preset at 1008 px. Without CUDA it says so
+`python -m bench gpu` on a CUDA machine runs the `full` preset at 1008 px, then the tracker stage's
+step on SAM2's 8-frame clips (`bench.tracker_step`). Without CUDA it says so
 and returns; `python -m bench.bench_gpu --preset tiny --allow-cpu` exercises the same code on CPU
 (full precision there, and no batch search unless `--max-batch` is given).
 
@@ -17,10 +18,11 @@ one NCCL rank (DDP) with the `full` preset at 1008 px, clips of 2 frames, batch 
 accumulation 2, validation and a checkpoint at step 2 (where the first process stops, as a
 preemption would), then a new process resuming to step 6; 2 steps with LoRA (best.pt merged on
 the CPU, loaded back into a plain detector); `frame_detector` on one frame with 40 prompts, fp32
-and bf16. It prints one table per mode (seconds per step or frame, peak GPU memory, host memory
+and bf16; 2 steps of the tracker stage (`train.stage=tracker`, VOS validation, best.pt in SAM3's
+video layout). It prints one table per mode (seconds per step or frame, peak GPU memory, host memory
 of the resume) and exits 0 only when every check passed; without CUDA it prints one line and
 exits 2. The trainer runs in torchrun subprocesses; the checks are the functions in
-`QUICK_STAGES`, in order: another stage (e.g. tracker training) is one more function there.
+`QUICK_STAGES`, in order: another stage is one more function there.
 `--allow-cpu` runs the same script on CPU with the tiny preset and gloo, to try the script itself.
 """
 
@@ -45,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import tracker_step
 from sam3_core.config import load_config
 from sam3_core.data.datapoints import FrameObject, Prompt, collate_clips, make_datapoint
 from sam3_core.model import lora
@@ -212,6 +215,15 @@ QUICK_TRAIN = [
     "mlflow.enabled=false",
 ]
 FIRST_STOP, LAST_STEP, LORA_STEPS = 2, 6, 2
+# the tracker stage in the quick check: clips of the quick dataset's 4 frames, SAM2's 7 corrective clicks
+QUICK_TRACKER = [
+    "train.stage=tracker",
+    "data.tracker_clips.frames_per_clip=4",
+    "train.val_max_videos=1",
+    "train.best_metric=val/vos_JF_mean",
+    "train.best_mode=max",
+]
+TRACKER_STEPS = 2
 DETECTOR_PROMPTS = 40
 
 
@@ -468,6 +480,13 @@ def train_worker(out: str, phase: str, overrides: list[str]) -> None:
         plain = VideoClipDetector(build_detector(cfg.model))
         report = load_model_weights(plain, RunFolder(run_uri_for(cfg)).best_uri)
         record["best_loads_plain"] = not report.missing and not report.unexpected
+    if phase == "tracker":
+        from sam3_core.model.checkpoint import load_checkpoint
+        from sam3_core.model.tracker import build_video_model
+        from sam3_core.train.run import RunFolder, run_uri_for
+
+        best = load_checkpoint(RunFolder(run_uri_for(cfg)).best_uri)["model"]
+        record["best_video_layout"] = set(best) == set(build_video_model(cfg.model).state_dict())
     Path(out).write_text(json.dumps(record))
     dist.destroy_process_group()
 
@@ -485,7 +504,9 @@ def _train_row(mode: str, record: dict[str, Any], resumed: bool) -> dict[str, st
     }
 
 
-def _train_problems(record: dict[str, Any], start: int, end: int, validate_at: int) -> list[str]:
+def _train_problems(
+    record: dict[str, Any], start: int, end: int, validate_at: int, val_metric: str = "val/loss"
+) -> list[str]:
     if "error" in record:
         return [record["error"]]
     problems = []
@@ -494,8 +515,8 @@ def _train_problems(record: dict[str, Any], start: int, end: int, validate_at: i
     losses = [m["train/loss"] for m in record["logged"] if "train/loss" in m]
     if not losses or not all(math.isfinite(loss) for loss in losses):
         problems.append(f"train/loss not finite: {losses}")
-    if not any(m["step"] == validate_at and "val/loss" in m for m in record["logged"]):
-        problems.append(f"no validation at step {validate_at}")
+    if not any(m["step"] == validate_at and val_metric in m for m in record["logged"]):
+        problems.append(f"no {val_metric} at step {validate_at}")
     return problems
 
 
@@ -535,6 +556,23 @@ def trainer_lora(ctx: QuickContext) -> list[StageResult]:
         problems.append("best.pt (merged) does not load into a plain detector")
     rows = [_train_row("lora", record, False)]
     return [StageResult(f"trainer: LoRA, {_one_rank(ctx)}", rows, not problems, problems)]
+
+
+def trainer_tracker(ctx: QuickContext) -> list[StageResult]:
+    """The tracker stage (`train.stage=tracker`, detector frozen): 2 steps of 4-frame clips, VOS validation
+    and best.pt at step 2, in SAM3's video checkpoint layout."""
+    overrides = [
+        *_preset_overrides(ctx),
+        "output.run_name=quick-tracker",
+        *QUICK_TRACKER,
+        f"train.max_steps={TRACKER_STEPS}",
+    ]
+    record = _train_process(ctx, "tracker", "tracker", overrides)
+    problems = _train_problems(record, 0, TRACKER_STEPS, TRACKER_STEPS, "val/vos_JF_mean")
+    if "error" not in record and not record.get("best_video_layout"):
+        problems.append("best.pt does not have the keys of SAM3's video model")
+    rows = [_train_row("tracker", record, False)]
+    return [StageResult(f"trainer: tracker stage, {_one_rank(ctx)}", rows, not problems, problems)]
 
 
 def frame_detector_modes(ctx: QuickContext) -> list[StageResult]:
@@ -587,14 +625,14 @@ def frame_detector_modes(ctx: QuickContext) -> list[StageResult]:
 
 
 # The quick check's stages, in order. A stage is `(QuickContext) -> [StageResult, ...]`, one
-# StageResult per mode (each printed as its own table); another branch's check (tracker training)
-# is one more function appended here.
+# StageResult per mode (each printed as its own table).
 QUICK_STAGES: list[Callable[[QuickContext], list[StageResult]]] = [
     environment,
     triton_focal_loss,
     trainer_full,
     trainer_lora,
     frame_detector_modes,
+    trainer_tracker,
 ]
 
 
@@ -647,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         return quick(args.preset, args.allow_cpu)
     run(GpuBench(args.preset, args.allow_cpu, args.steps, lora_rank=args.lora_rank, max_batch=args.max_batch))
+    tracker_step.run(tracker_step.TrackerBench(args.preset, args.allow_cpu, args.steps, max_batch=args.max_batch))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 `python -m components.export model.uri=<checkpoint | models:/<name>@<alias>> base.uri=<sam3.pt>
 output.uri=<file or s3 URI>` writes the fine-tuned `detector.*` with the base's `tracker.*` (and
-the tracker's neck), a checkpoint `sam3.model_builder.build_sam3_video_model` loads strictly,
+the tracker's neck; a checkpoint of a tracker or joint run keeps its own), a checkpoint
+`sam3.model_builder.build_sam3_video_model` loads strictly,
 and prints {"video_model_uri", "video_model_sha256"} as one JSON line. The MLflow run logs it as a
 logged model (with its sha256 and the sha256 of both sources) and registers it under
 `mlflow.registered_model_name` (default `sam3-video-model`, beside the detector's `sam3-video`).

@@ -1,4 +1,4 @@
-"""The train component: fine-tune the SAM3 detector on video clips, tracked in MLflow.
+"""The train component: fine-tune the SAM3 detector (or, with `train.stage`, its tracker) on video clips, tracked in MLflow.
 
 One process, `torchrun --nproc_per_node N -m components.train ...`, or a PyTorchJob: the launcher's
 environment decides. Rerunning the same command resumes from the run's `last.pt`, and its MLflow
@@ -42,6 +42,12 @@ def grouped_by_run_folder(cfg: TrainConfig, run_uri: str) -> TrainConfig:
     return replace(cfg, mlflow=replace(cfg.mlflow, pipeline_run_id=folder_id))
 
 
+def component_name(cfg: TrainConfig) -> str:
+    """The MLflow component of the run: `train` for the detector, `train_tracker` / `train_joint` for the other
+    stages, so a pipeline that trains the tracker after the detector gets a second run, with its own logged models."""
+    return "train" if cfg.train.stage == "detector" else f"train_{cfg.train.stage}"
+
+
 def check_registrable(cfg: TrainConfig, run_uri: str) -> None:
     """The best checkpoint is registered at the end: a tracking server cannot take a checkpoint that only
     this machine's disk holds (MLflow refuses local paths as model sources), which is known up front."""
@@ -80,7 +86,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
     logged_steps: set[int] = set()
     try:
         with component_run(
-            cfg.mlflow, "train", cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=folder.uri
+            cfg.mlflow, component_name(cfg), cfg, overrides=overrides, dataset_uri=cfg.data.uri, output_uri=folder.uri
         ) as run:
             run.log_file(storage.join(cfg.data.uri, MANIFEST), "dataset")
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from sam3_core import storage
 from sam3_core.data import synthetic
 from sam3_core.data.sources import FILE_SOURCES, SOURCES, Source, json_sha256, load_source
+from sam3_core.data.sources.vos import VosConfig
 from sam3_core.data.staging import StagedVideo, StageSettings, stage_videos, target_size
 from sam3_core.data.synthetic import SyntheticConfig
 from sam3_core.data.ytvis import Category, VideoDataset, to_json
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+# how videos are split: "random" by val_fraction and split_seed, or "source": the source's own lists (DAVIS's ImageSets)
+SPLIT_BY = ("random", "source")
 FRAME_FORMATS = ("jpeg", "png")
 # JPEG cannot hold a larger side; a larger resize_max_side would mean "keep" anyway
 MAX_SIDE_LIMIT = 65500
@@ -62,20 +65,26 @@ class DataPrepConfig:
     """Where the data comes from, how frames are resized and written, how videos are split."""
 
     # synthetic | ytvis (YouTube-VIS 2019/2021, OVIS) | saco (SA-Co/VEval) | mp4 (video files)
+    # | davis (DAVIS 2017 folder, vos.root) | vos (MOSE / YouTube-VOS / SA-V PNG annotation folders)
     source: str = "synthetic"
-    # file sources: URI of the annotation JSON, and the root its frame / video file names are relative to
+    # file sources: URI of the annotation JSON (vos: of the annotation folder), and the root its frame /
+    # video file names are relative to
     annotations: str = ""
     frames_root: str = ""
     # mp4 only: the frame rate the annotation's frame indices count at; 0 = every frame at the file's own rate
     fps: float = 0.0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    vos: VosConfig = field(default_factory=VosConfig)
     # frames with a longer side are scaled down to this many pixels (masks and boxes with them); 0 keeps all sizes
     resize_max_side: int = 0
     # how re-encoded frames (resized, or decoded from video files) are written: "jpeg" or lossless "png";
     # frames kept at their size are copied byte for byte
     frame_format: str = "jpeg"
     jpeg_quality: int = 90
-    # share of videos held out for validation (split by video, never by frame)
+    # "random": val_fraction of the videos, drawn by split_seed, are held out (split by video, never by
+    # frame); "source": the source's own split (source=davis: the train and val image sets)
+    split_by: str = "random"
+    # share of videos held out for validation with split_by=random
     val_fraction: float = 0.25
     split_seed: int = 0
     store: str = field(default_factory=storage.default_store)
@@ -122,6 +131,12 @@ def check_config(cfg: DataPrepConfig) -> None:
         raise ConfigError(
             f"config data_prep: source={cfg.source} needs annotations=<uri of the JSON> and frames_root=<uri>"
         )
+    if cfg.split_by not in SPLIT_BY:
+        raise _fail("split_by", f"must be one of {list(SPLIT_BY)}, got {cfg.split_by!r}")
+    if cfg.split_by == "source" and cfg.source != "davis":
+        raise _fail("split_by", f"source={cfg.source} has no split of its own; use split_by=random")
+    if cfg.source == "davis" and not cfg.vos.root:
+        raise ConfigError("config data_prep: source=davis needs vos.root=<the DAVIS folder with ImageSets/>")
     if not 0.0 <= _number(cfg, "val_fraction", float) < 1.0:
         raise _fail("val_fraction", f"must be in [0, 1), got {cfg.val_fraction}")
     if _number(cfg, "split_seed", int) < 0:
@@ -262,7 +277,9 @@ def verify_published(dest: str, expected: bytes | None = None, check_files: bool
 
 def load_checked_source(cfg: DataPrepConfig, scratch: Path, video_ids: list[int] | None = None) -> Source:
     """The source, checked for what data prep needs beyond the format (categories, memory per frame)."""
-    source = load_source(cfg.source, cfg.annotations, cfg.frames_root, cfg.fps, cfg.synthetic, scratch, video_ids)
+    source = load_source(
+        cfg.source, cfg.annotations, cfg.frames_root, cfg.fps, cfg.synthetic, cfg.vos, scratch, video_ids
+    )
     if not source.dataset.categories:
         raise InputError(
             source.annotations, "categories", "empty: a dataset needs at least one noun phrase to train on; add them"
@@ -312,6 +329,8 @@ def describe(cfg: DataPrepConfig, source: Source) -> dict[str, Any]:
 
 def split_for(cfg: DataPrepConfig, source: Source) -> dict[str, Any]:
     """The split of the source's videos the config asks for, as the manifest records it."""
+    if cfg.split_by == "source":
+        return {"by": "source", **source_split(source)}
     train, val = split_videos(
         [v.id for v in source.dataset.videos], cfg.val_fraction, cfg.split_seed, source.annotations
     )
@@ -334,6 +353,24 @@ def split_videos(video_ids: list[int], val_fraction: float, seed: int, source: s
     val = sorted(ids[i] for i in order[:n_val])
     chosen = set(val)
     return [i for i in ids if i not in chosen], val
+
+
+def source_split(source: Source) -> dict[str, list[int]]:
+    """The source's own train and val lists; every video in exactly one of them."""
+    given = source.split or {}
+    unknown = sorted(set(given) - set(SPLITS))
+    if unknown:
+        raise InputError(
+            source.annotations, unknown[0], f"is not a split name; with split_by=source use {list(SPLITS)}"
+        )
+    train, val = set(given.get("train", [])), set(given.get("val", []))
+    both = sorted(train & val)
+    if both:
+        name = source.paths[both[0]]
+        raise InputError(source.annotations, name, "is listed in both the train and the val video lists")
+    if not train:
+        raise InputError(source.annotations, "train", "no training video; list some in the train image set")
+    return {"train": sorted(train), "val": sorted(val)}
 
 
 def val_count(num_videos: int, val_fraction: float) -> int:
@@ -433,7 +470,7 @@ def build_manifest(
         "format_version": FORMAT_VERSION,
         "files": sorted((rel, meta["sha256"]) for rel, meta in files.items()),
         "source": source,
-        "split": {"seed": split["seed"], "val_fraction": split["val_fraction"]},
+        "split": split_identity(split),
     }
     return {
         "dataset_id": json_sha256(identity)[:16],
@@ -444,6 +481,13 @@ def build_manifest(
         "counts": counts,
         "files": dict(sorted(files.items())),
     }
+
+
+def split_identity(split: dict[str, Any]) -> dict[str, Any]:
+    """What of the split goes into the dataset id: how it was drawn (the lists follow from it and the source)."""
+    if split.get("by") == "source":
+        return {"by": "source"}
+    return {"seed": split["seed"], "val_fraction": split["val_fraction"]}
 
 
 def _sorted_keys(obj: Any) -> Any:

@@ -37,6 +37,7 @@ from sam3_core.data.prep import (
     write_json_file,
 )
 from sam3_core.data.sources import json_sha256
+from sam3_core.data.sources.vos import VosConfig
 from sam3_core.data.staging import StagedVideo, stage_videos
 from sam3_core.data.synthetic import SyntheticConfig
 from sam3_core.data.ytvis import Category, Track, Video, VideoDataset, to_json
@@ -105,6 +106,7 @@ def _read_plan(plan_uri: str) -> tuple[dict[str, Any], DataPrepConfig]:
         )
     config = dict(plan["config"])
     config["synthetic"] = SyntheticConfig(**config["synthetic"])
+    config["vos"] = VosConfig(**config.get("vos", {}))
     return plan, DataPrepConfig(**config)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from sam3_core.config_checks import check_bool, check_float, check_int, check_int_list, check_str, check_str_list
 from sam3_core.errors import ConfigError
@@ -42,17 +43,22 @@ class LoraConfig:
     # parameter-name prefixes that stay fully trainable next to the adapters, e.g. ["dot_prod_scoring"]
     trainable: list[str] = field(default_factory=list)
 
+    # the config key of these settings, named in errors (a subclass adapts another module)
+    KEY: ClassVar[str] = "model.lora"
+
     def __post_init__(self) -> None:
-        check_int("model.lora.rank", self.rank, 0, 1024)
-        check_float("model.lora.alpha", self.alpha, 0.0, low_open=True)
-        check_float("model.lora.dropout", self.dropout, 0.0, 1.0, high_open=True)
-        check_str_list("model.lora.modules", self.modules)
-        check_str_list("model.lora.targets", self.targets)
-        check_str_list("model.lora.trainable", self.trainable)
+        key = self.KEY
+        check_int(f"{key}.rank", self.rank, 0, 1024)
+        check_float(f"{key}.alpha", self.alpha, 0.0, low_open=True)
+        check_float(f"{key}.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_str_list(f"{key}.modules", self.modules)
+        check_str_list(f"{key}.targets", self.targets)
+        check_str_list(f"{key}.trainable", self.trainable)
         if self.rank > 0 and not self.targets:
-            raise ConfigError(
-                "model.lora.targets: empty; name the layers to adapt (e.g. [qkv, proj]) or set model.lora.rank=0"
-            )
+            raise ConfigError(f"{key}.targets: empty; name the layers to adapt (e.g. [qkv, proj]) or set {key}.rank=0")
+        self._check_targets()
+
+    def _check_targets(self) -> None:
         if "out_proj" in self.targets:
             raise ConfigError(
                 "model.lora.targets: out_proj is read by nn.MultiheadAttention without calling it, so an adapter "

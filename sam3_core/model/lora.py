@@ -47,15 +47,15 @@ def target_modules(model: nn.Module, cfg: LoraConfig) -> list[str]:
             continue
         if name in attention:
             raise ConfigError(
-                f"model.lora.targets: {name} is an attention module (nn.MultiheadAttention); peft 0.21.2 adapts those "
+                f"{cfg.KEY}.targets: {name} is an attention module (nn.MultiheadAttention); peft 0.21.2 adapts those "
                 "wrongly (huggingface/peft#3774). Target linears: qkv, proj, fc1, fc2, linear1, linear2"
             )
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[0] not in attention:
             names.append(name)
     if not names:
         raise ConfigError(
-            f"model.lora: no linear named {list(cfg.targets)} under {list(cfg.modules)}; "
-            "check model.lora.modules and model.lora.targets against the detector's module names"
+            f"{cfg.KEY}: no linear named {list(cfg.targets)} under {list(cfg.modules)}; "
+            f"check {cfg.KEY}.modules and {cfg.KEY}.targets against the module names"
         )
     return names
 

@@ -10,8 +10,10 @@ owners' parts to rank 0, which writes `coco_predictions_bbox.json`, `coco_predic
 and `video_predictions.json` under the output URI.
 
 `inference` chooses how masklets are made: `linked` (per-frame detections linked by IoU,
-sam3_core.predict.association) or `sam3_video` (SAM3's own detector + tracker video inference,
-sam3_core.predict.sam3_video); both write the same three files.
+sam3_core.predict.association), `sam3_video` (SAM3's own detector + tracker video inference,
+sam3_core.predict.sam3_video) or `vos` (SAM3's tracker from each ground-truth object's first-frame
+mask, semi-supervised VOS, sam3_core.predict.vos; its masklets carry `gt_id`); all write the same
+three files.
 
 `model.uri` may name a registry entry (`models:/<name>@candidate`); it is resolved to its
 checkpoint first. The predictions folder is keyed by every setting that shapes its files (the
@@ -46,7 +48,7 @@ from sam3_core.config_checks import MISSING, check_bool, check_choice, check_flo
 from sam3_core.data.datapoints import frame_to_tensor
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.prep import SPLITS
-from sam3_core.data.ytvis import Video
+from sam3_core.data.ytvis import Video, VideoDataset
 from sam3_core.errors import InputError
 from sam3_core.mlflow_records import draw_masks, resolve_model_uri
 from sam3_core.mlflow_records.settings import MlflowConfig
@@ -59,8 +61,10 @@ from sam3_core.model.chunked_detection import (
     frame_detector,
 )
 from sam3_core.model.config import ModelConfig
+from sam3_core.model.tracker_training import build_video_clip_model, load_video_clip_weights
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.outputs import Output, check_earlier, check_outputs, claim
+from sam3_core.predict import vos
 from sam3_core.predict.association import AssociationConfig, associate
 from sam3_core.predict.dumper import DumperConfig, PredictionDumper
 from sam3_core.predict.postprocess import (
@@ -78,8 +82,6 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "predict_settings.json"
 # Config sections whose values can change the prediction files ...
 CONTENT_SECTIONS = ("inference", "model", "data", "detection", "postprocess", "association", "sam3_video", "dumper")
-# how masklets are made (CONTRACTS.md item 3): each mode is a module of sam3_core.predict
-INFERENCE_MODES = ("linked", "sam3_video")
 # ... except these, which change how they are computed or gathered, never what they hold.
 CONTENT_NEUTRAL_KEYS = frozenset(
     {
@@ -137,9 +139,15 @@ class PreviewConfig:
         check_float("preview.min_score", self.min_score, 0.0, 1.0)
 
 
+# how masklets are made (CONTRACTS.md item 3), each mode a module of sam3_core.predict: linked (per-frame
+# detections linked by IoU), sam3_video (SAM3's detector + tracker), vos (SAM3's tracker from each
+# ground-truth object's first-frame mask: semi-supervised VOS)
+INFERENCE_MODES = ("linked", "sam3_video", "vos")
+
+
 @dataclass
 class PredictConfig:
-    # "linked": per-frame detections linked by IoU; "sam3_video": SAM3's detector + tracker (see module doc)
+    # linked | sam3_video | vos (see INFERENCE_MODES)
     inference: str = "linked"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: PredictDataConfig = field(default_factory=PredictDataConfig)
@@ -321,13 +329,14 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     numerics.use_fast_matmul(device)
     reader = FrameReader(cfg.data.uri, cfg.data.cache_dir)
     dataset = reader.dataset(cfg.data.split)
-    check_prompts_fit(
-        len(dataset.categories),
-        cfg.model,
-        storage.join(cfg.data.uri, f"{cfg.data.split}.json"),
-        device,
-        cfg.detection.prompt_batch,
-    )
+    if cfg.inference != "vos":  # inference=vos prompts the tracker with masks, the detector sees no text prompt
+        check_prompts_fit(
+            len(dataset.categories),
+            cfg.model,
+            storage.join(cfg.data.uri, f"{cfg.data.split}.json"),
+            device,
+            cfg.detection.prompt_batch,
+        )
     if not dataset.videos:
         log.warning(
             "the %s split of %s holds no videos: the predictions will be empty (a dataset prepared with "
@@ -336,28 +345,102 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
             cfg.data.uri,
         )
     image_ids = _frame_image_ids(reader, cfg.data.split)
-    if cfg.inference == "sam3_video":
-        video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device, checkpoint.uri)
+    dumper = PredictionDumper(cfg.dumper)
+    if cfg.inference == "vos":
+        previews = _predict_vos(cfg, checkpoint, reader, dataset, image_ids, dumper, device)
+    elif cfg.inference == "sam3_video":
+        previews = _predict_sam3_video(cfg, checkpoint, reader, dataset, image_ids, dumper, env, device)
     else:
-        model = VideoClipDetector(build_detector(cfg.model))
-        _load_weights(model, checkpoint)
-        model.to(device).eval()
+        previews = _predict_linked(cfg, checkpoint, reader, dataset, image_ids, dumper, env, device)
+    if env.is_main:
+        # the settings go first: a folder is claimed for them before its files change
+        settings = prediction_settings(cfg, checkpoint.sha256)
+        claim(storage.join(out_uri, SETTINGS_FILE), settings, key=settings_key(settings))
+    dumper.dump(out_uri)
+    comm.barrier()
+    if env.is_main:
+        log.info("predictions written to %s (%s)", out_uri, ", ".join(PREDICTION_FILES.values()))
+    return PredictResult(out_uri, previews)
+
+
+def _predict_vos(
+    cfg: PredictConfig,
+    checkpoint: LocalCheckpoint,
+    reader: FrameReader,
+    dataset: VideoDataset,
+    image_ids: dict[tuple[int, int], int],
+    dumper: PredictionDumper,
+    device: torch.device,
+) -> dict[str, Image.Image]:
+    """inference=vos: each rank propagates its share of the videos (video index mod world size)."""
+    model = build_video_clip_model(cfg.model)
+    try:
+        load_video_clip_weights(model, str(checkpoint.path))
+    except InputError as exc:
+        raise InputError(checkpoint.uri, exc.field, exc.message.replace(str(checkpoint.path), checkpoint.uri)) from exc
+    model.to(device).eval()
+    names = {c.id: c.name for c in dataset.categories}
+    previews: dict[str, Image.Image] = {}
+    mine = [(i, v) for i, v in enumerate(dataset.videos) if i % comm.world_size() == comm.rank()]
+    for index, video in tqdm(mine, desc="predict vos", unit="video", disable=not comm.is_main()):
+        images = vos.frame_images(reader.image, video, cfg.model.image_size)
+        propagation = vos.VideoPropagation(model, video, dataset.tracks_of(video.id), images)
+        propagation.run()
+        frames = propagation.frames(image_ids)
+        dumper.add("bbox", coco_bbox_results(frames))
+        dumper.add("segm", coco_segm_results(frames))
+        dumper.add_video(propagation.masklets())
+        if index == 0:
+            previews = _previews(reader, video, dict(enumerate(frames)), names, cfg.preview)
+    return previews
+
+
+def _predict_sam3_video(
+    cfg: PredictConfig,
+    checkpoint: LocalCheckpoint,
+    reader: FrameReader,
+    dataset: VideoDataset,
+    image_ids: dict[tuple[int, int], int],
+    dumper: PredictionDumper,
+    env: comm.LaunchEnv,
+    device: torch.device,
+) -> dict[str, Image.Image]:
+    """inference=sam3_video: SAM3's own video inference, every category a text prompt (sam3_core.predict.sam3_video)."""
+    video_model = Sam3VideoRunner(cfg.model, cfg.sam3_video, str(checkpoint.path), device, checkpoint.uri)
     prompts = [c.name for c in dataset.categories]
     category_ids = [c.id for c in dataset.categories]
-    dumper = PredictionDumper(cfg.dumper)
+    previews: dict[str, Image.Image] = {}
+    for index, video in enumerate(tqdm(dataset.videos, desc="predict", unit="video", disable=not env.is_main)):
+        predicted = video_model.predict(index, video, reader.image, prompts, category_ids, image_ids)
+        by_frame = dict(enumerate(predicted.frames)) if predicted else {}
+        if predicted:
+            dumper.add("bbox", coco_bbox_results(predicted.frames))
+            dumper.add("segm", coco_segm_results(predicted.frames))
+            dumper.add_video(predicted.masklets)
+        if index == 0 and env.is_main:
+            previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
+    return previews
+
+
+def _predict_linked(
+    cfg: PredictConfig,
+    checkpoint: LocalCheckpoint,
+    reader: FrameReader,
+    dataset: VideoDataset,
+    image_ids: dict[tuple[int, int], int],
+    dumper: PredictionDumper,
+    env: comm.LaunchEnv,
+    device: torch.device,
+) -> dict[str, Image.Image]:
+    """inference=linked: per-frame detections (frames spread over ranks) linked into masklets by IoU."""
+    model = VideoClipDetector(build_detector(cfg.model))
+    _load_weights(model, checkpoint)
+    model.to(device).eval()
+    prompts = [c.name for c in dataset.categories]
+    category_ids = [c.id for c in dataset.categories]
     previews: dict[str, Image.Image] = {}
 
     for index, video in enumerate(tqdm(dataset.videos, desc="predict", unit="video", disable=not env.is_main)):
-        if cfg.inference == "sam3_video":
-            predicted = video_model.predict(index, video, reader.image, prompts, category_ids, image_ids)
-            by_frame = dict(enumerate(predicted.frames)) if predicted else {}
-            if predicted:
-                dumper.add("bbox", coco_bbox_results(predicted.frames))
-                dumper.add("segm", coco_segm_results(predicted.frames))
-                dumper.add_video(predicted.masklets)
-            if index == 0 and env.is_main:
-                previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
-            continue
 
         def image_for(frame: int, names: tuple[str, ...] = video.file_names) -> torch.Tensor:
             return frame_to_tensor(np.array(reader.image(names[frame])), cfg.model.image_size)
@@ -375,13 +458,4 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
             dumper.add_video(associate(frames, video.id, cfg.association))
         if index == 0 and env.is_main:
             previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
-
-    if env.is_main:
-        # the settings go first: a folder is claimed for them before its files change
-        settings = prediction_settings(cfg, checkpoint.sha256)
-        claim(storage.join(out_uri, SETTINGS_FILE), settings, key=settings_key(settings))
-    dumper.dump(out_uri)
-    comm.barrier()
-    if env.is_main:
-        log.info("predictions written to %s (%s)", out_uri, ", ".join(PREDICTION_FILES.values()))
-    return PredictResult(out_uri, previews)
+    return previews

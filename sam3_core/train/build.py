@@ -4,7 +4,8 @@ Building is where every decision about the run is taken, in this order: threads 
 group (via `sam3_core.comm`), the run folder (refused if it holds another config; leftovers of
 a killed checkpoint write removed), data, model (initial weights, LoRA adapters, frozen
 prefixes), DDP, loss, optimizer and schedule, validators, and the hooks. The `Trainer` then
-only runs steps.
+only runs steps. `train.stage` picks what trains: the detector (sam3's loss on its clips), SAM3's
+tracker (SAM2's prompts and loss on tracker clips, the detector frozen) or both (joint).
 
 Everything a run writes goes to `<store>/runs/<run_name>/`: `config.yaml`, `metrics.jsonl`,
 `checkpoints/{last,step_XXXXXXX}.pt` (full training state) and `checkpoints/best.pt` (the
@@ -37,12 +38,21 @@ from sam3_core.data.clips import ClipDataset
 from sam3_core.data.datapoints import collate_clips
 from sam3_core.data.frames import FrameReader
 from sam3_core.data.loading import PinningCollate
+from sam3_core.data.tracker_clips import JointClipDataset, JointCollate, TrackerClipDataset, collate_tracker_clips
 from sam3_core.data.ytvis import VideoDataset
 from sam3_core.errors import Sam3PipeError
 from sam3_core.model import lora
 from sam3_core.model.build import build_detector, freeze
 from sam3_core.model.checkpoint import load_model_weights, remove_stale_writes
 from sam3_core.model.chunked_detection import DetectionConfig, check_prompts_fit
+from sam3_core.model.tracker_training import (
+    TrackingSettings,
+    VideoClipModel,
+    build_video_clip_model,
+    load_tracker_weights,
+    load_video_clip_weights,
+    prepare_tracker,
+)
 from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
@@ -63,10 +73,14 @@ from sam3_core.train.hooks import (
 from sam3_core.train.loss import build_loss
 from sam3_core.train.optim import build_optimizer, build_scheduler
 from sam3_core.train.run import RunFolder, prepare_run, run_uri_for, write_config
+from sam3_core.train.stages import freeze_all, train_tracker_preset
 from sam3_core.train.task import ClipTask
+from sam3_core.train.tracker_loss import TrackerLoss
+from sam3_core.train.tracker_task import JointTask, JointTurns, TrackerTask, TrackerValidationLoss, VosMetrics
 from sam3_core.train.trainer import (
     HookBase,
     MetricsCallback,
+    Task,
     Trainer,
     TrainResult,
     autocast_context,
@@ -128,8 +142,8 @@ def _warn_about(cfg: TrainConfig) -> None:
         )
 
 
-def _initial_weights(module: VideoClipDetector, uri: str) -> None:
-    """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first) on rank 0.
+def _initial_weights(module: VideoClipDetector, uri: str, load: Callable[[Any, str], Any] = load_model_weights) -> None:
+    """Load `model.uri` (a checkpoint, or a `models:/` registry entry resolved first) on rank 0 with `load`.
 
     Under DDP the other ranks neither download nor read it: DDP's construction broadcasts rank
     0's parameters and buffers. A failure is raised on every rank, so none waits for the others.
@@ -139,7 +153,7 @@ def _initial_weights(module: VideoClipDetector, uri: str) -> None:
     failure: Sam3PipeError | None = None
     if comm.is_main():
         try:
-            load_model_weights(module, resolve_model_uri(uri))
+            load(module, resolve_model_uri(uri))
         except Sam3PipeError as exc:
             failure = exc
     failure = comm.broadcast_object(failure)
@@ -147,10 +161,8 @@ def _initial_weights(module: VideoClipDetector, uri: str) -> None:
         raise failure
 
 
-def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
-    module = VideoClipDetector(build_detector(cfg.model))
-    if cfg.model.uri and not resuming:
-        _initial_weights(module, cfg.model.uri)
+def _train_detector_as_configured(cfg: TrainConfig, module: VideoClipDetector) -> None:
+    """The detector's LoRA adapters and frozen prefixes (`model.lora`, `model.freeze`, and what its loss never reaches)."""
     if cfg.model.lora.rank > 0:
         lora.add_adapters(module.detector, cfg.model.lora)
     if cfg.model.freeze:
@@ -158,7 +170,37 @@ def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
         log.info("froze %.2fM parameters under %s", frozen / 1e6, cfg.model.freeze)
     with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
     freeze(module.detector, [*UNREACHED] if with_masks else [*UNREACHED, *UNREACHED_WITHOUT_MASKS])
+
+
+def _build_module(cfg: TrainConfig, resuming: bool) -> VideoClipDetector:
+    if cfg.train.stage != "detector":
+        return _build_tracking_module(cfg, resuming)
+    module = VideoClipDetector(build_detector(cfg.model))
+    if cfg.model.uri and not resuming:
+        _initial_weights(module, cfg.model.uri)
+    _train_detector_as_configured(cfg, module)
     return module
+
+
+def _build_tracking_module(cfg: TrainConfig, resuming: bool) -> VideoClipModel:
+    """Stages tracker and joint: the detector with its tracker's neck, and SAM3's tracker (see `load_video_clip_weights`)."""
+    stage, settings = cfg.train.stage, cfg.tracker_train
+    module = build_video_clip_model(cfg.model, frozen_detector=stage == "tracker")
+    if cfg.model.uri and not resuming:
+        _initial_weights(module, cfg.model.uri, load_video_clip_weights)
+    if settings.tracker_uri and not resuming:
+        _initial_weights(module, settings.tracker_uri, load_tracker_weights)
+    tracking = TrackingSettings(settings.teacher_force_obj_scores, settings.spatial_memory_dropout)
+    prepare_tracker(module.tracker, tracking, cfg.train.seed)
+    if stage == "tracker":
+        freeze_all(module.detector)
+    else:
+        _train_detector_as_configured(cfg, module)
+    trained = train_tracker_preset(module.detector, module.tracker, settings.trainable)
+    log.info("stage %s: %.2fM tracker parameters train (preset %s)", stage, trained / 1e6, settings.trainable)
+    if settings.lora.rank > 0:
+        lora.add_adapters(module.tracker, settings.lora)
+    return module.train()
 
 
 def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
@@ -175,30 +217,72 @@ def _validators(
     reader: FrameReader,
     frames: _FrameArrays,
     train_videos: VideoDataset,
-    task: ClipTask,
+    module: VideoClipDetector,
     amp: torch.dtype | None,
     device: torch.device,
 ) -> list[Validator]:
+    """The built-in validators of the stage: the detector's (not in stage tracker), then the tracker's.
+
+    Validation items are shared out unevenly over ranks: their losses have no collective inside.
+    """
     loop = cfg.train
+    autocast = functools.partial(autocast_context, device, amp)
     validators: list[Validator] = []
-    if loop.val_max_clips > 0:
-        autocast = functools.partial(autocast_context, device, amp)
-        validators.append(ValidationLoss(task, loop.val_max_clips, cfg.data.clips.with_masks, autocast))
-    if loop.val_max_frames > 0:
-        validators.append(
-            DetectionMetrics(
-                reader,
-                loop.val_max_frames,
-                cfg.model.image_size,
-                with_masks=cfg.model.enable_segmentation,
-                detection=DetectionConfig(amp=loop.amp),
+    if loop.stage != "tracker":
+        if loop.val_max_clips > 0:
+            with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+            loss = build_loss(cfg.loss, cfg.model.num_queries, with_masks, per_rank=True)
+            validators.append(
+                ValidationLoss(ClipTask(module, loss, device), loop.val_max_clips, cfg.data.clips.with_masks, autocast)
             )
+        if loop.val_max_frames > 0:
+            validators.append(
+                DetectionMetrics(
+                    reader,
+                    loop.val_max_frames,
+                    cfg.model.image_size,
+                    with_masks=cfg.model.enable_segmentation,
+                    detection=DetectionConfig(amp=loop.amp),
+                )
+            )
+        if loop.diagnostics:
+            # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
+            seen = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False)
+            validators.append(functools.partial(diagnose, train_dataset=seen))
+    if loop.stage != "detector" and loop.val_max_clips > 0:
+        clips = TrackerClipDataset(
+            reader.dataset("val"), frames, cfg.data.tracker_clips, cfg.model.image_size, loop.seed, train=False
         )
-    if loop.diagnostics:
-        # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
-        seen = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False)
-        validators.append(functools.partial(diagnose, train_dataset=seen))
+        local = TrackerTask(TrackerLoss(cfg.tracker_train.loss, over_ranks=False), device)
+        validators.append(TrackerValidationLoss(local, clips, loop.val_max_clips, autocast))
+    if loop.stage != "detector" and loop.val_max_videos > 0:
+        validators.append(VosMetrics(reader, loop.val_max_videos, cfg.model.image_size))
     return validators
+
+
+def _training_data(cfg: TrainConfig, videos: VideoDataset, frames: _FrameArrays) -> tuple[Any, Any]:
+    """The training clips of the stage and their collate function."""
+    size, seed = cfg.model.image_size, cfg.train.seed
+    detector_collate = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
+    if cfg.train.stage == "detector":
+        return ClipDataset(videos, frames, cfg.data.clips, size, seed, train=True), detector_collate
+    tracker_clips = TrackerClipDataset(videos, frames, cfg.data.tracker_clips, size, seed, train=True)
+    if cfg.train.stage == "tracker":
+        return tracker_clips, collate_tracker_clips
+    detector_clips = ClipDataset(videos, frames, cfg.data.clips, size, seed, train=True)
+    return JointClipDataset(detector_clips, tracker_clips), JointCollate(detector_collate)
+
+
+def _task(cfg: TrainConfig, module: VideoClipDetector, device: torch.device) -> Task:
+    """What the loop minimises at the stage: sam3's detector loss, SAM2's tracker loss, or their sum."""
+    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
+    tracker = TrackerTask(TrackerLoss(cfg.tracker_train.loss), device)
+    if cfg.train.stage == "tracker":
+        return tracker
+    detector = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
+    if cfg.train.stage == "detector":
+        return detector
+    return JointTask(detector, tracker, cfg.tracker_train.tracker_weight, cfg.tracker_train.joint)
 
 
 def build_trainer(
@@ -235,7 +319,7 @@ def build_trainer(
     frames = _FrameArrays(reader)
     # parsed once: SA-V-scale annotation files take seconds to read
     train_videos = reader.dataset("train")
-    if cfg.train.val_every and cfg.train.val_max_frames:
+    if cfg.train.val_every and cfg.train.val_max_frames and cfg.train.stage != "tracker":
         # in-loop detection metrics prompt every category on each validation frame
         check_prompts_fit(
             len(train_videos.categories),
@@ -244,9 +328,8 @@ def build_trainer(
             device,
             DetectionConfig().prompt_batch,
         )
-    train_set = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=True)
+    train_set, collate = _training_data(cfg, train_videos, frames)
     pin = device.type == "cuda"
-    collate: Any = functools.partial(collate_clips, with_masks=cfg.data.clips.with_masks)
     data = MicroBatches(
         train_set,
         cfg.data.batch_size,
@@ -269,30 +352,28 @@ def build_trainer(
             device_ids=[device.index] if device.type == "cuda" else None,
             # not static_graph: its first-step all-reduce hooks onto output tensors found by
             # pytree, which cannot see into SAM3Output (a list subclass), so gradients were
-            # never averaged
-            find_unused_parameters=cfg.train.ddp_find_unused_parameters,
+            # never averaged. The tracker's parameters that get a gradient change from step to step
+            # (mask or point prompts, corrected frames or none), so its stages always search
+            find_unused_parameters=cfg.train.ddp_find_unused_parameters or cfg.train.stage != "detector",
             # sam3's buffers are constants (RoPE tables, attention masks) that DDP's construction
             # already copied from rank 0; no broadcast before every forward
             broadcast_buffers=False,
             # the gradients are views into DDP's all-reduce buckets: one copy of them, not two
             gradient_as_bucket_view=True,
         )
-    with_masks = cfg.model.enable_segmentation and cfg.data.clips.with_masks
-    task = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks), device)
-    # validation clips are shared out unevenly over ranks: a loss with no collective inside
-    val_task = ClipTask(module, build_loss(cfg.loss, cfg.model.num_queries, with_masks, per_rank=True), device)
+    task = _task(cfg, module, device)
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     amp = numerics.amp_dtype(cfg.train.amp, device)
 
     all_validators = (
-        [*_validators(cfg, reader, frames, train_videos, val_task, amp, device), *validators]
+        [*_validators(cfg, reader, frames, train_videos, module, amp, device), *validators]
         if cfg.train.val_every
         else []
     )
     val_set = (
         ClipDataset(reader.dataset("val"), frames, cfg.data.clips, cfg.model.image_size, cfg.train.seed, train=False)
-        if all_validators
+        if all_validators and cfg.train.stage != "tracker"
         else None
     )
     extra: dict[str, Any] = {"config": to_yaml(cfg), "lora": lora.lora_settings(cfg.model.lora)}
@@ -331,6 +412,9 @@ def build_trainer(
         ),
         AwaitUploads(uploads, cfg.train.upload_timeout_s),
     ]
+    if isinstance(task, JointTask):
+        # after PeriodicCheckpoint: it reads the step count a resume restores in its before_train
+        hooks.append(JointTurns(task))
     # last: it reports what the hooks before it logged at the step
     progress = trainjob_status_hook(cfg.train.trainjob_status_every_s)
     if progress is not None:

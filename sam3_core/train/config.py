@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from sam3_core import storage
 from sam3_core.config_checks import check_bool, check_choice, check_float, check_int, check_str
 from sam3_core.data.clips import ClipConfig
+from sam3_core.data.tracker_clips import TrackerClipConfig
 from sam3_core.errors import ConfigError
 from sam3_core.mlflow_records.settings import MlflowConfig
 from sam3_core.model.config import ModelConfig
 from sam3_core.numerics import AMP_MODES
 from sam3_core.train.loss import LossConfig
 from sam3_core.train.optim import OptimConfig
+from sam3_core.train.stages import STAGES, TrackerTrainConfig
 
 
 @dataclass
@@ -28,7 +30,9 @@ class DataConfig:
     # most bytes of frames a remote dataset keeps in the local cache (least recently used evicted); 0 = no limit
     cache_bytes: int = 0
     clips: ClipConfig = field(default_factory=ClipConfig)
-    # clips per process per micro-batch
+    # stages tracker and joint: the tracker's clips (objects and their prompts)
+    tracker_clips: TrackerClipConfig = field(default_factory=TrackerClipConfig)
+    # clips per process per micro-batch (stage joint: that many of each kind)
     batch_size: int = 2
     # DataLoader worker processes per rank; null: on a GPU, this rank's spare cores (its share of the
     # machine's cores less one for the step) up to 4, when prefetch_factor > 0; on CPU 0 (workers
@@ -59,6 +63,9 @@ _METRIC_NAME = re.compile(r"^(train|val|diag)/[\w.\-]+$")
 
 @dataclass
 class LoopConfig:
+    # detector: the detector on noun-phrase clips; tracker: SAM3's tracker on object clips, the detector
+    # frozen; joint: both, their losses summed (see sam3_core.train.stages)
+    stage: str = "detector"
     max_steps: int = 200
     grad_accum_steps: int = 1
     seed: int = 0
@@ -76,6 +83,9 @@ class LoopConfig:
     # val/bbox_* and val/segm_* (COCO, through the predict path): N val frames spread over the
     # split (0: no detection metrics)
     val_max_frames: int = 16
+    # stages tracker and joint: val/vos_J_mean, val/vos_F_mean, val/vos_JF_mean (...), as predict
+    # inference=vos and evaluate compute them, on N validation videos spread over the split (0: none)
+    val_max_videos: int = 8
     # best.pt is the checkpoint of the step where this metric was best: `val/<name>` (a detection
     # metric such as val/segm_AP, or val/loss), `diag/<name>` or `train/<name>`
     best_metric: str = "val/segm_AP"
@@ -107,6 +117,7 @@ class LoopConfig:
     trainjob_status_every_s: int = 10
 
     def __post_init__(self) -> None:
+        check_choice("train.stage", self.stage, STAGES)
         check_int("train.max_steps", self.max_steps, 1)
         check_int("train.grad_accum_steps", self.grad_accum_steps, 1, 4096)
         check_int("train.seed", self.seed, 0, 2**31 - 1)
@@ -115,7 +126,7 @@ class LoopConfig:
         check_float("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         for key in ("log_every", "checkpoint_every"):
             check_int(f"train.{key}", getattr(self, key), 1)
-        for key in ("val_every", "val_max_clips", "val_max_frames", "num_threads"):
+        for key in ("val_every", "val_max_clips", "val_max_frames", "val_max_videos", "num_threads"):
             check_int(f"train.{key}", getattr(self, key), 0)
         check_int("train.dist_timeout_s", self.dist_timeout_s, 1)
         check_int("train.upload_timeout_s", self.upload_timeout_s, 1)
@@ -145,13 +156,25 @@ class LoopConfig:
                 f"train.best_metric={self.best_metric} needs validation: set train.val_every > 0 "
                 "or choose a train/ metric (train.best_metric=train/loss train.best_mode=min)"
             )
-        if group == "val" and name == "loss" and self.val_max_clips == 0:
-            raise ConfigError("train.best_metric=val/loss needs train.val_max_clips > 0")
+        if group == "val" and name in ("loss", "tracker_loss") and self.val_max_clips == 0:
+            raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_clips > 0")
+        tracker_metric = group == "val" and (name == "tracker_loss" or name.startswith("vos_"))
+        if tracker_metric and self.stage == "detector":
+            raise ConfigError(f"train.best_metric={self.best_metric} needs train.stage=tracker or joint")
+        if group == "val" and name.startswith("vos_") and self.val_max_videos == 0:
+            raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_videos > 0")
+        detector_metric = group == "val" and (name == "loss" or name.startswith(("bbox_", "segm_")))
+        if self.stage == "tracker" and (detector_metric or group == "diag"):
+            raise ConfigError(
+                f"train.best_metric={self.best_metric}: train.stage=tracker leaves the detector unchanged; choose a "
+                "tracker metric: train.best_metric=val/vos_JF_mean (or val/tracker_loss with train.best_mode=min)"
+            )
         iou_type, _, stat = name.partition("_")
-        if group == "val" and name != "loss" and iou_type not in ("bbox", "segm"):
+        if group == "val" and not detector_metric and name not in _vos_validation_metrics() | {"tracker_loss"}:
             raise ConfigError(
                 f"train.best_metric={self.best_metric}: validation logs val/loss, val/bbox_<stat> and "
-                f"val/segm_<stat> (stat: {', '.join(DETECTION_STATS)})"
+                f"val/segm_<stat> (stat: {', '.join(DETECTION_STATS)}); with train.stage=tracker or joint also "
+                "val/tracker_loss and val/vos_<J|F>_<mean|recall|decay>, val/vos_JF_mean"
             )
         if group == "diag":
             split, _, measure = name.partition("_")
@@ -170,6 +193,13 @@ class LoopConfig:
                 )
             if self.val_max_frames == 0:
                 raise ConfigError(f"train.best_metric={self.best_metric} needs train.val_max_frames > 0")
+
+
+def _vos_validation_metrics() -> set[str]:
+    """The names the in-loop VOS validation logs (the evaluators' vos family), without the `val/` group."""
+    from sam3_core.evaluate.families.vos import STATISTICS
+
+    return {f"vos_{letter}_{stat}" for letter in ("J", "F") for stat in STATISTICS} | {"vos_JF_mean"}
 
 
 @dataclass
@@ -201,12 +231,19 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # stages tracker and joint: what of SAM3's tracker trains, and its loss
+    tracker_train: TrackerTrainConfig = field(default_factory=TrackerTrainConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # where the run is tracked in MLflow; leaves the run folder name alone (see run_name_for)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def __post_init__(self) -> None:
+        if self.train.stage == "tracker" and self.model.lora.rank > 0:
+            raise ConfigError(
+                "model.lora.rank: train.stage=tracker keeps the detector frozen; set model.lora.rank=0 "
+                "(or train.stage=joint to adapt the detector too)"
+            )
         if self.train.best_metric.startswith("val/segm_") and not self.model.enable_segmentation:
             raise ConfigError(
                 f"train.best_metric={self.train.best_metric} needs masks but model.enable_segmentation=false; "

@@ -50,13 +50,23 @@ RUN_NEUTRAL_KEYS = (
 )
 
 
-def _neutral(key: str) -> bool:
-    return any(key == neutral or (neutral.endswith(".") and key.startswith(neutral)) for neutral in RUN_NEUTRAL_KEYS)
+# keys that do not reach the run at a given train.stage: stage detector builds no tracker (and a run
+# of it keeps the name it had before stages existed), stage tracker uses neither detector clips nor the detector's loss
+STAGE_NEUTRAL_KEYS = {
+    "detector": ("train.stage", "data.tracker_clips.", "tracker_train.", "model.tracker."),
+    "tracker": ("data.clips.", "loss."),
+    "joint": (),
+}
+
+
+def _neutral(key: str, neutral_keys: tuple[str, ...]) -> bool:
+    return any(key == neutral or (neutral.endswith(".") and key.startswith(neutral)) for neutral in neutral_keys)
 
 
 def shaping_values(flat: dict[str, Any]) -> dict[str, Any]:
     """The dotted keys of a flattened train config that shape the run."""
-    return {key: value for key, value in flat.items() if not _neutral(key)}
+    neutral = RUN_NEUTRAL_KEYS + STAGE_NEUTRAL_KEYS.get(flat.get("train.stage", "detector"), ())
+    return {key: value for key, value in flat.items() if not _neutral(key, neutral)}
 
 
 def run_name_for(cfg: TrainConfig) -> str:

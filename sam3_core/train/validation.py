@@ -66,7 +66,7 @@ class ValidationLoss:
         return {"loss": sum(losses[index] for index in sorted(losses)) / len(losses)} if losses else {}
 
 
-def _spread(count: int, limit: int) -> list[int]:
+def spread(count: int, limit: int) -> list[int]:
     """`limit` indices spread evenly over range(count) (all of them when count <= limit)."""
     if count <= limit:
         return list(range(count))
@@ -95,7 +95,7 @@ class DetectionMetrics:
         if rel not in reader.manifest["files"]:
             raise InputError(reader.dataset_uri, rel, "no frame-level COCO file; set train.val_max_frames=0")
         coco = json.loads(reader.local_path(rel).read_text())
-        images = [coco["images"][i] for i in _spread(len(coco["images"]), max_frames)]
+        images = [coco["images"][i] for i in spread(len(coco["images"]), max_frames)]
         chosen = {image["id"] for image in images}
         subset = {
             **coco,

@@ -6,6 +6,9 @@
   negative phrases.
 - ``mp4``: video files decoded with PyAV at a chosen frame rate, annotated per frame index.
 - ``synthetic``: the generated demo videos (written as a ``ytvis`` source first).
+- ``davis``: a DAVIS 2017 folder (``JPEGImages/480p``, ``Annotations/480p``, ``ImageSets``); its
+  objects are palette indices in per-frame PNGs (``sam3_core.data.sources.vos``).
+- ``vos``: MOSE / YouTube-VOS (palette PNGs per frame) or SA-V (one PNG folder per object) layouts.
 
 A loader validates the annotations (every bad value an InputError naming the file and JSON
 path) and says how to get each video's frames; decoding and staging happen in data prep's
@@ -20,7 +23,7 @@ import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sam3_core import storage
 from sam3_core.data import synthetic
@@ -29,9 +32,12 @@ from sam3_core.data.ytvis import VideoDataset, read_annotation_json
 from sam3_core.errors import InputError
 from sam3_core.storage.local import local_path
 
-SOURCES = ("synthetic", "ytvis", "saco", "mp4")
-# the layouts read from an annotation file and a root the file names are relative to
-FILE_SOURCES = ("ytvis", "saco", "mp4")
+if TYPE_CHECKING:
+    from sam3_core.data.sources.vos import VosConfig
+
+SOURCES = ("synthetic", "ytvis", "saco", "mp4", "davis", "vos")
+# the layouts read from annotations (a file, or a folder for vos) and a root the frame names are relative to
+FILE_SOURCES = ("ytvis", "saco", "mp4", "vos")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class Source:
     # video id -> JSON path of its entry ("videos[3]"), for errors about its frames
     paths: dict[int, str]
     description: dict[str, Any]
+    # the source's own split (split name -> video ids), e.g. DAVIS's ImageSets; None when it has none
+    split: dict[str, list[int]] | None = None
 
 
 def check_inside(root: str, uri: str, annotations: str, path: str) -> None:
@@ -100,17 +108,22 @@ def load_source(
     frames_root: str,
     fps: float,
     synthetic_cfg: SyntheticConfig,
+    vos_cfg: VosConfig,
     scratch: Path,
     video_ids: Collection[int] | None = None,
 ) -> Source:
     """Read and validate the source ``kind``; synthetic videos are generated into ``scratch`` first."""
-    from sam3_core.data.sources import mp4, saco, ytvis
+    from sam3_core.data.sources import mp4, saco, vos, ytvis
 
     if kind == "synthetic":
         path = synthetic.generate(synthetic_cfg, scratch)
         source = ytvis.load(str(path), str(path.parent), read_annotation_json(str(path)), video_ids)
         source.description = {"kind": "synthetic", "synthetic": dataclasses.asdict(synthetic_cfg)}
         return source
+    if kind == "davis":
+        return vos.load_davis(vos_cfg, video_ids)
+    if kind == "vos":
+        return vos.load_vos(annotations, frames_root, vos_cfg, video_ids)
     raw = read_annotation_json(annotations)
     if kind == "ytvis":
         return ytvis.load(annotations, frames_root, raw, video_ids)

@@ -2,7 +2,8 @@
 
 On the tiny preset: the export has exactly the base's keys and shapes, loads strictly into the
 video model, carries the fine-tuned detector's weights unchanged (LoRA adapters merged) and the
-base's tracker and tracker neck; inputs that cannot make such a checkpoint are refused naming
+base's tracker and tracker neck (a checkpoint with its own tracker, e.g. of a tracker run, keeps
+it); inputs that cannot make such a checkpoint are refused naming
 the file and the tensor. The full preset, through sam3's own builders, is in
 test_export_full.py.
 """
@@ -97,14 +98,38 @@ def test_lora_adapters_are_merged_into_the_exported_detector(base, tmp_path) -> 
     assert all(torch.equal(exported[key], value) for key, value in merged.items())
 
 
-def test_a_checkpoint_in_sam3s_layout_gives_its_whole_detector(base, tmp_path) -> None:
+def test_a_checkpoint_in_sam3s_layout_gives_its_whole_detector_and_its_own_tracker(base, tmp_path) -> None:
     other = build_video_model(tiny(4)).state_dict()
     uri = str(tmp_path / "other_video.pt")
     save_checkpoint(other, uri, step=0)
     exported = export(uri, base[0], tmp_path / "video.pt")
-    detector = [k for k in other if k.startswith("detector.")]
-    assert all(torch.equal(exported[k], other[k]) for k in detector)
-    assert all(torch.equal(exported[k], base[1][k]) for k in base[1] if k.startswith("tracker."))
+    assert set(exported) == set(base[1])
+    assert all(torch.equal(exported[k], other[k]) for k in other)
+    assert not torch.equal(exported["tracker.maskmem_tpos_enc"], base[1]["tracker.maskmem_tpos_enc"])
+
+
+def test_the_checkpoint_of_a_tracker_run_keeps_its_trained_tracker_and_neck(base, tmp_path) -> None:
+    trained = build_video_model(
+        tiny(5)
+    ).state_dict()  # a train.stage=tracker best.pt: {"model": detector.* + tracker.*}
+    uri = str(tmp_path / "tracker_best.pt")
+    save_checkpoint({"model": trained, "step": 9}, uri, step=9)
+    exported = export(uri, base[0], tmp_path / "video.pt")
+    own = [k for k in trained if k.startswith(("tracker.", TRACKER_NECK_PREFIX))]
+    assert own and all(torch.equal(exported[k], trained[k]) for k in own)
+    build_video_model(TINY).load_state_dict(exported, strict=True)
+
+
+def test_a_trained_tracker_of_another_architecture_is_refused_naming_the_tensor(base, fine_tuned, tmp_path) -> None:
+    other = build_video_model(ModelConfig(image_size=56, vit_pretrain_img_size=56, init_seed=6)).state_dict()
+    tracker = {k: v[..., :1] if k == "tracker.maskmem_tpos_enc" else v for k, v in other.items()}
+    uri = str(tmp_path / "odd_tracker.pt")
+    save_checkpoint(
+        {"model": {**fine_tuned[1], **{k: v for k, v in tracker.items() if k.startswith("tracker.")}}}, uri, step=0
+    )
+    with pytest.raises(InputError, match=r"odd_tracker\.pt: tracker\.maskmem_tpos_enc: shape .* differs from the base"):
+        export(uri, base[0], tmp_path / "video.pt")
+    assert not (tmp_path / "video.pt").exists()
 
 
 def test_a_base_without_a_tracker_is_refused_naming_it(fine_tuned, tmp_path) -> None:

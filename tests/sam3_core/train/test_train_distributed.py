@@ -12,10 +12,13 @@ import pytest
 import torch
 
 from sam3_core import storage
+from sam3_core.config import load_config
 from sam3_core.model.build import build_detector
 from sam3_core.model.checkpoint import load_checkpoint
 from sam3_core.model.config import ModelConfig
+from sam3_core.model.tracker_training import build_video_clip_model
 from sam3_core.model.video_detector import VideoClipDetector
+from sam3_core.train.config import TrainConfig
 from tests.fixtures.datasets import single_thread_env
 from tests.fixtures.network import free_port
 from tests.fixtures.paths import REPO
@@ -104,6 +107,55 @@ def test_the_ranks_together_load_every_clip_once_per_epoch(two_ranks: dict[str, 
     per_rank = [record["seen"][str(epoch)] for record in two_ranks["records"]]
     assert [len(indices) for indices in per_rank] == [CLIPS_PER_EPOCH // RANKS] * RANKS
     assert sorted(per_rank[0] + per_rank[1]) == list(range(CLIPS_PER_EPOCH))
+
+
+@pytest.fixture(scope="module")
+def two_ranks_tracker(tiny_train_overrides: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Final weights and reported metrics of a 2-step train.stage=tracker run on 2 processes."""
+    out = tmp_path_factory.mktemp("two-ranks-tracker")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(RANKS),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).with_name("train_worker.py")),
+        str(out),
+        *tiny_train_overrides,
+        f"output.store={out / 'store'}",
+        "output.run_name=ddp-tracker",
+        "train.stage=tracker",
+        "data.tracker_clips.frames_per_clip=3",
+        "data.tracker_clips.correction_points=2",
+        "train.max_steps=2",
+        "train.val_every=2",
+        "train.best_metric=val/vos_JF_mean",
+    ]
+    proc = subprocess.run(
+        command, check=False, cwd=REPO, env=single_thread_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {
+        "weights": [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(RANKS)],
+        "records": [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)],
+    }
+
+
+def test_stage_tracker_keeps_both_ranks_identical_and_reports_vos_validation_once(
+    two_ranks_tracker: dict[str, Any], tiny_train_overrides: list[str]
+) -> None:
+    first, second = two_ranks_tracker["weights"]
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+    model = load_config("train", TrainConfig, tiny_train_overrides).model
+    initial = build_video_clip_model(model).state_dict()
+    assert any(not torch.equal(first[k], initial[k]) for k in initial if k.startswith("tracker."))
+    assert all(torch.equal(first[k], initial[k]) for k in initial if k.startswith("detector."))
+    reported = [record["metrics"] for record in two_ranks_tracker["records"]]
+    assert reported[1] == [] and [m["step"] for m in reported[0] if "val/vos_JF_mean" in m] == [2]
 
 
 @pytest.mark.integration

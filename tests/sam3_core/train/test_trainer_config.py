@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from components.train import main
+from components.train import component_name, main
 from sam3_core import comm
 from sam3_core.config import load_config
 from sam3_core.errors import ConfigError
@@ -57,6 +57,12 @@ BAD_OVERRIDES = [
     ("train.val_every=0", "train.best_metric"),
     ("train.val_max_frames=0", "train.best_metric"),
     ("output.run_name=../elsewhere", "output.run_name"),
+    ("train.stage=both", "train.stage"),
+    ("tracker_train.trainable=everything", "tracker_train.trainable"),
+    ("tracker_train.loss.loss_mask=-1", "tracker_train.loss.loss_mask"),
+    ("data.tracker_clips.max_objects=0", "data.tracker_clips.max_objects"),
+    ("data.tracker_clips.max_correct_frames=1", "data.tracker_clips.max_correct_frames"),
+    ("data.tracker_clips.point_prob=2", "data.tracker_clips.point_prob"),
 ]
 
 
@@ -122,6 +128,47 @@ def test_keys_that_shape_nothing_leave_the_run_name_alone() -> None:
     assert run_name_for(config(["optim.lr=0.001"])) != base
 
 
+def test_keys_of_another_stage_leave_the_run_name_alone() -> None:
+    detector = run_name_for(config([]))
+    assert run_name_for(config(["data.tracker_clips.max_objects=2", "tracker_train.loss.loss_dice=2"])) == detector
+    tracker = ["train.stage=tracker", "train.best_metric=val/tracker_loss", "train.best_mode=min"]
+    assert run_name_for(config(tracker)) != detector
+    assert run_name_for(config([*tracker, "data.clips.num_negatives=3"])) == run_name_for(config(tracker))
+    assert run_name_for(config([*tracker, "data.tracker_clips.max_objects=2"])) != run_name_for(config(tracker))
+
+
+@pytest.mark.parametrize("metric", ["val/segm_AP", "val/bbox_AP50", "val/loss", "diag/top_box_iou"])
+def test_stage_tracker_refuses_a_detector_metric_for_the_best_checkpoint(metric: str) -> None:
+    with pytest.raises(ConfigError, match="leaves the detector unchanged"):
+        config(["train.stage=tracker", f"train.best_metric={metric}"])
+
+
+@pytest.mark.parametrize("metric", ["val/tracker_loss", "val/vos_JF_mean"])
+def test_tracker_metrics_need_a_stage_with_a_tracker(metric: str) -> None:
+    with pytest.raises(ConfigError, match=r"needs train\.stage=tracker or joint"):
+        config([f"train.best_metric={metric}"])
+
+
+@pytest.mark.parametrize("metric", ["val/vos_J_recall", "val/vos_F_decay", "val/tracker_loss"])
+def test_stage_tracker_takes_every_metric_its_validation_logs_for_the_best_checkpoint(metric: str) -> None:
+    assert config(["train.stage=tracker", f"train.best_metric={metric}"]).train.best_metric == metric
+
+
+def test_a_vos_metric_its_validation_does_not_log_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"val/vos_<J\|F>_<mean\|recall\|decay>"):
+        config(["train.stage=tracker", "train.best_metric=val/vos_JF_recall"])
+
+
+def test_a_vos_best_metric_needs_validation_videos() -> None:
+    with pytest.raises(ConfigError, match=r"needs train\.val_max_videos > 0"):
+        config(["train.stage=tracker", "train.best_metric=val/vos_JF_mean", "train.val_max_videos=0"])
+
+
+def test_stage_tracker_refuses_detector_lora() -> None:
+    with pytest.raises(ConfigError, match="keeps the detector frozen"):
+        config(["train.stage=tracker", "train.best_metric=train/loss", "model.lora.rank=4"])
+
+
 def test_config_differences_name_each_shaping_key_with_both_values() -> None:
     stored = {"optim.lr": 0.0005, "train.log_every": 10, "model.lora.rank": 0}
     current = {"optim.lr": 0.001, "train.log_every": 5, "model.lora.rank": 0, "train.best_metric": "val/loss"}
@@ -149,3 +196,10 @@ def test_threads_default_to_the_cores_shared_by_the_local_processes(monkeypatch:
     assert (alone, comm.default_num_threads()) == (comm.available_cores(), 1)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert comm.default_num_threads() == 3
+
+
+def test_each_stage_is_its_own_mlflow_component() -> None:
+    tracker = ["train.best_metric=val/vos_JF_mean"]
+    assert component_name(config([])) == "train"
+    assert component_name(config(["train.stage=tracker", *tracker])) == "train_tracker"
+    assert component_name(config(["train.stage=joint", *tracker])) == "train_joint"
