@@ -13,6 +13,7 @@ headline metrics over the seeds, and their margin over the demo's thresholds.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import resource
@@ -143,8 +144,15 @@ def _spread(values: list[float]) -> str:
     return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
 
-def main() -> None:
-    bench = DemoBench()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=DemoBench.repeats, help="runs of seed 0 (tables compared)")
+    parser.add_argument(
+        "--seeds", default=",".join(map(str, DemoBench.seeds)), help="further seeds, comma-separated ('' for none)"
+    )
+    options = parser.parse_args(argv or [])
+    seeds = tuple(int(seed) for seed in options.seeds.split(",") if seed)
+    bench = DemoBench(repeats=options.repeats, seeds=seeds)
     runs: list[DemoRun] = []
     for seed in [0] * bench.repeats + list(bench.seeds):
         with tempfile.TemporaryDirectory(prefix="sam3pipe-bench-demo-") as tmp:

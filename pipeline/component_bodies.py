@@ -39,6 +39,10 @@ T = TypeVar("T")
 
 # the exported video model in a training run's folder: `<run>/export/sam3_video.pt`
 VIDEO_CHECKPOINT = "sam3_video.pt"
+# the tracker stage (`tracker_steps`): its registry entry, beside the detector's `sam3-video`, and the metric
+# of its best.pt (the tracker on the validation videos, each object prompted by its first-frame mask)
+TRACKER_MODEL_NAME = "sam3-video-tracker"
+TRACKER_BEST_METRIC = "val/vos_JF_mean"
 
 
 class SweepFailedError(Sam3PipeError):
@@ -185,6 +189,16 @@ def _train(args: Arguments, model: PointerArtifact) -> tuple[str, str, str]:
         wired("output.run_name", run_name(pipeline_run_id), "pipeline_run_id"),
         *args.extra("train"),
     ]
+    return _launch_training(args, overrides, model)
+
+
+def _launch_training(
+    args: Arguments, overrides: list[str], model: PointerArtifact, stage: str = ""
+) -> tuple[str, str, str]:
+    """Run the train component with `overrides` as `training_mode` says; publish and return its outputs.
+
+    `stage` names a later training of the same pipeline run (its job gets its own name)."""
+    params, pipeline_run_id = args.params, args.wiring["pipeline_run_id"]
     env = set_tracking_env(pipeline_run_id, params["mlflow_experiment"])
     mode, gpus = params["training_mode"], params["gpus"]
     if mode == "pod":
@@ -197,10 +211,46 @@ def _train(args: Arguments, model: PointerArtifact) -> tuple[str, str, str]:
         settings = jobs.LaunchSettings(**args.wiring["launch"][mode])
         env["SAM3PIPE_IMAGE"] = settings.image
         outputs = jobs.launch_training(
-            kind.KIND, kind.build_job, overrides, settings, pipeline_run_id, params["nodes"], gpus, params["store"], env
+            kind.KIND,
+            kind.build_job,
+            overrides,
+            settings,
+            pipeline_run_id,
+            params["nodes"],
+            gpus,
+            params["store"],
+            env,
+            stage=stage,
         )
     publish_pointer(model, {"uri": outputs["best_checkpoint_uri"], **outputs})
     return outputs["run_uri"], outputs["best_checkpoint_uri"], outputs["last_checkpoint_uri"]
+
+
+def train_tracker(arguments: Mapping[str, Any]) -> tuple[str, str, str]:
+    """SAM3's tracker trained after the detector (`tracker_steps` > 0): the detector's best checkpoint, frozen,
+    with the tracker of `base_checkpoint` (random without one); ("", "", "") when there is no tracker stage."""
+    args = Arguments.of(arguments)
+    model, steps = args.wiring["model"], args.params["tracker_steps"]
+    if steps == 0:
+        skipped(model, {}, "tracker_steps=0: no tracker stage")
+        return "", "", ""
+    params, pipeline_run_id = args.params, args.wiring["pipeline_run_id"]
+    shared = {name: params[name] for name in ("model_preset", "batch_size", "store")}
+    base = params["base_checkpoint"]
+    tracker_start = [wired("tracker_train.tracker_uri", base, "base_checkpoint")] if base else []
+    overrides = [
+        *table.hydra_overrides("train", shared),
+        "train.stage=tracker",
+        f"train.best_metric={TRACKER_BEST_METRIC}",
+        f"train.max_steps={steps}",
+        wired("mlflow.registered_model_name", TRACKER_MODEL_NAME, "tracker_steps"),
+        wired("model.uri", args.wiring["checkpoint_uri"], "checkpoint_uri"),
+        *tracker_start,
+        wired("data.uri", args.wiring["dataset_uri"], "dataset_uri"),
+        wired("output.run_name", f"{run_name(pipeline_run_id)}-tracker", "pipeline_run_id"),
+        *params["tracker_overrides"],
+    ]
+    return _launch_training(args, overrides, model, stage="tracker")
 
 
 def role_overrides(role: str) -> list[str]:
@@ -290,8 +340,8 @@ def _evaluate(args: Arguments) -> tuple[str, dict[str, float]]:
 
 
 def export(arguments: Mapping[str, Any]) -> str:
-    """SAM3's video checkpoint (the fine-tuned detector + the base's tracker) in the run's folder, registered
-    as the video model; "" without `base_checkpoint`."""
+    """SAM3's video checkpoint (the fine-tuned detector + the tracker of the tracker stage, else the base's) in the
+    run's folder, registered as the video model; "" without `base_checkpoint`."""
     args = Arguments.of(arguments)
     video_model, base = args.wiring["video_model"], args.params["base_checkpoint"]
     if not base:
@@ -301,7 +351,8 @@ def export(arguments: Mapping[str, Any]) -> str:
     overrides = [
         # the preset the detector was trained with: LoRA adapters are merged on it
         f"model={table.hydra_literal(args.params['model_preset'], 'model_preset')}",
-        wired("model.uri", args.wiring["checkpoint_uri"], "checkpoint_uri"),
+        # the tracker stage's checkpoint holds the detector and the trained tracker; else the detector's alone
+        wired("model.uri", args.wiring["tracker_checkpoint_uri"] or args.wiring["checkpoint_uri"], "checkpoint_uri"),
         wired("base.uri", base, "base_checkpoint"),
         wired("output.uri", storage.join(args.wiring["run_uri"], "export", VIDEO_CHECKPOINT), "run_uri"),
     ]

@@ -186,13 +186,15 @@ def job_env(launch: LaunchSettings, extra_env: dict[str, str]) -> list[dict[str,
     return [*copy.deepcopy(launch.env), *({"name": k, "value": v} for k, v in sorted(extra_env.items()))]
 
 
-def job_name(pipeline_run_id: str) -> str:
-    """A stable, DNS-safe name: the same pipeline run (and its retries) always gets the same job."""
+def job_name(pipeline_run_id: str, stage: str = "") -> str:
+    """A stable, DNS-safe name: the same pipeline run (and its retries) always gets the same job; a later
+    training `stage` of the run (e.g. tracker) its own."""
     slug = re.sub(r"[^a-z0-9]+", "-", pipeline_run_id.lower()).strip("-")
     if not slug:
         raise ConfigError("training job: the pipeline run id is empty; cannot name the job")
+    suffix = f"-{stage}" if stage else ""
     # pod names append "-worker-<n>" (PyTorchJob) or "-node-0-<n>-<hash>" (TrainJob) and must stay within 63 characters
-    return f"sam3pipe-{slug}"[:48].rstrip("-")
+    return f"sam3pipe-{slug}"[: 48 - len(suffix)].rstrip("-") + suffix
 
 
 def job_conditions(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -530,9 +532,10 @@ def training_job(
     store: str,
     extra_env: dict[str, str],
     namespace: str,
+    stage: str = "",
 ) -> tuple[dict[str, Any], str]:
     """The job manifest that trains with `overrides`, and the URI where its rank 0 writes the train outputs."""
-    name = job_name(pipeline_run_id)
+    name = job_name(pipeline_run_id, stage)
     outputs_uri = storage.join(store, "pipeline-runs", name, "train-outputs.json")
     args = ["-m", "torch.distributed.run", *rank_command("train", overrides, outputs_uri)]
     return build_job(name, namespace, args, nodes, gpus_per_node, launch, extra_env), outputs_uri
@@ -549,6 +552,7 @@ def launch_training(
     store: str,
     extra_env: dict[str, str],
     api: k8s.CustomObjectsApi | None = None,
+    stage: str = "",
 ) -> dict[str, Any]:
     """Train on `nodes` pods x `gpus_per_node` GPUs as a job of `kind`; return rank 0's outputs of the train component."""
     if not storage.is_remote(store):
@@ -563,6 +567,7 @@ def launch_training(
         store,
         extra_env,
         current_namespace(launch.namespace),
+        stage,
     )
     api = api or custom_objects_api()
     if kind.supported_versions:

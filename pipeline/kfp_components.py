@@ -46,6 +46,8 @@ def check_parameters(
     train_overrides: list,
     predict_overrides: list,
     evaluate_overrides: list,
+    tracker_steps: int,
+    tracker_overrides: list,
     sweep_trials: list,
     sweep_grid: dict,
     sweep_metric: str,
@@ -128,6 +130,30 @@ def train(
     return component_bodies.train(arguments)
 
 
+def train_tracker(
+    model_preset: str,
+    base_checkpoint: str,
+    batch_size: int,
+    store: str,
+    mlflow_experiment: str,
+    training_mode: str,
+    gpus: int,
+    nodes: int,
+    tracker_steps: int,
+    tracker_overrides: list,
+    launch: dict,
+    checkpoint_uri: str,
+    model: Output[Model],
+    dataset_uri: str = "",
+    pipeline_run_id: str = "",
+) -> NamedTuple("TrackerOutputs", [("run_uri", str), ("best_checkpoint_uri", str), ("last_checkpoint_uri", str)]):
+    """Train SAM3's tracker on the fine-tuned detector, frozen (train.stage=tracker); skipped when tracker_steps=0."""
+    arguments = dict(locals())
+    from pipeline import component_bodies
+
+    return component_bodies.train_tracker(arguments)
+
+
 def predict(
     model_preset: str,
     store: str,
@@ -176,11 +202,13 @@ def export(
     base_checkpoint: str,
     mlflow_experiment: str,
     checkpoint_uri: str,
+    tracker_checkpoint_uri: str,
     run_uri: str,
     video_model: Output[Model],
     pipeline_run_id: str = "",
 ) -> NamedTuple("ExportOutputs", [("video_model_uri", str)]):
-    """The fine-tuned detector with the base's tracker as SAM3's video checkpoint, registered (skipped without a base)."""
+    """The fine-tuned detector with the trained tracker (else the base's) as SAM3's video checkpoint, registered
+    (skipped without a base)."""
     arguments = dict(locals())
     from pipeline import component_bodies
 
@@ -250,6 +278,7 @@ class Components:
     data_prep_merge: PythonComponent
     plan_training: PythonComponent
     train: PythonComponent
+    train_tracker: PythonComponent
     predict: PythonComponent
     evaluate: PythonComponent
     export: PythonComponent

@@ -1,5 +1,5 @@
-"""The Kubeflow pipelines: data prep -> train -> predict -> evaluate (-> base model, compare, export), its sweep,
-and data prep alone.
+"""The Kubeflow pipelines: data prep -> train -> predict -> evaluate (-> tracker stage, base model, compare,
+export), its sweep, and data prep alone.
 
 Their parameters are the parameter table's (`sam3_core/pipeline_parameters.py`): the pipeline
 functions' signatures are generated from it (`pipeline.parameters.pipeline_function`), and each
@@ -34,6 +34,9 @@ Decisions:
   with `role="base"` (outputs under `<run>/base/`, MLflow runs `predict_base`, `evaluate_base`),
   then `compare` and `export` (SAM3's video checkpoint, registered as the video model). Without a
   base they run and do nothing, like a failed trial's components: no dsl.If, for kfp.local.
+- The tracker stage (`tracker_steps` > 0) trains SAM3's tracker after the detector, on its best
+  checkpoint (`train.stage=tracker`, MLflow run `train_tracker`, registered as `sam3-video-tracker`); the
+  export then takes its checkpoint, detector and trained tracker. With 0 it does nothing, as above.
 - Secrets: tasks get credentials from Kubernetes Secrets by name (kfp-kubernetes); no value is
   ever part of the compiled pipeline.
 No postponed annotations in this module: KFP reads the pipeline functions' annotations as types.
@@ -219,6 +222,26 @@ def _train_predict_evaluate(
     return trained, predicted, evaluated
 
 
+def _tracker_stage(
+    components: Components,
+    settings: PipelineSettings,
+    values: Mapping[str, Any],
+    pod_gpus: Any,
+    wiring: Mapping[str, Any],
+    trained: PipelineTask,
+) -> PipelineTask:
+    """With `tracker_steps`: SAM3's tracker trained on the fine-tuned detector's best checkpoint, in a pod
+    shaped like the detector's training (its own job in the job modes); else a task that does nothing."""
+    tracker = components.train_tracker(
+        **arguments(components.train_tracker, values),
+        **wiring,
+        launch=launch_settings(settings),
+        checkpoint_uri=trained.outputs["best_checkpoint_uri"],
+    ).set_display_name("train tracker")
+    _on_gpu_nodes(tracker, settings, pod_gpus)
+    return _tracked(tracker, settings, settings.train)
+
+
 def _base_model_tasks(
     components: Components,
     settings: PipelineSettings,
@@ -226,10 +249,11 @@ def _base_model_tasks(
     wiring: Mapping[str, Any],
     trained: PipelineTask,
     evaluated: PipelineTask,
+    tracker: PipelineTask,
 ) -> None:
     """With `base_checkpoint`: the base model predicted and evaluated like the fine-tuned one, the two
-    compared, and the fine-tuned detector exported with the base's tracker. Without it each of these
-    tasks does nothing (kfp.local runs no dsl.If)."""
+    compared, and the fine-tuned detector exported with the trained tracker (`tracker`'s, else the base's).
+    Without it each of these tasks does nothing (kfp.local runs no dsl.If)."""
     run_uri, base = trained.outputs["run_uri"], values["base_checkpoint"]
     predicted = components.predict(
         **arguments(components.predict, values), **wiring, checkpoint_uri=base, run_uri=run_uri, role="base"
@@ -260,6 +284,7 @@ def _base_model_tasks(
         **arguments(components.export, values),
         pipeline_run_id=wiring["pipeline_run_id"],
         checkpoint_uri=trained.outputs["best_checkpoint_uri"],
+        tracker_checkpoint_uri=tracker.outputs["best_checkpoint_uri"],
         run_uri=run_uri,
     ).set_display_name("export video model")
     _tracked(exported, settings, settings.export)
@@ -283,7 +308,8 @@ def build_pipeline(settings: PipelineSettings, defaults: Mapping[str, Any] | Non
         )
         # the GPU count comes from the checks' output; the explicit edge also orders kfp.local's run
         trained.after(checks)
-        _base_model_tasks(components, settings, values, wiring, trained, evaluated)
+        tracker = _tracker_stage(components, settings, values, checks.outputs["pod_gpus"], wiring, trained)
+        _base_model_tasks(components, settings, values, wiring, trained, evaluated, tracker)
         return evaluated.outputs["metric_values"]
 
     summary = "Fine-tune SAM3 on video clips and evaluate it; returns the evaluation metrics."

@@ -373,6 +373,24 @@ PARAMETERS: tuple[Parameter, ...] = (
         _TRAINING,
         check=overrides,
     ),
+    Parameter(
+        "tracker_steps",
+        int,
+        0,
+        "Steps of SAM3's tracker trained after the detector (train.stage=tracker: the detector's best checkpoint, "
+        "frozen; the tracker from base_checkpoint's, else random), best by val/vos_JF_mean, registered as "
+        "<registered model>-tracker and exported with base_checkpoint; 0 = no tracker stage.",
+        frozenset({RUN}),
+        check=integer(0),
+    ),
+    Parameter(
+        "tracker_overrides",
+        list,
+        [],
+        "Extra Hydra overrides of the tracker stage (train.stage=tracker), e.g. tracker_train.trainable=all.",
+        frozenset({RUN}),
+        check=overrides,
+    ),
     Parameter("predict_overrides", list, [], "Extra Hydra overrides of prediction.", _TRAINING, check=overrides),
     Parameter("evaluate_overrides", list, [], "Extra Hydra overrides of evaluation.", _TRAINING, check=overrides),
     Parameter(

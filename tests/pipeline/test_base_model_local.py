@@ -1,10 +1,11 @@
-"""`sam3pipe run --local base_checkpoint=<SAM3 checkpoint>`: the base model predicted and evaluated like the
-fine-tuned one, the two compared, and the fine-tuned detector exported with the base's tracker into SAM3's
-video checkpoint, registered as the video model; each its own MLflow run under the pipeline's parent.
+"""`sam3pipe run --local base_checkpoint=<SAM3 checkpoint> tracker_steps=2`: the base model predicted and
+evaluated like the fine-tuned one, the two compared, SAM3's tracker trained on the fine-tuned detector from
+the base's tracker, and the two exported into SAM3's video checkpoint, registered as the video model; each
+its own MLflow run under the pipeline's parent.
 
 The pipeline runs once for the module through kfp.local (every component a subprocess): tiny synthetic
-videos, a 56 px model, 2 training steps, torch on one thread in every component. The base is a tiny
-SAM3 video model with random weights, saved in SAM3's layout (`detector.*` + `tracker.*`).
+videos, a 56 px model, 2 training steps of each stage, torch on one thread in every component. The base is
+a tiny SAM3 video model with random weights, saved in SAM3's layout (`detector.*` + `tracker.*`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.cli import main
+from pipeline.component_bodies import TRACKER_MODEL_NAME
 from sam3_core.mlflow_records.runs import PIPELINE, TAG_COMPONENT
 from sam3_core.model.checkpoint import save_checkpoint
 from sam3_core.model.config import ModelConfig
@@ -40,6 +42,16 @@ TINY_DATA = [
     "val_fraction=0.25",
 ]
 QUIET_TRACKING = ["mlflow.system_metrics=false", "mlflow.flush_interval_s=0.2"]
+TINY_TRACKER = [
+    *TINY_MODEL,
+    "data.tracker_clips.frames_per_clip=3",
+    "data.tracker_clips.correction_points=2",
+    "optim.warmup_steps=1",
+    "train.val_every=2",
+    "train.val_max_videos=1",
+    "train.num_threads=1",
+    *QUIET_TRACKING,
+]
 EXPERIMENT = "base-model-local"
 
 
@@ -72,6 +84,8 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaseModelRun]:
                     "--pipeline-root",
                     str(home / "kfp"),
                     f"base_checkpoint={base_uri}",
+                    "tracker_steps=2",
+                    f"tracker_overrides={json.dumps(TINY_TRACKER)}",
                     "max_steps=2",
                     "batch_size=1",
                     "best_metric=val/loss",
@@ -92,6 +106,10 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaseModelRun]:
             r.data.tags[TAG_COMPONENT]: r for r in runs if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent.info.run_id
         }
         yield BaseModelRun(base_uri, marker.parent.parent, parent, children)
+
+
+def _tracker_folder(ran: BaseModelRun) -> Path:
+    return ran.run_folder.with_name(f"{ran.run_folder.name}-tracker")
 
 
 def _metrics(path: Path) -> dict[str, float]:
@@ -123,18 +141,40 @@ def test_the_comparison_has_base_fine_tuned_and_their_difference(ran: BaseModelR
     assert delta_row["bbox_AP50"] == pytest.approx(fine_tuned["bbox_AP50"] - base["bbox_AP50"])
 
 
-def test_the_export_holds_the_trained_detector_and_the_bases_tracker(ran: BaseModelRun) -> None:
+def test_the_tracker_stage_trains_the_bases_tracker_on_the_fine_tuned_detector(ran: BaseModelRun) -> None:
+    detector = torch.load(ran.run_folder / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    tracker = torch.load(_tracker_folder(ran) / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    base = torch.load(ran.base_uri, map_location="cpu", weights_only=True)
+    model = tracker["model"]
+
+    assert tracker["step"] == 2
+    assert all(torch.equal(model[k], v) for k, v in detector.items() if k.startswith("detector."))
+    changed = [k for k in base if k.startswith("tracker.") and not torch.equal(model[k], base[k])]
+    assert changed and len(changed) < len([k for k in base if k.startswith("tracker.")])
+
+
+def test_the_export_holds_the_trained_detector_and_the_trained_tracker(ran: BaseModelRun) -> None:
     exported = torch.load(ran.run_folder / "export" / "sam3_video.pt", map_location="cpu", weights_only=True)
     base = torch.load(ran.base_uri, map_location="cpu", weights_only=True)
     best = torch.load(ran.run_folder / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)["model"]
+    tracker = torch.load(_tracker_folder(ran) / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
 
     assert set(exported) == set(base)
-    assert all(torch.equal(exported[k], base[k]) for k in base if k.startswith("tracker."))
+    assert all(torch.equal(exported[k], v) for k, v in tracker["model"].items() if k.startswith("tracker."))
     assert all(torch.equal(exported[k], v) for k, v in best.items() if k.startswith("detector."))
 
 
 def test_each_step_of_the_base_model_is_its_own_run_under_the_pipelines_parent(ran: BaseModelRun) -> None:
-    assert {"train", "predict", "evaluate", "predict_base", "evaluate_base", "compare", "export"} <= set(ran.components)
+    assert {
+        "train",
+        "train_tracker",
+        "predict",
+        "evaluate",
+        "predict_base",
+        "evaluate_base",
+        "compare",
+        "export",
+    } <= set(ran.components)
 
 
 def test_the_parent_row_keeps_the_fine_tuned_models_metrics_beside_the_comparison(ran: BaseModelRun) -> None:
@@ -152,3 +192,10 @@ def test_the_export_is_registered_as_the_video_model(ran: BaseModelRun) -> None:
 
     assert len(versions) == 1
     assert versions[0].run_id == ran.components["export"].info.run_id
+
+
+def test_the_tracker_stage_is_registered_under_its_own_name(ran: BaseModelRun) -> None:
+    versions = MlflowClient().search_model_versions(f"name='{TRACKER_MODEL_NAME}'")
+
+    assert len(versions) == 1
+    assert versions[0].run_id == ran.components["train_tracker"].info.run_id

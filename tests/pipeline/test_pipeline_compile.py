@@ -73,6 +73,7 @@ def test_the_base_model_is_predicted_evaluated_compared_and_the_best_checkpoint_
     base_predict, base_evaluate = dag["predict-2"], dag["evaluate-2"]
 
     assert set(dag) - {"check-parameters", "data-prep-plan", "data-prep", "train", "predict", "evaluate"} == {
+        "train-tracker",
         "predict-2",
         "evaluate-2",
         "compare",
@@ -88,6 +89,21 @@ def test_the_base_model_is_predicted_evaluated_compared_and_the_best_checkpoint_
     }
 
 
+def test_the_tracker_stage_trains_on_the_detectors_best_checkpoint_and_feeds_the_export(spec) -> None:
+    dag = tasks(spec)
+    tracker = dag["train-tracker"]["inputs"]["parameters"]
+
+    assert tracker["checkpoint_uri"]["taskOutputParameter"] == {
+        "outputParameterKey": "best_checkpoint_uri",
+        "producerTask": "train",
+    }
+    assert tracker["tracker_steps"]["componentInputParameter"] == "tracker_steps"
+    assert dag["export"]["inputs"]["parameters"]["tracker_checkpoint_uri"]["taskOutputParameter"] == {
+        "outputParameterKey": "best_checkpoint_uri",
+        "producerTask": "train-tracker",
+    }
+
+
 def test_pipeline_parameters_default_to_the_demo(spec) -> None:
     params = spec["root"]["inputDefinitions"]["parameters"]
 
@@ -95,6 +111,7 @@ def test_pipeline_parameters_default_to_the_demo(spec) -> None:
     assert params["model_preset"]["defaultValue"] == "tiny"
     assert params["training_mode"]["defaultValue"] == "pod"
     assert params["base_checkpoint"]["defaultValue"] == ""
+    assert params["tracker_steps"]["defaultValue"] == 0
     assert params["gpus"]["parameterType"] == "NUMBER_INTEGER"
     assert {"lr", "batch_size", "frames_per_clip", "freeze_prefixes", "store", "mlflow_experiment", "nodes"} <= set(
         params
@@ -110,6 +127,7 @@ def test_only_data_prep_is_cached(spec) -> None:
         "data-prep-plan": True,
         "data-prep": False,
         "train": False,
+        "train-tracker": False,
         "predict": False,
         "evaluate": False,
         "predict-2": False,
@@ -136,7 +154,7 @@ def test_train_gpus_come_from_the_plan_and_predict_gpus_from_a_parameter(spec) -
 
 
 def test_gpu_components_get_node_placement_and_shared_memory(platform) -> None:
-    for component in ("exec-train", "exec-predict"):
+    for component in ("exec-train", "exec-train-tracker", "exec-predict"):
         assert platform[component]["nodeSelector"]["labels"] == {"pool": "a100"}
         assert platform[component]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert platform[component]["emptyDirMounts"] == [
@@ -169,6 +187,7 @@ def test_mlflow_uri_comes_from_a_secret_for_the_tracked_components(platform) -> 
 
     assert tracked == {
         "exec-train",
+        "exec-train-tracker",
         "exec-predict",
         "exec-evaluate",
         "exec-predict-2",

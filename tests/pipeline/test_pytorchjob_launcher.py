@@ -134,6 +134,14 @@ def test_job_name_is_stable_and_dns_safe() -> None:
     assert all(c.isdigit() or c == "-" or "a" <= c <= "z" for c in name) and not name.endswith("-")
 
 
+def test_a_later_stage_of_a_pipeline_run_gets_its_own_job_even_from_a_long_run_id() -> None:
+    run_id = "5f3a9c1e-0b7d-4c2a-9e61-3d8f2a7b4c10"  # a KFP run id: the name is cut to 48 characters
+
+    tracker = jobs.job_name(run_id, "tracker")
+
+    assert tracker != jobs.job_name(run_id) and tracker.endswith("-tracker") and len(tracker) <= 48
+
+
 def test_successful_job_returns_rank0_outputs_and_is_deleted(fake_k8s, launch, s3_bucket) -> None:
     outputs = {"run_uri": f"{s3_bucket}/runs/r1", "best_checkpoint_uri": "b", "last_checkpoint_uri": "l"}
     fake_k8s.on_success = rank0_writes(outputs)

@@ -121,6 +121,7 @@ def test_a_tracker_run_resumed_from_its_step_checkpoint_ends_with_the_uninterrup
     resumed_folder = tmp_path / "runs" / "resumed" / "checkpoints"
     resumed_folder.mkdir(parents=True)
     shutil.copy(Path(whole.run_uri) / "checkpoints" / "step_0000002.pt", resumed_folder / "last.pt")
+    shutil.copy(Path(whole.run_uri) / "config.yaml", resumed_folder.parent / "config.yaml")
     resumed = train(config([*common, "output.run_name=resumed"]))
     a, b = load_checkpoint(whole.last_checkpoint_uri)["model"], load_checkpoint(resumed.last_checkpoint_uri)["model"]
     assert load_checkpoint(resumed.last_checkpoint_uri)["step"] == 4
