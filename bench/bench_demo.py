@@ -104,7 +104,9 @@ def run_demo(seed: int, root: Path, timeout_s: int) -> DemoRun:
     line = [*command(seed), "--pipeline-root", str(root / "kfp")]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(line, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # to a file, not a pipe: the run prints more than a pipe holds, and would block until it is read
+    printed = (root / "stdout.txt").open("w+", encoding="utf-8")
+    proc = subprocess.Popen(line, cwd=REPO, env=env, stdout=printed, stderr=subprocess.DEVNULL, text=True)
     spans: dict[tuple[int, float], dict[str, Any]] = {}
     root_process = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -125,7 +127,9 @@ def run_demo(seed: int, root: Path, timeout_s: int) -> DemoRun:
             proc.kill()
             raise RuntimeError(f"the demo (seed {seed}) ran past {timeout_s} s")
         time.sleep(_SAMPLE_S)
-    stdout = proc.stdout.read() if proc.stdout else ""
+    printed.seek(0)
+    stdout = printed.read()
+    printed.close()
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
