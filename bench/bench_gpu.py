@@ -29,6 +29,7 @@ exits 2. The trainer runs in torchrun subprocesses; the checks are the functions
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from bench import tracker_step
+from bench.largest_batch import largest_batch
 from sam3_core.config import load_config
 from sam3_core.data.datapoints import FrameObject, Prompt, collate_clips, make_datapoint
 from sam3_core.model import lora
@@ -139,22 +141,6 @@ class _Step:
                 torch.cuda.empty_cache()
 
 
-def _largest_batch(step: _Step, frames: int, limit: int) -> int:
-    """The largest batch in [1, limit] that fits: doubling, then bisecting the last gap."""
-    fits, too_big = 0, limit + 1
-    size = 1
-    while size <= limit and step.fits(frames, size):
-        fits, size = size, size * 2
-    too_big = min(too_big, size)
-    while too_big - fits > 1:
-        middle = (fits + too_big) // 2
-        if step.fits(frames, middle):
-            fits = middle
-        else:
-            too_big = middle
-    return fits
-
-
 def _measure(step: _Step, frames: int, bench: GpuBench) -> tuple[float, float]:
     batch = step.batch(frames, 1)
     for _ in range(bench.warmup_steps):
@@ -187,7 +173,7 @@ def run(bench: GpuBench) -> None:
         step = _Step(cfg, model, device)
         for frames in FRAMES:
             seconds, peak = _measure(step, frames, bench)
-            largest = str(_largest_batch(step, frames, limit)) if limit else "-"
+            largest = str(largest_batch(functools.partial(step.fits, frames), limit)) if limit else "-"
             print(f"{mode:>7} {trainable:>12.1f} {frames:>6} {seconds:>8.3f} {peak:>9.2f} {largest:>10}", flush=True)
         del model, step
         if device.type == "cuda":

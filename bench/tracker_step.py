@@ -14,6 +14,7 @@ Called by `bench.bench_gpu` (one table after the detector's); `python -m bench.t
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.largest_batch import largest_batch
 from sam3_core.config import load_config
 from sam3_core.data.synthetic import track_from_masks
 from sam3_core.data.tracker_clips import TrackerBatch, TrackerClipConfig, TrackerClipDataset, collate_tracker_clips
@@ -110,20 +112,6 @@ class _Step:
                 torch.cuda.empty_cache()
 
 
-def _largest_batch(step: _Step, prompts: str, limit: int) -> int:
-    fits, size = 0, 1
-    while size <= limit and step.fits(prompts, size):
-        fits, size = size, size * 2
-    too_big = min(limit + 1, size)
-    while too_big - fits > 1:
-        middle = (fits + too_big) // 2
-        if step.fits(prompts, middle):
-            fits = middle
-        else:
-            too_big = middle
-    return fits
-
-
 def run(bench: TrackerBench) -> None:
     if not torch.cuda.is_available() and not bench.allow_cpu:
         print("skipped: no CUDA device here (run `python -m bench gpu` on a GPU machine)")
@@ -146,7 +134,7 @@ def run(bench: TrackerBench) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         seconds = statistics.median(step(batch) for _ in range(bench.steps))
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        largest = str(_largest_batch(step, prompts, limit)) if limit else "-"
+        largest = str(largest_batch(functools.partial(step.fits, prompts), limit)) if limit else "-"
         print(f"{prompts:>8} {seconds:>8.3f} {peak:>9.2f} {largest:>10}", flush=True)
 
 
