@@ -96,9 +96,11 @@ def test_without_a_dataset_the_placeholder_is_named_in_a_warning(capsys, caplog)
 def test_the_rendered_job_is_the_one_the_train_component_would_create(capsys, monkeypatch) -> None:
     launched: dict[str, Any] = {}
 
-    def capture(kind, build_job, overrides, launch, run_id, nodes, gpus, store, env, api=None) -> dict[str, str]:
+    def capture(
+        kind, build_job, overrides, launch, run_id, nodes, gpus, store, env, api=None, stage=""
+    ) -> dict[str, str]:
         launched["job"], _ = jobs.training_job(
-            build_job, overrides, launch, run_id, nodes, gpus, store, env, launch.namespace
+            build_job, overrides, launch, run_id, nodes, gpus, store, env, launch.namespace, stage
         )
         return {"run_uri": "r", "best_checkpoint_uri": "b", "last_checkpoint_uri": "l"}
 
