@@ -66,7 +66,7 @@ def build_job(
     container = next(c for c in pod["containers"] if c["name"] == CONTAINER)
     container["image"] = launch.image
     container["args"] = args
-    container["env"] = jobs.job_env(launch, extra_env)
+    container["env"] = [*container["env"], *jobs.job_env(launch, extra_env)]
     requests, limits = container["resources"]["requests"], container["resources"]["limits"]
     requests.update(cpu=launch.cpu, memory=launch.memory)
     limits["memory"] = launch.memory

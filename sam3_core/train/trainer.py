@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sam3_core import comm
 from sam3_core.errors import Sam3PipeError
+from sam3_core.train.script_execution import loaded_script_functions, unoptimized_script_execution
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -170,6 +171,8 @@ class Trainer:
         self.device = device or torch.device("cpu")
         # fixed once built (freezing and adapters come first): not walked again every step
         self._trainable = [p for p in module.parameters() if p.requires_grad]
+        # the TorchScript functions the losses may call (the model's modules are imported by now)
+        self._script_functions = loaded_script_functions()
         self.on_metrics = on_metrics
         self.step = 0
         self.start_step = 0
@@ -268,15 +271,12 @@ class Trainer:
     def run_step(self) -> tuple[dict[str, float], dict[str, float]]:
         """One optimizer step; returns its statistics (means over ranks) and item counts (sums over ranks).
 
-        TorchScript's graph executor differentiates a scripted function's first (profiling) call
-        as eager autograd does and later calls through its own symbolic derivatives: the same
-        step gave gradients a rounding apart depending on whether it was the first of the
-        process. sam3's GIoU loss is scripted, so a resumed run drifted from an uninterrupted
-        one. With that optimisation off every call differentiates alike, and resume is exact.
+        TorchScript functions run unoptimised from a fresh plan (script_execution.py): the step's
+        gradients then do not depend on what ran before it in the process, and resume is exact.
         """
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        with torch.jit.optimized_execution(False):
+        with unoptimized_script_execution(self._script_functions):
             for losses, batch_counts in self._micro_batches():
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / self.grad_accum_steps

@@ -335,11 +335,17 @@ def operator_env(job: dict[str, Any], node_rank: int, host: str, port: int) -> d
     return env
 
 
+def pod_env(job: dict[str, Any]) -> dict[str, str]:
+    """The plain values of the job container's env (the secret references need a cluster)."""
+    return {item["name"]: item["value"] for item in container(job)["env"] if "value" in item}
+
+
 @pytest.mark.integration
 def test_a_failed_worker_restarts_the_workers_of_every_pod_and_the_job_then_finishes(launch, tmp_path: Path) -> None:
-    # two pods' torchruns on this machine; the first rank 1 fails while rank 0 waits for it in a
-    # collective. One pod restarting alone would leave rank 0 waiting there past this test's timeout
-    # (restart_worker.WAIT_S; under nccl its watchdog, 30 min) and the job would fail
+    # two pods' torchruns on this machine, with the operator's variables and the pod's env; the first
+    # rank 1 fails while rank 0 waits for it in a collective, and the restarted rank 0 starts late.
+    # One pod restarting alone would leave rank 0 waiting there (under nccl until its watchdog, 30
+    # min); a worker store shared across rounds would hand rank 1 the first rank 0's address
     job = pytorchjob.build_job("sam3pipe-run1", "team-a", ["-m", "x"], 2, 0, launch, {})
     port = free_port()
     worker = str(Path(__file__).with_name("restart_worker.py"))
@@ -347,7 +353,12 @@ def test_a_failed_worker_restarts_the_workers_of_every_pod_and_the_job_then_fini
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", worker, str(tmp_path)],
             cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1", **operator_env(job, node_rank, "127.0.0.1", port)},
+            env={
+                **os.environ,
+                **pod_env(job),
+                "OMP_NUM_THREADS": "1",
+                **operator_env(job, node_rank, "127.0.0.1", port),
+            },
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
