@@ -28,7 +28,7 @@ test: lint
 
 # the unit tier: no servers, no child processes, no trainings (docs/testing.md)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -n 2 -m "not integration"
 
 demo: $(STAMP)
 	$(VENV)/bin/sam3pipe run --local profile=demo

@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,13 @@ def predict(cfg: PredictConfig, checkpoint: LocalCheckpoint | None = None) -> Pr
     return PredictResult(out_uri, previews)
 
 
+def _dump_video(dumper: PredictionDumper, frames: Sequence[FrameDetections], masklets: Iterable[dict]) -> None:
+    """One video's results, whichever inference made them: COCO boxes and masks per frame, its masklets."""
+    dumper.add("bbox", coco_bbox_results(frames))
+    dumper.add("segm", coco_segm_results(frames))
+    dumper.add_video(masklets)
+
+
 def _predict_vos(
     cfg: PredictConfig,
     checkpoint: LocalCheckpoint,
@@ -387,9 +394,7 @@ def _predict_vos(
         propagation = vos.VideoPropagation(model, video, dataset.tracks_of(video.id), images)
         propagation.run()
         frames = propagation.frames(image_ids)
-        dumper.add("bbox", coco_bbox_results(frames))
-        dumper.add("segm", coco_segm_results(frames))
-        dumper.add_video(propagation.masklets())
+        _dump_video(dumper, frames, propagation.masklets())
         if index == 0:
             previews = _previews(reader, video, dict(enumerate(frames)), names, cfg.preview)
     return previews
@@ -414,9 +419,7 @@ def _predict_sam3_video(
         predicted = video_model.predict(index, video, reader.image, prompts, category_ids, image_ids)
         by_frame = dict(enumerate(predicted.frames)) if predicted else {}
         if predicted:
-            dumper.add("bbox", coco_bbox_results(predicted.frames))
-            dumper.add("segm", coco_segm_results(predicted.frames))
-            dumper.add_video(predicted.masklets)
+            _dump_video(dumper, predicted.frames, predicted.masklets)
         if index == 0 and env.is_main:
             previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
     return previews
@@ -453,9 +456,7 @@ def _predict_linked(
         by_frame = dict(chunked.run(video.length, owner=owner))
         if owner == env.rank:
             frames = [by_frame[f] for f in sorted(by_frame)]
-            dumper.add("bbox", coco_bbox_results(frames))
-            dumper.add("segm", coco_segm_results(frames))
-            dumper.add_video(associate(frames, video.id, cfg.association))
+            _dump_video(dumper, frames, associate(frames, video.id, cfg.association))
         if index == 0 and env.is_main:
             previews = _previews(reader, video, by_frame, dict(zip(category_ids, prompts)), cfg.preview)
     return previews

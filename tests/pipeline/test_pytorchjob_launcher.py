@@ -8,6 +8,7 @@ back through a real (moto) S3 bucket.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -367,12 +368,18 @@ def test_a_failed_worker_restarts_the_workers_of_every_pod_and_the_job_then_fini
         for node_rank in range(2)
     ]
     logs = []
-    for agent in agents:
-        try:
-            logs.append(agent.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            os.killpg(agent.pid, signal.SIGKILL)
-            logs.append(agent.communicate()[0])
+    try:
+        for agent in agents:
+            try:
+                logs.append(agent.communicate(timeout=240)[0])
+            except subprocess.TimeoutExpired:
+                os.killpg(agent.pid, signal.SIGKILL)
+                logs.append(agent.communicate()[0])
+    finally:
+        # workers that a failed torchrun left behind, still waiting for their peers
+        for agent in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert (tmp_path / "failed").exists()
     # every rank ran again after the failure: rank 0's first process was stopped, not left waiting
