@@ -379,7 +379,7 @@ PARAMETERS: tuple[Parameter, ...] = (
         0,
         "Steps of SAM3's tracker trained after the detector (train.stage=tracker: the detector's best checkpoint, "
         "frozen; the tracker from base_checkpoint's, else random), best by val/vos_JF_mean, registered as "
-        "<registered model>-tracker and exported with base_checkpoint; 0 = no tracker stage.",
+        "sam3-video-tracker and exported with base_checkpoint; 0 = no tracker stage.",
         frozenset({RUN}),
         check=integer(0),
     ),
