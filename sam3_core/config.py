@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
+import os
 import re
 from typing import Any, TypeVar
 
@@ -46,9 +48,26 @@ RENAMED_SECTIONS = {"tracking.": "mlflow."}
 _STRUCTURED_START = ("[", "{", "'", '"')
 
 
+# What each `<name>_schema` was registered from: registering converts the whole dataclass tree (a third
+# of a load), so it is redone only for another schema or environment (defaults may read it: the store's does).
+_REGISTERED: dict[tuple[str | None, str], tuple[type, frozenset[tuple[str, str]]]] = {}
+
+
 def register(name: str, schema: type, group: str | None = None) -> None:
-    """Register a dataclass as `<name>_schema` (or as `<group>/<name>_schema`)."""
+    """Register a dataclass as `<name>_schema` (or as `<group>/<name>_schema`), unless it is already."""
+    source = (schema, frozenset(os.environ.items()))
+    if _REGISTERED.get((group, name)) == source:
+        return
     ConfigStore.instance().store(group=group, name=f"{name}_schema", node=schema)
+    _REGISTERED[(group, name)] = source
+
+
+@functools.cache
+def _schema_config(schema: type) -> DictConfig:
+    """The dataclass as a structured config, read-only: what keys it has (built once per schema)."""
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
 
 
 def quote_value(value: str) -> str:
@@ -143,7 +162,7 @@ def unknown_keys(node: Any, schema: Any, prefix: str = "") -> list[str]:
 
 def _no_such_key(key: str, schema: type) -> str:
     """`key: no such key; did you mean ...?` with the closest keys of the schema."""
-    known = _schema_keys(OmegaConf.structured(schema))
+    known = _schema_keys(_schema_config(schema))
     close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}?" if close else f"the keys are those of {schema.__name__}"
     return f"{key}: no such key; {hint}"
@@ -210,7 +229,7 @@ def load_config(name: str, schema: type[T], overrides: list[str] | tuple[str, ..
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=name, overrides=overrides)
-        unknown = unknown_keys(cfg, OmegaConf.structured(schema))
+        unknown = unknown_keys(cfg, _schema_config(schema))
         if unknown:
             raise ConfigError(f"config '{name}': {_no_such_key(unknown[0], schema)}")
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
