@@ -165,8 +165,12 @@ def load_checkpoint(uri: str, mmap: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sam3pipe-ckpt-") as tmp:
         path = Path(tmp) / "checkpoint.pt"
         storage.download_file(uri, path)
-        state = _read(path, uri, mmap)
-    return _checked(state, uri)
+        return read_checkpoint_file(path, uri, mmap)
+
+
+def read_checkpoint_file(path: Path, uri: str, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dict in a local file downloaded from `uri` (the name errors give)."""
+    return _checked(_read(path, uri, mmap), uri)
 
 
 def node_copy_path(uri: str) -> Path:

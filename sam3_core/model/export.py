@@ -31,7 +31,7 @@ from sam3_core import storage
 from sam3_core.config_checks import MISSING, check_uri
 from sam3_core.errors import InputError
 from sam3_core.mlflow_records.settings import MlflowConfig
-from sam3_core.model.checkpoint import CheckpointRef, detector_state_dict, load_checkpoint, save_checkpoint
+from sam3_core.model.checkpoint import CheckpointRef, detector_state_dict, read_checkpoint_file, save_checkpoint
 from sam3_core.model.config import ModelConfig
 from sam3_core.model.tracker import DETECTOR_PREFIX, TRACKER_NECK_PREFIX, TRACKER_PREFIX, tracker_state_dict
 
@@ -172,12 +172,7 @@ def _fetched(uri: str) -> Iterator[tuple[dict[str, Any], str]]:
     with tempfile.TemporaryDirectory(prefix="sam3pipe-export-") as tmp:
         path = Path(tmp) / "checkpoint.pt"
         storage.download_file(uri, path)
-        sha256 = storage.sha256_file(path)
-        try:
-            checkpoint = load_checkpoint(str(path), mmap=True)
-        except InputError as exc:
-            raise InputError(uri, exc.field, exc.message.replace(str(path), uri)) from exc
-        yield checkpoint, sha256
+        yield read_checkpoint_file(path, uri, mmap=True), storage.sha256_file(path)
 
 
 def export_video_checkpoint(cfg: ExportConfig, model_uri: str) -> ExportResult:
