@@ -22,7 +22,7 @@ from tests.fixtures.network import free_port
 # long enough for two processes of a busy machine to join the group (joining waits this long too)
 GROUP_TIMEOUT_S = 10
 # rank 0 arrives this late at a barrier: past the group's timeout, within the barrier's own
-LATE_S = 20
+LATE_S = GROUP_TIMEOUT_S + 5
 BARRIER_TIMEOUT_S = 60
 
 
