@@ -35,6 +35,25 @@ TAG_MODEL_ID = "sam3pipe.model_id"
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
+# Parallel trials of a sweep register versions of one model under one alias. The registry sets an
+# alias by looking it up and inserting it when absent; when another trial inserts it in between, the
+# database refuses the second insert (MLflow answers BAD_REQUEST) and setting it again updates it.
+ALIAS_ATTEMPTS = 3
+ALIAS_RETRY_S = 0.2
+
+
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+    for attempt in range(1, ALIAS_ATTEMPTS + 1):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except mlflow_api.MlflowException as exc:
+            if exc.error_code != "BAD_REQUEST" or attempt == ALIAS_ATTEMPTS:
+                raise
+            logger.info("alias %s of %s was set meanwhile by another registration; setting it again", alias, name)
+            time.sleep(ALIAS_RETRY_S * attempt)
+
+
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.create_registered_model(name, description="SAM3 video fine-tunes; versions point at checkpoints")
@@ -72,7 +91,7 @@ def register_checkpoint(
         )
         for old in earlier:
             client.set_model_version_tag(name, old.version, TAG_SUPERSEDED_BY, version.version)
-    client.set_registered_model_alias(name, alias, version.version)
+    _set_alias(client, name, alias, version.version)
     logger.info("registered %s version %s (alias %s) -> %s", name, version.version, alias, checkpoint_uri)
     return version
 
