@@ -42,7 +42,7 @@ ALIAS_ATTEMPTS = 3
 ALIAS_RETRY_S = 0.2
 
 
-def _set_alias(client: MlflowClient, name: str, alias: str, version: str) -> None:
+def _set_alias(client: MlflowClient, name: str, alias: str, version: str | int) -> None:
     for attempt in range(1, ALIAS_ATTEMPTS + 1):
         try:
             client.set_registered_model_alias(name, alias, version)
