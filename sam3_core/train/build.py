@@ -57,7 +57,6 @@ from sam3_core.model.video_detector import VideoClipDetector
 from sam3_core.train.config import TrainConfig
 from sam3_core.train.data import MicroBatches, load_ahead_fits
 from sam3_core.train.determinism import use_deterministic_kernels
-from sam3_core.train.diagnostics import diagnose
 from sam3_core.train.ema import WeightEma
 from sam3_core.train.hooks import (
     AwaitUploads,
@@ -246,6 +245,9 @@ def _validators(
                 )
             )
         if loop.diagnostics:
+            # imported here: it imports torchvision (1.3 s), which a config error should not wait for
+            from sam3_core.train.diagnostics import diagnose
+
             # training clips without augmentation: the train/val gap of diag/*_top_box_iou is memorisation
             seen = ClipDataset(train_videos, frames, cfg.data.clips, cfg.model.image_size, loop.seed, train=False)
             validators.append(functools.partial(diagnose, train_dataset=seen))
