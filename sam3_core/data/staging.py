@@ -9,6 +9,7 @@ InputError it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import tempfile
@@ -106,8 +107,11 @@ def stage_videos(source: Source, settings: StageSettings, staging: Path, workers
     staging.mkdir(parents=True, exist_ok=True)
     _CURRENT = (source, settings, staging)
     try:
-        with tqdm(total=len(pending), desc="stage videos", unit="video") as progress:
-            for task, result in zip(tasks, _results(tasks, workers), strict=True):
+        with (
+            _results(tasks, workers) as results,
+            tqdm(total=len(pending), desc="stage videos", unit="video") as progress,
+        ):
+            for task, result in zip(tasks, results, strict=True):
                 if isinstance(result, _Failure):
                     raise InputError(result.source, result.field, result.message)
                 if task.kind == "frames":
@@ -128,13 +132,19 @@ def stage_videos(source: Source, settings: StageSettings, staging: Path, workers
     return staged
 
 
-def _results(tasks: list[_Task], workers: int) -> Iterator[Any]:
-    """Each task's result, in task order: in this process, or from a pool of forked workers."""
+@contextlib.contextmanager
+def _results(tasks: list[_Task], workers: int) -> Iterator[Iterator[Any]]:
+    """Each task's result, in task order: in this process, or from a pool of forked workers.
+
+    A context, not a generator: when a bad video stops the staging, the pool is terminated right there.
+    A generator's pool was terminated whenever the garbage collector (or the interpreter's exit) closed
+    it, and that could hang in the pool's task-handler join (seen once in `make test`: 900 s).
+    """
     if workers <= 1 or len(tasks) <= 1:
-        yield from map(_run_task, tasks)
+        yield map(_run_task, tasks)
         return
     with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap(_run_task, tasks, chunksize=1)
+        yield pool.imap(_run_task, tasks, chunksize=1)
 
 
 def _run_task(task: _Task) -> Any:
