@@ -19,11 +19,13 @@ file per node instead of reading a private copy into every process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +89,27 @@ class StagedCheckpoint:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+# Staging folders are made and removed under this lock: a checkpoint staged on the training thread while the
+# previous one's upload ends on another never finds its folder removed between making it and using it.
+_STAGING_FOLDERS = threading.Lock()
+
+
+def _new_staging_file(staging: Path, name: str) -> Path:
+    """An empty file of its own in `staging`."""
+    with _STAGING_FOLDERS:
+        staging.mkdir(parents=True, exist_ok=True)
+        handle, name_on_disk = tempfile.mkstemp(dir=staging, prefix=f"{name}.", suffix=".partial")
+    os.close(handle)
+    return Path(name_on_disk)
+
+
+def _remove_staged(path: Path) -> None:
+    """Remove a staged file, and its folder once empty: the system temp folder keeps no folder per run."""
+    path.unlink(missing_ok=True)
+    with _STAGING_FOLDERS, contextlib.suppress(OSError):  # OSError: another checkpoint is staged there
+        path.parent.rmdir()
+
+
 def stage_checkpoint(
     state: dict[str, Any], uri: str, step: int, metrics: dict[str, float] | None = None
 ) -> StagedCheckpoint:
@@ -97,20 +120,17 @@ def stage_checkpoint(
     """
     folder, _, name = uri.rstrip("/").rpartition("/")
     staging = staging_dir(folder)
-    staging.mkdir(parents=True, exist_ok=True)
-    handle, name_on_disk = tempfile.mkstemp(dir=staging, prefix=f"{name}.", suffix=".partial")
-    os.close(handle)
-    path = Path(name_on_disk)
+    path = _new_staging_file(staging, name)
     try:
         torch.save(state, path)
     except RuntimeError as exc:  # torch's writer reports a full or unwritable disk as a RuntimeError
-        path.unlink(missing_ok=True)
+        _remove_staged(path)
         raise StorageError(
             f"{uri}: writing it to the staging folder {staging} failed ({str(exc).strip().splitlines()[-1][:160]}); "
             "free space there or point TMPDIR at a disk with room for a checkpoint"
         ) from exc
     except BaseException:
-        path.unlink(missing_ok=True)
+        _remove_staged(path)
         raise
     return StagedCheckpoint(path, uri, step, dict(metrics or {}))
 
@@ -122,7 +142,7 @@ def publish_checkpoint(staged: StagedCheckpoint) -> CheckpointRef:
         ref = CheckpointRef(staged.uri, size, storage.sha256_file(staged.path), staged.step, dict(staged.metrics))
         storage.upload_file(staged.path, staged.uri)
     finally:
-        staged.path.unlink(missing_ok=True)
+        _remove_staged(staged.path)
     log.info("checkpoint step %d -> %s (%.1f MB)", staged.step, staged.uri, ref.size / 1e6)
     return ref
 
