@@ -5,6 +5,10 @@ category, every frame's detections are matched to the masklets still active (see
 `max_missed_frames`) by the IoU of the masklet's last detection, masks when both sides have
 them and boxes otherwise. A detection left unmatched starts a new masklet, and a masklet not
 matched in a frame gets a null entry there, as the YTVIS results format expects.
+
+A masklet's box in a frame is its mask's bounding box when detections have masks, as SAM3's video
+predictor reports it (and `inference=sam3_video`): the masks are what was linked, and the box head
+of the query that painted a mask may place its box elsewhere. Without masks it is the detector's box.
 """
 
 from __future__ import annotations
@@ -137,9 +141,10 @@ def _ytvis_result(
             segmentations.append(None)
             areas.append(None)
             continue
-        box = xyxy_to_xywh(frame.boxes_xyxy[j])
+        rle = frame.rles[j] if frame.rles is not None else None
+        box = xyxy_to_xywh(frame.boxes_xyxy[j]) if rle is None else [float(v) for v in mask_utils.toBbox(rle)]
         bboxes.append(box)
-        segmentations.append(frame.rles[j] if frame.rles is not None else None)
+        segmentations.append(rle)
         areas.append(frame.areas[j] if frame.areas is not None else box[2] * box[3])
         scores.append(frame.scores[j])
     return {

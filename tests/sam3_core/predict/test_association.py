@@ -60,6 +60,21 @@ def test_two_moving_objects_become_two_masklets_spanning_every_frame() -> None:
     assert first["areas"] == [100, 100, 100, 100]
 
 
+def test_a_masklets_box_is_its_masks_box_not_the_box_head_of_the_query_that_painted_it() -> None:
+    frames = [_frame(t, [(1, 0.9, (2 + t, 2, 12 + t, 12))]) for t in range(3)]
+    for frame in frames:
+        frame.boxes_xyxy[0] = [30.0, 20.0, 50.0, 38.0]  # a box head that looks elsewhere
+    (result,) = associate(frames, video_id=0, cfg=AssociationConfig())
+    assert result["bboxes"] == [[2.0 + t, 2.0, 10.0, 10.0] for t in range(3)]
+
+
+def test_without_masks_a_masklets_box_is_the_detectors_box() -> None:
+    (result,) = associate(
+        [_frame(0, [(1, 0.9, (2, 2, 12, 12))], with_masks=False)], video_id=0, cfg=AssociationConfig()
+    )
+    assert result["bboxes"] == [[2.0, 2.0, 10.0, 10.0]]
+
+
 def test_masklet_score_is_the_mean_of_its_frame_scores() -> None:
     frames = [_frame(0, [(1, 0.9, (0, 0, 10, 10))]), _frame(1, [(1, 0.5, (1, 0, 11, 10))])]
     (result,) = associate(frames, video_id=0, cfg=AssociationConfig())
