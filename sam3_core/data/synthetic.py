@@ -80,6 +80,8 @@ class SyntheticConfig:
     max_objects: int = 3
     # "<colour> <shape>" noun phrases; colours from COLORS, shapes from SHAPES
     categories: list[str] = field(default_factory=_default_categories)
+    # every object of a video has a category of its own: no two objects a prompt finds look alike
+    distinct_categories: bool = False
     # side of an object's bounding square, pixels
     min_size: int = 28
     max_size: int = 56
@@ -115,6 +117,12 @@ class SyntheticConfig:
             fail("synthetic.categories", self.categories, "distinct names")
         for name in self.categories:
             parse_category(name)
+        if self.distinct_categories and self.max_objects > len(self.categories):
+            fail(
+                "synthetic.max_objects",
+                self.max_objects,
+                f"<= the number of categories ({len(self.categories)}) with synthetic.distinct_categories=true",
+            )
 
 
 @dataclass(frozen=True)
@@ -219,7 +227,10 @@ def render_video(cfg: SyntheticConfig, index: int) -> RenderedVideo:
     rng = np.random.default_rng([cfg.seed, index])
     h, w = cfg.height, cfg.width
     count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    category_ids = rng.integers(0, len(cfg.categories), size=count)
+    if cfg.distinct_categories:
+        category_ids = rng.choice(len(cfg.categories), size=count, replace=False)
+    else:
+        category_ids = rng.integers(0, len(cfg.categories), size=count)
     sizes = rng.uniform(cfg.min_size, cfg.max_size, size=count)
     centers = np.stack([rng.uniform(sizes / 2, w - sizes / 2), rng.uniform(sizes / 2, h - sizes / 2)], axis=1)
     angles = rng.uniform(0, 2 * np.pi, size=count)

@@ -174,6 +174,7 @@ def test_a_profile_sets_its_values_and_the_users_own_win() -> None:
         "max_steps": 3,
         "lr": 1e-3,
         "best_metric": "val/bbox_AP",
+        "data_prep_overrides": ["synthetic.distinct_categories=true"],
         "train_overrides": ["train.ema_decay=0.99", "train.val_max_frames=64"],
     }
 

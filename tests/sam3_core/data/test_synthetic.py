@@ -143,6 +143,19 @@ def test_annotation_file_uses_the_category_names_as_prompts(tmp_path: Path) -> N
     assert raw["categories"] == [{"id": 1, "name": "cyan triangle"}, {"id": 2, "name": "orange circle"}]
 
 
+def test_with_distinct_categories_no_two_objects_of_a_video_share_a_category() -> None:
+    cfg = tiny(num_videos=20, min_objects=4, max_objects=4, distinct_categories=True)
+    for index in range(cfg.num_videos):
+        categories = [obj.category_id for obj in render_video(cfg, index).objects]
+        assert sorted(categories) == [1, 2, 3, 4]
+
+
+def test_without_distinct_categories_objects_of_a_video_may_share_one() -> None:
+    cfg = tiny(num_videos=20, min_objects=4, max_objects=4)
+    shared = [len({obj.category_id for obj in render_video(cfg, i).objects}) < 4 for i in range(cfg.num_videos)]
+    assert any(shared)
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
@@ -150,6 +163,7 @@ def test_annotation_file_uses_the_category_names_as_prompts(tmp_path: Path) -> N
         ({"min_objects": 3, "max_objects": 2}, "synthetic.max_objects"),
         ({"categories": ["purple circle"]}, "synthetic.categories"),
         ({"categories": ["red hexagon"]}, "synthetic.categories"),
+        ({"max_objects": 5, "distinct_categories": True}, "synthetic.max_objects"),
         ({"num_videos": 0}, "synthetic.num_videos"),
     ],
 )
