@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from components.runner import run_cli
+from components.runner import Usage, run_cli
 from sam3_core import storage
 from sam3_core.config import load_config
 from sam3_core.data.prep import MANIFEST
@@ -47,7 +47,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(execute, argv)
+    return run_cli(execute, argv, Usage(__doc__ or "", "compare", CompareConfig))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from components.runner import run_cli
+from components.runner import Usage, run_cli
 from sam3_core.config import load_config
 from sam3_core.data.prep import DataPrepConfig, prepare_dataset
 from sam3_core.data.shards import merge_shards, plan_shards, prepare_shard
@@ -47,7 +47,7 @@ def merge(plan_uri: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(execute, argv)
+    return run_cli(execute, argv, Usage(__doc__ or "", "data_prep", DataPrepConfig))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import argparse
 import sys
 from typing import Any
 
-from components.runner import run_cli
+from components.runner import Usage, run_cli
 from sam3_core.config import load_config, quote_value
 from sam3_core.errors import ConfigError
 from sam3_core.evaluate.report import (
@@ -81,7 +81,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(execute, argv)
+    return run_cli(execute, argv, Usage(__doc__ or "", "evaluate", EvaluateConfig))
 
 
 if __name__ == "__main__":

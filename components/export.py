@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, replace
 from typing import Any
 
-from components.runner import run_cli
+from components.runner import Usage, run_cli
 from sam3_core import storage
 from sam3_core.config import load_config
 from sam3_core.errors import InputError
@@ -68,7 +68,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(execute, argv)
+    return run_cli(execute, argv, Usage(__doc__ or "", "export", ExportConfig))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from components.runner import run_cli
+from components.runner import Usage, run_cli
 from sam3_core.comm import shutdown
 from sam3_core.config import load_config
 from sam3_core.data.frames import FrameReader
@@ -53,7 +53,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(execute, argv)
+    return run_cli(execute, argv, Usage(__doc__ or "", "predict", PredictConfig))
 
 
 if __name__ == "__main__":

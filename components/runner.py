@@ -11,13 +11,16 @@ log's, has its credentials masked (`sam3_core.console`).
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from sam3_core.config import defaults_yaml
 from sam3_core.console import configure_console
 from sam3_core.errors import Sam3PipeError, is_out_of_memory
 from sam3_core.mlflow_records.redact import redact_text
@@ -62,9 +65,34 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
-def run_cli(execute: Callable[[list[str]], dict[str, Any]], argv: list[str] | None = None) -> int:
-    """Run a component's `execute`; exit 2 with one line on an error the user can fix."""
+HELP_FLAGS = frozenset({"-h", "--help"})
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What `--help` prints: the component's docstring and its config (`<config>.yaml`) with the defaults."""
+
+    doc: str
+    config: str
+    schema: type
+
+
+def help_text(usage: Usage) -> str:
+    return (
+        f"{inspect.cleandoc(usage.doc)}\n\n"
+        "Settings, given as Hydra overrides key=value (??? = required), with their defaults:\n\n"
+        f"{defaults_yaml(usage.config, usage.schema)}"
+    )
+
+
+def run_cli(
+    execute: Callable[[list[str]], dict[str, Any]], argv: list[str] | None = None, usage: Usage | None = None
+) -> int:
+    """Run a component's `execute`; exit 2 with one line on an error the user can fix. `-h`/`--help` prints `usage`."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if usage is not None and HELP_FLAGS.intersection(args):
+        print(help_text(usage))
+        return 0
     configure_console(args)
     try:
         outputs = execute(args)

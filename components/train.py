@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlparse
 
-from components.runner import run_cli
+from components.runner import Usage, run_cli
 from sam3_core import storage
 from sam3_core.comm import shutdown
 from sam3_core.config import load_config
@@ -119,7 +119,7 @@ def execute(overrides: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(execute, argv)
+    return run_cli(execute, argv, Usage(__doc__ or "", "train", TrainConfig))
 
 
 if __name__ == "__main__":

@@ -239,6 +239,13 @@ def load_config(name: str, schema: type[T], overrides: list[str] | tuple[str, ..
         raise ConfigError(f"config '{name}': an override is nested too deeply to read") from None
 
 
+def defaults_yaml(name: str, schema: type) -> str:
+    """`<name>.yaml` with no override, as YAML: what `--help` shows (`???` marks a value to give)."""
+    register(name, schema)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return OmegaConf.to_yaml(compose(config_name=name))
+
+
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML, as saved next to every run."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from components import evaluate, train
 from components.runner import TRACEBACK_ENV, run_cli
 from sam3_core.errors import InputError, StorageError
 
@@ -23,6 +24,19 @@ def _run(exc: BaseException, caplog: pytest.LogCaptureFixture) -> tuple[int, lis
 def test_outputs_are_printed_as_one_json_line(capsys):
     assert run_cli(lambda argv: {"b": 1, "a": argv}, ["x"]) == 0
     assert capsys.readouterr().out == '{"a": ["x"], "b": 1}\n'
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_what_the_component_does_and_its_settings_with_their_defaults(capsys, flag):
+    assert train.main(["data.uri=s3://unused", flag]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("The train component: fine-tune the SAM3 detector")
+    assert "\n  max_steps: 200\n" in printed and "\ndata:\n  uri: ???\n" in printed
+
+
+def test_help_is_answered_before_the_arguments_are_read(capsys):
+    assert evaluate.main(["--gt", "missing.json", "--help"]) == 0
+    assert "backend: faster_coco_eval" in capsys.readouterr().out
 
 
 def test_a_user_error_is_one_line_and_exit_2(caplog, capsys):
