@@ -23,7 +23,7 @@ import pycocotools.mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 
 from sam3_core.config_checks import check_choice, check_float, check_int
-from sam3_core.predict.postprocess import FrameDetections, xyxy_to_xywh
+from sam3_core.predict.postprocess import FrameDetections, rle_box_xywh, xyxy_to_xywh
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _ytvis_result(
             areas.append(None)
             continue
         rle = frame.rles[j] if frame.rles is not None else None
-        box = xyxy_to_xywh(frame.boxes_xyxy[j]) if rle is None else [float(v) for v in mask_utils.toBbox(rle)]
+        box = xyxy_to_xywh(frame.boxes_xyxy[j]) if rle is None else rle_box_xywh(rle)
         bboxes.append(box)
         segmentations.append(rle)
         areas.append(frame.areas[j] if frame.areas is not None else box[2] * box[3])

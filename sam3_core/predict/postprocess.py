@@ -73,6 +73,16 @@ def xyxy_to_xywh(box: Sequence[float]) -> list[float]:
     return [x0, y0, x1 - x0, y1 - y0]
 
 
+def rle_box_xywh(rle: dict) -> list[float]:
+    """The tight [x, y, w, h] box of an RLE mask (zeros for an empty one), as SAM3 boxes a mask."""
+    return [float(v) for v in mask_utils.toBbox(rle)]
+
+
+def rle_box_xyxy(rle: dict) -> list[float]:
+    x, y, w, h = rle_box_xywh(rle)
+    return [x, y, x + w, y + h]
+
+
 def detection_scores(outputs: Mapping[str, torch.Tensor], use_presence: bool) -> torch.Tensor:
     """[P, Q] probabilities: sigmoid(logit), times sigmoid(presence) of the prompt when asked."""
     probs = outputs["pred_logits"].float().sigmoid().squeeze(-1)

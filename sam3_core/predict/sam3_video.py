@@ -47,7 +47,7 @@ from sam3_core.model.tracker import (
     inference_context,
     load_video_model_weights,
 )
-from sam3_core.predict.postprocess import FrameDetections, encode_mask
+from sam3_core.predict.postprocess import FrameDetections, encode_mask, rle_box_xywh, rle_box_xyxy
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def ytvis_results(masklets: Sequence[Masklet], video_id: int, category_id: int, 
     results = []
     for masklet in masklets:
         segmentations: list[dict | None] = [masklet.rles.get(t) for t in range(length)]
-        bboxes = [None if rle is None else [float(v) for v in mask_utils.toBbox(rle)] for rle in segmentations]
+        bboxes = [None if rle is None else rle_box_xywh(rle) for rle in segmentations]
         areas = [None if rle is None else float(mask_utils.area(rle)) for rle in segmentations]
         results.append(
             {
@@ -348,7 +348,6 @@ def masklet_frames(
             ((category_id, m.score, m.rles[t]) for category_id, m in masklets if t in m.rles),
             key=lambda item: -item[1],
         )
-        boxes = [mask_utils.toBbox(rle).tolist() for _, _, rle in shown]
         frames.append(
             FrameDetections(
                 image_id=image_id,
@@ -356,7 +355,7 @@ def masklet_frames(
                 width=width,
                 scores=[score for _, score, _ in shown],
                 category_ids=[category_id for category_id, _, _ in shown],
-                boxes_xyxy=[[x, y, x + w, y + h] for x, y, w, h in boxes],
+                boxes_xyxy=[rle_box_xyxy(rle) for _, _, rle in shown],
                 rles=[rle for _, _, rle in shown],
                 areas=[int(mask_utils.area(rle)) for _, _, rle in shown],
             )

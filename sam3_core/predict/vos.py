@@ -39,7 +39,7 @@ from sam3_core.data.datapoints import frame_to_tensor, resize_mask
 from sam3_core.data.ytvis import Track, Video, rle_to_mask
 from sam3_core.model import cpu_compat
 from sam3_core.model.tracker_training import tracker_features
-from sam3_core.predict.postprocess import FrameDetections, encode_mask
+from sam3_core.predict.postprocess import FrameDetections, encode_mask, rle_box_xywh, rle_box_xyxy
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class VideoPropagation:
                         "gt_id": track.id,
                         "score": float(np.mean(self.probs[track.id])),
                         "segmentations": rles,
-                        "bboxes": [_bbox(rle) for rle in rles],
+                        "bboxes": [None if rle is None else rle_box_xywh(rle) for rle in rles],
                         "areas": [float(mask_utils.area(rle)) if rle is not None else None for rle in rles],
                     }
                 )
@@ -219,21 +219,12 @@ class VideoPropagation:
                     width=self.video.width,
                     scores=[prob for _, _, prob in found],
                     category_ids=[categories[track_id] for track_id, _, _ in found],
-                    boxes_xyxy=[_xyxy(rle) for _, rle, _ in found],
+                    boxes_xyxy=[rle_box_xyxy(rle) for _, rle, _ in found],
                     rles=[rle for _, rle, _ in found],
                     areas=[int(mask_utils.area(rle)) for _, rle, _ in found],
                 )
             )
         return frames
-
-
-def _bbox(rle: dict | None) -> list[float] | None:
-    return None if rle is None else [float(v) for v in mask_utils.toBbox(rle)]
-
-
-def _xyxy(rle: dict) -> list[float]:
-    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-    return [x, y, x + w, y + h]
 
 
 def frame_images(read: Callable[[str], Any], video: Video, image_size: int) -> Callable[[int], torch.Tensor]:
